@@ -1,0 +1,174 @@
+//! Content-addressed blob store under `<layout>/blobs/sha256/`.
+//!
+//! A blob is streamed into `tmp.*` in the same directory while it is hashed, fsynced, and only
+//! then renamed to its digest, so a blob file that exists under its digest name is complete.
+//! An existing blob is never rewritten: the rename is skipped and the temp file removed.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest as _, Sha256};
+
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::fsutil;
+
+#[derive(Clone, Debug)]
+pub struct BlobStore {
+    dir: PathBuf,
+}
+
+/// What a committed blob is: enough for a descriptor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlobInfo {
+    pub digest: Digest,
+    pub size: u64,
+}
+
+impl BlobStore {
+    /// Create (if needed) `<root>/blobs/sha256`.
+    pub fn create(root: &Path) -> Result<Self> {
+        let dir = root.join("blobs").join("sha256");
+        fs::create_dir_all(&dir).map_err(Error::io("creating blob directory", &dir))?;
+        Ok(BlobStore { dir })
+    }
+
+    pub fn path(&self, digest: &Digest) -> PathBuf {
+        self.dir.join(digest.hex())
+    }
+
+    /// True if the blob is present with the expected size; its content is trusted because
+    /// only a verified, fsynced temp file is ever renamed to a digest name.
+    pub fn contains(&self, digest: &Digest, size: u64) -> bool {
+        fs::metadata(self.path(digest)).is_ok_and(|m| m.is_file() && m.len() == size)
+    }
+
+    pub fn writer(&self) -> Result<BlobWriter> {
+        let tmp = fsutil::temp_name(&self.dir, "blob");
+        let file = File::create(&tmp).map_err(Error::io("creating blob", &tmp))?;
+        Ok(BlobWriter {
+            file: Some(file),
+            tmp,
+            dir: self.dir.clone(),
+            hasher: Sha256::new(),
+            size: 0,
+        })
+    }
+
+    pub fn put(&self, bytes: &[u8]) -> Result<BlobInfo> {
+        let mut w = self.writer()?;
+        w.write_all(bytes).map_err(Error::io("writing blob", w.tmp.clone()))?;
+        w.commit(None)
+    }
+
+    /// Remove temp files left by writers that were killed; call only while holding the lock.
+    pub fn remove_stale_temp_files(&self) -> Result<()> {
+        let entries = fs::read_dir(&self.dir).map_err(Error::io("listing", &self.dir))?;
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with("tmp.") {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A blob being written. Dropped without `commit`, it removes its temp file.
+pub struct BlobWriter {
+    file: Option<File>,
+    tmp: PathBuf,
+    dir: PathBuf,
+    hasher: Sha256,
+    size: u64,
+}
+
+impl BlobWriter {
+    pub fn temp_path(&self) -> &Path {
+        &self.tmp
+    }
+
+    pub fn bytes_written(&self) -> u64 {
+        self.size
+    }
+
+    /// Fsync and rename to the digest name. With `expected`, a blob whose content does not
+    /// match is discarded and reported instead of stored.
+    pub fn commit(mut self, expected: Option<(&Digest, u64, &str, &str)>) -> Result<BlobInfo> {
+        let file = self.file.take().expect("commit called once");
+        let info = BlobInfo {
+            digest: Digest::from_hasher(std::mem::take(&mut self.hasher)),
+            size: self.size,
+        };
+        if let Some((digest, size, what, location)) = expected
+            && (info.digest != *digest || info.size != size)
+        {
+            let _ = fs::remove_file(&self.tmp);
+            return Err(Error::DigestMismatch {
+                expected: digest.to_string(),
+                what: what.to_owned(),
+                location: location.to_owned(),
+                actual: info.digest.to_string(),
+                expected_size: size,
+                actual_size: info.size,
+            });
+        }
+        file.sync_all().map_err(Error::io("syncing blob", &self.tmp))?;
+        drop(file);
+        let dest = self.dir.join(info.digest.hex());
+        if fs::metadata(&dest).is_ok_and(|m| m.len() == info.size) {
+            fs::remove_file(&self.tmp).map_err(Error::io("removing", &self.tmp))?;
+        } else {
+            fs::rename(&self.tmp, &dest).map_err(Error::io("renaming blob into place", &dest))?;
+            fsutil::sync_dir(&self.dir)?;
+        }
+        Ok(info)
+    }
+}
+
+impl Write for BlobWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.as_mut().expect("not committed").write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for BlobWriter {
+    fn drop(&mut self) {
+        if self.file.is_some() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stores_by_digest_and_rejects_mismatch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::create(dir.path()).unwrap();
+        let info = store.put(b"hello").unwrap();
+        assert_eq!(info.digest, Digest::of(b"hello"));
+        assert_eq!(std::fs::read(store.path(&info.digest)).unwrap(), b"hello");
+        assert!(store.contains(&info.digest, 5));
+        // Writing the same content again leaves one file and no temp files.
+        store.put(b"hello").unwrap();
+        let names: Vec<_> = std::fs::read_dir(dir.path().join("blobs/sha256")).unwrap().collect();
+        assert_eq!(names.len(), 1);
+
+        let mut w = store.writer().unwrap();
+        w.write_all(b"tampered").unwrap();
+        let err = w.commit(Some((&info.digest, 5, "layer", "test"))).unwrap_err();
+        assert!(matches!(err, Error::DigestMismatch { .. }), "{err}");
+        let names: Vec<_> = std::fs::read_dir(dir.path().join("blobs/sha256")).unwrap().collect();
+        assert_eq!(names.len(), 1, "mismatching blob must not be kept");
+    }
+}

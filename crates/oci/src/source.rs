@@ -1,0 +1,489 @@
+//! Reading images from `oci:`, `oci-archive:` and `docker-archive:` without extracting them.
+//!
+//! An archive is indexed once (entry name → offset and size) and blobs are read in place.
+//! Manifests and configs are small and are hashed and checked when read; layer blobs are
+//! returned as readers, and whoever consumes them checks their digests.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use sha2::{Digest as _, Sha256};
+
+use crate::compress::Compression;
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::image::{self, MEDIA_TYPE_CONFIG, MEDIA_TYPE_DOCKER_CONFIG, MEDIA_TYPE_DOCKER_MANIFEST, MEDIA_TYPE_MANIFEST};
+use crate::reference::ImageRef;
+
+/// A layer as the manifest describes it, plus its diff_id from the config.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayerRef {
+    pub digest: Digest,
+    pub size: u64,
+    pub media_type: String,
+    pub compression: Compression,
+    pub diff_id: Digest,
+}
+
+/// One image, resolved from a tag, with its manifest and config already checked against
+/// their digests and its structure validated.
+#[derive(Clone, Debug)]
+pub struct ResolvedImage {
+    pub tag: Option<String>,
+    pub manifest_digest: Digest,
+    pub manifest_bytes: Vec<u8>,
+    pub manifest: Value,
+    pub config_digest: Digest,
+    pub config_bytes: Vec<u8>,
+    pub config: Value,
+    pub layers: Vec<LayerRef>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TagEntry {
+    pub tag: Option<String>,
+    pub digest: Digest,
+    pub size: u64,
+    pub media_type: String,
+}
+
+enum Kind {
+    Dir(PathBuf),
+    /// Archive path and its entries: name → (data offset, size).
+    Archive(PathBuf, BTreeMap<String, (u64, u64)>),
+}
+
+pub struct ImageSource {
+    reference: ImageRef,
+    kind: Kind,
+    /// docker-archive: manifest.json turned into OCI manifests, with the digests of layer files.
+    docker: Option<Vec<DockerImage>>,
+    /// docker-archive: blob digest → entry name, for configs and layer files.
+    docker_blobs: BTreeMap<Digest, String>,
+}
+
+struct DockerImage {
+    tags: Vec<String>,
+    config_path: String,
+    layer_paths: Vec<String>,
+    /// The equivalent OCI manifest, computed once when the archive is opened.
+    manifest: Vec<u8>,
+}
+
+impl ImageSource {
+    pub fn open(reference: &ImageRef) -> Result<Self> {
+        let location = reference.location();
+        let kind = match reference {
+            ImageRef::Oci { dir, .. } => {
+                let index = dir.join("index.json");
+                if !index.is_file() {
+                    return Err(Error::Invalid {
+                        location,
+                        what: "OCI layout".into(),
+                        reason: format!("{} does not exist; is this an OCI image layout?", index.display()),
+                    });
+                }
+                Kind::Dir(dir.clone())
+            }
+            ImageRef::OciArchive { file, .. } | ImageRef::DockerArchive { file, .. } => {
+                Kind::Archive(file.clone(), index_archive(file)?)
+            }
+        };
+        let mut source = ImageSource { reference: reference.clone(), kind, docker: None, docker_blobs: BTreeMap::new() };
+        if matches!(reference, ImageRef::DockerArchive { .. }) {
+            let mut images = source.read_docker_manifest()?;
+            for img in &mut images {
+                let (manifest, blobs) = source.docker_manifest(img)?;
+                img.manifest = manifest;
+                source.docker_blobs.extend(blobs);
+            }
+            source.docker = Some(images);
+        }
+        Ok(source)
+    }
+
+    pub fn location(&self) -> String {
+        self.reference.location()
+    }
+
+    fn open_path(&self, name: &str) -> Result<Option<Box<dyn Read + '_>>> {
+        match &self.kind {
+            Kind::Dir(dir) => {
+                let path = dir.join(name);
+                match File::open(&path) {
+                    Ok(f) => Ok(Some(Box::new(f))),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                    Err(e) => Err(Error::Io { op: "opening", path, source: e }),
+                }
+            }
+            Kind::Archive(file, entries) => {
+                let Some(&(offset, size)) = entries.get(name.trim_start_matches("./")) else {
+                    return Ok(None);
+                };
+                let mut f = File::open(file).map_err(Error::io("opening", file))?;
+                f.seek(SeekFrom::Start(offset)).map_err(Error::io("seeking in", file))?;
+                Ok(Some(Box::new(f.take(size))))
+            }
+        }
+    }
+
+    fn read_small(&self, name: &str, what: &str) -> Result<Vec<u8>> {
+        let mut r = self.open_path(name)?.ok_or_else(|| Error::Invalid {
+            location: self.location(),
+            what: what.into(),
+            reason: format!("{name} is missing"),
+        })?;
+        let mut buf = Vec::new();
+        r.read_to_end(&mut buf).map_err(Error::io("reading", PathBuf::from(name)))?;
+        Ok(buf)
+    }
+
+    fn parse_json(&self, bytes: &[u8], what: &str) -> Result<Value> {
+        serde_json::from_slice(bytes).map_err(|e| Error::Invalid {
+            location: self.location(),
+            what: what.into(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// A reader over a blob's bytes as stored. The caller verifies digest and size.
+    pub fn open_blob(&self, digest: &Digest, what: &str) -> Result<Box<dyn Read + '_>> {
+        let name = match &self.docker {
+            Some(_) => self.docker_blobs.get(digest).cloned().unwrap_or_default(),
+            None => format!("blobs/sha256/{}", digest.hex()),
+        };
+        self.open_path(&name)?.ok_or_else(|| Error::MissingBlob {
+            expected: digest.to_string(),
+            what: what.into(),
+            location: self.location(),
+        })
+    }
+
+    /// Read a small blob whole and check it against its descriptor.
+    fn read_blob_checked(&self, digest: &Digest, size: u64, what: &str) -> Result<Vec<u8>> {
+        let mut r = self.open_blob(digest, what)?;
+        let mut buf = Vec::new();
+        // Bounded so that a wrong size in a descriptor cannot make us read a huge file.
+        (&mut r).take(size.min(64 << 20) + 1).read_to_end(&mut buf).map_err(Error::io("reading blob", PathBuf::from(digest.to_string())))?;
+        let actual = Digest::of(&buf);
+        if actual != *digest || buf.len() as u64 != size {
+            return Err(Error::DigestMismatch {
+                expected: digest.to_string(),
+                what: what.into(),
+                location: self.location(),
+                actual: actual.to_string(),
+                expected_size: size,
+                actual_size: buf.len() as u64,
+            });
+        }
+        Ok(buf)
+    }
+
+    /// Every image entry of the index, tagged or not.
+    pub fn tags(&self) -> Result<Vec<TagEntry>> {
+        if let Some(images) = &self.docker {
+            let mut out = Vec::new();
+            for img in images {
+                let (digest, size) = (Digest::of(&img.manifest), img.manifest.len() as u64);
+                let tags: Vec<Option<String>> =
+                    if img.tags.is_empty() { vec![None] } else { img.tags.iter().cloned().map(Some).collect() };
+                for tag in tags {
+                    out.push(TagEntry { tag, digest, size, media_type: MEDIA_TYPE_MANIFEST.into() });
+                }
+            }
+            return Ok(out);
+        }
+        let bytes = self.read_small("index.json", "index.json")?;
+        let index = self.parse_json(&bytes, "index.json")?;
+        let manifests = index.get("manifests").and_then(Value::as_array).ok_or_else(|| Error::Invalid {
+            location: self.location(),
+            what: "index.json".into(),
+            reason: "has no \"manifests\" array".into(),
+        })?;
+        manifests
+            .iter()
+            .map(|m| {
+                let digest = m
+                    .get("digest")
+                    .and_then(Value::as_str)
+                    .and_then(|d| d.parse().ok())
+                    .ok_or_else(|| Error::Invalid {
+                        location: self.location(),
+                        what: "index.json".into(),
+                        reason: format!("entry {m} has no valid sha256 digest"),
+                    })?;
+                Ok(TagEntry {
+                    tag: image::ref_name(m).map(str::to_owned),
+                    digest,
+                    size: m.get("size").and_then(Value::as_u64).unwrap_or(0),
+                    media_type: m.get("mediaType").and_then(Value::as_str).unwrap_or("").to_owned(),
+                })
+            })
+            .collect()
+    }
+
+    /// The image the reference names: its tag, or the only image when no tag is given.
+    pub fn resolve(&self) -> Result<ResolvedImage> {
+        let tags = self.tags()?;
+        let names = || {
+            let v: Vec<String> = tags.iter().map(|t| t.tag.clone().unwrap_or_else(|| "<untagged>".into())).collect();
+            if v.is_empty() { "none".to_owned() } else { v.join(", ") }
+        };
+        let wanted = self.reference.tag();
+        let entry = match wanted {
+            Some(tag) => tags.iter().find(|t| t.tag.as_deref() == Some(tag)).ok_or_else(|| Error::TagNotFound {
+                location: self.location(),
+                tag: tag.to_owned(),
+                available: names(),
+            })?,
+            None => {
+                let mut distinct: Vec<&TagEntry> = tags.iter().collect();
+                distinct.dedup_by_key(|t| t.digest);
+                match distinct.as_slice() {
+                    [one] => *one,
+                    _ => {
+                        return Err(Error::AmbiguousImage { location: self.location(), count: distinct.len(), available: names() });
+                    }
+                }
+            }
+        };
+        if entry.media_type != MEDIA_TYPE_MANIFEST && entry.media_type != MEDIA_TYPE_DOCKER_MANIFEST {
+            return Err(Error::UnsupportedMediaType {
+                location: self.location(),
+                what: format!("index entry {} (nested indexes and manifest lists are not supported; copy one platform with skopeo copy)", entry.digest),
+                media_type: entry.media_type.clone(),
+            });
+        }
+        let manifest_bytes = match &self.docker {
+            Some(_) => {
+                let i = self.docker_image_index(wanted)?;
+                self.docker.as_ref().expect("docker archive")[i].manifest.clone()
+            }
+            None => self.read_blob_checked(&entry.digest, entry.size, "manifest")?,
+        };
+        self.resolve_manifest(wanted.map(str::to_owned), entry.digest, manifest_bytes)
+    }
+
+    fn resolve_manifest(&self, tag: Option<String>, manifest_digest: Digest, manifest_bytes: Vec<u8>) -> Result<ResolvedImage> {
+        let location = self.location();
+        let manifest = self.parse_json(&manifest_bytes, "manifest")?;
+        let invalid = |reason: String| Error::Invalid { location: location.clone(), what: format!("manifest {manifest_digest}"), reason };
+        let media_type = manifest.get("mediaType").and_then(Value::as_str).unwrap_or(MEDIA_TYPE_MANIFEST);
+        if media_type != MEDIA_TYPE_MANIFEST && media_type != MEDIA_TYPE_DOCKER_MANIFEST {
+            return Err(Error::UnsupportedMediaType { location, what: "manifest".into(), media_type: media_type.into() });
+        }
+        if manifest.get("schemaVersion").and_then(Value::as_u64) != Some(2) {
+            return Err(invalid("schemaVersion is not 2".into()));
+        }
+        let desc = |v: &Value, what: &str| -> Result<(Digest, u64, String)> {
+            let digest = v.get("digest").and_then(Value::as_str).and_then(|d| d.parse().ok());
+            let size = v.get("size").and_then(Value::as_u64);
+            let mt = v.get("mediaType").and_then(Value::as_str);
+            match (digest, size, mt) {
+                (Some(d), Some(s), Some(m)) => Ok((d, s, m.to_owned())),
+                _ => Err(invalid(format!("{what} descriptor needs mediaType, a sha256 digest and size: {v}"))),
+            }
+        };
+        let (config_digest, config_size, config_mt) =
+            desc(manifest.get("config").ok_or_else(|| invalid("has no config".into()))?, "config")?;
+        if config_mt != MEDIA_TYPE_CONFIG && config_mt != MEDIA_TYPE_DOCKER_CONFIG {
+            return Err(Error::UnsupportedMediaType { location, what: "config".into(), media_type: config_mt });
+        }
+        let config_bytes = self.read_blob_checked(&config_digest, config_size, "config")?;
+        let config = self.parse_json(&config_bytes, "config")?;
+        serde_json::from_value::<oci_spec::image::ImageConfiguration>(config.clone())
+            .map_err(|e| Error::Invalid { location: location.clone(), what: format!("config {config_digest}"), reason: e.to_string() })?;
+        let diff_ids: Vec<Digest> = config["rootfs"]["diff_ids"]
+            .as_array()
+            .ok_or_else(|| invalid("config has no rootfs.diff_ids".into()))?
+            .iter()
+            .map(|d| d.as_str().and_then(|s| s.parse().ok()).ok_or_else(|| invalid(format!("config diff_id {d} is not a sha256 digest"))))
+            .collect::<Result<_>>()?;
+        let layer_values = manifest.get("layers").and_then(Value::as_array).ok_or_else(|| invalid("has no layers array".into()))?;
+        if layer_values.len() != diff_ids.len() {
+            return Err(invalid(format!("lists {} layers but the config lists {} diff_ids", layer_values.len(), diff_ids.len())));
+        }
+        let mut layers = Vec::new();
+        for (i, (v, diff_id)) in layer_values.iter().zip(diff_ids).enumerate() {
+            let (digest, size, media_type) = desc(v, &format!("layer {i}"))?;
+            let compression = Compression::from_media_type(&media_type).ok_or_else(|| Error::UnsupportedMediaType {
+                location: location.clone(),
+                what: format!("layer {i} ({digest})"),
+                media_type: media_type.clone(),
+            })?;
+            layers.push(LayerRef { digest, size, media_type, compression, diff_id });
+        }
+        Ok(ResolvedImage { tag, manifest_digest, manifest_bytes, manifest, config_digest, config_bytes, config, layers })
+    }
+
+    fn read_docker_manifest(&self) -> Result<Vec<DockerImage>> {
+        let bytes = self.read_small("manifest.json", "docker-archive manifest.json")?;
+        let value = self.parse_json(&bytes, "docker-archive manifest.json")?;
+        let invalid = |reason: &str| Error::Invalid { location: self.location(), what: "manifest.json".into(), reason: reason.into() };
+        let list = value.as_array().ok_or_else(|| invalid("is not an array"))?;
+        list.iter()
+            .map(|img| {
+                let strings = |key: &str| -> Vec<String> {
+                    img.get(key).and_then(Value::as_array).map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_owned)).collect()).unwrap_or_default()
+                };
+                Ok(DockerImage {
+                    tags: strings("RepoTags"),
+                    config_path: img.get("Config").and_then(Value::as_str).ok_or_else(|| invalid("an entry has no Config"))?.to_owned(),
+                    layer_paths: strings("Layers"),
+                    manifest: Vec::new(),
+                })
+            })
+            .collect()
+    }
+
+    fn docker_image_index(&self, wanted: Option<&str>) -> Result<usize> {
+        let images = self.docker.as_ref().expect("docker archive");
+        match wanted {
+            Some(tag) => images.iter().position(|i| i.tags.iter().any(|t| t == tag)).ok_or_else(|| Error::TagNotFound {
+                location: self.location(),
+                tag: tag.into(),
+                available: images.iter().flat_map(|i| i.tags.clone()).collect::<Vec<_>>().join(", "),
+            }),
+            None if images.len() == 1 => Ok(0),
+            None => Err(Error::AmbiguousImage {
+                location: self.location(),
+                count: images.len(),
+                available: images.iter().flat_map(|i| i.tags.clone()).collect::<Vec<_>>().join(", "),
+            }),
+        }
+    }
+
+    /// An OCI manifest equivalent to a docker-archive image: layer digests are the digests of
+    /// the layer files as stored, compression sniffed from their first bytes.
+    fn docker_manifest(&self, img: &DockerImage) -> Result<(Vec<u8>, Vec<(Digest, String)>)> {
+        let config = self.read_small(&img.config_path, "config")?;
+        let mut blobs = vec![(Digest::of(&config), img.config_path.clone())];
+        let mut layers = Vec::new();
+        for path in &img.layer_paths {
+            let mut r = self.open_path(path)?.ok_or_else(|| Error::MissingBlob {
+                expected: path.clone(),
+                what: "layer".into(),
+                location: self.location(),
+            })?;
+            let mut hasher = Sha256::new();
+            let mut buf = vec![0u8; 1 << 20];
+            let mut size = 0u64;
+            let mut prefix = Vec::new();
+            loop {
+                let n = r.read(&mut buf).map_err(Error::io("reading", PathBuf::from(path)))?;
+                if n == 0 {
+                    break;
+                }
+                if prefix.len() < 4 {
+                    prefix.extend_from_slice(&buf[..n.min(4)]);
+                }
+                hasher.update(&buf[..n]);
+                size += n as u64;
+            }
+            let digest = Digest::from_hasher(hasher);
+            blobs.push((digest, path.clone()));
+            layers.push(crate::layer::LayerInfo {
+                digest,
+                size,
+                diff_id: Digest::of(b""),
+                media_type: Compression::sniff(&prefix).media_type().to_owned(),
+            });
+        }
+        let m = image::manifest(&Digest::of(&config), config.len() as u64, &layers, &BTreeMap::new());
+        Ok((image::canonical_json(&m), blobs))
+    }
+}
+
+fn index_archive(file: &Path) -> Result<BTreeMap<String, (u64, u64)>> {
+    let f = File::open(file).map_err(Error::io("opening archive", file))?;
+    let mut archive = tar::Archive::new(f);
+    let mut entries = BTreeMap::new();
+    let corrupt = |e: io::Error| Error::Io { op: "reading archive", path: file.to_owned(), source: e };
+    for entry in archive.entries_with_seek().map_err(corrupt)? {
+        let entry = entry.map_err(corrupt)?;
+        if entry.header().entry_type().is_file() {
+            let name = entry.path().map_err(corrupt)?.to_string_lossy().trim_start_matches("./").to_owned();
+            entries.insert(name, (entry.raw_file_position(), entry.size()));
+        }
+    }
+    Ok(entries)
+}
+
+/// Stream a layer blob through `sink`, checking its digest and size and, by decompressing
+/// it, its diff_id. Fails on the first mismatch or on a corrupt compressed stream.
+pub fn check_layer<R: Read>(
+    blob: R,
+    layer: &LayerRef,
+    location: &str,
+    sink: &mut dyn FnMut(&[u8]) -> Result<()>,
+) -> Result<()> {
+    struct Tee<'s, R> {
+        inner: R,
+        hasher: Sha256,
+        size: u64,
+        sink: &'s mut dyn FnMut(&[u8]) -> Result<()>,
+        sink_error: Option<Error>,
+    }
+    impl<R: Read> Read for Tee<'_, R> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = self.inner.read(buf)?;
+            self.hasher.update(&buf[..n]);
+            self.size += n as u64;
+            if let Err(e) = (self.sink)(&buf[..n]) {
+                self.sink_error = Some(e);
+                return Err(io::Error::other("sink failed"));
+            }
+            Ok(n)
+        }
+    }
+    let mut tee = Tee { inner: blob, hasher: Sha256::new(), size: 0, sink, sink_error: None };
+    let corrupt = |e: io::Error| Error::CorruptStream {
+        layer: layer.digest.to_string(),
+        location: location.to_owned(),
+        media_type: layer.media_type.clone(),
+        source: e,
+    };
+    let mut diff_hasher = Sha256::new();
+    let streamed = (|| {
+        let mut decoder = layer.compression.decoder(&mut tee)?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = decoder.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            diff_hasher.update(&buf[..n]);
+        }
+        drop(decoder);
+        // Trailing bytes after the compressed stream still belong to the blob.
+        io::copy(&mut tee, &mut io::sink())
+    })();
+    if let Some(e) = tee.sink_error.take() {
+        return Err(e);
+    }
+    streamed.map_err(corrupt)?;
+    let digest = Digest::from_hasher(std::mem::take(&mut tee.hasher));
+    if digest != layer.digest || tee.size != layer.size {
+        return Err(Error::DigestMismatch {
+            expected: layer.digest.to_string(),
+            what: "layer".into(),
+            location: location.to_owned(),
+            actual: digest.to_string(),
+            expected_size: layer.size,
+            actual_size: tee.size,
+        });
+    }
+    let diff_id = Digest::from_hasher(diff_hasher);
+    if diff_id != layer.diff_id {
+        return Err(Error::DiffIdMismatch {
+            layer: layer.digest.to_string(),
+            location: location.to_owned(),
+            expected: layer.diff_id.to_string(),
+            actual: diff_id.to_string(),
+        });
+    }
+    Ok(())
+}
