@@ -1,1 +1,149 @@
-fn main() {}
+//! `bakedb`: parse the command line, run one subcommand, map failures to documented exit codes.
+
+mod build;
+mod exit;
+mod inspect;
+mod progress;
+mod snapshot;
+mod verify;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(name = "bakedb", version, about = "Bake a read-only database snapshot into an OCI image")]
+struct Cli {
+    /// Print nothing but errors (and --json output).
+    #[arg(long, short, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Snapshot a database and write it as an OCI image.
+    Build(BuildArgs),
+    /// Take a consistent, engine-prepared copy of a live database into a directory.
+    Snapshot(SnapshotArgs),
+    /// Check every blob digest and size, every diff_id, media types and references.
+    Verify(VerifyArgs),
+    /// Show tags, digests, sizes, layers, config and the baked data's provenance.
+    Inspect(InspectArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum EngineArg {
+    Sqlite,
+    Postgres,
+    Mariadb,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum CompressionArg {
+    Gzip,
+    Zstd,
+    None,
+}
+
+#[derive(Args)]
+pub struct BuildArgs {
+    /// Database engine of the source.
+    #[arg(long, value_enum, value_name = "ENGINE")]
+    engine: EngineArg,
+    /// The live database (SQLite: a database file) or a directory written by `bakedb snapshot`.
+    #[arg(long, value_name = "SOURCE")]
+    source: PathBuf,
+    /// Where to write the image, in skopeo's syntax.
+    #[arg(
+        long,
+        value_name = "REF",
+        long_help = "Where to write the image, in skopeo's transport syntax: oci:DIR:TAG (an OCI layout; other tags are kept), oci-archive:FILE:TAG or docker-archive:FILE:NAME:TAG (replaced atomically)."
+    )]
+    output: String,
+    /// Image to build on (default: FROM scratch).
+    #[arg(
+        long,
+        value_name = "REF",
+        long_help = "Image to build on: oci:DIR[:TAG], oci-archive:FILE[:TAG] or docker-archive:FILE[:NAME:TAG]. Its layers are reused as they are, their digests checked while copied. Without --base the image is FROM scratch."
+    )]
+    base: Option<String>,
+    /// Layer compression.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "gzip",
+        value_name = "ALGO",
+        long_help = "Compression of the layers bakedb writes: gzip (default; every Docker can pull it), zstd (smaller and faster; needs Docker 23+ or podman) or none."
+    )]
+    compression: CompressionArg,
+    /// Config label KEY=VALUE (repeatable).
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    labels: Vec<String>,
+    /// Manifest annotation KEY=VALUE (repeatable).
+    #[arg(long = "annotation", value_name = "KEY=VALUE")]
+    annotations: Vec<String>,
+    /// Image command, as a JSON array or a plain string split on spaces.
+    #[arg(long, value_name = "CMD")]
+    cmd: Option<String>,
+    /// Image entrypoint, as a JSON array or a plain string split on spaces.
+    #[arg(long, value_name = "ENTRYPOINT")]
+    entrypoint: Option<String>,
+    /// Numeric owner of the data files and the image's User.
+    #[arg(long, value_name = "UID:GID", default_value = "65532:65532")]
+    user: String,
+    /// Fail instead of replacing an existing tag or archive.
+    #[arg(long)]
+    no_overwrite: bool,
+    /// Print the result as JSON on stdout (digest, size, layers).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct SnapshotArgs {
+    /// Database engine of the source.
+    #[arg(long, value_enum, value_name = "ENGINE")]
+    engine: EngineArg,
+    /// The live database (SQLite: a database file).
+    #[arg(long, value_name = "SOURCE")]
+    source: PathBuf,
+    /// Directory to write the snapshot into (must not exist or be empty).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+pub struct VerifyArgs {
+    /// Image reference: oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE[:NAME:TAG].
+    #[arg(value_name = "REF")]
+    reference: String,
+    /// Print the result as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct InspectArgs {
+    /// Image reference: oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE[:NAME:TAG].
+    #[arg(value_name = "REF")]
+    reference: String,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let quiet = cli.quiet;
+    let result = match cli.command {
+        Command::Build(args) => build::run(args, quiet),
+        Command::Snapshot(args) => snapshot::run(args, quiet),
+        Command::Verify(args) => verify::run(args, quiet),
+        Command::Inspect(args) => inspect::run(args),
+    };
+    if let Err(err) = result {
+        exit::report_and_exit(err);
+    }
+}

@@ -1,1 +1,55 @@
-//! placeholder
+//! bakedb-engines: what bakedb knows about each database engine.
+//!
+//! Per engine: taking a consistent snapshot of a live source, where its files go in the image
+//! and with which owner and modes, and what `/etc/bakedb/image.json` says about it. This crate
+//! never writes an image layout; `bakedb-oci` never learns about databases.
+
+pub mod datafiles;
+pub mod sqlite;
+
+use std::path::PathBuf;
+
+/// Where the data lives inside every bakedb image.
+pub const DATA_DIR: &str = "var/lib/bakedb";
+/// Where the description of the data lives; its digest is the image's BAKEDB_DATA_DIGEST.
+pub const IMAGE_JSON: &str = "etc/bakedb/image.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("source {}: {reason}", path.display())]
+    Source { path: PathBuf, reason: String },
+    #[error("source {}: {what}", path.display())]
+    Sqlite {
+        path: PathBuf,
+        what: String,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("{op} {}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// One file of a snapshot, as it will appear under DATA_DIR.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DataFile {
+    /// Path relative to DATA_DIR.
+    pub rel_path: String,
+    pub host_path: PathBuf,
+    pub mode: u32,
+}
+
+/// A consistent copy of a database, ready to be put in a layer.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    pub engine: &'static str,
+    pub files: Vec<DataFile>,
+    /// Where the snapshot came from and at which point (JSON object, engine-specific).
+    pub provenance: serde_json::Value,
+}

@@ -319,6 +319,35 @@ impl ImageSource {
         Ok(ResolvedImage { tag, manifest_digest, manifest_bytes, manifest, config_digest, config_bytes, config, layers })
     }
 
+    /// A regular file's content from the newest layer that has it, searching layers from the
+    /// top and giving up below the first layer larger than `max_layer_size` (compressed).
+    pub fn find_file(&self, layers: &[LayerRef], path: &str, max_layer_size: u64) -> Result<Option<Vec<u8>>> {
+        let location = self.location();
+        for layer in layers.iter().rev() {
+            let blob = self.open_blob(&layer.digest, "layer")?;
+            let corrupt = |e: io::Error| Error::CorruptStream {
+                layer: layer.digest.to_string(),
+                location: location.clone(),
+                media_type: layer.media_type.clone(),
+                source: e,
+            };
+            let mut archive = tar::Archive::new(layer.compression.decoder(blob).map_err(corrupt)?);
+            for entry in archive.entries().map_err(corrupt)? {
+                let mut entry = entry.map_err(corrupt)?;
+                let name = entry.path().map_err(corrupt)?.to_string_lossy().trim_start_matches("./").to_owned();
+                if name == path && entry.header().entry_type().is_file() {
+                    let mut bytes = Vec::new();
+                    entry.read_to_end(&mut bytes).map_err(corrupt)?;
+                    return Ok(Some(bytes));
+                }
+            }
+            if layer.size > max_layer_size {
+                break;
+            }
+        }
+        Ok(None)
+    }
+
     fn read_docker_manifest(&self) -> Result<Vec<DockerImage>> {
         let bytes = self.read_small("manifest.json", "docker-archive manifest.json")?;
         let value = self.parse_json(&bytes, "docker-archive manifest.json")?;

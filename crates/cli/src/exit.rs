@@ -1,0 +1,62 @@
+//! Exit codes (documented in the README) and the one place errors are printed.
+//!
+//! Each step of a command tags its failures with the code of its role (source, base, output)
+//! through an anyhow context, so the same library error (say, a digest mismatch) exits 5 when
+//! it is found in a base image and 3 when `bakedb verify` finds it.
+
+use std::fmt;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Code {
+    Internal = 1,
+    Usage = 2,
+    VerifyFailed = 3,
+    Source = 4,
+    Base = 5,
+    Output = 6,
+    Exists = 7,
+    NotFound = 8,
+}
+
+/// Context carrying an exit code and a message such as "reading base image oci:x:y".
+#[derive(Debug)]
+pub struct Stage(pub Code, pub String);
+
+impl fmt::Display for Stage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.1)
+    }
+}
+
+pub trait StageExt<T> {
+    fn stage(self, code: Code, what: impl FnOnce() -> String) -> anyhow::Result<T>;
+}
+
+impl<T, E: Into<anyhow::Error>> StageExt<T> for Result<T, E> {
+    fn stage(self, code: Code, what: impl FnOnce() -> String) -> anyhow::Result<T> {
+        self.map_err(|e| e.into().context(Stage(code, what())))
+    }
+}
+
+pub fn code_of(err: &anyhow::Error) -> Code {
+    use bakedb_oci::Error as E;
+    let stage = err.downcast_ref::<Stage>().map(|s| s.0);
+    match (stage, err.downcast_ref::<E>()) {
+        (_, Some(E::TagExists { .. })) => Code::Exists,
+        (_, Some(E::BadReference { .. })) => Code::Usage,
+        (Some(Code::VerifyFailed), Some(E::TagNotFound { .. } | E::AmbiguousImage { .. })) => Code::NotFound,
+        (Some(code), _) => code,
+        (None, _) => Code::Internal,
+    }
+}
+
+pub fn report_and_exit(err: anyhow::Error) -> ! {
+    let broken_pipe = err
+        .chain()
+        .any(|e| e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe));
+    if broken_pipe {
+        std::process::exit(0);
+    }
+    eprintln!("bakedb: {err:#}");
+    std::process::exit(code_of(&err) as i32);
+}

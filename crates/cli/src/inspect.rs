@@ -1,0 +1,83 @@
+//! `bakedb inspect REF [--json]`: what an image is, without unpacking it.
+
+use anyhow::{Context, Result};
+use bakedb_engines::IMAGE_JSON;
+use bakedb_oci::reference::ImageRef;
+use bakedb_oci::source::{ImageSource, LayerRef};
+use serde_json::{Value, json};
+
+use crate::InspectArgs;
+use crate::exit::{Code, StageExt};
+use crate::progress::human_bytes;
+
+/// image.json from the newest layer that has it. bakedb puts it in its own small last layer,
+/// so this normally decompresses a few hundred bytes, not the data.
+fn find_image_json(source: &ImageSource, layers: &[LayerRef]) -> Result<Option<Value>> {
+    match source.find_file(layers, IMAGE_JSON, 1 << 20)? {
+        None => Ok(None),
+        Some(bytes) => Ok(Some(serde_json::from_slice(&bytes).context("image.json is not valid JSON")?)),
+    }
+}
+
+pub fn run(args: InspectArgs) -> Result<()> {
+    let reference: ImageRef = args.reference.parse().stage(Code::Usage, || "parsing the image reference".into())?;
+    let what = || format!("inspecting {reference}");
+    let source = ImageSource::open(&reference).stage(Code::NotFound, what)?;
+    let tags = source.tags().stage(Code::VerifyFailed, what)?;
+    let image = source.resolve().stage(Code::NotFound, what)?;
+    let image_json = find_image_json(&source, &image.layers).stage(Code::VerifyFailed, || format!("reading image.json of {reference}"))?;
+    let layers: Vec<Value> = image
+        .layers
+        .iter()
+        .map(|l| json!({"digest": l.digest.to_string(), "size": l.size, "media_type": l.media_type, "diff_id": l.diff_id.to_string()}))
+        .collect();
+    let out = json!({
+        "reference": reference.to_string(),
+        "tags": tags.iter().map(|t| json!({"tag": t.tag, "digest": t.digest.to_string(), "size": t.size})).collect::<Vec<_>>(),
+        "manifest_digest": image.manifest_digest.to_string(),
+        "manifest_size": image.manifest_bytes.len(),
+        "annotations": image.manifest.get("annotations").cloned().unwrap_or(Value::Null),
+        "config_digest": image.config_digest.to_string(),
+        "created": image.config.get("created").cloned().unwrap_or(Value::Null),
+        "architecture": image.config.get("architecture").cloned().unwrap_or(Value::Null),
+        "os": image.config.get("os").cloned().unwrap_or(Value::Null),
+        "config": image.config.get("config").cloned().unwrap_or(Value::Null),
+        "layers": layers,
+        "size": image.layers.iter().map(|l| l.size).sum::<u64>(),
+        "image_json": image_json,
+    });
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!("Reference:   {reference}");
+    println!("Manifest:    {} ({} bytes)", image.manifest_digest, image.manifest_bytes.len());
+    println!("Config:      {}", image.config_digest);
+    println!("Created:     {}", out["created"].as_str().unwrap_or("-"));
+    println!("Platform:    {}/{}", out["os"].as_str().unwrap_or("?"), out["architecture"].as_str().unwrap_or("?"));
+    println!("Tags:");
+    for t in &tags {
+        println!("  {:20} {}", t.tag.as_deref().unwrap_or("<untagged>"), t.digest);
+    }
+    let cfg = &out["config"];
+    for (label, key) in [("User", "User"), ("Entrypoint", "Entrypoint"), ("Cmd", "Cmd"), ("Env", "Env"), ("Labels", "Labels")] {
+        if let Some(v) = cfg.get(key) {
+            println!("{:<12} {}", format!("{label}:"), v);
+        }
+    }
+    println!("Layers:      {} ({})", image.layers.len(), human_bytes(out["size"].as_u64().unwrap_or(0)));
+    for l in &image.layers {
+        println!("  {} {:>10} {}", l.digest, human_bytes(l.size), l.media_type);
+    }
+    match &out["image_json"] {
+        Value::Null => println!("Data:        no /{IMAGE_JSON} (not a bakedb image)"),
+        ij => {
+            println!("Data:        engine {}, profile {}", ij["engine"].as_str().unwrap_or("?"), ij["profile"].as_str().unwrap_or("?"));
+            println!("Snapshot:    {}", ij["snapshot"]);
+            for f in ij["files"].as_array().into_iter().flatten() {
+                println!("  {} {:>10} sha256:{}", f["path"].as_str().unwrap_or("?"), human_bytes(f["size"].as_u64().unwrap_or(0)), f["sha256"].as_str().unwrap_or("?"));
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,5 @@
+//! End-to-end tests: the real `bakedb` binary, run in a fresh directory per test, judged by
+//! the real consumers (skopeo, umoci, runc, podman, docker, a local registry). A missing tool
+//! skips a test locally and fails it under CI (CI=true).
+
+mod util;
