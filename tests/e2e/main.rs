@@ -3,3 +3,6 @@
 //! skips a test locally and fails it under CI (CI=true).
 
 mod util;
+
+mod consumers;
+mod errors;

@@ -123,3 +123,172 @@ pub fn test_dir() -> tempfile::TempDir {
 pub fn build_json(out: &Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("build --json printed no JSON ({e}): {}", stdout(out)))
 }
+
+/// The workspace root (crates/cli/../..), where xtask/ and target/ live.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+/// Lower-case hex sha256 of some bytes, as image.json records it.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A name nothing else on this machine uses: lower-case, so docker, podman and registries
+/// accept it; unique per process and call, since tests run in parallel threads and processes.
+pub fn unique_name(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    format!("{prefix}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// The busybox base image fixture (an OCI layout, tag `latest`) at target/fixtures/busybox,
+/// built once by xtask/scripts/busybox-base.sh, the same script `cargo xtask fixtures` runs.
+/// Callers `require!("umoci")` first: the script uses it.
+pub fn busybox_base() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let root = workspace_root();
+            let fixtures = root.join("target/fixtures");
+            std::fs::create_dir_all(&fixtures).unwrap();
+            let out = fixtures.join("busybox");
+            // OnceLock orders the threads of this process; the file lock orders processes
+            // (another test binary, `cargo xtask fixtures`). The script builds beside OUTDIR
+            // and renames at the end, and is a no-op once the layout has its tag.
+            let lock = std::fs::File::create(fixtures.join("busybox.lock")).unwrap();
+            lock.lock().unwrap();
+            run_ok(
+                Command::new("bash")
+                    .arg(root.join("xtask/scripts/busybox-base.sh"))
+                    .arg(&out)
+                    // As xtask runs it, so whichever builds first builds the same bytes.
+                    .env_remove("SOURCE_DATE_EPOCH")
+                    .current_dir(&root),
+            );
+            drop(lock);
+            out
+        })
+        .clone()
+}
+
+/// Debian's docker client (BAKEDB_TEST_DOCKER, else /usr/bin/docker: /usr/local/bin/docker may
+/// be a newer client than the daemon speaks) when a daemon answers it. No daemon skips locally
+/// and fails under CI, like a missing tool: .ci/run starts one.
+pub fn docker() -> Option<PathBuf> {
+    let docker = std::env::var_os("BAKEDB_TEST_DOCKER").map_or_else(|| PathBuf::from("/usr/bin/docker"), PathBuf::from);
+    if !docker.is_file() {
+        assert!(!under_ci(), "{} is not installed, and CI=true: .ci/run must install docker.io", docker.display());
+        eprintln!("skipping: {} is not installed", docker.display());
+        return None;
+    }
+    // `docker version` fails when no daemon answers; `docker info` exits 0 on some versions.
+    let out = run(Command::new(&docker).args(["version", "--format", "{{.Server.Version}}"]));
+    if !out.status.success() {
+        assert!(!under_ci(), "no Docker daemon answers {}, and CI=true: .ci/run must start dockerd\n{}", docker.display(), stderr(&out));
+        eprintln!("skipping: no Docker daemon answers {}", docker.display());
+        return None;
+    }
+    Some(docker)
+}
+
+/// The test registry's HOST:PORT from BAKEDB_TEST_REGISTRY (.ci/run starts one). Unset skips
+/// locally and fails under CI.
+pub fn registry() -> Option<String> {
+    match std::env::var("BAKEDB_TEST_REGISTRY") {
+        Ok(r) if !r.is_empty() => Some(r),
+        _ => {
+            assert!(!under_ci(), "BAKEDB_TEST_REGISTRY is not set, and CI=true: .ci/run must start a registry");
+            eprintln!("skipping: BAKEDB_TEST_REGISTRY is not set");
+            None
+        }
+    }
+}
+
+/// Whether this process runs as root (real ownership in unpacked layers, runc without
+/// rootless mode). Not root skips locally and fails under CI, which runs as root by contract.
+pub fn require_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
+    if !root {
+        assert!(!under_ci(), "this test needs root, and CI=true: .ci/run runs as root");
+        eprintln!("skipping: not running as root");
+    }
+    root
+}
+
+/// A SQLite database of `mib` MiB: one table of 1 MiB blobs, pseudo-random over a small
+/// alphabet so the bytes differ everywhere (a chunk or gzip member mix-up changes the digest)
+/// yet still compress, as real data does.
+pub fn make_big_db(path: &Path, mib: usize) {
+    let c = rusqlite::Connection::open(path).unwrap();
+    c.execute_batch("CREATE TABLE b(id INTEGER PRIMARY KEY, data BLOB NOT NULL);").unwrap();
+    let tx = c.unchecked_transaction().unwrap();
+    {
+        let mut stmt = tx.prepare("INSERT INTO b(data) VALUES (?1)").unwrap();
+        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut blob = vec![0u8; 1 << 20];
+        for _ in 0..mib {
+            for byte in blob.iter_mut() {
+                // xorshift64
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                *byte = b'a' + (state >> 61) as u8;
+            }
+            stmt.execute([&blob]).unwrap();
+        }
+    }
+    tx.commit().unwrap();
+}
+
+/// What differs between two `tree` snapshots ("added x", "removed y", "changed z"), so a
+/// failed comparison names paths instead of printing every byte.
+pub fn tree_diff(before: &BTreeMap<PathBuf, (u32, Vec<u8>)>, after: &BTreeMap<PathBuf, (u32, Vec<u8>)>) -> Vec<String> {
+    let mut out = Vec::new();
+    for (path, old) in before {
+        match after.get(path) {
+            None => out.push(format!("removed {}", path.display())),
+            Some(new) if new.0 != old.0 => out.push(format!("changed mode of {}: {:o} -> {:o}", path.display(), old.0, new.0)),
+            Some(new) if new.1 != old.1 => out.push(format!("changed {}", path.display())),
+            Some(_) => {}
+        }
+    }
+    out.extend(after.keys().filter(|p| !before.contains_key(*p)).map(|p| format!("added {}", p.display())));
+    out
+}
+
+/// Assert that `dir` still holds exactly `before` (a `tree` snapshot).
+pub fn assert_tree_unchanged(dir: &Path, before: &BTreeMap<PathBuf, (u32, Vec<u8>)>, what: &str) {
+    let diff = tree_diff(before, &tree(dir));
+    assert!(diff.is_empty(), "{what}: {} changed:\n  {}", dir.display(), diff.join("\n  "));
+}
+
+/// Copy a directory tree of regular files (an OCI layout) to a new place.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+/// `bakedb` run as the unprivileged uid/gid 65534 through `setpriv`, with HOME and TMPDIR in
+/// `scratch` (which must be writable by 65534), otherwise as `bakedb(dir)`.
+pub fn bakedb_as_nobody(setpriv: &Path, dir: &Path, scratch: &Path) -> Command {
+    let mut cmd = Command::new(setpriv);
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(bakedb_bin())
+        .current_dir(dir)
+        .env("SOURCE_DATE_EPOCH", "1700000000")
+        .env("CI", "true")
+        .env("HOME", scratch)
+        .env("TMPDIR", scratch);
+    cmd
+}

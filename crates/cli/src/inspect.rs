@@ -75,7 +75,12 @@ pub fn run(args: InspectArgs) -> Result<()> {
             println!("Data:        engine {}, profile {}", ij["engine"].as_str().unwrap_or("?"), ij["profile"].as_str().unwrap_or("?"));
             println!("Snapshot:    {}", ij["snapshot"]);
             for f in ij["files"].as_array().into_iter().flatten() {
-                println!("  {} {:>10} sha256:{}", f["path"].as_str().unwrap_or("?"), human_bytes(f["size"].as_u64().unwrap_or(0)), f["sha256"].as_str().unwrap_or("?"));
+                let digest = match (f["sha256"].as_str(), f["chunks"].as_array()) {
+                    (Some(d), _) => format!("sha256:{d}"),
+                    (None, Some(c)) => format!("{} chunks of {}", c.len(), human_bytes(ij["chunk_size"].as_u64().unwrap_or(0))),
+                    _ => "?".into(),
+                };
+                println!("  {} {:>10} {digest}", f["path"].as_str().unwrap_or("?"), human_bytes(f["size"].as_u64().unwrap_or(0)));
             }
         }
     }

@@ -1,0 +1,533 @@
+//! Bad inputs. Each gets its documented exit code and a one-line message that names what is
+//! wrong (the path, the digest, the tag) and, where there is something to do, says what; and
+//! none of them changes an output: a layout that already holds a good tag and an archive stay
+//! byte for byte as they were, and an output directory that did not exist still does not.
+//!
+//! Bad base images are made from a small base that bakedb itself built, by editing copies of
+//! it the way damage or a broken tool would: a blob removed, a blob's bytes changed under its
+//! digest name, a layer re-stored under a new digest with the manifest and index rewritten to
+//! match (so that only the compressed stream itself is wrong), a manifest edited and
+//! re-digested.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use serde_json::Value;
+
+use crate::require;
+use crate::util::{assert_tree_unchanged, bakedb, bakedb_as_nobody, copy_dir, make_db, run, run_ok, stderr, test_dir, tree};
+
+// Exit codes, as documented.
+const USAGE: i32 = 2;
+const VERIFY_FAILED: i32 = 3;
+const BAD_SOURCE: i32 = 4;
+const BAD_BASE: i32 = 5;
+const OUTPUT_NOT_WRITABLE: i32 = 6;
+const EXISTS: i32 = 7;
+const NOT_FOUND: i32 = 8;
+
+const REF_NAME: &str = "org.opencontainers.image.ref.name";
+
+/// A test directory holding `app.db` and `tiny.db`, a base layout `base` (tag v1, built from
+/// tiny.db), an output layout `out` that already holds tag `good`, and `arch/app.tar`, an
+/// oci-archive with tag `good`.
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let tmp = test_dir();
+        let dir = tmp.path().to_owned();
+        make_db(&dir.join("tiny.db"), 3);
+        make_db(&dir.join("app.db"), 200);
+        fs::create_dir(dir.join("arch")).unwrap();
+        for (source, output) in [("tiny.db", "oci:base:v1"), ("app.db", "oci:out:good"), ("app.db", "oci-archive:arch/app.tar:good")] {
+            run_ok(bakedb(&dir).args(["build", "--quiet", "--engine", "sqlite", "--source", source, "--output", output]));
+        }
+        Fixture { _tmp: tmp, dir }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.join(rel)
+    }
+
+    /// A copy of the base layout to damage.
+    fn base_copy(&self, name: &str) -> PathBuf {
+        let copy = self.path(name);
+        copy_dir(&self.path("base"), &copy);
+        copy
+    }
+
+    /// `bakedb build --engine sqlite ARGS --output OUTPUT` must fail with `code` and a message
+    /// mentioning every needle, for each kind of output: the layout holding `good` (a new tag),
+    /// the archive (replacing it), and a layout directory that does not exist yet. Afterwards
+    /// the first two are unchanged and the third still does not exist.
+    fn assert_build_fails(&self, args: &[&str], code: i32, needles: &[&str]) {
+        for (output, dir) in [("oci:out:v2", "out"), ("oci-archive:arch/app.tar:good", "arch"), ("oci:fresh:v1", "fresh")] {
+            let before = tree(&self.path(dir));
+            let what = format!("bakedb build {} --output {output}", args.join(" "));
+            let out = run(bakedb(&self.dir).args(["build", "--quiet", "--engine", "sqlite"]).args(args).args(["--output", output]));
+            assert_failure(&out, code, needles, &what);
+            assert_tree_unchanged(&self.path(dir), &before, &what);
+            if dir == "fresh" {
+                assert!(!self.path(dir).exists(), "{what}: created {dir}/ and left it behind");
+            }
+        }
+    }
+}
+
+/// Exit `code`, nothing on stdout, and one line on stderr, `bakedb: ...`, containing every needle.
+fn assert_failure(out: &Output, code: i32, needles: &[&str], what: &str) {
+    let err = stderr(out);
+    assert_eq!(out.status.code(), Some(code), "{what}: expected exit code {code}, got {}\nstderr:\n{err}", out.status);
+    assert!(out.stdout.is_empty(), "{what}: printed on stdout: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(err.starts_with("bakedb: ") && err.ends_with('\n') && err.lines().count() == 1, "{what}: expected one line `bakedb: ...` on stderr, got:\n{err}");
+    for needle in needles {
+        assert!(err.contains(needle), "{what}: the message should mention {needle:?}:\n{err}");
+    }
+}
+
+fn sha256_digest(bytes: &[u8]) -> String {
+    format!("sha256:{}", crate::util::sha256_hex(bytes))
+}
+
+fn blob_path(layout: &Path, digest: &str) -> PathBuf {
+    layout.join("blobs/sha256").join(digest.strip_prefix("sha256:").expect("a sha256 digest"))
+}
+
+fn read_json(path: &Path) -> Value {
+    serde_json::from_slice(&fs::read(path).unwrap()).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
+}
+
+/// Store `bytes` as a blob under its digest.
+fn put_blob(layout: &Path, bytes: &[u8]) -> String {
+    let digest = sha256_digest(bytes);
+    fs::write(blob_path(layout, &digest), bytes).unwrap();
+    digest
+}
+
+fn manifest(layout: &Path, tag: &str) -> Value {
+    let index = read_json(&layout.join("index.json"));
+    let entry = index["manifests"].as_array().unwrap().iter().find(|e| e["annotations"][REF_NAME] == tag).unwrap_or_else(|| panic!("no tag {tag}"));
+    read_json(&blob_path(layout, entry["digest"].as_str().unwrap()))
+}
+
+fn layer_digest(layout: &Path, tag: &str, i: usize) -> String {
+    manifest(layout, tag)["layers"][i]["digest"].as_str().unwrap().to_owned()
+}
+
+/// Edit the manifest `tag` points to, store the result under its own digest and point the tag
+/// at it, as a tool that rewrote the image would: every digest on the way down stays right.
+fn edit_manifest(layout: &Path, tag: &str, edit: impl FnOnce(&mut Value)) {
+    let mut m = manifest(layout, tag);
+    edit(&mut m);
+    let bytes = serde_json::to_vec(&m).unwrap();
+    let digest = put_blob(layout, &bytes);
+    let mut index = read_json(&layout.join("index.json"));
+    let entry = index["manifests"].as_array_mut().unwrap().iter_mut().find(|e| e["annotations"][REF_NAME] == tag).unwrap();
+    entry["digest"] = digest.into();
+    entry["size"] = bytes.len().into();
+    fs::write(layout.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+}
+
+/// Store `bytes` as layer `i` of `tag` under their own digest and fix the manifest's descriptor
+/// to match, leaving the config (and its diff_id) alone: every blob is what its descriptor
+/// says, only the layer's content is wrong. Returns the new layer digest.
+fn replace_layer_consistently(layout: &Path, tag: &str, i: usize, bytes: &[u8]) -> String {
+    let old = layer_digest(layout, tag, i);
+    let digest = put_blob(layout, bytes);
+    edit_manifest(layout, tag, |m| {
+        m["layers"][i]["digest"] = digest.clone().into();
+        m["layers"][i]["size"] = bytes.len().into();
+    });
+    fs::remove_file(blob_path(layout, &old)).unwrap();
+    digest
+}
+
+fn gunzip(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    flate2::read::MultiGzDecoder::new(bytes).read_to_end(&mut out).unwrap();
+    out
+}
+
+fn gzip(bytes: &[u8], level: u32) -> Vec<u8> {
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(level));
+    enc.write_all(bytes).unwrap();
+    enc.finish().unwrap()
+}
+
+/// Deterministic noise (xorshift64), for files that must look random.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 56) as u8
+        })
+        .collect()
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// `chmod -R`: directories get `dir_mode`, files `file_mode`.
+fn set_modes_recursively(path: &Path, dir_mode: u32, file_mode: u32) {
+    if path.is_dir() {
+        for entry in fs::read_dir(path).unwrap() {
+            set_modes_recursively(&entry.unwrap().path(), dir_mode, file_mode);
+        }
+        set_mode(path, dir_mode);
+    } else {
+        set_mode(path, file_mode);
+    }
+}
+
+// --- sources ------------------------------------------------------------------------------
+
+#[test]
+fn missing_source() {
+    let f = Fixture::new();
+    f.assert_build_fails(&["--source", "nope.db"], BAD_SOURCE, &["nope.db", "No such file", "pass the path of a SQLite database"]);
+}
+
+#[test]
+fn source_that_is_not_sqlite() {
+    let f = Fixture::new();
+    fs::write(f.path("notes.db"), "these are notes, not a database\n".repeat(100)).unwrap();
+    f.assert_build_fails(&["--source", "notes.db"], BAD_SOURCE, &["notes.db", "not a SQLite database"]);
+    fs::write(f.path("empty.db"), b"").unwrap();
+    f.assert_build_fails(&["--source", "empty.db"], BAD_SOURCE, &["empty.db", "empty"]);
+    fs::create_dir(f.path("adir.db")).unwrap();
+    // A directory is read as a snapshot directory written by `bakedb snapshot`.
+    f.assert_build_fails(&["--source", "adir.db"], BAD_SOURCE, &["adir.db"]);
+}
+
+#[test]
+fn corrupt_source() {
+    let f = Fixture::new();
+    let path = f.path("bad.db");
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch("PRAGMA page_size=4096; CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT); CREATE INDEX iv ON t(v);").unwrap();
+        let tx = c.unchecked_transaction().unwrap();
+        for i in 0..2000 {
+            tx.execute("INSERT INTO t(v) VALUES (?1)", [format!("value {i} {}", "x".repeat(50))]).unwrap();
+        }
+        tx.commit().unwrap();
+    }
+    // Scribble over two pages in the middle; the header (and page 1) stay intact.
+    let mut bytes = fs::read(&path).unwrap();
+    let middle = bytes.len() / 2 / 4096 * 4096;
+    bytes[middle..middle + 8192].fill(0xA5);
+    fs::write(&path, &bytes).unwrap();
+    assert!(bytes.starts_with(b"SQLite format 3\0"));
+    f.assert_build_fails(&["--source", "bad.db"], BAD_SOURCE, &["bad.db", "corrupt", "repair"]);
+}
+
+#[test]
+fn encrypted_source() {
+    // SQLCipher encrypts the header too: the file is indistinguishable from random bytes.
+    let f = Fixture::new();
+    fs::write(f.path("secret.db"), noise(64 << 10, 7)).unwrap();
+    f.assert_build_fails(&["--source", "secret.db"], BAD_SOURCE, &["secret.db", "encrypted", "export a plain copy"]);
+}
+
+/// A WAL-mode database (no -wal/-shm files: its writer closed it) in a directory the user may
+/// read but not write: SQLite cannot create the -shm file it needs to read it. Refusing is
+/// right; blaming encryption or corruption is not: the message must point at the directory.
+#[test]
+fn wal_source_in_a_directory_the_user_cannot_write() {
+    let setpriv = require!("setpriv");
+    let f = Fixture::new();
+    set_mode(&f.dir, 0o755);
+    let scratch = f.path("scratch");
+    fs::create_dir(&scratch).unwrap();
+    set_mode(&scratch, 0o777);
+    let out = run(bakedb_as_nobody(&setpriv, &f.dir, &scratch).args(["build", "--quiet", "--engine", "sqlite", "--source", "app.db", "--output", "oci:scratch/out:v1"]));
+    if !out.status.success() {
+        assert_failure(&out, BAD_SOURCE, &["app.db"], "build of a WAL database in a read-only directory");
+        let err = stderr(&out);
+        assert!(
+            !err.contains("encrypted") && !err.contains("corrupt"),
+            "the database is neither encrypted nor corrupt: its directory is not writable, so SQLite cannot create app.db-shm; the message should say so:\n{err}"
+        );
+        assert!(!f.path("scratch/out").exists());
+    }
+}
+
+// --- outputs ------------------------------------------------------------------------------
+
+#[test]
+fn output_under_a_regular_file() {
+    let f = Fixture::new();
+    fs::write(f.path("plain.txt"), "a file, not a directory\n").unwrap();
+    let before = tree(&f.dir);
+    for (output, needle) in [("oci:plain.txt/layout:v1", "plain.txt/layout"), ("oci-archive:plain.txt/app.tar:v1", "plain.txt/app.tar")] {
+        let what = format!("build --output {output}");
+        let out = run(bakedb(&f.dir).args(["build", "--quiet", "--engine", "sqlite", "--source", "app.db", "--output", output]));
+        assert_failure(&out, OUTPUT_NOT_WRITABLE, &[needle], &what);
+        assert_tree_unchanged(&f.dir, &before, &what);
+    }
+}
+
+#[test]
+fn output_under_proc() {
+    let f = Fixture::new();
+    let layout = format!("/proc/bakedb-e2e-{}/layout", std::process::id());
+    let archive = format!("/proc/bakedb-e2e-{}.tar", std::process::id());
+    for (output, needle) in [(format!("oci:{layout}:v1"), layout.clone()), (format!("oci-archive:{archive}:v1"), format!("/proc/"))] {
+        let what = format!("build --output {output}");
+        let out = run(bakedb(&f.dir).args(["build", "--quiet", "--engine", "sqlite", "--source", "app.db", "--output", &output]));
+        assert_failure(&out, OUTPUT_NOT_WRITABLE, &[&needle], &what);
+    }
+    assert!(!Path::new(&layout).exists() && !Path::new(&archive).exists());
+}
+
+/// As an unprivileged user (root ignores permissions): a directory it may not write to, an
+/// existing layout and an existing archive it may read but not write.
+#[test]
+fn output_not_writable_by_the_user() {
+    let setpriv = require!("setpriv");
+    let f = Fixture::new();
+    // Writable by all: SQLite needs to create app.db-shm to read a WAL database (see
+    // wal_source_in_a_directory_the_user_cannot_write).
+    set_mode(&f.dir, 0o777);
+    let scratch = f.path("scratch");
+    fs::create_dir(&scratch).unwrap();
+    set_mode(&scratch, 0o777);
+    fs::create_dir(f.path("locked")).unwrap();
+    set_mode(&f.path("locked"), 0o555);
+    set_modes_recursively(&f.path("out"), 0o555, 0o444);
+    set_modes_recursively(&f.path("arch"), 0o555, 0o444);
+    for (output, dir, needle) in [
+        ("oci:locked/layout:v1", "locked", "locked/layout"),
+        ("oci:out:v2", "out", "out"),
+        ("oci-archive:arch/app.tar:good", "arch", "arch/"),
+    ] {
+        let before = tree(&f.path(dir));
+        let what = format!("build --output {output} as uid 65534");
+        let out = run(bakedb_as_nobody(&setpriv, &f.dir, &scratch).args(["build", "--quiet", "--engine", "sqlite", "--source", "app.db", "--output", output]));
+        assert_failure(&out, OUTPUT_NOT_WRITABLE, &[needle, "Permission denied"], &what);
+        assert_tree_unchanged(&f.path(dir), &before, &what);
+    }
+    // The read-only layout and archive still verify, for the same user.
+    for reference in ["oci:out:good", "oci-archive:arch/app.tar:good"] {
+        run_ok(bakedb_as_nobody(&setpriv, &f.dir, &scratch).args(["verify", "--quiet", reference]));
+    }
+}
+
+/// A failed build into an existing empty directory (made by `mktemp -d`, or a mount point)
+/// leaves it empty, as it leaves a layout that holds images unchanged.
+#[test]
+fn failed_build_leaves_an_existing_empty_directory_empty() {
+    let f = Fixture::new();
+    fs::create_dir(f.path("empty")).unwrap();
+    fs::write(f.path("notes.db"), "not a database\n").unwrap();
+    let base = f.base_copy("bad");
+    fs::remove_file(blob_path(&base, &layer_digest(&base, "v1", 0))).unwrap();
+    for args in [&["--source", "notes.db"][..], &["--source", "app.db", "--base", "oci:bad:v1"]] {
+        let what = format!("bakedb build {} --output oci:empty:v1", args.join(" "));
+        let out = run(bakedb(&f.dir).args(["build", "--quiet", "--engine", "sqlite"]).args(args).args(["--output", "oci:empty:v1"]));
+        assert!(!out.status.success(), "{what} succeeded");
+        assert_tree_unchanged(&f.path("empty"), &Default::default(), &what);
+    }
+}
+
+// --- base images --------------------------------------------------------------------------
+
+#[test]
+fn base_with_a_missing_blob() {
+    let f = Fixture::new();
+    let bad = f.base_copy("bad");
+    let layer = layer_digest(&bad, "v1", 0);
+    fs::remove_file(blob_path(&bad, &layer)).unwrap();
+    f.assert_build_fails(&["--source", "app.db", "--base", "oci:bad:v1"], BAD_BASE, &[&layer, "missing", "oci:bad"]);
+}
+
+/// A layer blob whose bytes are another valid gzip stream of the same tar: only the digest
+/// tells.
+#[test]
+fn base_blob_content_does_not_match_its_digest() {
+    let f = Fixture::new();
+    let bad = f.base_copy("bad");
+    let layer = layer_digest(&bad, "v1", 0);
+    let original = fs::read(blob_path(&bad, &layer)).unwrap();
+    let recompressed = gzip(&gunzip(&original), 9);
+    assert_ne!(recompressed, original);
+    fs::write(blob_path(&bad, &layer), &recompressed).unwrap();
+    f.assert_build_fails(&["--source", "app.db", "--base", "oci:bad:v1"], BAD_BASE, &[&layer, "oci:bad", "does not match"]);
+}
+
+/// One flipped bit in a stored layer blob: the blob is not the one its digest names. That is
+/// what the message must say (the copy of the base is damaged), whatever else the damaged
+/// bytes make the gzip decoder think.
+#[test]
+fn base_blob_with_a_flipped_bit() {
+    let f = Fixture::new();
+    let bad = f.base_copy("bad");
+    let layer = layer_digest(&bad, "v1", 0);
+    let mut bytes = fs::read(blob_path(&bad, &layer)).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x10;
+    fs::write(blob_path(&bad, &layer), &bytes).unwrap();
+    f.assert_build_fails(&["--source", "app.db", "--base", "oci:bad:v1"], BAD_BASE, &[&layer, "oci:bad", "does not match"]);
+}
+
+/// The stored blob is cut short (an interrupted copy); manifest and index still describe the
+/// whole blob, so its size alone shows that it is not the blob the digest names.
+#[test]
+fn base_blob_truncated() {
+    let f = Fixture::new();
+    let bad = f.base_copy("bad");
+    let layer = layer_digest(&bad, "v1", 0);
+    let bytes = fs::read(blob_path(&bad, &layer)).unwrap();
+    fs::write(blob_path(&bad, &layer), &bytes[..bytes.len() / 2]).unwrap();
+    f.assert_build_fails(&["--source", "app.db", "--base", "oci:bad:v1"], BAD_BASE, &[&layer, "oci:bad", "does not match"]);
+}
+
+/// The image itself was made from a truncated gzip stream: blob, manifest and index all agree,
+/// so only decompressing tells.
+#[test]
+fn base_layer_with_a_truncated_gzip_stream() {
+    let f = Fixture::new();
+    let bad = f.base_copy("bad");
+    let bytes = fs::read(blob_path(&bad, &layer_digest(&bad, "v1", 0))).unwrap();
+    let layer = replace_layer_consistently(&bad, "v1", 0, &bytes[..bytes.len() - 20]);
+    f.assert_build_fails(&["--source", "app.db", "--base", "oci:bad:v1"], BAD_BASE, &[&layer, "oci:bad", "truncated"]);
+}
+
+/// A multi-member gzip layer cut at a member boundary is a valid, shorter gzip stream: only
+/// the diff_id in the config shows that the tar inside is incomplete.
+#[test]
+fn base_layer_cut_at_a_gzip_member_boundary() {
+    let f = Fixture::new();
+    let bad = f.base_copy("bad");
+    let tar = gunzip(&fs::read(blob_path(&bad, &layer_digest(&bad, "v1", 0))).unwrap());
+    let first_member = gzip(&tar[..tar.len() / 2], 6);
+    let layer = replace_layer_consistently(&bad, "v1", 0, &first_member);
+    f.assert_build_fails(&["--source", "app.db", "--base", "oci:bad:v1"], BAD_BASE, &[&layer, "oci:bad", "diff_id"]);
+}
+
+#[test]
+fn base_layer_with_an_unknown_media_type() {
+    let f = Fixture::new();
+    let bad = f.base_copy("bad");
+    let layer = layer_digest(&bad, "v1", 0);
+    edit_manifest(&bad, "v1", |m| m["layers"][0]["mediaType"] = "application/vnd.example.layer.v1.tar+lz4".into());
+    f.assert_build_fails(
+        &["--source", "app.db", "--base", "oci:bad:v1"],
+        BAD_BASE,
+        &[&layer, "oci:bad", "unsupported media type", "application/vnd.example.layer.v1.tar+lz4"],
+    );
+}
+
+#[test]
+fn several_images_and_no_tag() {
+    let f = Fixture::new();
+    let two = f.base_copy("two");
+    make_db(&f.path("other.db"), 5);
+    run_ok(bakedb(&f.dir).args(["build", "--quiet", "--engine", "sqlite", "--source", "other.db", "--output", "oci:two:v2"]));
+    let needles = ["oci:two", "2 images", "no tag", "v1, v2", ":TAG"];
+    f.assert_build_fails(&["--source", "app.db", "--base", "oci:two"], BAD_BASE, &needles);
+    let before = tree(&two);
+    for command in ["verify", "inspect"] {
+        let out = run(bakedb(&f.dir).args([command, "--quiet", "oci:two"]));
+        assert_failure(&out, NOT_FOUND, &needles, &format!("bakedb {command} oci:two"));
+    }
+    let out = run(bakedb(&f.dir).args(["verify", "--quiet", "oci:two:v3"]));
+    assert_failure(&out, NOT_FOUND, &["oci:two", "\"v3\"", "v1, v2"], "bakedb verify oci:two:v3");
+    assert_tree_unchanged(&two, &before, "verify and inspect");
+}
+
+// --- tags and references ------------------------------------------------------------------
+
+#[test]
+fn existing_tag_with_no_overwrite() {
+    let f = Fixture::new();
+    make_db(&f.path("app2.db"), 300);
+    let before = tree(&f.path("out"));
+    let out = run(bakedb(&f.dir).args(["build", "--quiet", "--engine", "sqlite", "--source", "app2.db", "--output", "oci:out:good", "--no-overwrite"]));
+    assert_failure(&out, EXISTS, &["oci:out", "\"good\"", "--no-overwrite"], "build --no-overwrite onto tag good");
+    assert_tree_unchanged(&f.path("out"), &before, "build --no-overwrite onto tag good");
+
+    // The archive exists (with tag good): a new build of any tag would replace it.
+    let before = tree(&f.path("arch"));
+    let out = run(bakedb(&f.dir).args(["build", "--quiet", "--engine", "sqlite", "--source", "app2.db", "--output", "oci-archive:arch/app.tar:other", "--no-overwrite"]));
+    assert_failure(&out, EXISTS, &["arch/app.tar", "--no-overwrite"], "build --no-overwrite onto an existing archive");
+    assert!(!stderr(&out).contains("tag \"other\""), "the archive holds tag good, not other, yet the message says:\n{}", stderr(&out));
+    assert_tree_unchanged(&f.path("arch"), &before, "build --no-overwrite onto an existing archive");
+}
+
+#[test]
+fn existing_tag_is_replaced_and_other_tags_kept() {
+    let f = Fixture::new();
+    run_ok(bakedb(&f.dir).args(["build", "--quiet", "--engine", "sqlite", "--source", "tiny.db", "--output", "oci:out:keep"]));
+    let index_before = read_json(&f.path("out/index.json"));
+    let entry = |index: &Value, tag: &str| index["manifests"].as_array().unwrap().iter().find(|e| e["annotations"][REF_NAME] == tag).cloned();
+    make_db(&f.path("app2.db"), 300);
+    run_ok(bakedb(&f.dir).args(["build", "--quiet", "--engine", "sqlite", "--source", "app2.db", "--output", "oci:out:good"]));
+    let index_after = read_json(&f.path("out/index.json"));
+    assert_eq!(index_after["manifests"].as_array().unwrap().len(), 2, "{index_after}");
+    assert_ne!(entry(&index_after, "good").unwrap()["digest"], entry(&index_before, "good").unwrap()["digest"], "tag good was not replaced");
+    assert_eq!(entry(&index_after, "keep"), entry(&index_before, "keep"), "tag keep changed");
+    for reference in ["oci:out:good", "oci:out:keep"] {
+        run_ok(bakedb(&f.dir).args(["verify", "--quiet", reference]));
+    }
+}
+
+#[test]
+fn bad_reference_syntax() {
+    let f = Fixture::new();
+    for (output, needle) in [
+        ("bogus", "oci:DIR:TAG"),
+        ("docker://example/app:1", "unknown transport"),
+        ("oci:", "path is empty"),
+        ("oci:out:bad tag", "tag"),
+        ("oci:out:-x", "tag"),
+        ("oci:out", "needs a tag"),
+        ("docker-archive:app.tar:Upper:1", "NAME:TAG"),
+    ] {
+        f.assert_build_fails(&["--source", "app.db"], USAGE, &[&format!("{output:?}"), needle]);
+    }
+    let before = tree(&f.dir);
+    for base in ["nonsense", "oci:base:bad/tag"] {
+        let out = run(bakedb(&f.dir).args(["build", "--quiet", "--engine", "sqlite", "--source", "app.db", "--base", base, "--output", "oci:fresh:v1"]));
+        assert_failure(&out, USAGE, &[&format!("{base:?}"), "--base"], &format!("build --base {base}"));
+    }
+    for command in ["verify", "inspect"] {
+        let out = run(bakedb(&f.dir).args([command, "--quiet", "nonsense"]));
+        assert_failure(&out, USAGE, &["\"nonsense\"", "oci:DIR:TAG"], &format!("bakedb {command} nonsense"));
+    }
+    assert_tree_unchanged(&f.dir, &before, "bad references");
+}
+
+// --- verify -------------------------------------------------------------------------------
+
+#[test]
+fn verify_finds_a_tampered_layer() {
+    let f = Fixture::new();
+    run_ok(bakedb(&f.dir).args(["verify", "--quiet", "oci:out:good"]));
+    let layout = f.path("out");
+    let layers = manifest(&layout, "good")["layers"].as_array().unwrap().clone();
+    // The data layer (the largest): flip one byte in its middle.
+    let data = layers.iter().max_by_key(|l| l["size"].as_u64()).unwrap()["digest"].as_str().unwrap().to_owned();
+    let path = blob_path(&layout, &data);
+    let mut bytes = fs::read(&path).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    fs::write(&path, &bytes).unwrap();
+    let before = tree(&layout);
+    let out = run(bakedb(&f.dir).args(["verify", "--quiet", "oci:out:good"]));
+    assert_failure(&out, VERIFY_FAILED, &[&data, "oci:out"], "verify of a tampered layer");
+    assert_tree_unchanged(&layout, &before, "verify");
+    // The same layout as a base is refused with the base's code.
+    f.assert_build_fails(&["--source", "tiny.db", "--base", "oci:out:good"], BAD_BASE, &[&data]);
+}
