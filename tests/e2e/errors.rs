@@ -495,7 +495,10 @@ fn bad_reference_syntax() {
         ("oci:out", "needs a tag"),
         ("docker-archive:app.tar:Upper:1", "NAME:TAG"),
     ] {
-        f.assert_build_fails(&["--source", "app.db"], USAGE, &[&format!("{output:?}"), needle]);
+        let before = tree(&f.dir);
+        let out = run(bakedb(&f.dir).args(["build", "--quiet", "--engine", "sqlite", "--source", "app.db", "--output", output]));
+        assert_failure(&out, USAGE, &[&format!("{output:?}"), needle, "--output"], &format!("build --output {output}"));
+        assert_tree_unchanged(&f.dir, &before, &format!("build --output {output}"));
     }
     let before = tree(&f.dir);
     for base in ["nonsense", "oci:base:bad/tag"] {
@@ -528,6 +531,32 @@ fn verify_finds_a_tampered_layer() {
     let out = run(bakedb(&f.dir).args(["verify", "--quiet", "oci:out:good"]));
     assert_failure(&out, VERIFY_FAILED, &[&data, "oci:out"], "verify of a tampered layer");
     assert_tree_unchanged(&layout, &before, "verify");
-    // The same layout as a base is refused with the base's code.
-    f.assert_build_fails(&["--source", "tiny.db", "--base", "oci:out:good"], BAD_BASE, &[&data]);
+}
+
+/// A base image in the very layout the build writes to (images:base, images:app), one of whose
+/// layer blobs has rotted: the build must check it as it checks a base anywhere else, instead
+/// of taking the blob file's name and size for its content and baking a broken image.
+#[test]
+fn damaged_base_in_the_output_layout() {
+    let f = Fixture::new();
+    let layout = f.path("out");
+    let data = layer_digest(&layout, "good", 0);
+    let path = blob_path(&layout, &data);
+    let mut bytes = fs::read(&path).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    fs::write(&path, &bytes).unwrap();
+    let before = tree(&layout);
+    let what = "build --base oci:out:good --output oci:out:v2 with a damaged layer blob";
+    let out = run(bakedb(&f.dir).args(["build", "--quiet", "--engine", "sqlite", "--source", "tiny.db", "--base", "oci:out:good", "--output", "oci:out:v2"]));
+    if out.status.success() {
+        let verify = run(bakedb(&f.dir).args(["verify", "--quiet", "oci:out:v2"]));
+        panic!(
+            "{what}: exit 0, and the image it wrote fails verification (exit {:?}): {}",
+            verify.status.code(),
+            stderr(&verify)
+        );
+    }
+    assert_failure(&out, BAD_BASE, &[&data], what);
+    assert_tree_unchanged(&layout, &before, what);
 }

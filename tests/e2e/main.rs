@@ -2,7 +2,8 @@
 //! the real consumers (skopeo, umoci, runc, podman, docker, a local registry). A missing tool
 //! skips a test locally and fails it under CI (CI=true).
 
-mod util;
-
 mod consumers;
+mod util;
 mod errors;
+mod golden;
+mod snapshot;

@@ -1,1 +1,66 @@
-fn main() {}
+//! `cargo xtask`: the project's automation, in Rust instead of a Makefile (rust-analyzer's
+//! xtask). Each subcommand is one function in its own module; this file only dispatches.
+
+mod bench;
+mod ci;
+mod demo;
+mod fixtures;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Result, bail};
+
+const USAGE: &str = "usage: cargo xtask <command>
+
+commands:
+  bench build [--size-mib N] [--runs N] [--require-all]
+                 time `bakedb build` against sha256/pigz/zstd ceilings and docker/umoci peers,
+                 print the table and write it to docs/benchmarks.md
+  ci             fmt, clippy, cargo deny, fixtures, cargo test: what .ci/run runs
+  fixtures       build the generated test inputs under target/fixtures
+  demo           bake a generated SQLite database into oci:target/demo/image:v1 and verify it";
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Err(err) = dispatch(&args) {
+        eprintln!("xtask: {err:#}");
+        std::process::exit(2);
+    }
+}
+
+fn dispatch(args: &[String]) -> Result<()> {
+    let words: Vec<&str> = args.iter().map(String::as_str).collect();
+    match words.as_slice() {
+        ["bench", "build", flags @ ..] => bench::build(&bench::BuildOptions::parse(flags)?),
+        ["bench", ..] => bail!("bench: expected `bench build`\n\n{USAGE}"),
+        ["ci"] => ci::run_ci(),
+        ["fixtures"] => fixtures::run_fixtures(),
+        ["demo"] => demo::run_demo(),
+        ["help" | "-h" | "--help"] => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        [] => bail!("no command given\n\n{USAGE}"),
+        [other, ..] => bail!("unknown command {other:?}\n\n{USAGE}"),
+    }
+}
+
+/// The workspace root, from this crate's manifest directory (xtask/ is one level down).
+pub fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_owned()
+}
+
+/// `cargo`, the one that runs this xtask.
+pub fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+/// Run a command with inherited output; fail with the command line if it fails.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().map_err(|e| anyhow::anyhow!("could not start {cmd:?}: {e}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
