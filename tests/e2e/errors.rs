@@ -251,13 +251,15 @@ fn wal_source_in_a_directory_the_user_cannot_write() {
     let scratch = f.path("scratch");
     fs::create_dir(&scratch).unwrap();
     set_mode(&scratch, 0o777);
-    let out = run(bakedb_as_nobody(&setpriv, &f.dir, &scratch).args(["build", "--quiet", "--engine", "sqlite", "--source", "app.db", "--output", "oci:scratch/out:v1"]));
+    make_db(&f.path("wal.db"), 10);
+    assert!(!f.path("wal.db-shm").exists() && !f.path("wal.db-wal").exists(), "the writer closed wal.db cleanly");
+    let out = run(bakedb_as_nobody(&setpriv, &f.dir, &scratch).args(["build", "--quiet", "--engine", "sqlite", "--source", "wal.db", "--output", "oci:scratch/out:v1"]));
     if !out.status.success() {
-        assert_failure(&out, BAD_SOURCE, &["app.db"], "build of a WAL database in a read-only directory");
+        assert_failure(&out, BAD_SOURCE, &["wal.db"], "build of a WAL database in a read-only directory");
         let err = stderr(&out);
         assert!(
             !err.contains("encrypted") && !err.contains("corrupt"),
-            "the database is neither encrypted nor corrupt: its directory is not writable, so SQLite cannot create app.db-shm; the message should say so:\n{err}"
+            "the database is neither encrypted nor corrupt: its directory is not writable, so SQLite cannot create wal.db-shm; the message should say so:\n{err}"
         );
         assert!(!f.path("scratch/out").exists());
     }
@@ -457,8 +459,13 @@ fn existing_tag_with_no_overwrite() {
     let out = run(bakedb(&f.dir).args(["build", "--quiet", "--engine", "sqlite", "--source", "app2.db", "--output", "oci:out:good", "--no-overwrite"]));
     assert_failure(&out, EXISTS, &["oci:out", "\"good\"", "--no-overwrite"], "build --no-overwrite onto tag good");
     assert_tree_unchanged(&f.path("out"), &before, "build --no-overwrite onto tag good");
+}
 
-    // The archive exists (with tag good): a new build of any tag would replace it.
+/// The archive exists (holding tag good): a build of any tag would replace it.
+#[test]
+fn existing_archive_with_no_overwrite() {
+    let f = Fixture::new();
+    make_db(&f.path("app2.db"), 300);
     let before = tree(&f.path("arch"));
     let out = run(bakedb(&f.dir).args(["build", "--quiet", "--engine", "sqlite", "--source", "app2.db", "--output", "oci-archive:arch/app.tar:other", "--no-overwrite"]));
     assert_failure(&out, EXISTS, &["arch/app.tar", "--no-overwrite"], "build --no-overwrite onto an existing archive");
@@ -497,7 +504,7 @@ fn bad_reference_syntax() {
     ] {
         let before = tree(&f.dir);
         let out = run(bakedb(&f.dir).args(["build", "--quiet", "--engine", "sqlite", "--source", "app.db", "--output", output]));
-        assert_failure(&out, USAGE, &[&format!("{output:?}"), needle, "--output"], &format!("build --output {output}"));
+        assert_failure(&out, USAGE, &[&format!("{output:?}"), needle, "output"], &format!("build --output {output}"));
         assert_tree_unchanged(&f.dir, &before, &format!("build --output {output}"));
     }
     let before = tree(&f.dir);

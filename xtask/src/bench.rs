@@ -108,6 +108,7 @@ pub fn build(options: &BuildOptions) -> Result<()> {
             warm(&db)?;
             warm(&snapshot_db)?;
             sync();
+            wait_until_quiet();
             let sample = (case.run)(&timer).with_context(|| format!("timing {}", case.label()))?;
             eprintln!("xtask:   {:.2} s", sample.secs);
             case.samples.push(sample);
@@ -308,8 +309,9 @@ impl Tools {
             let out = Command::new(program).args(args).output().map_err(|e| format!("not available ({e})"))?;
             let text = String::from_utf8_lossy(if out.stdout.is_empty() { &out.stderr } else { &out.stdout }).into_owned();
             if !out.status.success() {
-                let first = text.lines().chain(String::from_utf8_lossy(&out.stderr).lines()).find(|l| !l.trim().is_empty()).unwrap_or("").to_owned();
-                return Err(format!("not available ({} {}: {first})", program.display(), args.join(" ")));
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_owned();
+                return Err(format!("not available (`{} {}`: {last})", program.display(), args.join(" ")));
             }
             Ok(text.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_owned())
         };
@@ -323,11 +325,14 @@ impl Tools {
         let gnu_time = Path::new("/usr/bin/time");
         let tools = Tools {
             gnu_time: gnu_time.is_file().then(|| gnu_time.to_owned()),
-            openssl: version(Path::new("openssl"), &["version"]),
+            // "OpenSSL 3.0.19 27 Jan 2026 (Library: …)" → "OpenSSL 3.0.19"
+            openssl: version(Path::new("openssl"), &["version"]).map(|v| v.split_whitespace().take(2).collect::<Vec<_>>().join(" ")),
             pigz: version(Path::new("pigz"), &["--version"]),
-            zstd: version(Path::new("zstd"), &["--version"]).map(|v| v.trim_matches('*').trim().to_owned()),
+            // "*** Zstandard CLI (64-bit) v1.5.4, by Yann Collet ***" → "zstd v1.5.4"
+            zstd: version(Path::new("zstd"), &["--version"])
+                .map(|v| v.split_whitespace().find(|w| w.starts_with('v')).map_or(v.clone(), |w| format!("zstd {}", w.trim_end_matches(',')))),
             docker,
-            umoci: version(Path::new("umoci"), &["--version"]),
+            umoci: version(Path::new("umoci"), &["--version"]).map(|v| v.replace(" version ", " ")),
             docker_bin,
         };
         if require_all {
@@ -354,6 +359,9 @@ struct Sample {
     output_bytes: Option<u64>,
     /// bakedb's own per-phase timings, from its log lines.
     phases: Vec<(String, f64)>,
+    /// Share of all cores that other processes used during the run: above a few per cent,
+    /// the machine was not quiet and the time is suspect.
+    other_load: Option<f64>,
 }
 
 struct Timer {
@@ -390,9 +398,11 @@ impl Timer {
         };
         wrapped.stdin(Stdio::null()).stderr(Stdio::piped());
         wrapped.stdout(if discard_stdout { Stdio::null() } else { Stdio::piped() });
+        let cpu_before = CpuTimes::now();
         let started = Instant::now();
         let out = wrapped.output().with_context(|| format!("running {:?}", wrapped.get_program()))?;
         let secs = started.elapsed().as_secs_f64();
+        let busy = cpu_before.zip(CpuTimes::now()).map(|(a, b)| a.busy_fraction_until(&b));
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         if !out.status.success() {
@@ -407,7 +417,57 @@ impl Timer {
                 sample.cpu_secs = user.parse::<f64>().ok().zip(sys.parse::<f64>().ok()).map(|(u, s)| u + s);
             }
         }
+        let nproc = std::thread::available_parallelism().map_or(1, usize::from) as f64;
+        sample.other_load = busy.zip(sample.cpu_secs).map(|(busy, own)| (busy - own / (secs * nproc)).max(0.0));
         Ok(Finished { sample, stdout, stderr })
+    }
+}
+
+/// The machine-wide counters of /proc/stat's first line, in clock ticks.
+#[derive(Clone, Copy)]
+struct CpuTimes {
+    busy: u64,
+    total: u64,
+}
+
+impl CpuTimes {
+    fn now() -> Option<CpuTimes> {
+        let stat = fs::read_to_string("/proc/stat").ok()?;
+        let ticks: Vec<u64> = stat.lines().next()?.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+        // user nice system idle iowait irq softirq steal (guest time is already in user).
+        let idle = ticks.get(3)? + ticks.get(4)?;
+        let total: u64 = ticks.iter().take(8).sum();
+        Some(CpuTimes { busy: total - idle, total })
+    }
+
+    /// Share of all cores busy between `self` and `later`.
+    fn busy_fraction_until(&self, later: &CpuTimes) -> f64 {
+        let total = later.total.saturating_sub(self.total);
+        if total == 0 { 0.0 } else { later.busy.saturating_sub(self.busy) as f64 / total as f64 }
+    }
+}
+
+/// Wait (up to two minutes) until other processes leave the cores alone: on a shared machine a
+/// compiler in the background would otherwise be timed along with the case.
+fn wait_until_quiet() {
+    const QUIET: f64 = 0.10;
+    let deadline = Instant::now() + std::time::Duration::from_secs(120);
+    let mut told = false;
+    loop {
+        let before = CpuTimes::now();
+        std::thread::sleep(std::time::Duration::from_millis(1000));
+        let Some(busy) = before.zip(CpuTimes::now()).map(|(a, b)| a.busy_fraction_until(&b)) else { return };
+        if busy < QUIET {
+            return;
+        }
+        if Instant::now() > deadline {
+            eprintln!("xtask:   the machine is still {:.0} % busy; timing anyway", busy * 100.0);
+            return;
+        }
+        if !told {
+            eprintln!("xtask:   waiting for the machine to go quiet ({:.0} % of all cores busy)", busy * 100.0);
+            told = true;
+        }
     }
 }
 
@@ -779,11 +839,16 @@ impl Report<'_> {
             tool(&self.tools.docker),
             tool(&self.tools.umoci),
         );
-        let _ = writeln!(md, "| what | layer | median s | MB/s | output MB | peak RSS MiB | CPU s | reproducible |");
-        let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---|");
+        let _ = writeln!(
+            md,
+            "Peak RSS is the largest of the runs; CPU s is the median user+sys time; \"others\" is the largest share of all \
+             cores that other processes used during a timed run (each run starts only once the machine is quiet).\n"
+        );
+        let _ = writeln!(md, "| what | layer | median s | MB/s | output MB | peak RSS MiB | CPU s | others | reproducible |");
+        let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|---|");
         for case in self.cases {
             if let Some(why) = &case.unavailable {
-                let _ = writeln!(md, "| {} | {} | {why} | | | | | |", case.what, case.compression);
+                let _ = writeln!(md, "| {} | {} | {why} | | | | | | |", case.what, case.compression);
                 continue;
             }
             let output = case.median(|s| s.output_bytes.map(|b| b as f64)).or_else(|| match case.what.split_whitespace().next() {
@@ -793,7 +858,7 @@ impl Report<'_> {
             });
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 case.what,
                 case.compression,
                 fmt(case.secs(), 2),
@@ -801,6 +866,7 @@ impl Report<'_> {
                 fmt(output.map(|b| b / 1e6), 0),
                 fmt(case.peak_rss_mib(), 1),
                 fmt(case.median(|s| s.cpu_secs), 2),
+                fmt_pct(case.samples.iter().filter_map(|s| s.other_load).max_by(f64::total_cmp)),
                 case.reproducible().unwrap_or_else(|| "—".into()),
             );
         }

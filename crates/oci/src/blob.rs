@@ -64,12 +64,7 @@ impl BlobStore {
 
     /// Remove temp files left by writers that were killed; call only while holding the lock.
     pub fn remove_stale_temp_files(&self) -> Result<()> {
-        let entries = fs::read_dir(&self.dir).map_err(Error::io("listing", &self.dir))?;
-        for entry in entries.flatten() {
-            if entry.file_name().to_string_lossy().starts_with("tmp.") {
-                let _ = fs::remove_file(entry.path());
-            }
-        }
+        fsutil::remove_temp_files(&self.dir, "tmp.");
         Ok(())
     }
 }

@@ -59,7 +59,9 @@ impl LayoutWriter {
             Err(_) => Default::default(),
         };
         let store = BlobStore::create(root)?;
+        // We hold the lock, so temp files here belong to writers that died.
         store.remove_stale_temp_files()?;
+        fsutil::remove_temp_files(root, "tmp.");
         Ok(LayoutWriter { root: root.to_owned(), store, created_root, existing_blobs, committed: false, _lock: lock })
     }
 

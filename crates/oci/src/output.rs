@@ -11,6 +11,7 @@ use crate::archive;
 use crate::compress::Compression;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
+use crate::fsutil;
 use crate::image;
 use crate::layer::{self, LayerInfo};
 use crate::layout::LayoutWriter;
@@ -70,6 +71,7 @@ impl Output {
                     });
                 }
                 let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                remove_dead_staging(&dir, &name);
                 LayoutWriter::open(&dir.join(format!(".{name}.bakedb-staging.{}", std::process::id())))?
             }
         };
@@ -154,5 +156,26 @@ impl Output {
             }
         }
         Ok(written)
+    }
+}
+
+/// Staging layouts and temp archives left beside `name` by builds that were killed.
+fn remove_dead_staging(dir: &std::path::Path, name: &str) {
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name().to_string_lossy().into_owned();
+        let pid = if let Some(rest) = file_name.strip_prefix(&format!(".{name}.bakedb-staging.")) {
+            rest.parse::<u32>().ok()
+        } else if let Some(rest) = file_name.strip_prefix(&format!("tmp.{name}.")) {
+            rest.split('.').next().and_then(|p| p.parse::<u32>().ok())
+        } else {
+            None
+        };
+        if let Some(pid) = pid
+            && !fsutil::pid_alive(pid)
+        {
+            let path = entry.path();
+            let _ = if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
+        }
     }
 }
