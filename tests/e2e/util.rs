@@ -47,8 +47,7 @@ macro_rules! require {
 }
 
 pub fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("could not run {cmd:?}: {e}"));
-    out
+    cmd.output().unwrap_or_else(|e| panic!("could not run {cmd:?}: {e}"))
 }
 
 /// Run and require success; the panic message carries both output streams.

@@ -65,6 +65,9 @@ pub struct ImageSource {
     docker_blobs: BTreeMap<Digest, String>,
 }
 
+/// docker-archive entry names of blobs, by digest.
+type BlobNames = Vec<(Digest, String)>;
+
 struct DockerImage {
     tags: Vec<String>,
     config_path: String,
@@ -387,7 +390,7 @@ impl ImageSource {
 
     /// An OCI manifest equivalent to a docker-archive image: layer digests are the digests of
     /// the layer files as stored, compression sniffed from their first bytes.
-    fn docker_manifest(&self, img: &DockerImage) -> Result<(Vec<u8>, Vec<(Digest, String)>)> {
+    fn docker_manifest(&self, img: &DockerImage) -> Result<(Vec<u8>, BlobNames)> {
         let config = self.read_small(&img.config_path, "config")?;
         let mut blobs = vec![(Digest::of(&config), img.config_path.clone())];
         let mut layers = Vec::new();
