@@ -308,57 +308,56 @@ fn skopeo_copies_between_all_transports_and_bakedb_verifies_the_copies() {
     }
 }
 
-/// skopeo writes `docker.io/bakedb-e2e/app:v1` into a docker-archive's RepoTags for the name
-/// `bakedb-e2e/app:v1` and reads the archive back by either spelling. bakedb promises "users
-/// can pass the same strings to both tools".
+/// skopeo stores a docker-archive's name normalised (`bakedb-e2e/app:v1` as
+/// `docker.io/bakedb-e2e/app:v1`, `app:v1` as `docker.io/library/app:v1`) and reads the archive
+/// back by the name it was given. bakedb promises "users can pass the same strings to both
+/// tools": verify, inspect and --base must find the image by that name too.
 #[test]
-fn bakedb_reads_a_docker_archive_by_the_name_it_was_written_with() {
+fn bakedb_reads_a_docker_archive_by_the_name_skopeo_wrote_it_with() {
     let skopeo = require!("skopeo");
     let dir = test_dir();
     let d = dir.path();
     make_db(&d.join("app.db"), 500);
     build(d, "app.db", "oci:img:v1", &[]);
-    let named = "docker-archive:copy.docker.tar:bakedb-e2e/app:v1";
-    run_ok(
-        Command::new(&skopeo)
-            .current_dir(d)
-            .args(["copy", "--quiet", "oci:img:v1", named]),
-    );
-    // skopeo accepts the name it was given.
-    skopeo_json(&skopeo, d, &["inspect", named]);
-
-    let attempts = [
-        vec!["verify", named],
-        vec!["inspect", named],
-        vec![
-            "build",
-            "--engine",
-            "sqlite",
-            "--source",
-            "app.db",
-            "--base",
-            named,
-            "--output",
-            "oci:rebuilt:v1",
-        ],
-    ];
-    let failures: Vec<String> = attempts
-        .iter()
-        .filter_map(|args| {
-            let out = run(bakedb(d).args(args));
-            (!out.status.success()).then(|| {
-                format!(
+    let mut failures = Vec::new();
+    for (n, named) in [
+        "docker-archive:repo.docker.tar:bakedb-e2e/app:v1",
+        "docker-archive:short.docker.tar:app:v1",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        run_ok(
+            Command::new(&skopeo)
+                .current_dir(d)
+                .args(["copy", "--quiet", "oci:img:v1", named]),
+        );
+        // skopeo finds the image by the name it was given.
+        skopeo_json(&skopeo, d, &["inspect", named]);
+        let output = format!("oci:rebuilt:v{n}");
+        let attempts = [
+            vec!["verify", named],
+            vec!["inspect", named],
+            vec![
+                "build", "--engine", "sqlite", "--source", "app.db", "--base", named, "--output",
+                &output,
+            ],
+        ];
+        for args in attempts {
+            let out = run(bakedb(d).args(&args));
+            if !out.status.success() {
+                failures.push(format!(
                     "bakedb {}: {}: {}",
                     args.join(" "),
                     out.status,
                     stderr(&out).trim()
-                )
-            })
-        })
-        .collect();
+                ));
+            }
+        }
+    }
     assert!(
         failures.is_empty(),
-        "bakedb does not find the image skopeo wrote as {named}:\n{}",
+        "bakedb does not find images by the names skopeo wrote them with:\n{}",
         failures.join("\n")
     );
 }
@@ -411,10 +410,106 @@ fn registry_round_trip_keeps_the_manifest_digest() {
     );
     verify(d, "oci:pulled:v1");
     // Every blob came back byte for byte, and nothing else came with it.
-    assert_eq!(
+    let (original, pulled) = (
+        contents(&d.join("img/blobs")),
         contents(&d.join("pulled/blobs")),
-        contents(&d.join("img/blobs"))
     );
+    assert_eq!(
+        pulled.keys().collect::<Vec<_>>(),
+        original.keys().collect::<Vec<_>>()
+    );
+    for (path, bytes) in &original {
+        assert!(
+            pulled[path] == *bytes,
+            "blobs/{} changed on the way",
+            path.display()
+        );
+    }
+}
+
+/// `umoci unpack --rootless` of `image` (an oci: reference relative to `dir`) into `bundle`,
+/// then every promise checked against the unpacked bytes: image.json hashes to
+/// BAKEDB_DATA_DIGEST (as built and as umoci's runtime config carries it), the data directory
+/// holds exactly the files image.json lists, each with its size, mode, whole-file sha256 (a
+/// file of one chunk) or chunk digests (a larger file). Returns the data file's path.
+fn unpack_and_check(umoci: &Path, dir: &Path, image: &str, bundle: &str, built: &Value) -> PathBuf {
+    run_ok(Command::new(umoci).current_dir(dir).args([
+        "unpack",
+        "--rootless",
+        "--image",
+        image,
+        bundle,
+    ]));
+    let rootfs = dir.join(bundle).join("rootfs");
+    let image_json_bytes = std::fs::read(rootfs.join("etc/bakedb/image.json")).unwrap();
+    assert_eq!(
+        sha256_hex(&image_json_bytes),
+        hex(&built["data_digest"]),
+        "{image}: image.json does not hash to data_digest"
+    );
+    let runtime: Value =
+        serde_json::from_slice(&std::fs::read(dir.join(bundle).join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        env_var(&runtime["process"]["env"], "BAKEDB_DATA_DIGEST"),
+        built["data_digest"].as_str(),
+        "{image}: {}",
+        runtime["process"]
+    );
+
+    let image_json: Value = serde_json::from_slice(&image_json_bytes).unwrap();
+    let files = image_json["files"].as_array().unwrap();
+    let listed: Vec<&str> = files.iter().map(|f| f["path"].as_str().unwrap()).collect();
+    let present: Vec<PathBuf> = util::tree(&rootfs.join("var/lib/bakedb"))
+        .into_keys()
+        .collect();
+    assert_eq!(
+        present,
+        vec![PathBuf::from("app.db")],
+        "{image}: files in the data directory"
+    );
+    assert_eq!(listed, vec!["app.db"], "{image}: files in image.json");
+
+    let file = &files[0];
+    let data_path = rootfs.join("var/lib/bakedb/app.db");
+    let data = std::fs::read(&data_path).unwrap();
+    assert_eq!(
+        Some(data.len() as u64),
+        file["size"].as_u64(),
+        "{image}: size of {DATA_FILE}"
+    );
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&data_path).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o644, "{image}: mode of {DATA_FILE}");
+        assert_eq!(file["mode"], "0644", "{image}: {file}");
+    }
+    let chunk_size = image_json["chunk_size"].as_u64().unwrap() as usize;
+    if data.len() <= chunk_size {
+        let sha = file["sha256"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{image}: no sha256 for a one-chunk file: {file}"));
+        assert_eq!(sha, sha256_hex(&data), "{image}: sha256 of {DATA_FILE}");
+    } else {
+        let chunks: Vec<String> = file["chunks"]
+            .as_array()
+            .unwrap_or_else(|| {
+                panic!(
+                    "{image}: no chunk digests for a {}-byte file: {file}",
+                    data.len()
+                )
+            })
+            .iter()
+            .map(|c| c.as_str().unwrap().to_owned())
+            .collect();
+        let actual: Vec<String> = data.chunks(chunk_size).map(sha256_hex).collect();
+        assert_eq!(chunks, actual, "{image}: chunk digests of {DATA_FILE}");
+        // A whole-file digest is optional here; where image.json records one it must hold.
+        if let Some(sha) = file["sha256"].as_str() {
+            assert_eq!(sha, sha256_hex(&data), "{image}: sha256 of {DATA_FILE}");
+        }
+    }
+    data_path
 }
 
 #[test]
@@ -422,15 +517,30 @@ fn umoci_unpacks_the_bytes_image_json_promises() {
     let umoci = require!("umoci");
     let dir = test_dir();
     let d = dir.path();
-    // Big enough for several gzip members and three data chunks, the last one short.
+    std::fs::create_dir(d.join("small")).unwrap();
+    std::fs::create_dir(d.join("big")).unwrap();
+    make_db(&d.join("small/app.db"), 3000);
+    // Big enough for many gzip members and three data chunks, the last one short.
     let mib = 40;
-    make_big_db(&d.join("app.db"), mib);
-    let built = build(d, "app.db", "oci:img:v1", &[]);
+    make_big_db(&d.join("big/app.db"), mib);
 
+    let small = build(d, "small/app.db", "oci:small-img:v1", &[]);
+    let data_path = unpack_and_check(&umoci, d, "small-img:v1", "small-bundle", &small);
+    let db = rusqlite::Connection::open_with_flags(
+        &data_path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let rows: i64 = db
+        .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 3000, "the baked database");
+
+    let big = build(d, "big/app.db", "oci:big-img:v1", &[]);
     // The data layer really is many gzip members: a single-member reader stops early.
     let data_layer = std::fs::read(
-        d.join("img/blobs/sha256")
-            .join(hex(&built["layers"][0]["digest"])),
+        d.join("big-img/blobs/sha256")
+            .join(hex(&big["layers"][0]["digest"])),
     )
     .unwrap();
     let mut first_member = Vec::new();
@@ -456,85 +566,11 @@ fn umoci_unpacks_the_bytes_image_json_promises() {
     );
     drop((data_layer, first_member, all_members));
 
-    run_ok(Command::new(&umoci).current_dir(d).args([
-        "unpack",
-        "--rootless",
-        "--image",
-        "img:v1",
-        "bundle",
-    ]));
-    let rootfs = d.join("bundle/rootfs");
-    let image_json_bytes = std::fs::read(rootfs.join("etc/bakedb/image.json")).unwrap();
-    assert_eq!(
-        sha256_hex(&image_json_bytes),
-        hex(&built["data_digest"]),
-        "image.json does not hash to data_digest"
-    );
-    // The runtime config umoci generated carries the same expectation.
-    let runtime: Value =
-        serde_json::from_slice(&std::fs::read(d.join("bundle/config.json")).unwrap()).unwrap();
-    assert_eq!(
-        env_var(&runtime["process"]["env"], "BAKEDB_DATA_DIGEST"),
-        built["data_digest"].as_str(),
-        "{}",
-        runtime["process"]
-    );
-
-    let image_json: Value = serde_json::from_slice(&image_json_bytes).unwrap();
-    let files = image_json["files"].as_array().unwrap();
-    let listed: Vec<&str> = files.iter().map(|f| f["path"].as_str().unwrap()).collect();
-    let present: Vec<PathBuf> = util::tree(&rootfs.join("var/lib/bakedb"))
-        .into_keys()
-        .collect();
-    assert_eq!(
-        present,
-        vec![PathBuf::from("app.db")],
-        "files in the data directory"
-    );
-    assert_eq!(listed, vec!["app.db"], "files in image.json");
-
-    let file = &files[0];
-    let data_path = rootfs.join("var/lib/bakedb/app.db");
-    let data = std::fs::read(&data_path).unwrap();
-    assert_eq!(
-        Some(data.len() as u64),
-        file["size"].as_u64(),
-        "size of {DATA_FILE}"
-    );
-    {
-        use std::os::unix::fs::PermissionsExt;
-        assert_eq!(
-            std::fs::metadata(&data_path).unwrap().permissions().mode() & 0o7777,
-            0o644
-        );
-    }
-    // A file larger than one chunk is described chunk by chunk; a whole-file sha256, where
-    // image.json records one, must hold as well.
-    let chunk_size = image_json["chunk_size"].as_u64().unwrap() as usize;
+    let data_path = unpack_and_check(&umoci, d, "big-img:v1", "big-bundle", &big);
     assert!(
-        data.len() > 2 * chunk_size,
-        "{} bytes do not span three chunks of {chunk_size}",
-        data.len()
+        std::fs::metadata(&data_path).unwrap().len() > 2 * (16 << 20),
+        "the big file spans fewer than three chunks"
     );
-    let chunks: Vec<String> = file["chunks"]
-        .as_array()
-        .unwrap_or_else(|| {
-            panic!(
-                "image.json records no chunks for a {}-byte file: {file}",
-                data.len()
-            )
-        })
-        .iter()
-        .map(|c| c.as_str().unwrap().to_owned())
-        .collect();
-    let actual_chunks: Vec<String> = data.chunks(chunk_size).map(sha256_hex).collect();
-    assert_eq!(chunks, actual_chunks, "chunk digests of {DATA_FILE}");
-    if let Some(sha) = file["sha256"].as_str() {
-        assert_eq!(sha, sha256_hex(&data), "sha256 of {DATA_FILE}");
-    }
-    drop(data);
-
-    // And it is the database that was baked.
     let db = rusqlite::Connection::open_with_flags(
         &data_path,
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
@@ -545,7 +581,11 @@ fn umoci_unpacks_the_bytes_image_json_promises() {
             Ok((r.get(0)?, r.get(1)?))
         })
         .unwrap();
-    assert_eq!((rows, bytes), (mib as i64, (mib << 20) as i64));
+    assert_eq!(
+        (rows, bytes),
+        (mib as i64, (mib << 20) as i64),
+        "the baked database"
+    );
     assert_eq!(
         db.query_row("PRAGMA integrity_check", [], |r| r.get::<_, String>(0))
             .unwrap(),
@@ -668,12 +708,12 @@ fn podman(podman: &Path, dir: &Path) -> Command {
     cmd
 }
 
-/// `podman run` of an oci: layout. The layout is named relative to `dir`: podman names the
-/// image after the layout's path and rejects upper-case letters, which temp dirs have.
-fn podman_run(podman_bin: &Path, dir: &Path, layout_ref: &str, args: &[&str]) -> String {
+/// `podman run` of an oci: layout or oci-archive:, named relative to `dir`: podman names the
+/// image after the path and rejects upper-case letters, which temp dirs have.
+fn podman_run(podman_bin: &Path, dir: &Path, image: &str, args: &[&str]) -> String {
     assert!(
-        !layout_ref.contains('/') && layout_ref == layout_ref.to_lowercase(),
-        "{layout_ref}"
+        !image.contains('/') && image == image.to_lowercase(),
+        "{image}"
     );
     let out = run_ok(
         podman(podman_bin, dir)
@@ -687,7 +727,7 @@ fn podman_run(podman_bin: &Path, dir: &Path, layout_ref: &str, args: &[&str]) ->
                 "--ulimit",
                 "nproc=1024:1024",
             ])
-            .arg(layout_ref)
+            .arg(image)
             .args(args),
     );
     stdout(&out)
@@ -709,6 +749,14 @@ fn podman_runs_the_oci_layout() {
         printed_sha256(&sum),
         expected,
         "the container sees other data"
+    );
+    // bakedb's oci-archive runs directly too.
+    build_on_busybox(d, "oci-archive:img.oci.tar:v1", &[]);
+    let sum = podman_run(&podman_bin, d, "oci-archive:img.oci.tar:v1", &[]);
+    assert_eq!(
+        printed_sha256(&sum),
+        expected,
+        "oci-archive: the container sees other data"
     );
     let who = podman_run(
         &podman_bin,
@@ -808,24 +856,18 @@ fn oci_image_tool_validates_the_layouts() {
     let scratch = build(d, "app.db", "oci:layout:scratch", &[]);
     let on_busybox = build_on_busybox(d, "oci:layout:busybox", &[]);
     let validate = |args: &[&str]| {
-        run(Command::new(&tool)
-            .current_dir(d)
-            .arg("validate")
-            .args(args))
+        let mut cmd = Command::new(&tool);
+        cmd.current_dir(d).arg("validate").args(args);
+        cmd
     };
 
     // Debian's 1.0.0-rc1 has no imageLayout type ("unimplemented"); `--type image` on a
     // directory validates the layout: index.json, and per tag (all tags without --ref) the
     // manifest, config and layers against their digests. It cannot read archives at all
     // ("find failed: unable to walk: end of walk", skopeo's oci-archive too).
-    run_ok(
-        Command::new(&tool)
-            .current_dir(d)
-            .args(["validate", "--type", "image", "layout"]),
-    );
+    run_ok(&mut validate(&["--type", "image", "layout"]));
     for tag in ["scratch", "busybox"] {
-        run_ok(Command::new(&tool).current_dir(d).args([
-            "validate",
+        run_ok(&mut validate(&[
             "--type",
             "image",
             "--ref",
@@ -833,22 +875,19 @@ fn oci_image_tool_validates_the_layouts() {
             "layout",
         ]));
     }
-    run_ok(Command::new(&tool).current_dir(d).args([
-        "validate",
+    run_ok(&mut validate(&[
         "--type",
         "imageIndex",
         "layout/index.json",
     ]));
     for built in [&scratch, &on_busybox] {
         let blob = |digest: &Value| format!("layout/blobs/sha256/{}", hex(digest));
-        run_ok(Command::new(&tool).current_dir(d).args([
-            "validate",
+        run_ok(&mut validate(&[
             "--type",
             "manifest",
             &blob(&built["manifest_digest"]),
         ]));
-        run_ok(Command::new(&tool).current_dir(d).args([
-            "validate",
+        run_ok(&mut validate(&[
             "--type",
             "config",
             &blob(&built["config_digest"]),
@@ -871,7 +910,7 @@ fn oci_image_tool_validates_the_layouts() {
         let last = bytes.len() - 1;
         bytes[last] ^= 0xff;
         std::fs::write(&data_layer, bytes).unwrap();
-        let corrupt = validate(&["--type", "image", "corrupt"]);
+        let corrupt = run(&mut validate(&["--type", "image", "corrupt"]));
         assert!(
             !corrupt.status.success(),
             "oci-image-tool accepted a corrupted layer {}",

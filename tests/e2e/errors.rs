@@ -18,7 +18,10 @@ use std::process::Output;
 use serde_json::Value;
 
 use crate::require;
-use crate::util::{assert_tree_unchanged, bakedb, bakedb_as_nobody, copy_dir, make_db, run, run_ok, stderr, test_dir, tree};
+use crate::util::{
+    assert_tree_unchanged, bakedb, bakedb_as_nobody, copy_dir, make_db, run, run_ok, stderr,
+    test_dir, tree,
+};
 
 // Exit codes, as documented.
 const USAGE: i32 = 2;
@@ -46,8 +49,14 @@ impl Fixture {
         make_db(&dir.join("tiny.db"), 3);
         make_db(&dir.join("app.db"), 200);
         fs::create_dir(dir.join("arch")).unwrap();
-        for (source, output) in [("tiny.db", "oci:base:v1"), ("app.db", "oci:out:good"), ("app.db", "oci-archive:arch/app.tar:good")] {
-            run_ok(bakedb(&dir).args(["build", "--quiet", "--engine", "sqlite", "--source", source, "--output", output]));
+        for (source, output) in [
+            ("tiny.db", "oci:base:v1"),
+            ("app.db", "oci:out:good"),
+            ("app.db", "oci-archive:arch/app.tar:good"),
+        ] {
+            run_ok(bakedb(&dir).args([
+                "build", "--quiet", "--engine", "sqlite", "--source", source, "--output", output,
+            ]));
         }
         Fixture { _tmp: tmp, dir }
     }
@@ -68,14 +77,24 @@ impl Fixture {
     /// the archive (replacing it), and a layout directory that does not exist yet. Afterwards
     /// the first two are unchanged and the third still does not exist.
     fn assert_build_fails(&self, args: &[&str], code: i32, needles: &[&str]) {
-        for (output, dir) in [("oci:out:v2", "out"), ("oci-archive:arch/app.tar:good", "arch"), ("oci:fresh:v1", "fresh")] {
+        for (output, dir) in [
+            ("oci:out:v2", "out"),
+            ("oci-archive:arch/app.tar:good", "arch"),
+            ("oci:fresh:v1", "fresh"),
+        ] {
             let before = tree(&self.path(dir));
             let what = format!("bakedb build {} --output {output}", args.join(" "));
-            let out = run(bakedb(&self.dir).args(["build", "--quiet", "--engine", "sqlite"]).args(args).args(["--output", output]));
+            let out = run(bakedb(&self.dir)
+                .args(["build", "--quiet", "--engine", "sqlite"])
+                .args(args)
+                .args(["--output", output]));
             assert_failure(&out, code, needles, &what);
             assert_tree_unchanged(&self.path(dir), &before, &what);
             if dir == "fresh" {
-                assert!(!self.path(dir).exists(), "{what}: created {dir}/ and left it behind");
+                assert!(
+                    !self.path(dir).exists(),
+                    "{what}: created {dir}/ and left it behind"
+                );
             }
         }
     }
@@ -84,11 +103,26 @@ impl Fixture {
 /// Exit `code`, nothing on stdout, and one line on stderr, `bakedb: ...`, containing every needle.
 fn assert_failure(out: &Output, code: i32, needles: &[&str], what: &str) {
     let err = stderr(out);
-    assert_eq!(out.status.code(), Some(code), "{what}: expected exit code {code}, got {}\nstderr:\n{err}", out.status);
-    assert!(out.stdout.is_empty(), "{what}: printed on stdout: {}", String::from_utf8_lossy(&out.stdout));
-    assert!(err.starts_with("bakedb: ") && err.ends_with('\n') && err.lines().count() == 1, "{what}: expected one line `bakedb: ...` on stderr, got:\n{err}");
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "{what}: expected exit code {code}, got {}\nstderr:\n{err}",
+        out.status
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "{what}: printed on stdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        err.starts_with("bakedb: ") && err.ends_with('\n') && err.lines().count() == 1,
+        "{what}: expected one line `bakedb: ...` on stderr, got:\n{err}"
+    );
     for needle in needles {
-        assert!(err.contains(needle), "{what}: the message should mention {needle:?}:\n{err}");
+        assert!(
+            err.contains(needle),
+            "{what}: the message should mention {needle:?}:\n{err}"
+        );
     }
 }
 
@@ -97,11 +131,14 @@ fn sha256_digest(bytes: &[u8]) -> String {
 }
 
 fn blob_path(layout: &Path, digest: &str) -> PathBuf {
-    layout.join("blobs/sha256").join(digest.strip_prefix("sha256:").expect("a sha256 digest"))
+    layout
+        .join("blobs/sha256")
+        .join(digest.strip_prefix("sha256:").expect("a sha256 digest"))
 }
 
 fn read_json(path: &Path) -> Value {
-    serde_json::from_slice(&fs::read(path).unwrap()).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
+    serde_json::from_slice(&fs::read(path).unwrap())
+        .unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
 }
 
 /// Store `bytes` as a blob under its digest.
@@ -113,12 +150,20 @@ fn put_blob(layout: &Path, bytes: &[u8]) -> String {
 
 fn manifest(layout: &Path, tag: &str) -> Value {
     let index = read_json(&layout.join("index.json"));
-    let entry = index["manifests"].as_array().unwrap().iter().find(|e| e["annotations"][REF_NAME] == tag).unwrap_or_else(|| panic!("no tag {tag}"));
+    let entry = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["annotations"][REF_NAME] == tag)
+        .unwrap_or_else(|| panic!("no tag {tag}"));
     read_json(&blob_path(layout, entry["digest"].as_str().unwrap()))
 }
 
 fn layer_digest(layout: &Path, tag: &str, i: usize) -> String {
-    manifest(layout, tag)["layers"][i]["digest"].as_str().unwrap().to_owned()
+    manifest(layout, tag)["layers"][i]["digest"]
+        .as_str()
+        .unwrap()
+        .to_owned()
 }
 
 /// Edit the manifest `tag` points to, store the result under its own digest and point the tag
@@ -129,10 +174,19 @@ fn edit_manifest(layout: &Path, tag: &str, edit: impl FnOnce(&mut Value)) {
     let bytes = serde_json::to_vec(&m).unwrap();
     let digest = put_blob(layout, &bytes);
     let mut index = read_json(&layout.join("index.json"));
-    let entry = index["manifests"].as_array_mut().unwrap().iter_mut().find(|e| e["annotations"][REF_NAME] == tag).unwrap();
+    let entry = index["manifests"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|e| e["annotations"][REF_NAME] == tag)
+        .unwrap();
     entry["digest"] = digest.into();
     entry["size"] = bytes.len().into();
-    fs::write(layout.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    fs::write(
+        layout.join("index.json"),
+        serde_json::to_vec(&index).unwrap(),
+    )
+    .unwrap();
 }
 
 /// Store `bytes` as layer `i` of `tag` under their own digest and fix the manifest's descriptor
@@ -151,7 +205,9 @@ fn replace_layer_consistently(layout: &Path, tag: &str, i: usize, bytes: &[u8]) 
 
 fn gunzip(bytes: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    flate2::read::MultiGzDecoder::new(bytes).read_to_end(&mut out).unwrap();
+    flate2::read::MultiGzDecoder::new(bytes)
+        .read_to_end(&mut out)
+        .unwrap();
     out
 }
 
@@ -195,16 +251,36 @@ fn set_modes_recursively(path: &Path, dir_mode: u32, file_mode: u32) {
 #[test]
 fn missing_source() {
     let f = Fixture::new();
-    f.assert_build_fails(&["--source", "nope.db"], BAD_SOURCE, &["nope.db", "No such file", "pass the path of a SQLite database"]);
+    f.assert_build_fails(
+        &["--source", "nope.db"],
+        BAD_SOURCE,
+        &[
+            "nope.db",
+            "No such file",
+            "pass the path of a SQLite database",
+        ],
+    );
 }
 
 #[test]
 fn source_that_is_not_sqlite() {
     let f = Fixture::new();
-    fs::write(f.path("notes.db"), "these are notes, not a database\n".repeat(100)).unwrap();
-    f.assert_build_fails(&["--source", "notes.db"], BAD_SOURCE, &["notes.db", "not a SQLite database"]);
+    fs::write(
+        f.path("notes.db"),
+        "these are notes, not a database\n".repeat(100),
+    )
+    .unwrap();
+    f.assert_build_fails(
+        &["--source", "notes.db"],
+        BAD_SOURCE,
+        &["notes.db", "not a SQLite database"],
+    );
     fs::write(f.path("empty.db"), b"").unwrap();
-    f.assert_build_fails(&["--source", "empty.db"], BAD_SOURCE, &["empty.db", "empty"]);
+    f.assert_build_fails(
+        &["--source", "empty.db"],
+        BAD_SOURCE,
+        &["empty.db", "empty"],
+    );
     fs::create_dir(f.path("adir.db")).unwrap();
     // A directory is read as a snapshot directory written by `bakedb snapshot`.
     f.assert_build_fails(&["--source", "adir.db"], BAD_SOURCE, &["adir.db"]);
@@ -219,7 +295,11 @@ fn corrupt_source() {
         c.execute_batch("PRAGMA page_size=4096; CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT); CREATE INDEX iv ON t(v);").unwrap();
         let tx = c.unchecked_transaction().unwrap();
         for i in 0..2000 {
-            tx.execute("INSERT INTO t(v) VALUES (?1)", [format!("value {i} {}", "x".repeat(50))]).unwrap();
+            tx.execute(
+                "INSERT INTO t(v) VALUES (?1)",
+                [format!("value {i} {}", "x".repeat(50))],
+            )
+            .unwrap();
         }
         tx.commit().unwrap();
     }
@@ -229,7 +309,11 @@ fn corrupt_source() {
     bytes[middle..middle + 8192].fill(0xA5);
     fs::write(&path, &bytes).unwrap();
     assert!(bytes.starts_with(b"SQLite format 3\0"));
-    f.assert_build_fails(&["--source", "bad.db"], BAD_SOURCE, &["bad.db", "corrupt", "repair"]);
+    f.assert_build_fails(
+        &["--source", "bad.db"],
+        BAD_SOURCE,
+        &["bad.db", "corrupt", "repair"],
+    );
 }
 
 #[test]
@@ -237,7 +321,11 @@ fn encrypted_source() {
     // SQLCipher encrypts the header too: the file is indistinguishable from random bytes.
     let f = Fixture::new();
     fs::write(f.path("secret.db"), noise(64 << 10, 7)).unwrap();
-    f.assert_build_fails(&["--source", "secret.db"], BAD_SOURCE, &["secret.db", "encrypted", "export a plain copy"]);
+    f.assert_build_fails(
+        &["--source", "secret.db"],
+        BAD_SOURCE,
+        &["secret.db", "encrypted", "export a plain copy"],
+    );
 }
 
 /// A WAL-mode database (no -wal/-shm files: its writer closed it) in a directory the user may
@@ -246,16 +334,36 @@ fn encrypted_source() {
 #[test]
 fn wal_source_in_a_directory_the_user_cannot_write() {
     let setpriv = require!("setpriv");
+    if !crate::util::require_root() {
+        return;
+    }
     let f = Fixture::new();
     set_mode(&f.dir, 0o755);
     let scratch = f.path("scratch");
     fs::create_dir(&scratch).unwrap();
     set_mode(&scratch, 0o777);
     make_db(&f.path("wal.db"), 10);
-    assert!(!f.path("wal.db-shm").exists() && !f.path("wal.db-wal").exists(), "the writer closed wal.db cleanly");
-    let out = run(bakedb_as_nobody(&setpriv, &f.dir, &scratch).args(["build", "--quiet", "--engine", "sqlite", "--source", "wal.db", "--output", "oci:scratch/out:v1"]));
+    assert!(
+        !f.path("wal.db-shm").exists() && !f.path("wal.db-wal").exists(),
+        "the writer closed wal.db cleanly"
+    );
+    let out = run(bakedb_as_nobody(&setpriv, &f.dir, &scratch).args([
+        "build",
+        "--quiet",
+        "--engine",
+        "sqlite",
+        "--source",
+        "wal.db",
+        "--output",
+        "oci:scratch/out:v1",
+    ]));
     if !out.status.success() {
-        assert_failure(&out, BAD_SOURCE, &["wal.db"], "build of a WAL database in a read-only directory");
+        assert_failure(
+            &out,
+            BAD_SOURCE,
+            &["wal.db"],
+            "build of a WAL database in a read-only directory",
+        );
         let err = stderr(&out);
         assert!(
             !err.contains("encrypted") && !err.contains("corrupt"),
@@ -272,9 +380,14 @@ fn output_under_a_regular_file() {
     let f = Fixture::new();
     fs::write(f.path("plain.txt"), "a file, not a directory\n").unwrap();
     let before = tree(&f.dir);
-    for (output, needle) in [("oci:plain.txt/layout:v1", "plain.txt/layout"), ("oci-archive:plain.txt/app.tar:v1", "plain.txt/app.tar")] {
+    for (output, needle) in [
+        ("oci:plain.txt/layout:v1", "plain.txt/layout"),
+        ("oci-archive:plain.txt/app.tar:v1", "plain.txt/app.tar"),
+    ] {
         let what = format!("build --output {output}");
-        let out = run(bakedb(&f.dir).args(["build", "--quiet", "--engine", "sqlite", "--source", "app.db", "--output", output]));
+        let out = run(bakedb(&f.dir).args([
+            "build", "--quiet", "--engine", "sqlite", "--source", "app.db", "--output", output,
+        ]));
         assert_failure(&out, OUTPUT_NOT_WRITABLE, &[needle], &what);
         assert_tree_unchanged(&f.dir, &before, &what);
     }
@@ -285,9 +398,14 @@ fn output_under_proc() {
     let f = Fixture::new();
     let layout = format!("/proc/bakedb-e2e-{}/layout", std::process::id());
     let archive = format!("/proc/bakedb-e2e-{}.tar", std::process::id());
-    for (output, needle) in [(format!("oci:{layout}:v1"), layout.clone()), (format!("oci-archive:{archive}:v1"), format!("/proc/"))] {
+    for (output, needle) in [
+        (format!("oci:{layout}:v1"), layout.clone()),
+        (format!("oci-archive:{archive}:v1"), archive.clone()),
+    ] {
         let what = format!("build --output {output}");
-        let out = run(bakedb(&f.dir).args(["build", "--quiet", "--engine", "sqlite", "--source", "app.db", "--output", &output]));
+        let out = run(bakedb(&f.dir).args([
+            "build", "--quiet", "--engine", "sqlite", "--source", "app.db", "--output", &output,
+        ]));
         assert_failure(&out, OUTPUT_NOT_WRITABLE, &[&needle], &what);
     }
     assert!(!Path::new(&layout).exists() && !Path::new(&archive).exists());
@@ -298,6 +416,9 @@ fn output_under_proc() {
 #[test]
 fn output_not_writable_by_the_user() {
     let setpriv = require!("setpriv");
+    if !crate::util::require_root() {
+        return;
+    }
     let f = Fixture::new();
     // Writable by all: SQLite needs to create app.db-shm to read a WAL database (see
     // wal_source_in_a_directory_the_user_cannot_write).
@@ -316,8 +437,15 @@ fn output_not_writable_by_the_user() {
     ] {
         let before = tree(&f.path(dir));
         let what = format!("build --output {output} as uid 65534");
-        let out = run(bakedb_as_nobody(&setpriv, &f.dir, &scratch).args(["build", "--quiet", "--engine", "sqlite", "--source", "app.db", "--output", output]));
-        assert_failure(&out, OUTPUT_NOT_WRITABLE, &[needle, "Permission denied"], &what);
+        let out = run(bakedb_as_nobody(&setpriv, &f.dir, &scratch).args([
+            "build", "--quiet", "--engine", "sqlite", "--source", "app.db", "--output", output,
+        ]));
+        assert_failure(
+            &out,
+            OUTPUT_NOT_WRITABLE,
+            &[needle, "Permission denied"],
+            &what,
+        );
         assert_tree_unchanged(&f.path(dir), &before, &what);
     }
     // The read-only layout and archive still verify, for the same user.
@@ -335,9 +463,15 @@ fn failed_build_leaves_an_existing_empty_directory_empty() {
     fs::write(f.path("notes.db"), "not a database\n").unwrap();
     let base = f.base_copy("bad");
     fs::remove_file(blob_path(&base, &layer_digest(&base, "v1", 0))).unwrap();
-    for args in [&["--source", "notes.db"][..], &["--source", "app.db", "--base", "oci:bad:v1"]] {
+    for args in [
+        &["--source", "notes.db"][..],
+        &["--source", "app.db", "--base", "oci:bad:v1"],
+    ] {
         let what = format!("bakedb build {} --output oci:empty:v1", args.join(" "));
-        let out = run(bakedb(&f.dir).args(["build", "--quiet", "--engine", "sqlite"]).args(args).args(["--output", "oci:empty:v1"]));
+        let out = run(bakedb(&f.dir)
+            .args(["build", "--quiet", "--engine", "sqlite"])
+            .args(args)
+            .args(["--output", "oci:empty:v1"]));
         assert!(!out.status.success(), "{what} succeeded");
         assert_tree_unchanged(&f.path("empty"), &Default::default(), &what);
     }
@@ -351,7 +485,11 @@ fn base_with_a_missing_blob() {
     let bad = f.base_copy("bad");
     let layer = layer_digest(&bad, "v1", 0);
     fs::remove_file(blob_path(&bad, &layer)).unwrap();
-    f.assert_build_fails(&["--source", "app.db", "--base", "oci:bad:v1"], BAD_BASE, &[&layer, "missing", "oci:bad"]);
+    f.assert_build_fails(
+        &["--source", "app.db", "--base", "oci:bad:v1"],
+        BAD_BASE,
+        &[&layer, "missing", "oci:bad"],
+    );
 }
 
 /// A layer blob whose bytes are another valid gzip stream of the same tar: only the digest
@@ -365,7 +503,11 @@ fn base_blob_content_does_not_match_its_digest() {
     let recompressed = gzip(&gunzip(&original), 9);
     assert_ne!(recompressed, original);
     fs::write(blob_path(&bad, &layer), &recompressed).unwrap();
-    f.assert_build_fails(&["--source", "app.db", "--base", "oci:bad:v1"], BAD_BASE, &[&layer, "oci:bad", "does not match"]);
+    f.assert_build_fails(
+        &["--source", "app.db", "--base", "oci:bad:v1"],
+        BAD_BASE,
+        &[&layer, "oci:bad", "does not match"],
+    );
 }
 
 /// One flipped bit in a stored layer blob: the blob is not the one its digest names. That is
@@ -380,7 +522,11 @@ fn base_blob_with_a_flipped_bit() {
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x10;
     fs::write(blob_path(&bad, &layer), &bytes).unwrap();
-    f.assert_build_fails(&["--source", "app.db", "--base", "oci:bad:v1"], BAD_BASE, &[&layer, "oci:bad", "does not match"]);
+    f.assert_build_fails(
+        &["--source", "app.db", "--base", "oci:bad:v1"],
+        BAD_BASE,
+        &[&layer, "oci:bad", "does not match"],
+    );
 }
 
 /// The stored blob is cut short (an interrupted copy); manifest and index still describe the
@@ -392,7 +538,11 @@ fn base_blob_truncated() {
     let layer = layer_digest(&bad, "v1", 0);
     let bytes = fs::read(blob_path(&bad, &layer)).unwrap();
     fs::write(blob_path(&bad, &layer), &bytes[..bytes.len() / 2]).unwrap();
-    f.assert_build_fails(&["--source", "app.db", "--base", "oci:bad:v1"], BAD_BASE, &[&layer, "oci:bad", "does not match"]);
+    f.assert_build_fails(
+        &["--source", "app.db", "--base", "oci:bad:v1"],
+        BAD_BASE,
+        &[&layer, "oci:bad", "does not match"],
+    );
 }
 
 /// The image itself was made from a truncated gzip stream: blob, manifest and index all agree,
@@ -403,7 +553,11 @@ fn base_layer_with_a_truncated_gzip_stream() {
     let bad = f.base_copy("bad");
     let bytes = fs::read(blob_path(&bad, &layer_digest(&bad, "v1", 0))).unwrap();
     let layer = replace_layer_consistently(&bad, "v1", 0, &bytes[..bytes.len() - 20]);
-    f.assert_build_fails(&["--source", "app.db", "--base", "oci:bad:v1"], BAD_BASE, &[&layer, "oci:bad", "truncated"]);
+    f.assert_build_fails(
+        &["--source", "app.db", "--base", "oci:bad:v1"],
+        BAD_BASE,
+        &[&layer, "oci:bad", "truncated"],
+    );
 }
 
 /// A multi-member gzip layer cut at a member boundary is a valid, shorter gzip stream: only
@@ -415,7 +569,11 @@ fn base_layer_cut_at_a_gzip_member_boundary() {
     let tar = gunzip(&fs::read(blob_path(&bad, &layer_digest(&bad, "v1", 0))).unwrap());
     let first_member = gzip(&tar[..tar.len() / 2], 6);
     let layer = replace_layer_consistently(&bad, "v1", 0, &first_member);
-    f.assert_build_fails(&["--source", "app.db", "--base", "oci:bad:v1"], BAD_BASE, &[&layer, "oci:bad", "diff_id"]);
+    f.assert_build_fails(
+        &["--source", "app.db", "--base", "oci:bad:v1"],
+        BAD_BASE,
+        &[&layer, "oci:bad", "diff_id"],
+    );
 }
 
 #[test]
@@ -423,11 +581,18 @@ fn base_layer_with_an_unknown_media_type() {
     let f = Fixture::new();
     let bad = f.base_copy("bad");
     let layer = layer_digest(&bad, "v1", 0);
-    edit_manifest(&bad, "v1", |m| m["layers"][0]["mediaType"] = "application/vnd.example.layer.v1.tar+lz4".into());
+    edit_manifest(&bad, "v1", |m| {
+        m["layers"][0]["mediaType"] = "application/vnd.example.layer.v1.tar+lz4".into()
+    });
     f.assert_build_fails(
         &["--source", "app.db", "--base", "oci:bad:v1"],
         BAD_BASE,
-        &[&layer, "oci:bad", "unsupported media type", "application/vnd.example.layer.v1.tar+lz4"],
+        &[
+            &layer,
+            "oci:bad",
+            "unsupported media type",
+            "application/vnd.example.layer.v1.tar+lz4",
+        ],
     );
 }
 
@@ -436,16 +601,39 @@ fn several_images_and_no_tag() {
     let f = Fixture::new();
     let two = f.base_copy("two");
     make_db(&f.path("other.db"), 5);
-    run_ok(bakedb(&f.dir).args(["build", "--quiet", "--engine", "sqlite", "--source", "other.db", "--output", "oci:two:v2"]));
+    run_ok(bakedb(&f.dir).args([
+        "build",
+        "--quiet",
+        "--engine",
+        "sqlite",
+        "--source",
+        "other.db",
+        "--output",
+        "oci:two:v2",
+    ]));
     let needles = ["oci:two", "2 images", "no tag", "v1, v2", ":TAG"];
-    f.assert_build_fails(&["--source", "app.db", "--base", "oci:two"], BAD_BASE, &needles);
+    f.assert_build_fails(
+        &["--source", "app.db", "--base", "oci:two"],
+        BAD_BASE,
+        &needles,
+    );
     let before = tree(&two);
     for command in ["verify", "inspect"] {
         let out = run(bakedb(&f.dir).args([command, "--quiet", "oci:two"]));
-        assert_failure(&out, NOT_FOUND, &needles, &format!("bakedb {command} oci:two"));
+        assert_failure(
+            &out,
+            NOT_FOUND,
+            &needles,
+            &format!("bakedb {command} oci:two"),
+        );
     }
     let out = run(bakedb(&f.dir).args(["verify", "--quiet", "oci:two:v3"]));
-    assert_failure(&out, NOT_FOUND, &["oci:two", "\"v3\"", "v1, v2"], "bakedb verify oci:two:v3");
+    assert_failure(
+        &out,
+        NOT_FOUND,
+        &["oci:two", "\"v3\"", "v1, v2"],
+        "bakedb verify oci:two:v3",
+    );
     assert_tree_unchanged(&two, &before, "verify and inspect");
 }
 
@@ -456,9 +644,28 @@ fn existing_tag_with_no_overwrite() {
     let f = Fixture::new();
     make_db(&f.path("app2.db"), 300);
     let before = tree(&f.path("out"));
-    let out = run(bakedb(&f.dir).args(["build", "--quiet", "--engine", "sqlite", "--source", "app2.db", "--output", "oci:out:good", "--no-overwrite"]));
-    assert_failure(&out, EXISTS, &["oci:out", "\"good\"", "--no-overwrite"], "build --no-overwrite onto tag good");
-    assert_tree_unchanged(&f.path("out"), &before, "build --no-overwrite onto tag good");
+    let out = run(bakedb(&f.dir).args([
+        "build",
+        "--quiet",
+        "--engine",
+        "sqlite",
+        "--source",
+        "app2.db",
+        "--output",
+        "oci:out:good",
+        "--no-overwrite",
+    ]));
+    assert_failure(
+        &out,
+        EXISTS,
+        &["oci:out", "\"good\"", "--no-overwrite"],
+        "build --no-overwrite onto tag good",
+    );
+    assert_tree_unchanged(
+        &f.path("out"),
+        &before,
+        "build --no-overwrite onto tag good",
+    );
 }
 
 /// The archive exists (holding tag good): a build of any tag would replace it.
@@ -467,24 +674,84 @@ fn existing_archive_with_no_overwrite() {
     let f = Fixture::new();
     make_db(&f.path("app2.db"), 300);
     let before = tree(&f.path("arch"));
-    let out = run(bakedb(&f.dir).args(["build", "--quiet", "--engine", "sqlite", "--source", "app2.db", "--output", "oci-archive:arch/app.tar:other", "--no-overwrite"]));
-    assert_failure(&out, EXISTS, &["arch/app.tar", "--no-overwrite"], "build --no-overwrite onto an existing archive");
-    assert!(!stderr(&out).contains("tag \"other\""), "the archive holds tag good, not other, yet the message says:\n{}", stderr(&out));
-    assert_tree_unchanged(&f.path("arch"), &before, "build --no-overwrite onto an existing archive");
+    let out = run(bakedb(&f.dir).args([
+        "build",
+        "--quiet",
+        "--engine",
+        "sqlite",
+        "--source",
+        "app2.db",
+        "--output",
+        "oci-archive:arch/app.tar:other",
+        "--no-overwrite",
+    ]));
+    assert_failure(
+        &out,
+        EXISTS,
+        &["arch/app.tar", "--no-overwrite"],
+        "build --no-overwrite onto an existing archive",
+    );
+    assert!(
+        !stderr(&out).contains("tag \"other\""),
+        "the archive holds tag good, not other, yet the message says:\n{}",
+        stderr(&out)
+    );
+    assert_tree_unchanged(
+        &f.path("arch"),
+        &before,
+        "build --no-overwrite onto an existing archive",
+    );
 }
 
 #[test]
 fn existing_tag_is_replaced_and_other_tags_kept() {
     let f = Fixture::new();
-    run_ok(bakedb(&f.dir).args(["build", "--quiet", "--engine", "sqlite", "--source", "tiny.db", "--output", "oci:out:keep"]));
+    run_ok(bakedb(&f.dir).args([
+        "build",
+        "--quiet",
+        "--engine",
+        "sqlite",
+        "--source",
+        "tiny.db",
+        "--output",
+        "oci:out:keep",
+    ]));
     let index_before = read_json(&f.path("out/index.json"));
-    let entry = |index: &Value, tag: &str| index["manifests"].as_array().unwrap().iter().find(|e| e["annotations"][REF_NAME] == tag).cloned();
+    let entry = |index: &Value, tag: &str| {
+        index["manifests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["annotations"][REF_NAME] == tag)
+            .cloned()
+    };
     make_db(&f.path("app2.db"), 300);
-    run_ok(bakedb(&f.dir).args(["build", "--quiet", "--engine", "sqlite", "--source", "app2.db", "--output", "oci:out:good"]));
+    run_ok(bakedb(&f.dir).args([
+        "build",
+        "--quiet",
+        "--engine",
+        "sqlite",
+        "--source",
+        "app2.db",
+        "--output",
+        "oci:out:good",
+    ]));
     let index_after = read_json(&f.path("out/index.json"));
-    assert_eq!(index_after["manifests"].as_array().unwrap().len(), 2, "{index_after}");
-    assert_ne!(entry(&index_after, "good").unwrap()["digest"], entry(&index_before, "good").unwrap()["digest"], "tag good was not replaced");
-    assert_eq!(entry(&index_after, "keep"), entry(&index_before, "keep"), "tag keep changed");
+    assert_eq!(
+        index_after["manifests"].as_array().unwrap().len(),
+        2,
+        "{index_after}"
+    );
+    assert_ne!(
+        entry(&index_after, "good").unwrap()["digest"],
+        entry(&index_before, "good").unwrap()["digest"],
+        "tag good was not replaced"
+    );
+    assert_eq!(
+        entry(&index_after, "keep"),
+        entry(&index_before, "keep"),
+        "tag keep changed"
+    );
     for reference in ["oci:out:good", "oci:out:keep"] {
         run_ok(bakedb(&f.dir).args(["verify", "--quiet", reference]));
     }
@@ -503,18 +770,46 @@ fn bad_reference_syntax() {
         ("docker-archive:app.tar:Upper:1", "NAME:TAG"),
     ] {
         let before = tree(&f.dir);
-        let out = run(bakedb(&f.dir).args(["build", "--quiet", "--engine", "sqlite", "--source", "app.db", "--output", output]));
-        assert_failure(&out, USAGE, &[&format!("{output:?}"), needle, "output"], &format!("build --output {output}"));
+        let out = run(bakedb(&f.dir).args([
+            "build", "--quiet", "--engine", "sqlite", "--source", "app.db", "--output", output,
+        ]));
+        assert_failure(
+            &out,
+            USAGE,
+            &[&format!("{output:?}"), needle, "output"],
+            &format!("build --output {output}"),
+        );
         assert_tree_unchanged(&f.dir, &before, &format!("build --output {output}"));
     }
     let before = tree(&f.dir);
     for base in ["nonsense", "oci:base:bad/tag"] {
-        let out = run(bakedb(&f.dir).args(["build", "--quiet", "--engine", "sqlite", "--source", "app.db", "--base", base, "--output", "oci:fresh:v1"]));
-        assert_failure(&out, USAGE, &[&format!("{base:?}"), "--base"], &format!("build --base {base}"));
+        let out = run(bakedb(&f.dir).args([
+            "build",
+            "--quiet",
+            "--engine",
+            "sqlite",
+            "--source",
+            "app.db",
+            "--base",
+            base,
+            "--output",
+            "oci:fresh:v1",
+        ]));
+        assert_failure(
+            &out,
+            USAGE,
+            &[&format!("{base:?}"), "--base"],
+            &format!("build --base {base}"),
+        );
     }
     for command in ["verify", "inspect"] {
         let out = run(bakedb(&f.dir).args([command, "--quiet", "nonsense"]));
-        assert_failure(&out, USAGE, &["\"nonsense\"", "oci:DIR:TAG"], &format!("bakedb {command} nonsense"));
+        assert_failure(
+            &out,
+            USAGE,
+            &["\"nonsense\"", "oci:DIR:TAG"],
+            &format!("bakedb {command} nonsense"),
+        );
     }
     assert_tree_unchanged(&f.dir, &before, "bad references");
 }
@@ -526,9 +821,15 @@ fn verify_finds_a_tampered_layer() {
     let f = Fixture::new();
     run_ok(bakedb(&f.dir).args(["verify", "--quiet", "oci:out:good"]));
     let layout = f.path("out");
-    let layers = manifest(&layout, "good")["layers"].as_array().unwrap().clone();
+    let layers = manifest(&layout, "good")["layers"]
+        .as_array()
+        .unwrap()
+        .clone();
     // The data layer (the largest): flip one byte in its middle.
-    let data = layers.iter().max_by_key(|l| l["size"].as_u64()).unwrap()["digest"].as_str().unwrap().to_owned();
+    let data = layers.iter().max_by_key(|l| l["size"].as_u64()).unwrap()["digest"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let path = blob_path(&layout, &data);
     let mut bytes = fs::read(&path).unwrap();
     let middle = bytes.len() / 2;
@@ -536,7 +837,12 @@ fn verify_finds_a_tampered_layer() {
     fs::write(&path, &bytes).unwrap();
     let before = tree(&layout);
     let out = run(bakedb(&f.dir).args(["verify", "--quiet", "oci:out:good"]));
-    assert_failure(&out, VERIFY_FAILED, &[&data, "oci:out"], "verify of a tampered layer");
+    assert_failure(
+        &out,
+        VERIFY_FAILED,
+        &[&data, "oci:out"],
+        "verify of a tampered layer",
+    );
     assert_tree_unchanged(&layout, &before, "verify");
 }
 
@@ -555,7 +861,18 @@ fn damaged_base_in_the_output_layout() {
     fs::write(&path, &bytes).unwrap();
     let before = tree(&layout);
     let what = "build --base oci:out:good --output oci:out:v2 with a damaged layer blob";
-    let out = run(bakedb(&f.dir).args(["build", "--quiet", "--engine", "sqlite", "--source", "tiny.db", "--base", "oci:out:good", "--output", "oci:out:v2"]));
+    let out = run(bakedb(&f.dir).args([
+        "build",
+        "--quiet",
+        "--engine",
+        "sqlite",
+        "--source",
+        "tiny.db",
+        "--base",
+        "oci:out:good",
+        "--output",
+        "oci:out:v2",
+    ]));
     if out.status.success() {
         let verify = run(bakedb(&f.dir).args(["verify", "--quiet", "oci:out:v2"]));
         panic!(

@@ -8,13 +8,19 @@ use std::path::Path;
 use crate::util::{bakedb, run_ok, test_dir};
 
 fn expect(name: &str, actual: &str) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/e2e/golden").join(name);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/e2e/golden")
+        .join(name);
     if std::env::var_os("UPDATE_EXPECT").is_some() {
         std::fs::write(&path, actual).unwrap();
         return;
     }
-    let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}; run with UPDATE_EXPECT=1", path.display()));
-    assert!(expected == actual, "{name} changed; if intended, refresh with UPDATE_EXPECT=1\n--- expected\n{expected}\n--- actual\n{actual}");
+    let expected = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}; run with UPDATE_EXPECT=1", path.display()));
+    assert!(
+        expected == actual,
+        "{name} changed; if intended, refresh with UPDATE_EXPECT=1\n--- expected\n{expected}\n--- actual\n{actual}"
+    );
 }
 
 fn pretty(bytes: &[u8]) -> String {
@@ -58,18 +64,46 @@ fn build_output_matches_golden_files() {
         )
         .unwrap();
     }
-    run_ok(bakedb(dir.path()).args(["build", "--engine", "sqlite", "--source", "golden.db", "--output", "oci:out:golden", "--label", "team=data"]));
+    run_ok(bakedb(dir.path()).args([
+        "build",
+        "--engine",
+        "sqlite",
+        "--source",
+        "golden.db",
+        "--output",
+        "oci:out:golden",
+        "--label",
+        "team=data",
+    ]));
     let out = dir.path().join("out");
-    let blob = |d: &str| std::fs::read(out.join("blobs/sha256").join(d.trim_start_matches("sha256:"))).unwrap();
+    let blob = |d: &str| {
+        std::fs::read(
+            out.join("blobs/sha256")
+                .join(d.trim_start_matches("sha256:")),
+        )
+        .unwrap()
+    };
     let index = std::fs::read(out.join("index.json")).unwrap();
     expect("index.json", &pretty(&index));
-    expect("oci-layout", &String::from_utf8(std::fs::read(out.join("oci-layout")).unwrap()).unwrap());
+    expect(
+        "oci-layout",
+        &String::from_utf8(std::fs::read(out.join("oci-layout")).unwrap()).unwrap(),
+    );
     let index: serde_json::Value = serde_json::from_slice(&index).unwrap();
     let manifest = blob(index["manifests"][0]["digest"].as_str().unwrap());
     expect("manifest.json", &pretty(&manifest));
     let manifest: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
-    expect("config.json", &pretty(&blob(manifest["config"]["digest"].as_str().unwrap())));
+    expect(
+        "config.json",
+        &pretty(&blob(manifest["config"]["digest"].as_str().unwrap())),
+    );
     let layers = manifest["layers"].as_array().unwrap();
-    expect("data-layer.txt", &tar_listing(&blob(layers[0]["digest"].as_str().unwrap())));
-    expect("meta-layer.txt", &tar_listing(&blob(layers[1]["digest"].as_str().unwrap())));
+    expect(
+        "data-layer.txt",
+        &tar_listing(&blob(layers[0]["digest"].as_str().unwrap())),
+    );
+    expect(
+        "meta-layer.txt",
+        &tar_listing(&blob(layers[1]["digest"].as_str().unwrap())),
+    );
 }

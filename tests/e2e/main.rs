@@ -3,7 +3,9 @@
 //! skips a test locally and fails it under CI (CI=true).
 
 mod consumers;
-mod util;
+mod crash;
 mod errors;
 mod golden;
+mod reproducible;
 mod snapshot;
+mod util;

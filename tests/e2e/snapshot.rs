@@ -16,8 +16,15 @@ fn count_rows_in_image(dir: &std::path::Path, reference: &str) -> (i64, String) 
     // Extract the data file from the data layer (the second-to-last layer).
     let layers = v["layers"].as_array().unwrap();
     let data_layer = &layers[layers.len() - 2];
-    let digest = data_layer["digest"].as_str().unwrap().trim_start_matches("sha256:");
-    let layout = reference.trim_start_matches("oci:").rsplit_once(':').unwrap().0;
+    let digest = data_layer["digest"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:");
+    let layout = reference
+        .trim_start_matches("oci:")
+        .rsplit_once(':')
+        .unwrap()
+        .0;
     let blob = std::fs::File::open(dir.join(layout).join("blobs/sha256").join(digest)).unwrap();
     let mut archive = tar::Archive::new(flate2::read::MultiGzDecoder::new(blob));
     let extracted = dir.join("extracted.db");
@@ -27,9 +34,17 @@ fn count_rows_in_image(dir: &std::path::Path, reference: &str) -> (i64, String) 
             entry.unpack(&extracted).unwrap();
         }
     }
-    let c = rusqlite::Connection::open_with_flags(&extracted, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
-    let n: i64 = c.query_row("SELECT count(*) FROM t", [], |r| r.get(0)).unwrap();
-    let check: String = c.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
+    let c = rusqlite::Connection::open_with_flags(
+        &extracted,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let n: i64 = c
+        .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+        .unwrap();
+    let check: String = c
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
     (n, check)
 }
 
@@ -49,7 +64,11 @@ fn live_wal_source_is_captured_at_one_committed_point() {
             while !stop.load(Ordering::Relaxed) {
                 let tx = c.unchecked_transaction().unwrap();
                 for i in 0..BATCH {
-                    tx.execute("INSERT INTO t(v) VALUES (?1)", [format!("live {i} {}", "x".repeat(200))]).unwrap();
+                    tx.execute(
+                        "INSERT INTO t(v) VALUES (?1)",
+                        [format!("live {i} {}", "x".repeat(200))],
+                    )
+                    .unwrap();
                 }
                 tx.commit().unwrap();
                 committed.fetch_add(1, Ordering::Relaxed);
@@ -63,16 +82,28 @@ fn live_wal_source_is_captured_at_one_committed_point() {
             std::thread::yield_now();
         }
         let reference = format!("oci:out:v{i}");
-        run_ok(bakedb(dir.path()).args(["build", "--engine", "sqlite", "--source", "live.db", "--output", &reference]));
+        run_ok(bakedb(dir.path()).args([
+            "build", "--engine", "sqlite", "--source", "live.db", "--output", &reference,
+        ]));
         let (n, check) = count_rows_in_image(dir.path(), &reference);
         assert_eq!(check, "ok", "baked copy {i} fails integrity_check");
-        assert_eq!(n % BATCH, 0, "baked copy {i} has {n} rows: not a committed state (batches of {BATCH})");
+        assert_eq!(
+            n % BATCH,
+            0,
+            "baked copy {i} has {n} rows: not a committed state (batches of {BATCH})"
+        );
         counts.push(n);
     }
     stop.store(true, Ordering::Relaxed);
     writer.join().unwrap();
-    assert!(counts.windows(2).all(|w| w[0] <= w[1]), "row counts go backwards: {counts:?}");
-    assert!(counts.last() > counts.first(), "the writer made no progress between builds: {counts:?}");
+    assert!(
+        counts.windows(2).all(|w| w[0] <= w[1]),
+        "row counts go backwards: {counts:?}"
+    );
+    assert!(
+        counts.last() > counts.first(),
+        "the writer made no progress between builds: {counts:?}"
+    );
 }
 
 #[test]
@@ -82,7 +113,15 @@ fn concurrent_builds_into_one_layout_keep_every_tag() {
     let children: Vec<_> = (0..4)
         .map(|i| {
             bakedb(dir.path())
-                .args(["build", "--engine", "sqlite", "--source", "app.db", "--output", &format!("oci:out:t{i}")])
+                .args([
+                    "build",
+                    "--engine",
+                    "sqlite",
+                    "--source",
+                    "app.db",
+                    "--output",
+                    &format!("oci:out:t{i}"),
+                ])
                 .args(["--label", &format!("n={i}")])
                 .stderr(std::process::Stdio::piped())
                 .spawn()
@@ -91,12 +130,17 @@ fn concurrent_builds_into_one_layout_keep_every_tag() {
         .collect();
     for child in children {
         let out = child.wait_with_output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     for i in 0..4 {
         run_ok(bakedb(dir.path()).args(["verify", &format!("oci:out:t{i}")]));
     }
-    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("out/index.json")).unwrap()).unwrap();
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("out/index.json")).unwrap()).unwrap();
     assert_eq!(index["manifests"].as_array().unwrap().len(), 4, "{index}");
     let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("out/blobs/sha256"))
         .unwrap()

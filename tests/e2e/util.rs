@@ -13,7 +13,9 @@ pub fn bakedb_bin() -> PathBuf {
 /// `bakedb` with a fixed SOURCE_DATE_EPOCH so digests are comparable, CI-style output.
 pub fn bakedb(dir: &Path) -> Command {
     let mut cmd = Command::new(bakedb_bin());
-    cmd.current_dir(dir).env("SOURCE_DATE_EPOCH", "1700000000").env("CI", "true");
+    cmd.current_dir(dir)
+        .env("SOURCE_DATE_EPOCH", "1700000000")
+        .env("CI", "true");
     cmd
 }
 
@@ -29,7 +31,10 @@ pub fn tool(name: &str) -> Option<PathBuf> {
         .map(|d| d.join(name))
         .find(|p| p.is_file());
     if found.is_none() {
-        assert!(!under_ci(), "{name} is not installed, and CI=true: .ci/run must install it");
+        assert!(
+            !under_ci(),
+            "{name} is not installed, and CI=true: .ci/run must install it"
+        );
         eprintln!("skipping: {name} is not installed");
     }
     found
@@ -47,7 +52,8 @@ macro_rules! require {
 }
 
 pub fn run(cmd: &mut Command) -> Output {
-    cmd.output().unwrap_or_else(|e| panic!("could not run {cmd:?}: {e}"))
+    cmd.output()
+        .unwrap_or_else(|e| panic!("could not run {cmd:?}: {e}"))
 }
 
 /// Run and require success; the panic message carries both output streams.
@@ -74,7 +80,10 @@ pub fn stderr(out: &Output) -> String {
 /// A SQLite database with `rows` rows in table `t(id, v)`, in WAL mode like a live app's.
 pub fn make_db(path: &Path, rows: i64) {
     let c = rusqlite::Connection::open(path).unwrap();
-    c.execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT NOT NULL);").unwrap();
+    c.execute_batch(
+        "PRAGMA journal_mode=WAL; CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT NOT NULL);",
+    )
+    .unwrap();
     let tx = c.unchecked_transaction().unwrap();
     {
         let mut stmt = tx.prepare("INSERT INTO t(v) VALUES (?1)").unwrap();
@@ -103,7 +112,10 @@ pub fn tree(dir: &Path) -> BTreeMap<PathBuf, (u32, Vec<u8>)> {
                 stack.push(path.clone());
                 Vec::new()
             } else if meta.file_type().is_symlink() {
-                std::fs::read_link(&path).unwrap().into_os_string().into_encoded_bytes()
+                std::fs::read_link(&path)
+                    .unwrap()
+                    .into_os_string()
+                    .into_encoded_bytes()
             } else {
                 std::fs::read(&path).unwrap()
             };
@@ -115,23 +127,33 @@ pub fn tree(dir: &Path) -> BTreeMap<PathBuf, (u32, Vec<u8>)> {
 
 /// A fresh directory per test, removed at the end.
 pub fn test_dir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("bakedb-e2e.").tempdir().unwrap()
+    tempfile::Builder::new()
+        .prefix("bakedb-e2e.")
+        .tempdir()
+        .unwrap()
 }
 
 /// The manifest digest `bakedb build --json` reports.
 pub fn build_json(out: &Output) -> serde_json::Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("build --json printed no JSON ({e}): {}", stdout(out)))
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("build --json printed no JSON ({e}): {}", stdout(out)))
 }
 
 /// The workspace root (crates/cli/../..), where xtask/ and target/ live.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
 }
 
 /// Lower-case hex sha256 of some bytes, as image.json records it.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest as _;
-    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// A name nothing else on this machine uses: lower-case, so docker, podman and registries
@@ -139,7 +161,11 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 pub fn unique_name(prefix: &str) -> String {
     use std::sync::atomic::{AtomicUsize, Ordering};
     static NEXT: AtomicUsize = AtomicUsize::new(0);
-    format!("{prefix}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// The busybox base image fixture (an OCI layout, tag `latest`) at target/fixtures/busybox,
@@ -153,9 +179,9 @@ pub fn busybox_base() -> PathBuf {
             let fixtures = root.join("target/fixtures");
             std::fs::create_dir_all(&fixtures).unwrap();
             let out = fixtures.join("busybox");
-            // OnceLock orders the threads of this process; the file lock orders processes
-            // (another test binary, `cargo xtask fixtures`). The script builds beside OUTDIR
-            // and renames at the end, and is a no-op once the layout has its tag.
+            // OnceLock orders the threads of this process; the file lock orders test
+            // processes running at once. The script builds beside OUTDIR and renames at the
+            // end, and is a no-op once the layout has its tag.
             let lock = std::fs::File::create(fixtures.join("busybox.lock")).unwrap();
             lock.lock().unwrap();
             run_ok(
@@ -176,16 +202,26 @@ pub fn busybox_base() -> PathBuf {
 /// be a newer client than the daemon speaks) when a daemon answers it. No daemon skips locally
 /// and fails under CI, like a missing tool: .ci/run starts one.
 pub fn docker() -> Option<PathBuf> {
-    let docker = std::env::var_os("BAKEDB_TEST_DOCKER").map_or_else(|| PathBuf::from("/usr/bin/docker"), PathBuf::from);
+    let docker = std::env::var_os("BAKEDB_TEST_DOCKER")
+        .map_or_else(|| PathBuf::from("/usr/bin/docker"), PathBuf::from);
     if !docker.is_file() {
-        assert!(!under_ci(), "{} is not installed, and CI=true: .ci/run must install docker.io", docker.display());
+        assert!(
+            !under_ci(),
+            "{} is not installed, and CI=true: .ci/run must install docker.io",
+            docker.display()
+        );
         eprintln!("skipping: {} is not installed", docker.display());
         return None;
     }
     // `docker version` fails when no daemon answers; `docker info` exits 0 on some versions.
     let out = run(Command::new(&docker).args(["version", "--format", "{{.Server.Version}}"]));
     if !out.status.success() {
-        assert!(!under_ci(), "no Docker daemon answers {}, and CI=true: .ci/run must start dockerd\n{}", docker.display(), stderr(&out));
+        assert!(
+            !under_ci(),
+            "no Docker daemon answers {}, and CI=true: .ci/run must start dockerd\n{}",
+            docker.display(),
+            stderr(&out)
+        );
         eprintln!("skipping: no Docker daemon answers {}", docker.display());
         return None;
     }
@@ -198,7 +234,10 @@ pub fn registry() -> Option<String> {
     match std::env::var("BAKEDB_TEST_REGISTRY") {
         Ok(r) if !r.is_empty() => Some(r),
         _ => {
-            assert!(!under_ci(), "BAKEDB_TEST_REGISTRY is not set, and CI=true: .ci/run must start a registry");
+            assert!(
+                !under_ci(),
+                "BAKEDB_TEST_REGISTRY is not set, and CI=true: .ci/run must start a registry"
+            );
             eprintln!("skipping: BAKEDB_TEST_REGISTRY is not set");
             None
         }
@@ -211,7 +250,10 @@ pub fn require_root() -> bool {
     use std::os::unix::fs::MetadataExt;
     let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
     if !root {
-        assert!(!under_ci(), "this test needs root, and CI=true: .ci/run runs as root");
+        assert!(
+            !under_ci(),
+            "this test needs root, and CI=true: .ci/run runs as root"
+        );
         eprintln!("skipping: not running as root");
     }
     root
@@ -222,7 +264,8 @@ pub fn require_root() -> bool {
 /// yet still compress, as real data does.
 pub fn make_big_db(path: &Path, mib: usize) {
     let c = rusqlite::Connection::open(path).unwrap();
-    c.execute_batch("CREATE TABLE b(id INTEGER PRIMARY KEY, data BLOB NOT NULL);").unwrap();
+    c.execute_batch("CREATE TABLE b(id INTEGER PRIMARY KEY, data BLOB NOT NULL);")
+        .unwrap();
     let tx = c.unchecked_transaction().unwrap();
     {
         let mut stmt = tx.prepare("INSERT INTO b(data) VALUES (?1)").unwrap();
@@ -244,24 +287,42 @@ pub fn make_big_db(path: &Path, mib: usize) {
 
 /// What differs between two `tree` snapshots ("added x", "removed y", "changed z"), so a
 /// failed comparison names paths instead of printing every byte.
-pub fn tree_diff(before: &BTreeMap<PathBuf, (u32, Vec<u8>)>, after: &BTreeMap<PathBuf, (u32, Vec<u8>)>) -> Vec<String> {
+pub fn tree_diff(
+    before: &BTreeMap<PathBuf, (u32, Vec<u8>)>,
+    after: &BTreeMap<PathBuf, (u32, Vec<u8>)>,
+) -> Vec<String> {
     let mut out = Vec::new();
     for (path, old) in before {
         match after.get(path) {
             None => out.push(format!("removed {}", path.display())),
-            Some(new) if new.0 != old.0 => out.push(format!("changed mode of {}: {:o} -> {:o}", path.display(), old.0, new.0)),
+            Some(new) if new.0 != old.0 => out.push(format!(
+                "changed mode of {}: {:o} -> {:o}",
+                path.display(),
+                old.0,
+                new.0
+            )),
             Some(new) if new.1 != old.1 => out.push(format!("changed {}", path.display())),
             Some(_) => {}
         }
     }
-    out.extend(after.keys().filter(|p| !before.contains_key(*p)).map(|p| format!("added {}", p.display())));
+    out.extend(
+        after
+            .keys()
+            .filter(|p| !before.contains_key(*p))
+            .map(|p| format!("added {}", p.display())),
+    );
     out
 }
 
 /// Assert that `dir` still holds exactly `before` (a `tree` snapshot).
 pub fn assert_tree_unchanged(dir: &Path, before: &BTreeMap<PathBuf, (u32, Vec<u8>)>, what: &str) {
     let diff = tree_diff(before, &tree(dir));
-    assert!(diff.is_empty(), "{what}: {} changed:\n  {}", dir.display(), diff.join("\n  "));
+    assert!(
+        diff.is_empty(),
+        "{what}: {} changed:\n  {}",
+        dir.display(),
+        diff.join("\n  ")
+    );
 }
 
 /// Copy a directory tree of regular files (an OCI layout) to a new place.

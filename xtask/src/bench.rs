@@ -41,7 +41,11 @@ pub struct BuildOptions {
 
 impl BuildOptions {
     pub fn parse(flags: &[&str]) -> Result<Self> {
-        let mut options = BuildOptions { size_mib: 1024, runs: 5, require_all: false };
+        let mut options = BuildOptions {
+            size_mib: 1024,
+            runs: 5,
+            require_all: false,
+        };
         let mut flags = flags.iter().copied();
         while let Some(flag) = flags.next() {
             let (name, inline) = match flag.split_once('=') {
@@ -49,14 +53,21 @@ impl BuildOptions {
                 None => (flag, None),
             };
             let mut value = |what: &str| -> Result<u64> {
-                let text = inline.or_else(|| flags.next()).ok_or_else(|| anyhow!("{name} needs a value ({what})"))?;
-                text.parse::<u64>().ok().filter(|n| *n > 0).ok_or_else(|| anyhow!("{name} {text:?}: expected a positive integer"))
+                let text = inline
+                    .or_else(|| flags.next())
+                    .ok_or_else(|| anyhow!("{name} needs a value ({what})"))?;
+                text.parse::<u64>()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| anyhow!("{name} {text:?}: expected a positive integer"))
             };
             match name {
                 "--size-mib" => options.size_mib = value("database size in MiB")?,
                 "--runs" => options.runs = value("timed runs per case")? as usize,
                 "--require-all" if inline.is_none() => options.require_all = true,
-                _ => bail!("bench build: unknown flag {flag:?} (expected --size-mib N, --runs N, --require-all)"),
+                _ => bail!(
+                    "bench build: unknown flag {flag:?} (expected --size-mib N, --runs N, --require-all)"
+                ),
             }
         }
         Ok(options)
@@ -71,21 +82,31 @@ pub fn build(options: &BuildOptions) -> Result<()> {
     if scratch.exists() {
         fs::remove_dir_all(&scratch).with_context(|| format!("removing {}", scratch.display()))?;
     }
-    fs::create_dir_all(scratch.join("tmp")).with_context(|| format!("creating {}", scratch.display()))?;
+    fs::create_dir_all(scratch.join("tmp"))
+        .with_context(|| format!("creating {}", scratch.display()))?;
 
     eprintln!("xtask: building bakedb (release)");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo).current_dir(&root).args(["build", "--release", "-p", "bakedb-cli"]).status().context("running cargo")?;
+    let status = Command::new(cargo)
+        .current_dir(&root)
+        .args(["build", "--release", "-p", "bakedb-cli"])
+        .status()
+        .context("running cargo")?;
     if !status.success() {
         bail!("cargo build --release -p bakedb-cli failed ({status})");
     }
     let bakedb = target_dir(&root).join("release/bakedb");
 
     let db = bench_database(&bench_dir, options.size_mib)?;
-    let db_bytes = fs::metadata(&db).with_context(|| format!("reading {}", db.display()))?.len();
+    let db_bytes = fs::metadata(&db)
+        .with_context(|| format!("reading {}", db.display()))?
+        .len();
 
     let tools = Tools::find(options.require_all)?;
-    let timer = Timer { gnu_time: tools.gnu_time.clone(), report: scratch.join("time.out") };
+    let timer = Timer {
+        gnu_time: tools.gnu_time.clone(),
+        report: scratch.join("time.out"),
+    };
 
     // The writer path's input: a snapshot taken once, outside the timed runs.
     let snapshot_dir = scratch.join("snapshot");
@@ -109,15 +130,34 @@ pub fn build(options: &BuildOptions) -> Result<()> {
             warm(&snapshot_db)?;
             sync();
             wait_until_quiet();
-            let sample = (case.run)(&timer).with_context(|| format!("timing {}", case.label()))?;
-            eprintln!("xtask:   {:.2} s", sample.secs);
-            case.samples.push(sample);
+            match (case.run)(&timer) {
+                Ok(sample) => {
+                    eprintln!("xtask:   {:.2} s", sample.secs);
+                    case.samples.push(sample);
+                }
+                // A peer that breaks half way (dockerd stopped) is reported, not fatal.
+                Err(err)
+                    if matches!(case.role, Role::Ceiling | Role::Peer) && !options.require_all =>
+                {
+                    let first_line = format!("{err:#}").lines().next().unwrap_or("").to_owned();
+                    eprintln!("xtask:   failed: {err:#}");
+                    case.unavailable = Some(format!("failed in run {run}: {first_line}"));
+                    case.samples.clear();
+                }
+                Err(err) => return Err(err.context(format!("timing {}", case.label()))),
+            }
             let _ = fs::remove_dir_all(scratch.join("out"));
             sync();
         }
     }
 
-    let report = Report { options, db_bytes, tools: &tools, cases: &cases, output_sizes };
+    let report = Report {
+        options,
+        db_bytes,
+        tools: &tools,
+        cases: &cases,
+        output_sizes,
+    };
     let markdown = report.markdown();
     println!("{markdown}");
     let doc = root.join("docs/benchmarks.md");
@@ -156,20 +196,38 @@ impl Rng {
     }
 
     fn bytes(&mut self, out: &mut Vec<u8>, n: usize) {
-        out.extend((0..n.div_ceil(8)).flat_map(|_| self.next().to_le_bytes()).take(n));
+        out.extend(
+            (0..n.div_ceil(8))
+                .flat_map(|_| self.next().to_le_bytes())
+                .take(n),
+        );
     }
 }
 
 const SYLLABLES: [&str; 32] = [
-    "ka", "lo", "mi", "ne", "ro", "sa", "ti", "vu", "da", "pe", "qui", "ban", "cor", "del", "fen", "gar", "hol", "jin", "ker",
-    "lum", "mar", "nor", "pol", "ras", "sel", "tor", "ul", "ven", "wis", "xa", "yor", "zen",
+    "ka", "lo", "mi", "ne", "ro", "sa", "ti", "vu", "da", "pe", "qui", "ban", "cor", "del", "fen",
+    "gar", "hol", "jin", "ker", "lum", "mar", "nor", "pol", "ras", "sel", "tor", "ul", "ven",
+    "wis", "xa", "yor", "zen",
 ];
-const KINDS: [&str; 8] = ["page_view", "click", "signup", "purchase", "search", "logout", "share", "error"];
+const KINDS: [&str; 8] = [
+    "page_view",
+    "click",
+    "signup",
+    "purchase",
+    "search",
+    "logout",
+    "share",
+    "error",
+];
 
 /// A vocabulary of pseudo-words: text that compresses like prose, neither zeros nor noise.
 fn vocabulary(rng: &mut Rng) -> Vec<String> {
     (0..2048)
-        .map(|_| (0..1 + rng.skewed(4) as usize).map(|_| SYLLABLES[rng.below(32) as usize]).collect())
+        .map(|_| {
+            (0..1 + rng.skewed(4) as usize)
+                .map(|_| SYLLABLES[rng.below(32) as usize])
+                .collect()
+        })
         .collect()
 }
 
@@ -192,7 +250,8 @@ fn sentence(rng: &mut Rng, words: &[String], n: u64, out: &mut String) {
 fn bench_database(bench_dir: &Path, size_mib: u64) -> Result<PathBuf> {
     let path = bench_dir.join(format!("app-{size_mib}mib.db"));
     let stamp_path = bench_dir.join(format!("app-{size_mib}mib.db.stamp"));
-    let stamp = |bytes: u64| format!("generator {GENERATOR_VERSION} seed {SEED:#x} bytes {bytes}\n");
+    let stamp =
+        |bytes: u64| format!("generator {GENERATOR_VERSION} seed {SEED:#x} bytes {bytes}\n");
     if let (Ok(meta), Ok(found)) = (fs::metadata(&path), fs::read_to_string(&stamp_path))
         && meta.len() >= size_mib << 20
         && found == stamp(meta.len())
@@ -203,16 +262,24 @@ fn bench_database(bench_dir: &Path, size_mib: u64) -> Result<PathBuf> {
     let _ = fs::remove_file(&stamp_path);
     let partial = bench_dir.join(format!("app-{size_mib}mib.db.partial"));
     let _ = fs::remove_file(&partial);
-    eprintln!("xtask: generating {} ({size_mib} MiB, seed {SEED:#x})", path.display());
+    eprintln!(
+        "xtask: generating {} ({size_mib} MiB, seed {SEED:#x})",
+        path.display()
+    );
     let started = Instant::now();
-    generate(&partial, size_mib << 20).with_context(|| format!("generating {}", partial.display()))?;
+    generate(&partial, size_mib << 20)
+        .with_context(|| format!("generating {}", partial.display()))?;
     for suffix in ["-wal", "-shm"] {
         let _ = fs::remove_file(path.with_file_name(format!("app-{size_mib}mib.db{suffix}")));
     }
     fs::rename(&partial, &path).with_context(|| format!("renaming to {}", path.display()))?;
     let bytes = fs::metadata(&path)?.len();
-    fs::write(&stamp_path, stamp(bytes)).with_context(|| format!("writing {}", stamp_path.display()))?;
-    eprintln!("xtask: generated {bytes} bytes in {:.0} s", started.elapsed().as_secs_f64());
+    fs::write(&stamp_path, stamp(bytes))
+        .with_context(|| format!("writing {}", stamp_path.display()))?;
+    eprintln!(
+        "xtask: generated {bytes} bytes in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
     Ok(path)
 }
 
@@ -262,13 +329,28 @@ fn generate(path: &Path, target_bytes: u64) -> Result<()> {
                     words[rng.skewed(64) as usize],
                     rng.below(10) != 0,
                 );
-                let thumbnail = if rng.below(4) == 0 { 64 + rng.below(448) as usize } else { 0 }; // already compressed
+                let thumbnail = if rng.below(4) == 0 {
+                    64 + rng.below(448) as usize
+                } else {
+                    0
+                }; // already compressed
                 rng.bytes(&mut payload, thumbnail);
-                insert.execute(params![user_id as i64, KINDS[rng.skewed(8) as usize], created_at as i64, title, body, payload])?;
+                insert.execute(params![
+                    user_id as i64,
+                    KINDS[rng.skewed(8) as usize],
+                    created_at as i64,
+                    title,
+                    body,
+                    payload
+                ])?;
             }
         }
         tx.commit()?;
-        let bytes: i64 = conn.query_row("SELECT page_count * page_size FROM pragma_page_count, pragma_page_size", [], |r| r.get(0))?;
+        let bytes: i64 = conn.query_row(
+            "SELECT page_count * page_size FROM pragma_page_count, pragma_page_size",
+            [],
+            |r| r.get(0),
+        )?;
         if bytes as u64 >= target_bytes {
             break;
         }
@@ -306,31 +388,70 @@ struct Tools {
 impl Tools {
     fn find(require_all: bool) -> Result<Self> {
         let version = |program: &Path, args: &[&str]| -> Result<String, String> {
-            let out = Command::new(program).args(args).output().map_err(|e| format!("not available ({e})"))?;
-            let text = String::from_utf8_lossy(if out.stdout.is_empty() { &out.stderr } else { &out.stdout }).into_owned();
+            let out = Command::new(program)
+                .args(args)
+                .output()
+                .map_err(|e| format!("not available ({e})"))?;
+            let text = String::from_utf8_lossy(if out.stdout.is_empty() {
+                &out.stderr
+            } else {
+                &out.stdout
+            })
+            .into_owned();
             if !out.status.success() {
                 let stderr = String::from_utf8_lossy(&out.stderr);
-                let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_owned();
-                return Err(format!("not available (`{} {}`: {last})", program.display(), args.join(" ")));
+                let last = stderr
+                    .lines()
+                    .rev()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or("")
+                    .trim()
+                    .to_owned();
+                return Err(format!(
+                    "not available (`{} {}`: {last})",
+                    program.display(),
+                    args.join(" ")
+                ));
             }
-            Ok(text.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_owned())
+            Ok(text
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("")
+                .trim()
+                .to_owned())
         };
         // The docker CLI that matches the daemon; DOCKER overrides.
-        let docker_bin = std::env::var_os("DOCKER").map(PathBuf::from).unwrap_or_else(|| {
-            let distro = PathBuf::from("/usr/bin/docker");
-            if distro.is_file() { distro } else { PathBuf::from("docker") }
-        });
-        let docker = version(&docker_bin, &["info", "--format", "{{.ServerVersion}}"])
-            .and_then(|v| if v.is_empty() { Err("not available (no server version)".into()) } else { Ok(format!("docker {v} (daemon), classic builder")) });
+        let docker_bin = std::env::var_os("DOCKER")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                let distro = PathBuf::from("/usr/bin/docker");
+                if distro.is_file() {
+                    distro
+                } else {
+                    PathBuf::from("docker")
+                }
+            });
+        let docker =
+            version(&docker_bin, &["info", "--format", "{{.ServerVersion}}"]).and_then(|v| {
+                if v.is_empty() {
+                    Err("not available (no server version)".into())
+                } else {
+                    Ok(format!("docker {v} (daemon), classic builder"))
+                }
+            });
         let gnu_time = Path::new("/usr/bin/time");
         let tools = Tools {
             gnu_time: gnu_time.is_file().then(|| gnu_time.to_owned()),
             // "OpenSSL 3.0.19 27 Jan 2026 (Library: …)" → "OpenSSL 3.0.19"
-            openssl: version(Path::new("openssl"), &["version"]).map(|v| v.split_whitespace().take(2).collect::<Vec<_>>().join(" ")),
+            openssl: version(Path::new("openssl"), &["version"])
+                .map(|v| v.split_whitespace().take(2).collect::<Vec<_>>().join(" ")),
             pigz: version(Path::new("pigz"), &["--version"]),
             // "*** Zstandard CLI (64-bit) v1.5.4, by Yann Collet ***" → "zstd v1.5.4"
-            zstd: version(Path::new("zstd"), &["--version"])
-                .map(|v| v.split_whitespace().find(|w| w.starts_with('v')).map_or(v.clone(), |w| format!("zstd {}", w.trim_end_matches(',')))),
+            zstd: version(Path::new("zstd"), &["--version"]).map(|v| {
+                v.split_whitespace()
+                    .find(|w| w.starts_with('v'))
+                    .map_or(v.clone(), |w| format!("zstd {}", w.trim_end_matches(',')))
+            }),
             docker,
             umoci: version(Path::new("umoci"), &["--version"]).map(|v| v.replace(" version ", " ")),
             docker_bin,
@@ -339,7 +460,13 @@ impl Tools {
             if tools.gnu_time.is_none() {
                 bail!("GNU time (/usr/bin/time) is missing: apt-get install -y time");
             }
-            for (name, found) in [("openssl", &tools.openssl), ("pigz", &tools.pigz), ("zstd", &tools.zstd), ("docker", &tools.docker), ("umoci", &tools.umoci)] {
+            for (name, found) in [
+                ("openssl", &tools.openssl),
+                ("pigz", &tools.pigz),
+                ("zstd", &tools.zstd),
+                ("docker", &tools.docker),
+                ("umoci", &tools.umoci),
+            ] {
                 if let Err(why) = found {
                     bail!("{name}: {why} (--require-all)");
                 }
@@ -382,7 +509,10 @@ impl Timer {
         let mut wrapped = match &self.gnu_time {
             Some(time) => {
                 let mut w = Command::new(time);
-                w.args(["-f", "%M %U %S", "-o"]).arg(&self.report).arg(cmd.get_program()).args(cmd.get_args());
+                w.args(["-f", "%M %U %S", "-o"])
+                    .arg(&self.report)
+                    .arg(cmd.get_program())
+                    .args(cmd.get_args());
                 for (key, value) in cmd.get_envs() {
                     match value {
                         Some(v) => w.env(key, v),
@@ -397,29 +527,56 @@ impl Timer {
             None => std::mem::replace(cmd, Command::new("true")),
         };
         wrapped.stdin(Stdio::null()).stderr(Stdio::piped());
-        wrapped.stdout(if discard_stdout { Stdio::null() } else { Stdio::piped() });
+        wrapped.stdout(if discard_stdout {
+            Stdio::null()
+        } else {
+            Stdio::piped()
+        });
         let cpu_before = CpuTimes::now();
         let started = Instant::now();
-        let out = wrapped.output().with_context(|| format!("running {:?}", wrapped.get_program()))?;
+        let out = wrapped
+            .output()
+            .with_context(|| format!("running {:?}", wrapped.get_program()))?;
         let secs = started.elapsed().as_secs_f64();
-        let busy = cpu_before.zip(CpuTimes::now()).map(|(a, b)| a.busy_fraction_until(&b));
+        let busy = cpu_before
+            .zip(CpuTimes::now())
+            .map(|(a, b)| a.busy_fraction_until(&b));
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         if !out.status.success() {
             bail!("{wrapped:?} failed ({}):\n{stderr}", out.status);
         }
-        let mut sample = Sample { secs, ..Sample::default() };
+        let mut sample = Sample {
+            secs,
+            ..Sample::default()
+        };
         if self.gnu_time.is_some() {
-            let report = fs::read_to_string(&self.report).with_context(|| format!("reading {}", self.report.display()))?;
-            let fields: Vec<&str> = report.lines().last().unwrap_or("").split_whitespace().collect();
+            let report = fs::read_to_string(&self.report)
+                .with_context(|| format!("reading {}", self.report.display()))?;
+            let fields: Vec<&str> = report
+                .lines()
+                .last()
+                .unwrap_or("")
+                .split_whitespace()
+                .collect();
             if let [rss, user, sys] = fields[..] {
                 sample.peak_rss_kib = rss.parse().ok();
-                sample.cpu_secs = user.parse::<f64>().ok().zip(sys.parse::<f64>().ok()).map(|(u, s)| u + s);
+                sample.cpu_secs = user
+                    .parse::<f64>()
+                    .ok()
+                    .zip(sys.parse::<f64>().ok())
+                    .map(|(u, s)| u + s);
             }
         }
         let nproc = std::thread::available_parallelism().map_or(1, usize::from) as f64;
-        sample.other_load = busy.zip(sample.cpu_secs).map(|(busy, own)| (busy - own / (secs * nproc)).max(0.0));
-        Ok(Finished { sample, stdout, stderr })
+        sample.other_load = busy
+            .zip(sample.cpu_secs)
+            .map(|(busy, own)| (busy - own / (secs * nproc)).max(0.0));
+        Ok(Finished {
+            sample,
+            stdout,
+            stderr,
+        })
     }
 }
 
@@ -433,17 +590,30 @@ struct CpuTimes {
 impl CpuTimes {
     fn now() -> Option<CpuTimes> {
         let stat = fs::read_to_string("/proc/stat").ok()?;
-        let ticks: Vec<u64> = stat.lines().next()?.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+        let ticks: Vec<u64> = stat
+            .lines()
+            .next()?
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|v| v.parse().ok())
+            .collect();
         // user nice system idle iowait irq softirq steal (guest time is already in user).
         let idle = ticks.get(3)? + ticks.get(4)?;
         let total: u64 = ticks.iter().take(8).sum();
-        Some(CpuTimes { busy: total - idle, total })
+        Some(CpuTimes {
+            busy: total - idle,
+            total,
+        })
     }
 
     /// Share of all cores busy between `self` and `later`.
     fn busy_fraction_until(&self, later: &CpuTimes) -> f64 {
         let total = later.total.saturating_sub(self.total);
-        if total == 0 { 0.0 } else { later.busy.saturating_sub(self.busy) as f64 / total as f64 }
+        if total == 0 {
+            0.0
+        } else {
+            later.busy.saturating_sub(self.busy) as f64 / total as f64
+        }
     }
 }
 
@@ -456,25 +626,43 @@ fn wait_until_quiet() {
     loop {
         let before = CpuTimes::now();
         std::thread::sleep(std::time::Duration::from_millis(1000));
-        let Some(busy) = before.zip(CpuTimes::now()).map(|(a, b)| a.busy_fraction_until(&b)) else { return };
+        let Some(busy) = before
+            .zip(CpuTimes::now())
+            .map(|(a, b)| a.busy_fraction_until(&b))
+        else {
+            return;
+        };
         if busy < QUIET {
             return;
         }
         if Instant::now() > deadline {
-            eprintln!("xtask:   the machine is still {:.0} % busy; timing anyway", busy * 100.0);
+            eprintln!(
+                "xtask:   the machine is still {:.0} % busy; timing anyway",
+                busy * 100.0
+            );
             return;
         }
         if !told {
-            eprintln!("xtask:   waiting for the machine to go quiet ({:.0} % of all cores busy)", busy * 100.0);
+            eprintln!(
+                "xtask:   waiting for the machine to go quiet ({:.0} % of all cores busy)",
+                busy * 100.0
+            );
             told = true;
         }
     }
 }
 
 fn run_quiet(cmd: &mut Command) -> Result<String> {
-    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("running {cmd:?}"))?;
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
-        bail!("{cmd:?} failed ({}):\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "{cmd:?} failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -483,7 +671,11 @@ fn run_quiet(cmd: &mut Command) -> Result<String> {
 fn warm(path: &Path) -> Result<()> {
     let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut buf = vec![0u8; 1 << 20];
-    while file.read(&mut buf).with_context(|| format!("reading {}", path.display()))? > 0 {}
+    while file
+        .read(&mut buf)
+        .with_context(|| format!("reading {}", path.display()))?
+        > 0
+    {}
     Ok(())
 }
 
@@ -495,14 +687,20 @@ fn sync() {
 /// `"key": "value"` from a JSON text, without a JSON dependency.
 fn json_string(text: &str, key: &str) -> Option<String> {
     let after = &text[text.find(&format!("\"{key}\""))? + key.len() + 2..];
-    let after = after.trim_start().strip_prefix(':')?.trim_start().strip_prefix('"')?;
+    let after = after
+        .trim_start()
+        .strip_prefix(':')?
+        .trim_start()
+        .strip_prefix('"')?;
     Some(after[..after.find('"')?].to_owned())
 }
 
 fn json_number(text: &str, key: &str) -> Option<u64> {
     let after = &text[text.find(&format!("\"{key}\""))? + key.len() + 2..];
     let after = after.trim_start().strip_prefix(':')?.trim_start();
-    after[..after.find(|c: char| !c.is_ascii_digit())?].parse().ok()
+    after[..after.find(|c: char| !c.is_ascii_digit())?]
+        .parse()
+        .ok()
 }
 
 /// bakedb's log lines end in "(1.23 s)"; the first words name the phase.
@@ -511,7 +709,12 @@ fn phases(stderr: &str) -> Vec<(String, f64)> {
         .lines()
         .filter_map(|line| {
             let line = line.strip_prefix("bakedb: ")?;
-            let secs = line.rsplit_once(" (")?.1.strip_suffix(" s)")?.parse().ok()?;
+            let secs = line
+                .rsplit_once(" (")?
+                .1
+                .strip_suffix(" s)")?
+                .parse()
+                .ok()?;
             let phase = if line.starts_with("snapshot") {
                 "snapshot"
             } else if line.starts_with("data layer") {
@@ -542,12 +745,26 @@ fn dir_bytes(dir: &Path) -> u64 {
 /// with bakedb's layer sizes.
 fn ceiling_output_sizes(db: &Path, tools: &Tools) -> (Option<u64>, Option<u64>) {
     let count = |program: &str, args: &[&str]| -> Option<u64> {
-        let mut child = Command::new(program).args(args).arg(db).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().ok()?;
+        let mut child = Command::new(program)
+            .args(args)
+            .arg(db)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
         let n = io::copy(&mut child.stdout.take()?, &mut io::sink()).ok()?;
         child.wait().ok()?.success().then_some(n)
     };
-    let pigz = tools.pigz.is_ok().then(|| count("pigz", &["-1", "-c"])).flatten();
-    let zstd = tools.zstd.is_ok().then(|| count("zstd", &["-q", "-3", "-T0", "-c"])).flatten();
+    let pigz = tools
+        .pigz
+        .is_ok()
+        .then(|| count("pigz", &["-1", "-c"]))
+        .flatten();
+    let zstd = tools
+        .zstd
+        .is_ok()
+        .then(|| count("zstd", &["-q", "-3", "-T0", "-c"]))
+        .flatten();
     (pigz, zstd)
 }
 
@@ -591,24 +808,38 @@ impl Case<'_> {
     }
 
     fn peak_rss_mib(&self) -> Option<f64> {
-        self.samples.iter().filter_map(|s| s.peak_rss_kib).max().map(|k| k as f64 / 1024.0)
+        self.samples
+            .iter()
+            .filter_map(|s| s.peak_rss_kib)
+            .max()
+            .map(|k| k as f64 / 1024.0)
     }
 
     /// "yes", "no" or why it is not known; None where it does not apply.
     fn reproducible(&self) -> Option<String> {
-        let digests: Vec<&String> = self.samples.iter().filter_map(|s| s.digest.as_ref()).collect();
+        let digests: Vec<&String> = self
+            .samples
+            .iter()
+            .filter_map(|s| s.digest.as_ref())
+            .collect();
         if matches!(self.role, Role::Ceiling | Role::Snapshot) || self.unavailable.is_some() {
             return None;
         }
         Some(match digests.as_slice() {
             [] => "unknown".into(),
             [_] => "not checked (1 run)".into(),
-            [first, rest @ ..] if rest.iter().all(|d| d == first) => format!("yes ({} identical)", digests.len()),
+            [first, rest @ ..] if rest.iter().all(|d| d == first) => {
+                format!("yes ({} identical)", digests.len())
+            }
             _ => {
                 let mut distinct = digests.clone();
                 distinct.sort();
                 distinct.dedup();
-                format!("no ({} digests in {} builds)", distinct.len(), digests.len())
+                format!(
+                    "no ({} digests in {} builds)",
+                    distinct.len(),
+                    digests.len()
+                )
             }
         })
     }
@@ -624,7 +855,13 @@ fn median(mut values: Vec<f64>) -> Option<f64> {
     }
 }
 
-fn cases<'a>(bakedb: &'a Path, db: &'a Path, snapshot_dir: &'a Path, scratch: &'a Path, tools: &'a Tools) -> Vec<Case<'a>> {
+fn cases<'a>(
+    bakedb: &'a Path,
+    db: &'a Path,
+    snapshot_dir: &'a Path,
+    scratch: &'a Path,
+    tools: &'a Tools,
+) -> Vec<Case<'a>> {
     let out = scratch.join("out");
     let mut cases = Vec::new();
     let not_available = |found: &Result<String, String>| found.as_ref().err().cloned();
@@ -645,7 +882,15 @@ fn cases<'a>(bakedb: &'a Path, db: &'a Path, snapshot_dir: &'a Path, scratch: &'
                     let layout = out.join(format!("bakedb-{compression}"));
                     let done = timer.run(
                         Command::new(bakedb)
-                            .args(["build", "--json", "--engine", "sqlite", "--compression", compression, "--source"])
+                            .args([
+                                "build",
+                                "--json",
+                                "--engine",
+                                "sqlite",
+                                "--compression",
+                                compression,
+                                "--source",
+                            ])
                             .arg(source)
                             .arg("--output")
                             .arg(format!("oci:{}:bench", layout.display()))
@@ -659,7 +904,10 @@ fn cases<'a>(bakedb: &'a Path, db: &'a Path, snapshot_dir: &'a Path, scratch: &'
                     sample.output_bytes = json_number(&done.stdout, "size");
                     sample.phases = phases(&done.stderr);
                     if sample.digest.is_none() {
-                        bail!("bakedb build --json printed no manifest_digest:\n{}", done.stdout);
+                        bail!(
+                            "bakedb build --json printed no manifest_digest:\n{}",
+                            done.stdout
+                        );
                     }
                     Ok(sample)
                 }),
@@ -690,9 +938,19 @@ fn cases<'a>(bakedb: &'a Path, db: &'a Path, snapshot_dir: &'a Path, scratch: &'
     });
 
     let ceilings: [(&str, &'static str, &Result<String, String>, &[&str]); 3] = [
-        ("openssl dgst -sha256", "—", &tools.openssl, &["dgst", "-sha256"]),
+        (
+            "openssl dgst -sha256",
+            "—",
+            &tools.openssl,
+            &["dgst", "-sha256"],
+        ),
         ("pigz -1 -c > /dev/null", "gzip", &tools.pigz, &["-1", "-c"]),
-        ("zstd -3 -T0 -c > /dev/null", "zstd", &tools.zstd, &["-q", "-3", "-T0", "-c"]),
+        (
+            "zstd -3 -T0 -c > /dev/null",
+            "zstd",
+            &tools.zstd,
+            &["-q", "-3", "-T0", "-c"],
+        ),
     ];
     for (what, compression, found, args) in ceilings {
         let program = what.split_whitespace().next().expect("program");
@@ -703,7 +961,11 @@ fn cases<'a>(bakedb: &'a Path, db: &'a Path, snapshot_dir: &'a Path, scratch: &'
             compression,
             unavailable: not_available(found),
             samples: Vec::new(),
-            run: Box::new(move |timer: &Timer| Ok(timer.run(Command::new(program).args(args).arg(db), discard)?.sample)),
+            run: Box::new(move |timer: &Timer| {
+                Ok(timer
+                    .run(Command::new(program).args(args).arg(db), discard)?
+                    .sample)
+            }),
         });
     }
 
@@ -719,17 +981,30 @@ fn cases<'a>(bakedb: &'a Path, db: &'a Path, snapshot_dir: &'a Path, scratch: &'
         run: Box::new(move |_timer: &Timer| {
             if !context.exists() {
                 fs::create_dir_all(&context)?;
-                fs::write(context.join("Dockerfile"), "FROM scratch\nCOPY app.db /var/lib/bakedb/app.db\n")?;
+                fs::write(
+                    context.join("Dockerfile"),
+                    "FROM scratch\nCOPY app.db /var/lib/bakedb/app.db\n",
+                )?;
                 // A hard link: same inode, same warm pages, no 1 GiB copy.
-                fs::hard_link(db, context.join("app.db")).or_else(|_| fs::copy(db, context.join("app.db")).map(|_| ()))?;
+                fs::hard_link(db, context.join("app.db"))
+                    .or_else(|_| fs::copy(db, context.join("app.db")).map(|_| ()))?;
             }
             let tag = "bakedb-bench:latest";
             let started = Instant::now();
             let id = run_quiet(
-                Command::new(docker).args(["build", "--no-cache", "--force-rm", "-q", "-t", tag]).arg(&context).env("DOCKER_BUILDKIT", "0"),
+                Command::new(docker)
+                    .args(["build", "--no-cache", "--force-rm", "-q", "-t", tag])
+                    .arg(&context)
+                    .env("DOCKER_BUILDKIT", "0"),
             )?;
             let secs = started.elapsed().as_secs_f64();
-            let size = run_quiet(Command::new(docker).args(["image", "inspect", "--format", "{{.Size}}", tag]))?;
+            let size = run_quiet(Command::new(docker).args([
+                "image",
+                "inspect",
+                "--format",
+                "{{.Size}}",
+                tag,
+            ]))?;
             run_quiet(Command::new(docker).args(["rmi", "-f", tag]))?;
             Ok(Sample {
                 secs,
@@ -755,19 +1030,36 @@ fn cases<'a>(bakedb: &'a Path, db: &'a Path, snapshot_dir: &'a Path, scratch: &'
             let bundle = umoci_dir.join("bundle");
             let image = format!("{}:bench", layout.display());
             let started = Instant::now();
-            run_quiet(Command::new("umoci").args(["init", "--layout"]).arg(&layout))?;
+            run_quiet(
+                Command::new("umoci")
+                    .args(["init", "--layout"])
+                    .arg(&layout),
+            )?;
             run_quiet(Command::new("umoci").args(["new", "--image", &image]))?;
-            run_quiet(Command::new("umoci").args(["unpack", "--rootless", "--image", &image]).arg(&bundle))?;
+            run_quiet(
+                Command::new("umoci")
+                    .args(["unpack", "--rootless", "--image", &image])
+                    .arg(&bundle),
+            )?;
             let data_dir = bundle.join("rootfs/var/lib/bakedb");
             fs::create_dir_all(&data_dir)?;
             run_quiet(Command::new("cp").arg(db).arg(data_dir.join("app.db")))?;
-            run_quiet(Command::new("umoci").args(["repack", "--image", &image]).arg(&bundle))?;
+            run_quiet(
+                Command::new("umoci")
+                    .args(["repack", "--image", &image])
+                    .arg(&bundle),
+            )?;
             let secs = started.elapsed().as_secs_f64();
             let index = fs::read_to_string(layout.join("index.json"))?;
             let digest = json_string(&index, "digest");
             let output_bytes = Some(dir_bytes(&layout.join("blobs")));
             let _ = fs::remove_dir_all(&umoci_dir);
-            Ok(Sample { secs, digest, output_bytes, ..Sample::default() })
+            Ok(Sample {
+                secs,
+                digest,
+                output_bytes,
+                ..Sample::default()
+            })
         }),
     });
     cases
@@ -793,11 +1085,18 @@ const TARGET_PEAK_RSS_MIB: f64 = 100.0;
 
 impl Report<'_> {
     fn find(&self, role: Role, compression: &str) -> Option<&Case<'_>> {
-        self.cases.iter().find(|c| c.role == role && c.compression == compression && c.unavailable.is_none() && !c.samples.is_empty())
+        self.cases.iter().find(|c| {
+            c.role == role
+                && c.compression == compression
+                && c.unavailable.is_none()
+                && !c.samples.is_empty()
+        })
     }
 
     fn ceiling(&self, what_prefix: &str) -> Option<&Case<'_>> {
-        self.cases.iter().find(|c| c.role == Role::Ceiling && c.what.starts_with(what_prefix) && !c.samples.is_empty())
+        self.cases.iter().find(|c| {
+            c.role == Role::Ceiling && c.what.starts_with(what_prefix) && !c.samples.is_empty()
+        })
     }
 
     fn mb_per_s(&self, case: &Case) -> Option<f64> {
@@ -809,12 +1108,23 @@ impl Report<'_> {
         let nproc = std::thread::available_parallelism().map_or(1, usize::from);
         let cpu = fs::read_to_string("/proc/cpuinfo")
             .ok()
-            .and_then(|s| s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split_once(':')).map(|(_, v)| v.trim().to_owned()))
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .and_then(|l| l.split_once(':'))
+                    .map(|(_, v)| v.trim().to_owned())
+            })
             .unwrap_or_else(|| "unknown CPU".into());
-        let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").map_or_else(|_| "unknown".into(), |s| s.trim().to_owned());
+        let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map_or_else(|_| "unknown".into(), |s| s.trim().to_owned());
         let mem_gib = fs::read_to_string("/proc/meminfo")
             .ok()
-            .and_then(|s| s.lines().next().and_then(|l| l.split_whitespace().nth(1)).and_then(|k| k.parse::<f64>().ok()))
+            .and_then(|s| {
+                s.lines()
+                    .next()
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|k| k.parse::<f64>().ok())
+            })
             .map_or_else(|| "?".into(), |kib| format!("{:.1}", kib / 1024.0 / 1024.0));
         let tool = |found: &Result<String, String>| match found {
             Ok(v) => v.clone(),
@@ -823,8 +1133,16 @@ impl Report<'_> {
 
         let _ = writeln!(md, "{DOC_START}");
         let _ = writeln!(md, "## build\n");
-        let _ = writeln!(md, "Measured {} on {nproc} × {cpu}, Linux {kernel}, {mem_gib} GiB RAM. Reproduce with:\n", today());
-        let _ = writeln!(md, "    cargo xtask bench build --size-mib {} --runs {}\n", self.options.size_mib, self.options.runs);
+        let _ = writeln!(
+            md,
+            "Measured {} on {nproc} × {cpu}, Linux {kernel}, {mem_gib} GiB RAM. Reproduce with:\n",
+            today()
+        );
+        let _ = writeln!(
+            md,
+            "    cargo xtask bench build --size-mib {} --runs {}\n",
+            self.options.size_mib, self.options.runs
+        );
         let _ = writeln!(
             md,
             "Input: a generated SQLite database of {} bytes ({:.2} GiB; seed {SEED:#x}: an event table with integer keys, text, \
@@ -844,18 +1162,27 @@ impl Report<'_> {
             "Peak RSS is the largest of the runs; CPU s is the median user+sys time; \"others\" is the largest share of all \
              cores that other processes used during a timed run (each run starts only once the machine is quiet).\n"
         );
-        let _ = writeln!(md, "| what | layer | median s | MB/s | output MB | peak RSS MiB | CPU s | others | reproducible |");
+        let _ = writeln!(
+            md,
+            "| what | layer | median s | MB/s | output MB | peak RSS MiB | CPU s | others | reproducible |"
+        );
         let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|---|");
         for case in self.cases {
             if let Some(why) = &case.unavailable {
-                let _ = writeln!(md, "| {} | {} | {why} | | | | | | |", case.what, case.compression);
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {why} | | | | | | |",
+                    case.what, case.compression
+                );
                 continue;
             }
-            let output = case.median(|s| s.output_bytes.map(|b| b as f64)).or_else(|| match case.what.split_whitespace().next() {
-                Some("pigz") => self.output_sizes.0.map(|b| b as f64),
-                Some("zstd") => self.output_sizes.1.map(|b| b as f64),
-                _ => None,
-            });
+            let output = case
+                .median(|s| s.output_bytes.map(|b| b as f64))
+                .or_else(|| match case.what.split_whitespace().next() {
+                    Some("pigz") => self.output_sizes.0.map(|b| b as f64),
+                    Some("zstd") => self.output_sizes.1.map(|b| b as f64),
+                    _ => None,
+                });
             let _ = writeln!(
                 md,
                 "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
@@ -866,43 +1193,116 @@ impl Report<'_> {
                 fmt(output.map(|b| b / 1e6), 0),
                 fmt(case.peak_rss_mib(), 1),
                 fmt(case.median(|s| s.cpu_secs), 2),
-                fmt_pct(case.samples.iter().filter_map(|s| s.other_load).max_by(f64::total_cmp)),
+                fmt_pct(
+                    case.samples
+                        .iter()
+                        .filter_map(|s| s.other_load)
+                        .max_by(f64::total_cmp)
+                ),
                 case.reproducible().unwrap_or_else(|| "—".into()),
             );
         }
 
         let _ = writeln!(md, "\n### Targets\n");
-        let _ = writeln!(md, "Judged on the writer path (`--source` a snapshot directory); the live-file path is shown for comparison.\n");
+        let _ = writeln!(
+            md,
+            "Judged on the writer path (`--source` a snapshot directory); the live-file path is shown for comparison.\n"
+        );
         let _ = writeln!(md, "| target | writer path | live file | met |");
         let _ = writeln!(md, "|---|---:|---:|---|");
         let mut missed = Vec::new();
-        let ratio_row = |md: &mut String, missed: &mut Vec<&'static str>, name: &str, compression: &'static str, ceiling: Option<&Case>, target: f64| {
+        let ratio_row = |md: &mut String,
+                         missed: &mut Vec<&'static str>,
+                         name: &str,
+                         compression: &'static str,
+                         ceiling: Option<&Case>,
+                         target: f64| {
             let ceiling_mbs = ceiling.and_then(|c| self.mb_per_s(c));
-            let pct = |role| self.find(role, compression).and_then(|c| self.mb_per_s(c)).zip(ceiling_mbs).map(|(b, c)| b / c);
+            let pct = |role| {
+                self.find(role, compression)
+                    .and_then(|c| self.mb_per_s(c))
+                    .zip(ceiling_mbs)
+                    .map(|(b, c)| b / c)
+            };
             let (writer, live) = (pct(Role::Writer), pct(Role::Live));
             let met = writer.map(|w| w >= target);
             if met == Some(false) {
                 missed.push(compression);
             }
-            let _ = writeln!(md, "| {name} ≥ {:.0} % | {} | {} | {} |", target * 100.0, fmt_pct(writer), fmt_pct(live), yes_no(met));
+            let _ = writeln!(
+                md,
+                "| {name} ≥ {:.0} % | {} | {} | {} |",
+                target * 100.0,
+                fmt_pct(writer),
+                fmt_pct(live),
+                yes_no(met)
+            );
         };
-        ratio_row(&mut md, &mut missed, "none vs `openssl dgst -sha256`", "none", self.ceiling("openssl"), TARGET_NONE_VS_SHA256);
-        ratio_row(&mut md, &mut missed, "gzip vs `pigz -1`", "gzip", self.ceiling("pigz"), TARGET_GZIP_VS_PIGZ);
-        ratio_row(&mut md, &mut missed, "zstd vs `zstd -3 -T0`", "zstd", self.ceiling("zstd"), TARGET_ZSTD_VS_ZSTD);
-        let docker = self.cases.iter().find(|c| c.what.starts_with("docker") && !c.samples.is_empty()).and_then(Case::secs);
+        ratio_row(
+            &mut md,
+            &mut missed,
+            "none vs `openssl dgst -sha256`",
+            "none",
+            self.ceiling("openssl"),
+            TARGET_NONE_VS_SHA256,
+        );
+        ratio_row(
+            &mut md,
+            &mut missed,
+            "gzip vs `pigz -1`",
+            "gzip",
+            self.ceiling("pigz"),
+            TARGET_GZIP_VS_PIGZ,
+        );
+        ratio_row(
+            &mut md,
+            &mut missed,
+            "zstd vs `zstd -3 -T0`",
+            "zstd",
+            self.ceiling("zstd"),
+            TARGET_ZSTD_VS_ZSTD,
+        );
+        let docker = self
+            .cases
+            .iter()
+            .find(|c| c.what.starts_with("docker") && !c.samples.is_empty())
+            .and_then(Case::secs);
         for compression in ["none", "zstd"] {
-            let speedup = |role| self.find(role, compression).and_then(Case::secs).zip(docker).map(|(b, d)| d / b);
+            let speedup = |role| {
+                self.find(role, compression)
+                    .and_then(Case::secs)
+                    .zip(docker)
+                    .map(|(b, d)| d / b)
+            };
             let (writer, live) = (speedup(Role::Writer), speedup(Role::Live));
             let met = writer.map(|w| w >= TARGET_SPEEDUP_VS_DOCKER);
             if met == Some(false) {
-                missed.push(if compression == "none" { "none vs docker" } else { "zstd vs docker" });
+                missed.push(if compression == "none" {
+                    "none vs docker"
+                } else {
+                    "zstd vs docker"
+                });
             }
             let x = |v: Option<f64>| v.map_or_else(|| "—".into(), |v| format!("{v:.1}×"));
-            let _ = writeln!(md, "| {compression} faster than `docker build` by ≥ {TARGET_SPEEDUP_VS_DOCKER:.0}× | {} | {} | {} |", x(writer), x(live), yes_no(met));
+            let _ = writeln!(
+                md,
+                "| {compression} faster than `docker build` by ≥ {TARGET_SPEEDUP_VS_DOCKER:.0}× | {} | {} | {} |",
+                x(writer),
+                x(live),
+                yes_no(met)
+            );
         }
-        let rss = |role| self.cases.iter().filter(|c| c.role == role).filter_map(Case::peak_rss_mib).max_by(f64::total_cmp);
+        let rss = |role| {
+            self.cases
+                .iter()
+                .filter(|c| c.role == role)
+                .filter_map(Case::peak_rss_mib)
+                .max_by(f64::total_cmp)
+        };
         let (writer_rss, live_rss) = (rss(Role::Writer), rss(Role::Live));
-        let rss_met = writer_rss.zip(live_rss).map(|(w, l)| w.max(l) < TARGET_PEAK_RSS_MIB);
+        let rss_met = writer_rss
+            .zip(live_rss)
+            .map(|(w, l)| w.max(l) < TARGET_PEAK_RSS_MIB);
         let _ = writeln!(
             md,
             "| peak RSS < {TARGET_PEAK_RSS_MIB:.0} MiB (every bakedb run, both paths) | {} | {} | {} |",
@@ -920,15 +1320,28 @@ impl Report<'_> {
             "bakedb's own phase timings (medians; from its log lines). CPU use is user+sys over wall time × {nproc} cores. \
              bakedb fsyncs every blob it writes; the ceilings write nothing.\n"
         );
-        let _ = writeln!(md, "| bakedb build | layer | total s | snapshot s | data layer s | config + manifest + tag s | CPU busy |");
+        let _ = writeln!(
+            md,
+            "| bakedb build | layer | total s | snapshot s | data layer s | config + manifest + tag s | CPU busy |"
+        );
         let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|");
-        for case in self.cases.iter().filter(|c| matches!(c.role, Role::Writer | Role::Live) && !c.samples.is_empty()) {
-            let phase = |name: &str| case.median(|s| s.phases.iter().find(|(p, _)| p == name).map(|(_, t)| *t));
+        for case in self
+            .cases
+            .iter()
+            .filter(|c| matches!(c.role, Role::Writer | Role::Live) && !c.samples.is_empty())
+        {
+            let phase = |name: &str| {
+                case.median(|s| s.phases.iter().find(|(p, _)| p == name).map(|(_, t)| *t))
+            };
             let busy = case.median(|s| s.cpu_secs.map(|c| c / (s.secs * nproc as f64)));
             let _ = writeln!(
                 md,
                 "| {} | {} | {} | {} | {} | {} | {} |",
-                if case.role == Role::Writer { "writer path" } else { "live file" },
+                if case.role == Role::Writer {
+                    "writer path"
+                } else {
+                    "live file"
+                },
                 case.compression,
                 fmt(case.secs(), 2),
                 fmt(phase("snapshot"), 2),
@@ -951,21 +1364,41 @@ impl Report<'_> {
 
     /// One factual sentence per missed target: how the CPU work compares with the reference.
     fn explain(&self, what: &str, nproc: usize) -> String {
-        let cpu = |c: Option<&Case>| c.and_then(|c| c.median(|s| s.cpu_secs)).map_or_else(|| "?".into(), |v| format!("{v:.2}"));
+        let cpu = |c: Option<&Case>| {
+            c.and_then(|c| c.median(|s| s.cpu_secs))
+                .map_or_else(|| "?".into(), |v| format!("{v:.2}"))
+        };
         let wall = |c: Option<&Case>| fmt(c.and_then(Case::secs), 2);
         let (compression, reference) = match what {
             "none" | "none vs docker" => ("none", self.ceiling("openssl")),
             "gzip" => ("gzip", self.ceiling("pigz")),
             "zstd" | "zstd vs docker" => ("zstd", self.ceiling("zstd")),
             _ => {
-                let worst = self.cases.iter().filter(|c| matches!(c.role, Role::Writer | Role::Live)).max_by(|a, b| {
-                    a.peak_rss_mib().unwrap_or(0.0).total_cmp(&b.peak_rss_mib().unwrap_or(0.0))
-                });
-                return format!("peak RSS: the largest is {} MiB, in {}", fmt(worst.and_then(Case::peak_rss_mib), 1), worst.map_or("?".into(), Case::label));
+                let worst = self
+                    .cases
+                    .iter()
+                    .filter(|c| matches!(c.role, Role::Writer | Role::Live))
+                    .max_by(|a, b| {
+                        a.peak_rss_mib()
+                            .unwrap_or(0.0)
+                            .total_cmp(&b.peak_rss_mib().unwrap_or(0.0))
+                    });
+                return format!(
+                    "peak RSS: the largest is {} MiB, in {}",
+                    fmt(worst.and_then(Case::peak_rss_mib), 1),
+                    worst.map_or("?".into(), Case::label)
+                );
             }
         };
         let writer = self.find(Role::Writer, compression);
-        let data_layer = writer.and_then(|c| c.median(|s| s.phases.iter().find(|(p, _)| p == "data layer").map(|(_, t)| *t)));
+        let data_layer = writer.and_then(|c| {
+            c.median(|s| {
+                s.phases
+                    .iter()
+                    .find(|(p, _)| p == "data layer")
+                    .map(|(_, t)| *t)
+            })
+        });
         format!(
             "{what}: the writer path takes {} s wall ({} s of it the data layer) and {} CPU s on {nproc} cores; {} takes {} s wall and {} CPU s",
             wall(writer),
@@ -996,7 +1429,9 @@ fn yes_no(met: Option<bool>) -> &'static str {
 
 /// Today's date (UTC) as YYYY-MM-DD, without a date crate (Howard Hinnant's civil_from_days).
 fn today() -> String {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
     let z = secs.div_euclid(86_400) + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z - era * 146_097;
@@ -1015,7 +1450,11 @@ fn write_section(doc: &Path, section: &str) -> Result<()> {
     let section = section.trim_end();
     let text = match fs::read_to_string(doc) {
         Ok(text) => match (text.find(DOC_START), text.find(DOC_END)) {
-            (Some(start), Some(end)) if start < end => format!("{}{section}{}", &text[..start], &text[end + DOC_END.len()..]),
+            (Some(start), Some(end)) if start < end => format!(
+                "{}{section}{}",
+                &text[..start],
+                &text[end + DOC_END.len()..]
+            ),
             _ => format!("{}\n\n{section}\n", text.trim_end()),
         },
         Err(e) if e.kind() == io::ErrorKind::NotFound => format!(
@@ -1054,15 +1493,23 @@ mod tests {
 
     #[test]
     fn reads_bakedb_output() {
-        let json = "{\n  \"manifest_digest\": \"sha256:ab12\",\n  \"size\": 1234,\n  \"layers\": []\n}";
-        assert_eq!(json_string(json, "manifest_digest").as_deref(), Some("sha256:ab12"));
+        let json =
+            "{\n  \"manifest_digest\": \"sha256:ab12\",\n  \"size\": 1234,\n  \"layers\": []\n}";
+        assert_eq!(
+            json_string(json, "manifest_digest").as_deref(),
+            Some("sha256:ab12")
+        );
         assert_eq!(json_number(json, "size"), Some(1234));
         let log = "bakedb: snapshot of a.db taken with the SQLite online backup API (1.50 s)\n\
                    bakedb: data layer sha256:ff (1.0 GiB → 512.0 MiB gzip) (2.25 s)\n\
                    bakedb: wrote oci:x:bench sha256:aa (0.01 s)\n";
         assert_eq!(
             phases(log),
-            [("snapshot".to_owned(), 1.5), ("data layer".to_owned(), 2.25), ("config + manifest + tag".to_owned(), 0.01)]
+            [
+                ("snapshot".to_owned(), 1.5),
+                ("data layer".to_owned(), 2.25),
+                ("config + manifest + tag".to_owned(), 0.01)
+            ]
         );
     }
 
@@ -1078,7 +1525,10 @@ mod tests {
         fs::write(&doc, format!("{created}\n## other\nkept\n")).unwrap();
         write_section(&doc, &format!("{DOC_START}\nsecond\n{DOC_END}")).unwrap();
         let text = fs::read_to_string(&doc).unwrap();
-        assert!(text.contains("second") && !text.contains("first") && text.contains("kept"), "{text}");
+        assert!(
+            text.contains("second") && !text.contains("first") && text.contains("kept"),
+            "{text}"
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -6,9 +6,22 @@ use crate::{cargo, project_root, run};
 
 pub fn run_ci() -> Result<()> {
     let root = project_root();
-    run(cargo().args(["fmt", "--all", "--", "--check"]).current_dir(&root))?;
-    run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]).current_dir(&root))?;
-    run(cargo().args(["deny", "check", "licenses", "bans", "sources"]).current_dir(&root))?;
+    run(cargo()
+        .args(["fmt", "--all", "--", "--check"])
+        .current_dir(&root))?;
+    run(cargo()
+        .args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ])
+        .current_dir(&root))?;
+    run(cargo()
+        .args(["deny", "check", "licenses", "bans", "sources"])
+        .current_dir(&root))?;
     crate::fixtures::busybox()?;
     run(cargo().args(["test", "--workspace"]).current_dir(&root))?;
     Ok(())

@@ -11,7 +11,8 @@ use crate::{cargo, project_root, run};
 
 fn generate_catalogue(path: &Path, rows: i64) -> Result<()> {
     let _ = std::fs::remove_file(path);
-    let c = rusqlite::Connection::open(path).with_context(|| format!("creating {}", path.display()))?;
+    let c =
+        rusqlite::Connection::open(path).with_context(|| format!("creating {}", path.display()))?;
     c.execute_batch(
         "PRAGMA journal_mode=WAL;
          CREATE TABLE products(id INTEGER PRIMARY KEY, sku TEXT NOT NULL UNIQUE, name TEXT NOT NULL,
@@ -20,8 +21,12 @@ fn generate_catalogue(path: &Path, rows: i64) -> Result<()> {
     )?;
     let tx = c.unchecked_transaction()?;
     {
-        let mut insert = tx.prepare("INSERT INTO products(sku, name, category, price_cents) VALUES (?1, ?2, ?3, ?4)")?;
-        let categories = ["books", "garden", "kitchen", "music", "outdoor", "tools", "toys"];
+        let mut insert = tx.prepare(
+            "INSERT INTO products(sku, name, category, price_cents) VALUES (?1, ?2, ?3, ?4)",
+        )?;
+        let categories = [
+            "books", "garden", "kitchen", "music", "outdoor", "tools", "toys",
+        ];
         let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
         for i in 0..rows {
             // xorshift: deterministic, so the demo bakes the same bytes on every machine
@@ -29,7 +34,12 @@ fn generate_catalogue(path: &Path, rows: i64) -> Result<()> {
             x ^= x >> 7;
             x ^= x << 17;
             let category = categories[(x % categories.len() as u64) as usize];
-            insert.execute(rusqlite::params![format!("SKU-{i:08}"), format!("{category} item {}", x % 100_000), category, (x % 50_000) as i64 + 99])?;
+            insert.execute(rusqlite::params![
+                format!("SKU-{i:08}"),
+                format!("{category} item {}", x % 100_000),
+                category,
+                (x % 50_000) as i64 + 99
+            ])?;
         }
     }
     tx.commit()?;
@@ -43,18 +53,31 @@ pub fn run_demo() -> Result<()> {
     let db = dir.join("catalogue.db");
     generate_catalogue(&db, 200_000)?;
     println!("generated {} (200000 products)", db.display());
-    run(cargo().args(["build", "--release", "--quiet", "-p", "bakedb-cli"]).current_dir(&root))?;
+    run(cargo()
+        .args(["build", "--release", "--quiet", "-p", "bakedb-cli"])
+        .current_dir(&root))?;
     let bakedb = root.join("target/release/bakedb");
     let image = dir.join("image");
     let reference = format!("oci:{}:v1", image.display());
-    run(Command::new(&bakedb).args(["build", "--engine", "sqlite", "--source"]).arg(&db).args(["--output", &reference]))?;
+    run(Command::new(&bakedb)
+        .args(["build", "--engine", "sqlite", "--source"])
+        .arg(&db)
+        .args(["--output", &reference]))?;
     run(Command::new(&bakedb).args(["verify", &reference]))?;
     run(Command::new(&bakedb).args(["inspect", &reference]))?;
-    if Command::new("skopeo").arg("--version").output().is_ok_and(|o| o.status.success()) {
+    if Command::new("skopeo")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
         run(Command::new("skopeo").args(["inspect", &reference]))?;
     } else {
-        println!("skopeo is not installed (apt-get install skopeo) so `skopeo inspect {reference}` was not run");
+        println!(
+            "skopeo is not installed (apt-get install skopeo) so `skopeo inspect {reference}` was not run"
+        );
     }
-    println!("\nbaked {reference}\ncopy it anywhere with: skopeo copy {reference} docker-archive:catalogue.tar:catalogue:v1");
+    println!(
+        "\nbaked {reference}\ncopy it anywhere with: skopeo copy {reference} docker-archive:catalogue.tar:catalogue:v1"
+    );
     Ok(())
 }

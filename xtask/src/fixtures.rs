@@ -12,7 +12,9 @@ use crate::{project_root, run};
 pub fn busybox() -> Result<PathBuf> {
     let root = project_root();
     let out = root.join("target/fixtures/busybox");
-    run(Command::new("bash").arg(root.join("xtask/scripts/busybox-base.sh")).arg(&out))?;
+    run(Command::new("bash")
+        .arg(root.join("xtask/scripts/busybox-base.sh"))
+        .arg(&out))?;
     Ok(out)
 }
 

@@ -48,7 +48,10 @@ fn dispatch(args: &[String]) -> Result<()> {
 
 /// The workspace root, from this crate's manifest directory (xtask/ is one level down).
 pub fn project_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
 }
 
 /// `cargo`, the one that runs this xtask.
@@ -58,7 +61,9 @@ pub fn cargo() -> Command {
 
 /// Run a command with inherited output; fail with the command line if it fails.
 pub fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd.status().map_err(|e| anyhow::anyhow!("could not start {cmd:?}: {e}"))?;
+    let status = cmd
+        .status()
+        .map_err(|e| anyhow::anyhow!("could not start {cmd:?}: {e}"))?;
     if !status.success() {
         bail!("{cmd:?} failed with {status}");
     }

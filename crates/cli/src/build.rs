@@ -37,15 +37,21 @@ fn parse_kv(items: &[String], flag: &str) -> Result<BTreeMap<String, String>> {
 
 fn parse_command(text: &str, flag: &str) -> Result<Vec<String>> {
     if text.trim_start().starts_with('[') {
-        serde_json::from_str(text).with_context(|| format!("{flag} {text:?} is not a JSON array of strings")).stage(Code::Usage, || format!("parsing {flag}"))
+        serde_json::from_str(text)
+            .with_context(|| format!("{flag} {text:?} is not a JSON array of strings"))
+            .stage(Code::Usage, || format!("parsing {flag}"))
     } else {
         Ok(text.split_whitespace().map(str::to_owned).collect())
     }
 }
 
 fn parse_user(user: &str) -> Result<(u32, u32)> {
-    let parsed = user.split_once(':').and_then(|(u, g)| Some((u.parse().ok()?, g.parse().ok()?)));
-    parsed.ok_or_else(|| anyhow!("--user {user:?}: expected numeric UID:GID, e.g. 65532:65532")).stage(Code::Usage, || "parsing --user".into())
+    let parsed = user
+        .split_once(':')
+        .and_then(|(u, g)| Some((u.parse().ok()?, g.parse().ok()?)));
+    parsed
+        .ok_or_else(|| anyhow!("--user {user:?}: expected numeric UID:GID, e.g. 65532:65532"))
+        .stage(Code::Usage, || "parsing --user".into())
 }
 
 /// A scratch directory removed when dropped.
@@ -60,7 +66,10 @@ impl ScratchDir {
                 return Ok(ScratchDir(p));
             }
         }
-        bail!("could not create a scratch directory under {}", base.display())
+        bail!(
+            "could not create a scratch directory under {}",
+            base.display()
+        )
     }
 }
 
@@ -72,16 +81,21 @@ impl Drop for ScratchDir {
 
 pub fn take_snapshot(source: &Path, out: &Path, epoch: i64) -> Result<Snapshot> {
     let snap = sqlite::snapshot(source, out, &time::rfc3339(epoch.min(time::now())))
-        .stage(Code::Source, || format!("snapshotting {}", source.display()))?;
+        .stage(Code::Source, || {
+            format!("snapshotting {}", source.display())
+        })?;
     Ok(snap)
 }
 
 pub fn run(args: BuildArgs, quiet: bool) -> Result<()> {
     if args.engine != EngineArg::Sqlite {
-        return Err(anyhow!("engine {} is not supported yet: only sqlite can be baked in this version", match args.engine {
-            EngineArg::Postgres => "postgres",
-            _ => "mariadb",
-        }))
+        return Err(anyhow!(
+            "engine {} is not supported yet: only sqlite can be baked in this version",
+            match args.engine {
+                EngineArg::Postgres => "postgres",
+                _ => "mariadb",
+            }
+        ))
         .stage(Code::Usage, || "checking --engine".into());
     }
     let compression = match args.compression {
@@ -89,15 +103,28 @@ pub fn run(args: BuildArgs, quiet: bool) -> Result<()> {
         CompressionArg::Zstd => Compression::Zstd,
         CompressionArg::None => Compression::None,
     };
-    let epoch = time::build_epoch().map_err(|e| anyhow!(e)).stage(Code::Usage, || "reading SOURCE_DATE_EPOCH".into())?;
+    let epoch = time::build_epoch()
+        .map_err(|e| anyhow!(e))
+        .stage(Code::Usage, || "reading SOURCE_DATE_EPOCH".into())?;
     let created = time::rfc3339(epoch);
     let mtime = epoch as u64;
     let (uid, gid) = parse_user(&args.user)?;
     let labels = parse_kv(&args.labels, "--label")?;
     let mut annotations = parse_kv(&args.annotations, "--annotation")?;
-    let cmd = args.cmd.as_deref().map(|c| parse_command(c, "--cmd")).transpose()?;
-    let entrypoint = args.entrypoint.as_deref().map(|c| parse_command(c, "--entrypoint")).transpose()?;
-    let output_ref: ImageRef = args.output.parse().stage(Code::Usage, || "parsing --output".into())?;
+    let cmd = args
+        .cmd
+        .as_deref()
+        .map(|c| parse_command(c, "--cmd"))
+        .transpose()?;
+    let entrypoint = args
+        .entrypoint
+        .as_deref()
+        .map(|c| parse_command(c, "--entrypoint"))
+        .transpose()?;
+    let output_ref: ImageRef = args
+        .output
+        .parse()
+        .stage(Code::Usage, || "parsing --output".into())?;
     let mut progress = Progress::new(quiet);
 
     // Everything that can be checked cheaply is checked before the output is touched.
@@ -108,23 +135,32 @@ pub fn run(args: BuildArgs, quiet: bool) -> Result<()> {
     let base = match &args.base {
         None => None,
         Some(text) => {
-            let base_ref: ImageRef = text.parse().stage(Code::Usage, || "parsing --base".into())?;
+            let base_ref: ImageRef = text
+                .parse()
+                .stage(Code::Usage, || "parsing --base".into())?;
             let what = || format!("reading base image {base_ref}");
             let source = ImageSource::open(&base_ref).stage(Code::Base, what)?;
             let image = source.resolve().stage(Code::Base, what)?;
             Some((source, image))
         }
     };
-    let output = Output::open(&output_ref, compression, !args.no_overwrite).stage(Code::Output, || format!("opening output {output_ref}"))?;
+    let output = Output::open(&output_ref, compression, !args.no_overwrite)
+        .stage(Code::Output, || format!("opening output {output_ref}"))?;
 
     let scratch;
     let snapshot = if from_snapshot_dir {
-        sqlite::load_snapshot_dir(&args.source).stage(Code::Source, || format!("reading snapshot directory {}", args.source.display()))?
+        sqlite::load_snapshot_dir(&args.source).stage(Code::Source, || {
+            format!("reading snapshot directory {}", args.source.display())
+        })?
     } else {
-        scratch = ScratchDir::new().stage(Code::Output, || "creating a scratch directory".into())?;
+        scratch =
+            ScratchDir::new().stage(Code::Output, || "creating a scratch directory".into())?;
         progress.phase("snapshot", 0);
         let snap = take_snapshot(&args.source, &scratch.0, epoch)?;
-        progress.done(&format!("snapshot of {} taken with the SQLite online backup API", args.source.display()));
+        progress.done(&format!(
+            "snapshot of {} taken with the SQLite online backup API",
+            args.source.display()
+        ));
         snap
     };
 
@@ -134,29 +170,64 @@ pub fn run(args: BuildArgs, quiet: bool) -> Result<()> {
         progress.phase("base layers", total);
         layers = output
             .copy_base_layers(source, image, &mut |n| progress.inc(n))
-            .stage(Code::Base, || format!("copying layers of base image {}", source.location()))?;
-        progress.done(&format!("{} base layers ({}) reused from {}", layers.len(), human_bytes(total), source.location()));
+            .stage(Code::Base, || {
+                format!("copying layers of base image {}", source.location())
+            })?;
+        progress.done(&format!(
+            "{} base layers ({}) reused from {}",
+            layers.len(),
+            human_bytes(total),
+            source.location()
+        ));
     }
 
-    let data_total: u64 = snapshot.files.iter().map(|f| std::fs::metadata(&f.host_path).map_or(0, |m| m.len())).sum();
+    let data_total: u64 = snapshot
+        .files
+        .iter()
+        .map(|f| std::fs::metadata(&f.host_path).map_or(0, |m| m.len()))
+        .sum();
     let mut data_entries = vec![TarEntry::dir(DATA_DIR, 0o755, uid, gid)];
     for f in &snapshot.files {
         data_entries.push(
-            TarEntry::file(&format!("{DATA_DIR}/{}", f.rel_path), f.host_path.clone(), f.mode, uid, gid)
-                .stage(Code::Source, || format!("reading snapshot file {}", f.host_path.display()))?,
+            TarEntry::file(
+                &format!("{DATA_DIR}/{}", f.rel_path),
+                f.host_path.clone(),
+                f.mode,
+                uid,
+                gid,
+            )
+            .stage(Code::Source, || {
+                format!("reading snapshot file {}", f.host_path.display())
+            })?,
         );
     }
     progress.phase("data layer", data_total);
     let threads = threads();
     // The data layer and image.json's file digests read the same files: do both at once.
     let (data_layer, digests) = std::thread::scope(|scope| {
-        let digests = scope.spawn(|| snapshot.files.iter().map(|f| datafiles::digest_file(f, threads)).collect::<Result<Vec<_>, _>>());
-        let layer = output.write_layer(compression, data_entries, mtime, threads, &mut |n| progress.inc(n));
+        let digests = scope.spawn(|| {
+            snapshot
+                .files
+                .iter()
+                .map(|f| datafiles::digest_file(f, threads))
+                .collect::<Result<Vec<_>, _>>()
+        });
+        let layer = output.write_layer(compression, data_entries, mtime, threads, &mut |n| {
+            progress.inc(n)
+        });
         (layer, digests.join().expect("digest thread panicked"))
     });
-    let data_layer = data_layer.stage(Code::Output, || format!("writing the data layer to {output_ref}"))?;
+    let data_layer = data_layer.stage(Code::Output, || {
+        format!("writing the data layer to {output_ref}")
+    })?;
     let digests = digests.stage(Code::Source, || "hashing the snapshot files".into())?;
-    progress.done(&format!("data layer {} ({} → {} {})", data_layer.digest, human_bytes(data_total), human_bytes(data_layer.size), compression.name()));
+    progress.done(&format!(
+        "data layer {} ({} → {} {})",
+        data_layer.digest,
+        human_bytes(data_total),
+        human_bytes(data_layer.size),
+        compression.name()
+    ));
 
     let image_json = json!({
         "schema": 1,
@@ -172,8 +243,16 @@ pub fn run(args: BuildArgs, quiet: bool) -> Result<()> {
     image_json_bytes.push(b'\n');
     let data_digest = Digest::of(&image_json_bytes);
     let meta_layer = output
-        .write_layer(compression, vec![TarEntry::bytes(IMAGE_JSON, image_json_bytes, 0o644, 0, 0)], mtime, threads, &mut |_| {})
-        .stage(Code::Output, || format!("writing the image.json layer to {output_ref}"))?;
+        .write_layer(
+            compression,
+            vec![TarEntry::bytes(IMAGE_JSON, image_json_bytes, 0o644, 0, 0)],
+            mtime,
+            threads,
+            &mut |_| {},
+        )
+        .stage(Code::Output, || {
+            format!("writing the image.json layer to {output_ref}")
+        })?;
 
     let changes = ConfigChanges {
         user: Some(format!("{uid}:{gid}")),
@@ -182,29 +261,52 @@ pub fn run(args: BuildArgs, quiet: bool) -> Result<()> {
         cmd,
         labels: {
             let mut l = labels;
-            l.entry("io.bakedb.engine".into()).or_insert_with(|| snapshot.engine.into());
+            l.entry("io.bakedb.engine".into())
+                .or_insert_with(|| snapshot.engine.into());
             l.insert("io.bakedb.data-digest".into(), data_digest.to_string());
             l
         },
         ..Default::default()
     };
     let new_layers = [
-        NewLayer { layer: data_layer.clone(), created_by: format!("bakedb build: {} data under /{DATA_DIR}", snapshot.engine) },
-        NewLayer { layer: meta_layer.clone(), created_by: format!("bakedb build: /{IMAGE_JSON}") },
+        NewLayer {
+            layer: data_layer.clone(),
+            created_by: format!("bakedb build: {} data under /{DATA_DIR}", snapshot.engine),
+        },
+        NewLayer {
+            layer: meta_layer.clone(),
+            created_by: format!("bakedb build: /{IMAGE_JSON}"),
+        },
     ];
-    let config = derive_config(base.as_ref().map(|(_, image)| &image.config), &changes, &new_layers, &created);
+    let config = derive_config(
+        base.as_ref().map(|(_, image)| &image.config),
+        &changes,
+        &new_layers,
+        &created,
+    );
     layers.push(data_layer);
     layers.push(meta_layer);
-    annotations.entry("org.opencontainers.image.created".into()).or_insert_with(|| created.clone());
+    annotations
+        .entry("org.opencontainers.image.created".into())
+        .or_insert_with(|| created.clone());
     if let Some(tag) = output_ref.tag() {
-        annotations.entry("org.opencontainers.image.version".into()).or_insert_with(|| tag.rsplit(':').next().unwrap_or(tag).to_owned());
+        annotations
+            .entry("org.opencontainers.image.version".into())
+            .or_insert_with(|| tag.rsplit(':').next().unwrap_or(tag).to_owned());
     }
     if let Some(src) = snapshot.provenance["source"].as_str() {
-        annotations.entry("org.opencontainers.image.source".into()).or_insert_with(|| src.to_owned());
+        annotations
+            .entry("org.opencontainers.image.source".into())
+            .or_insert_with(|| src.to_owned());
     }
     progress.phase("manifest", 0);
-    let written = output.finish(&config, layers, &annotations, mtime).stage(Code::Output, || format!("writing {output_ref}"))?;
-    progress.done(&format!("wrote {} {}", written.reference, written.manifest_digest));
+    let written = output
+        .finish(&config, layers, &annotations, mtime)
+        .stage(Code::Output, || format!("writing {output_ref}"))?;
+    progress.done(&format!(
+        "wrote {} {}",
+        written.reference, written.manifest_digest
+    ));
 
     let total: u64 = written.layers.iter().map(|l| l.size).sum::<u64>() + written.manifest_size;
     if args.json {

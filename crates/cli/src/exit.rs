@@ -44,16 +44,19 @@ pub fn code_of(err: &anyhow::Error) -> Code {
     match (stage, err.downcast_ref::<E>()) {
         (_, Some(E::TagExists { .. })) => Code::Exists,
         (_, Some(E::BadReference { .. })) => Code::Usage,
-        (Some(Code::VerifyFailed), Some(E::TagNotFound { .. } | E::AmbiguousImage { .. })) => Code::NotFound,
+        (Some(Code::VerifyFailed), Some(E::TagNotFound { .. } | E::AmbiguousImage { .. })) => {
+            Code::NotFound
+        }
         (Some(code), _) => code,
         (None, _) => Code::Internal,
     }
 }
 
 pub fn report_and_exit(err: anyhow::Error) -> ! {
-    let broken_pipe = err
-        .chain()
-        .any(|e| e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe));
+    let broken_pipe = err.chain().any(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    });
     if broken_pipe {
         std::process::exit(0);
     }

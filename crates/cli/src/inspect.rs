@@ -15,17 +15,24 @@ use crate::progress::human_bytes;
 fn find_image_json(source: &ImageSource, layers: &[LayerRef]) -> Result<Option<Value>> {
     match source.find_file(layers, IMAGE_JSON, 1 << 20)? {
         None => Ok(None),
-        Some(bytes) => Ok(Some(serde_json::from_slice(&bytes).context("image.json is not valid JSON")?)),
+        Some(bytes) => Ok(Some(
+            serde_json::from_slice(&bytes).context("image.json is not valid JSON")?,
+        )),
     }
 }
 
 pub fn run(args: InspectArgs) -> Result<()> {
-    let reference: ImageRef = args.reference.parse().stage(Code::Usage, || "parsing the image reference".into())?;
+    let reference: ImageRef = args
+        .reference
+        .parse()
+        .stage(Code::Usage, || "parsing the image reference".into())?;
     let what = || format!("inspecting {reference}");
     let source = ImageSource::open(&reference).stage(Code::NotFound, what)?;
     let tags = source.tags().stage(Code::VerifyFailed, what)?;
     let image = source.resolve().stage(Code::NotFound, what)?;
-    let image_json = find_image_json(&source, &image.layers).stage(Code::VerifyFailed, || format!("reading image.json of {reference}"))?;
+    let image_json = find_image_json(&source, &image.layers).stage(Code::VerifyFailed, || {
+        format!("reading image.json of {reference}")
+    })?;
     let layers: Vec<Value> = image
         .layers
         .iter()
@@ -51,36 +58,75 @@ pub fn run(args: InspectArgs) -> Result<()> {
         return Ok(());
     }
     println!("Reference:   {reference}");
-    println!("Manifest:    {} ({} bytes)", image.manifest_digest, image.manifest_bytes.len());
+    println!(
+        "Manifest:    {} ({} bytes)",
+        image.manifest_digest,
+        image.manifest_bytes.len()
+    );
     println!("Config:      {}", image.config_digest);
     println!("Created:     {}", out["created"].as_str().unwrap_or("-"));
-    println!("Platform:    {}/{}", out["os"].as_str().unwrap_or("?"), out["architecture"].as_str().unwrap_or("?"));
+    println!(
+        "Platform:    {}/{}",
+        out["os"].as_str().unwrap_or("?"),
+        out["architecture"].as_str().unwrap_or("?")
+    );
     println!("Tags:");
     for t in &tags {
-        println!("  {:20} {}", t.tag.as_deref().unwrap_or("<untagged>"), t.digest);
+        println!(
+            "  {:20} {}",
+            t.tag.as_deref().unwrap_or("<untagged>"),
+            t.digest
+        );
     }
     let cfg = &out["config"];
-    for (label, key) in [("User", "User"), ("Entrypoint", "Entrypoint"), ("Cmd", "Cmd"), ("Env", "Env"), ("Labels", "Labels")] {
+    for (label, key) in [
+        ("User", "User"),
+        ("Entrypoint", "Entrypoint"),
+        ("Cmd", "Cmd"),
+        ("Env", "Env"),
+        ("Labels", "Labels"),
+    ] {
         if let Some(v) = cfg.get(key) {
             println!("{:<12} {}", format!("{label}:"), v);
         }
     }
-    println!("Layers:      {} ({})", image.layers.len(), human_bytes(out["size"].as_u64().unwrap_or(0)));
+    println!(
+        "Layers:      {} ({})",
+        image.layers.len(),
+        human_bytes(out["size"].as_u64().unwrap_or(0))
+    );
     for l in &image.layers {
-        println!("  {} {:>10} {}", l.digest, human_bytes(l.size), l.media_type);
+        println!(
+            "  {} {:>10} {}",
+            l.digest,
+            human_bytes(l.size),
+            l.media_type
+        );
     }
     match &out["image_json"] {
         Value::Null => println!("Data:        no /{IMAGE_JSON} (not a bakedb image)"),
         ij => {
-            println!("Data:        engine {}, profile {}", ij["engine"].as_str().unwrap_or("?"), ij["profile"].as_str().unwrap_or("?"));
+            println!(
+                "Data:        engine {}, profile {}",
+                ij["engine"].as_str().unwrap_or("?"),
+                ij["profile"].as_str().unwrap_or("?")
+            );
             println!("Snapshot:    {}", ij["snapshot"]);
             for f in ij["files"].as_array().into_iter().flatten() {
                 let digest = match (f["sha256"].as_str(), f["chunks"].as_array()) {
                     (Some(d), _) => format!("sha256:{d}"),
-                    (None, Some(c)) => format!("{} chunks of {}", c.len(), human_bytes(ij["chunk_size"].as_u64().unwrap_or(0))),
+                    (None, Some(c)) => format!(
+                        "{} chunks of {}",
+                        c.len(),
+                        human_bytes(ij["chunk_size"].as_u64().unwrap_or(0))
+                    ),
                     _ => "?".into(),
                 };
-                println!("  {} {:>10} {digest}", f["path"].as_str().unwrap_or("?"), human_bytes(f["size"].as_u64().unwrap_or(0)));
+                println!(
+                    "  {} {:>10} {digest}",
+                    f["path"].as_str().unwrap_or("?"),
+                    human_bytes(f["size"].as_u64().unwrap_or(0))
+                );
             }
         }
     }

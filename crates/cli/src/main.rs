@@ -12,7 +12,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
-#[command(name = "bakedb", version, about = "Bake a read-only database snapshot into an OCI image")]
+#[command(
+    name = "bakedb",
+    version,
+    about = "Bake a read-only database snapshot into an OCI image"
+)]
 struct Cli {
     /// Print nothing but errors (and --json output).
     #[arg(long, short, global = true)]

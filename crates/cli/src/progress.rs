@@ -14,8 +14,13 @@ pub struct Progress {
 
 impl Progress {
     pub fn new(quiet: bool) -> Self {
-        let interactive = !quiet && std::io::stderr().is_terminal() && std::env::var_os("CI").is_none();
-        Progress { quiet, bar: interactive.then(ProgressBar::hidden), started: Instant::now() }
+        let interactive =
+            !quiet && std::io::stderr().is_terminal() && std::env::var_os("CI").is_none();
+        Progress {
+            quiet,
+            bar: interactive.then(ProgressBar::hidden),
+            started: Instant::now(),
+        }
     }
 
     /// Start a phase of `total` bytes (0: unknown).
@@ -25,9 +30,11 @@ impl Progress {
             bar.finish_and_clear();
             let bar = ProgressBar::new(total);
             bar.set_style(
-                ProgressStyle::with_template("{msg:24} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}")
-                    .expect("valid template")
-                    .progress_chars("=> "),
+                ProgressStyle::with_template(
+                    "{msg:24} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
             );
             bar.set_message(message.to_owned());
             self.bar = Some(bar);
@@ -46,7 +53,10 @@ impl Progress {
             bar.finish_and_clear();
         }
         if !self.quiet {
-            eprintln!("bakedb: {line} ({:.2} s)", self.started.elapsed().as_secs_f64());
+            eprintln!(
+                "bakedb: {line} ({:.2} s)",
+                self.started.elapsed().as_secs_f64()
+            );
         }
     }
 }
@@ -59,5 +69,9 @@ pub fn human_bytes(n: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }

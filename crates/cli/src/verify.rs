@@ -5,18 +5,26 @@ use bakedb_oci::reference::ImageRef;
 use bakedb_oci::verify::verify;
 use serde_json::json;
 
+use crate::VerifyArgs;
 use crate::exit::{Code, StageExt};
 use crate::progress::{Progress, human_bytes};
-use crate::VerifyArgs;
 
 pub fn run(args: VerifyArgs, quiet: bool) -> Result<()> {
-    let reference: ImageRef = args.reference.parse().stage(Code::Usage, || "parsing the image reference".into())?;
+    let reference: ImageRef = args
+        .reference
+        .parse()
+        .stage(Code::Usage, || "parsing the image reference".into())?;
     if !reference.path().exists() {
-        return Err(anyhow::anyhow!("{} does not exist", reference.path().display())).stage(Code::NotFound, || format!("verifying {reference}"));
+        return Err(anyhow::anyhow!(
+            "{} does not exist",
+            reference.path().display()
+        ))
+        .stage(Code::NotFound, || format!("verifying {reference}"));
     }
     let mut progress = Progress::new(quiet || args.json);
     progress.phase("verify", 0);
-    let report = verify(&reference, &mut |n| progress.inc(n)).stage(Code::VerifyFailed, || format!("verifying {reference}"))?;
+    let report = verify(&reference, &mut |n| progress.inc(n))
+        .stage(Code::VerifyFailed, || format!("verifying {reference}"))?;
     progress.done(&format!(
         "{reference}: manifest {}, config {}, {} layers ({}) verified",
         report.image.manifest_digest,

@@ -10,9 +10,9 @@
 //! every byte.
 
 use std::fs::File;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
@@ -56,9 +56,14 @@ pub fn digest_file(file: &DataFile, threads: usize) -> Result<FileDigest> {
         let mut off = start;
         while off < end {
             let want = buf.len().min((end - off) as usize);
-            let n = f.read_at(&mut buf[..want], off).map_err(io("reading", path))?;
+            let n = f
+                .read_at(&mut buf[..want], off)
+                .map_err(io("reading", path))?;
             if n == 0 {
-                return Err(Error::Source { path: path.clone(), reason: "file shrank while being hashed".into() });
+                return Err(Error::Source {
+                    path: path.clone(),
+                    reason: "file shrank while being hashed".into(),
+                });
             }
             hasher.update(&buf[..n]);
             off += n as u64;
@@ -74,12 +79,17 @@ pub fn digest_file(file: &DataFile, threads: usize) -> Result<FileDigest> {
                 return Ok(out);
             }
             let start = i * CHUNK_SIZE;
-            out.push((i as usize, hash_range(&mut buf, start, (start + CHUNK_SIZE).min(size))?));
+            out.push((
+                i as usize,
+                hash_range(&mut buf, start, (start + CHUNK_SIZE).min(size))?,
+            ));
         }
     };
     let mut chunks = vec![String::new(); n_chunks as usize];
     std::thread::scope(|scope| -> Result<()> {
-        let helpers: Vec<_> = (1..threads.min(n_chunks as usize)).map(|_| scope.spawn(worker)).collect();
+        let helpers: Vec<_> = (1..threads.min(n_chunks as usize))
+            .map(|_| scope.spawn(worker))
+            .collect();
         let mut results = worker()?;
         for h in helpers {
             results.extend(h.join().expect("hash worker panicked")?);
@@ -89,12 +99,28 @@ pub fn digest_file(file: &DataFile, threads: usize) -> Result<FileDigest> {
         }
         Ok(())
     })?;
-    let now = File::open(path).and_then(|f| f.metadata()).map_err(io("reading metadata of", path))?.len();
+    let now = File::open(path)
+        .and_then(|f| f.metadata())
+        .map_err(io("reading metadata of", path))?
+        .len();
     if now != size {
-        return Err(Error::Source { path: path.clone(), reason: "file changed size while being hashed".into() });
+        return Err(Error::Source {
+            path: path.clone(),
+            reason: "file changed size while being hashed".into(),
+        });
     }
-    let (sha256, chunks) = if n_chunks == 1 { (chunks.pop(), Vec::new()) } else { (None, chunks) };
-    Ok(FileDigest { path: file.rel_path.clone(), size, mode: format!("{:04o}", file.mode), sha256, chunks })
+    let (sha256, chunks) = if n_chunks == 1 {
+        (chunks.pop(), Vec::new())
+    } else {
+        (None, chunks)
+    };
+    Ok(FileDigest {
+        path: file.rel_path.clone(),
+        size,
+        mode: format!("{:04o}", file.mode),
+        sha256,
+        chunks,
+    })
 }
 
 #[cfg(test)]
@@ -107,20 +133,39 @@ mod tests {
         let path = dir.path().join("f");
         let data: Vec<u8> = (0..(CHUNK_SIZE * 2 + 5)).map(|i| (i % 251) as u8).collect();
         std::fs::write(&path, &data).unwrap();
-        let df = DataFile { rel_path: "f".into(), host_path: path.clone(), mode: 0o644 };
+        let df = DataFile {
+            rel_path: "f".into(),
+            host_path: path.clone(),
+            mode: 0o644,
+        };
         let d = digest_file(&df, 2).unwrap();
         assert_eq!(d.size, data.len() as u64);
-        assert_eq!(d.sha256, None, "no whole-file digest for a multi-chunk file");
+        assert_eq!(
+            d.sha256, None,
+            "no whole-file digest for a multi-chunk file"
+        );
         assert_eq!(d.chunks.len(), 3);
-        assert_eq!(d.chunks[2], hex(&Sha256::digest(&data[2 * CHUNK_SIZE as usize..])));
-        assert_eq!(d.chunks[0], hex(&Sha256::digest(&data[..CHUNK_SIZE as usize])));
+        assert_eq!(
+            d.chunks[2],
+            hex(&Sha256::digest(&data[2 * CHUNK_SIZE as usize..]))
+        );
+        assert_eq!(
+            d.chunks[0],
+            hex(&Sha256::digest(&data[..CHUNK_SIZE as usize]))
+        );
         std::fs::write(&path, b"small").unwrap();
         let d = digest_file(&df, 2).unwrap();
         assert!(d.chunks.is_empty());
-        assert_eq!(d.sha256.as_deref(), Some(hex(&Sha256::digest(b"small")).as_str()));
+        assert_eq!(
+            d.sha256.as_deref(),
+            Some(hex(&Sha256::digest(b"small")).as_str())
+        );
         assert_eq!(d.mode, "0644");
         std::fs::write(&path, b"").unwrap();
         let d = digest_file(&df, 2).unwrap();
-        assert_eq!(d.sha256.as_deref(), Some(hex(&Sha256::digest(b"")).as_str()));
+        assert_eq!(
+            d.sha256.as_deref(),
+            Some(hex(&Sha256::digest(b"")).as_str())
+        );
     }
 }

@@ -24,13 +24,20 @@ fn write_archive_atomically(file: &Path, entries: Vec<TarEntry>, mtime: u64) -> 
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let name = file.file_name().and_then(|n| n.to_str()).unwrap_or("archive");
+    let name = file
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("archive");
     let tmp = fsutil::temp_name(dir, name);
     let result = (|| {
         let f = File::create(&tmp).map_err(Error::io("creating", &tmp))?;
         let mut out = BufWriter::with_capacity(1 << 20, f);
         tarball::write_tar(&entries, mtime, &mut out)?;
-        let f = out.into_inner().map_err(|e| Error::Io { op: "writing", path: tmp.clone(), source: e.into_error() })?;
+        let f = out.into_inner().map_err(|e| Error::Io {
+            op: "writing",
+            path: tmp.clone(),
+            source: e.into_error(),
+        })?;
         f.sync_all().map_err(Error::io("syncing", &tmp))?;
         fs::rename(&tmp, file).map_err(Error::io("renaming into place", file))?;
         fsutil::sync_dir(dir)
@@ -51,7 +58,13 @@ pub fn write_oci_archive(staging: &Path, file: &Path, mtime: u64) -> Result<()> 
     for entry in fs::read_dir(&blobs).map_err(Error::io("listing", &blobs))? {
         let entry = entry.map_err(Error::io("listing", &blobs))?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        entries.push(TarEntry::file(&format!("blobs/sha256/{name}"), entry.path(), 0o644, 0, 0)?);
+        entries.push(TarEntry::file(
+            &format!("blobs/sha256/{name}"),
+            entry.path(),
+            0o644,
+            0,
+            0,
+        )?);
     }
     write_archive_atomically(file, entries, mtime)
 }
@@ -67,8 +80,12 @@ pub fn write_docker_archive(
     mtime: u64,
 ) -> Result<()> {
     let config_name = format!("{}.json", Digest::of(config).hex());
-    let layer_names: Vec<String> = layers.iter().map(|l| format!("{}.tar", l.digest.hex())).collect();
-    let manifest = json!([{ "Config": config_name, "RepoTags": [repo_tag], "Layers": layer_names }]);
+    let layer_names: Vec<String> = layers
+        .iter()
+        .map(|l| format!("{}.tar", l.digest.hex()))
+        .collect();
+    let manifest =
+        json!([{ "Config": config_name, "RepoTags": [repo_tag], "Layers": layer_names }]);
     let mut entries = vec![
         TarEntry::bytes("manifest.json", canonical_json(&manifest), 0o644, 0, 0),
         TarEntry::bytes(&config_name, config.to_vec(), 0o644, 0, 0),
@@ -81,4 +98,3 @@ pub fn write_docker_archive(
     }
     write_archive_atomically(file, entries, mtime)
 }
-

@@ -58,7 +58,8 @@ impl BlobStore {
 
     pub fn put(&self, bytes: &[u8]) -> Result<BlobInfo> {
         let mut w = self.writer()?;
-        w.write_all(bytes).map_err(Error::io("writing blob", w.tmp.clone()))?;
+        w.write_all(bytes)
+            .map_err(Error::io("writing blob", w.tmp.clone()))?;
         w.commit(None)
     }
 
@@ -108,7 +109,8 @@ impl BlobWriter {
                 actual_size: info.size,
             });
         }
-        file.sync_all().map_err(Error::io("syncing blob", &self.tmp))?;
+        file.sync_all()
+            .map_err(Error::io("syncing blob", &self.tmp))?;
         drop(file);
         let dest = self.dir.join(info.digest.hex());
         if fs::metadata(&dest).is_ok_and(|m| m.len() == info.size) {
@@ -156,14 +158,20 @@ mod tests {
         assert!(store.contains(&info.digest, 5));
         // Writing the same content again leaves one file and no temp files.
         store.put(b"hello").unwrap();
-        let names: Vec<_> = std::fs::read_dir(dir.path().join("blobs/sha256")).unwrap().collect();
+        let names: Vec<_> = std::fs::read_dir(dir.path().join("blobs/sha256"))
+            .unwrap()
+            .collect();
         assert_eq!(names.len(), 1);
 
         let mut w = store.writer().unwrap();
         w.write_all(b"tampered").unwrap();
-        let err = w.commit(Some((&info.digest, 5, "layer", "test"))).unwrap_err();
+        let err = w
+            .commit(Some((&info.digest, 5, "layer", "test")))
+            .unwrap_err();
         assert!(matches!(err, Error::DigestMismatch { .. }), "{err}");
-        let names: Vec<_> = std::fs::read_dir(dir.path().join("blobs/sha256")).unwrap().collect();
+        let names: Vec<_> = std::fs::read_dir(dir.path().join("blobs/sha256"))
+            .unwrap()
+            .collect();
         assert_eq!(names.len(), 1, "mismatching blob must not be kept");
     }
 }

@@ -41,13 +41,16 @@ impl Compression {
     /// The compression of a layer media type, OCI or Docker; None for anything else.
     pub fn from_media_type(media_type: &str) -> Option<Compression> {
         match media_type {
-            MEDIA_TYPE_LAYER | MEDIA_TYPE_DOCKER_LAYER | "application/vnd.oci.image.layer.nondistributable.v1.tar" => {
-                Some(Compression::None)
-            }
+            MEDIA_TYPE_LAYER
+            | MEDIA_TYPE_DOCKER_LAYER
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar" => Some(Compression::None),
             MEDIA_TYPE_LAYER_GZIP
             | MEDIA_TYPE_DOCKER_LAYER_GZIP
-            | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip" => Some(Compression::Gzip),
-            MEDIA_TYPE_LAYER_ZSTD | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd" => {
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip" => {
+                Some(Compression::Gzip)
+            }
+            MEDIA_TYPE_LAYER_ZSTD
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd" => {
                 Some(Compression::Zstd)
             }
             _ => None,
@@ -73,7 +76,11 @@ impl Compression {
         }
     }
 
-    pub fn encoder<W: Write + Send + 'static>(self, out: W, threads: usize) -> io::Result<Encoder<W>> {
+    pub fn encoder<W: Write + Send + 'static>(
+        self,
+        out: W,
+        threads: usize,
+    ) -> io::Result<Encoder<W>> {
         Ok(match self {
             Compression::None => Encoder::None(out),
             Compression::Gzip => Encoder::Gzip(ParallelGzip::new(out, threads)),
@@ -88,7 +95,9 @@ impl Compression {
     pub fn decoder<'r, R: Read + 'r>(self, input: R) -> io::Result<Box<dyn Read + 'r>> {
         Ok(match self {
             Compression::None => Box::new(input),
-            Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(io::BufReader::with_capacity(1 << 16, input))),
+            Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(
+                io::BufReader::with_capacity(1 << 16, input),
+            )),
             Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(input)?),
         })
     }
@@ -154,13 +163,16 @@ impl<W: Write> ParallelGzip<W> {
             .map(|_| {
                 let rx = Arc::clone(&rx);
                 std::thread::spawn(move || {
-                    let mut compressor =
-                        libdeflater::Compressor::new(libdeflater::CompressionLvl::new(GZIP_LEVEL).expect("valid level"));
+                    let mut compressor = libdeflater::Compressor::new(
+                        libdeflater::CompressionLvl::new(GZIP_LEVEL).expect("valid level"),
+                    );
                     loop {
                         let job = rx.lock().expect("job queue").recv();
                         let Ok((input, reply)) = job else { return };
                         let mut output = vec![0u8; compressor.gzip_compress_bound(input.len())];
-                        let n = compressor.gzip_compress(&input, &mut output).expect("bound is sufficient");
+                        let n = compressor
+                            .gzip_compress(&input, &mut output)
+                            .expect("bound is sufficient");
                         output.truncate(n);
                         let _ = reply.send(output);
                     }
@@ -196,7 +208,9 @@ impl<W: Write> ParallelGzip<W> {
 
     fn write_oldest(&mut self) -> io::Result<()> {
         if let Some(rx) = self.pending.pop_front() {
-            let member = rx.recv().map_err(|_| io::Error::other("gzip worker failed"))?;
+            let member = rx
+                .recv()
+                .map_err(|_| io::Error::other("gzip worker failed"))?;
             self.out.as_mut().expect("open").write_all(&member)?;
         }
         Ok(())
@@ -252,7 +266,9 @@ mod tests {
     use super::*;
 
     fn sample() -> Vec<u8> {
-        (0..3_500_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8 % 7).collect()
+        (0..3_500_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8 % 7)
+            .collect()
     }
 
     #[test]
@@ -269,7 +285,11 @@ mod tests {
         assert_eq!(outputs[0], outputs[1]);
         assert_eq!(outputs[0], outputs[2]);
         let mut back = Vec::new();
-        Compression::Gzip.decoder(&outputs[0][..]).unwrap().read_to_end(&mut back).unwrap();
+        Compression::Gzip
+            .decoder(&outputs[0][..])
+            .unwrap()
+            .read_to_end(&mut back)
+            .unwrap();
         assert_eq!(back, data);
     }
 
@@ -284,15 +304,27 @@ mod tests {
         }
         assert_eq!(outputs[0], outputs[1]);
         let mut back = Vec::new();
-        Compression::Zstd.decoder(&outputs[0][..]).unwrap().read_to_end(&mut back).unwrap();
+        Compression::Zstd
+            .decoder(&outputs[0][..])
+            .unwrap()
+            .read_to_end(&mut back)
+            .unwrap();
         assert_eq!(back, data);
     }
 
     #[test]
     fn empty_gzip_is_valid() {
-        let out = Compression::Gzip.encoder(Vec::new(), 2).unwrap().finish().unwrap();
+        let out = Compression::Gzip
+            .encoder(Vec::new(), 2)
+            .unwrap()
+            .finish()
+            .unwrap();
         let mut back = Vec::new();
-        Compression::Gzip.decoder(&out[..]).unwrap().read_to_end(&mut back).unwrap();
+        Compression::Gzip
+            .decoder(&out[..])
+            .unwrap()
+            .read_to_end(&mut back)
+            .unwrap();
         assert!(back.is_empty());
         assert_eq!(&out[..2], &[0x1f, 0x8b]);
     }

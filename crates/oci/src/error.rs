@@ -32,7 +32,9 @@ pub enum Error {
         expected_size: u64,
         actual_size: u64,
     },
-    #[error("layer {layer} in {location}: uncompressed content has diff_id {actual}, config lists {expected}")]
+    #[error(
+        "layer {layer} in {location}: uncompressed content has diff_id {actual}, config lists {expected}"
+    )]
     DiffIdMismatch {
         layer: String,
         location: String,
@@ -65,7 +67,9 @@ pub enum Error {
         tag: String,
         available: String,
     },
-    #[error("{location} holds {count} images and no tag was given; name one with :TAG (tags present: {available})")]
+    #[error(
+        "{location} holds {count} images and no tag was given; name one with :TAG (tags present: {available})"
+    )]
     AmbiguousImage {
         location: String,
         count: usize,
@@ -78,7 +82,10 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> Error {
+    pub(crate) fn io(
+        op: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(io::Error) -> Error {
         let path = path.into();
         move |source| Error::Io { op, path, source }
     }

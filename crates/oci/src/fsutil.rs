@@ -41,7 +41,9 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 pub(crate) fn remove_temp_files(dir: &Path, prefix: &str) {
     if let Ok(entries) = fs::read_dir(dir) {
         for entry in entries.flatten() {
-            if entry.file_name().to_string_lossy().starts_with(prefix) && entry.file_type().is_ok_and(|t| t.is_file()) {
+            if entry.file_name().to_string_lossy().starts_with(prefix)
+                && entry.file_type().is_ok_and(|t| t.is_file())
+            {
                 let _ = fs::remove_file(entry.path());
             }
         }

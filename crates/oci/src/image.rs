@@ -17,7 +17,8 @@ pub const MEDIA_TYPE_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+jso
 pub const MEDIA_TYPE_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 pub const MEDIA_TYPE_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 pub const MEDIA_TYPE_DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
-pub const MEDIA_TYPE_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub const MEDIA_TYPE_DOCKER_LIST: &str =
+    "application/vnd.docker.distribution.manifest.list.v2+json";
 pub const ANNOTATION_REF_NAME: &str = "org.opencontainers.image.ref.name";
 pub const ANNOTATION_CREATED: &str = "org.opencontainers.image.created";
 
@@ -56,7 +57,12 @@ fn go_arch() -> &'static str {
 }
 
 /// The image config: the base's (if any) with `changes` applied and `layers` appended.
-pub fn derive_config(base: Option<&Value>, changes: &ConfigChanges, layers: &[NewLayer], created: &str) -> Value {
+pub fn derive_config(
+    base: Option<&Value>,
+    changes: &ConfigChanges,
+    layers: &[NewLayer],
+    created: &str,
+) -> Value {
     let mut config = base.cloned().unwrap_or_else(|| {
         json!({
             "architecture": go_arch(),
@@ -83,7 +89,11 @@ pub fn derive_config(base: Option<&Value>, changes: &ConfigChanges, layers: &[Ne
         let mut env: Vec<String> = rt
             .get("Env")
             .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect()
+            })
             .unwrap_or_default();
         for kv in &changes.env {
             let key = kv.split('=').next().unwrap_or(kv);
@@ -111,7 +121,10 @@ pub fn derive_config(base: Option<&Value>, changes: &ConfigChanges, layers: &[Ne
             *labels = json!({});
         }
         for (k, v) in &changes.labels {
-            labels.as_object_mut().expect("object").insert(k.clone(), json!(v));
+            labels
+                .as_object_mut()
+                .expect("object")
+                .insert(k.clone(), json!(v));
         }
     }
     if !changes.exposed_ports.is_empty() {
@@ -120,20 +133,28 @@ pub fn derive_config(base: Option<&Value>, changes: &ConfigChanges, layers: &[Ne
             *ports = json!({});
         }
         for p in &changes.exposed_ports {
-            ports.as_object_mut().expect("object").insert(p.clone(), json!({}));
+            ports
+                .as_object_mut()
+                .expect("object")
+                .insert(p.clone(), json!({}));
         }
     }
     if let Some(sig) = &changes.stop_signal {
         rt.insert("StopSignal".into(), json!(sig));
     }
-    let rootfs = obj.entry("rootfs").or_insert_with(|| json!({"type": "layers", "diff_ids": []}));
+    let rootfs = obj
+        .entry("rootfs")
+        .or_insert_with(|| json!({"type": "layers", "diff_ids": []}));
     let diff_ids = rootfs
         .as_object_mut()
         .expect("rootfs is an object")
         .entry("diff_ids")
         .or_insert_with(|| json!([]));
     for l in layers {
-        diff_ids.as_array_mut().expect("diff_ids is an array").push(json!(l.layer.diff_id.to_string()));
+        diff_ids
+            .as_array_mut()
+            .expect("diff_ids is an array")
+            .push(json!(l.layer.diff_id.to_string()));
     }
     let history = obj.entry("history").or_insert_with(|| json!([]));
     for l in layers {
@@ -162,7 +183,9 @@ pub fn manifest(
         "layers": layers.iter().map(|l| descriptor(&l.media_type, &l.digest, l.size)).collect::<Vec<_>>(),
     });
     if !annotations.is_empty() {
-        m.as_object_mut().expect("object").insert("annotations".into(), json!(annotations));
+        m.as_object_mut()
+            .expect("object")
+            .insert("annotations".into(), json!(annotations));
     }
     m
 }
@@ -248,7 +271,10 @@ mod tests {
         let c = derive_config(Some(&base), &changes, &[layer(2)], "t");
         assert_eq!(c["config"]["Env"], json!(["PATH=/bin", "A=1"]));
         assert_eq!(c["config"]["Healthcheck"], json!({"Test": ["NONE"]}));
-        assert!(c["config"].get("Cmd").is_none(), "new entrypoint resets inherited cmd");
+        assert!(
+            c["config"].get("Cmd").is_none(),
+            "new entrypoint resets inherited cmd"
+        );
         assert_eq!(c["rootfs"]["diff_ids"].as_array().unwrap().len(), 2);
         assert_eq!(c["history"].as_array().unwrap().len(), 2);
         assert!(c.get("container_config").is_none());

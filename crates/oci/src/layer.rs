@@ -57,10 +57,16 @@ pub fn write_layer(
     let encoder = compression
         .encoder(blob, threads)
         .map_err(Error::io("starting compressor for", &tmp))?;
-    let mut tap = Tap { inner: encoder, hasher: compressed.then(Sha256::new), progress };
+    let mut tap = Tap {
+        inner: encoder,
+        hasher: compressed.then(Sha256::new),
+        progress,
+    };
     tarball::write_tar(&entries, mtime, &mut tap)?;
     let Tap { inner, hasher, .. } = tap;
-    let blob: BlobWriter = inner.finish().map_err(Error::io("compressing layer into", &tmp))?;
+    let blob: BlobWriter = inner
+        .finish()
+        .map_err(Error::io("compressing layer into", &tmp))?;
     let info = blob.commit(None)?;
     let diff_id = hasher.map_or(info.digest, Digest::from_hasher);
     Ok(LayerInfo {
@@ -82,7 +88,12 @@ mod tests {
         let store = BlobStore::create(dir.path()).unwrap();
         let entries = vec![TarEntry::bytes("data/x", vec![7u8; 100_000], 0o644, 1, 1)];
         let mut plain = Vec::new();
-        tarball::write_tar(&tarball::canonicalize(entries.clone()).unwrap(), 5, &mut plain).unwrap();
+        tarball::write_tar(
+            &tarball::canonicalize(entries.clone()).unwrap(),
+            5,
+            &mut plain,
+        )
+        .unwrap();
         for c in [Compression::None, Compression::Gzip, Compression::Zstd] {
             let info = write_layer(&store, c, entries.clone(), 5, 2, &mut |_| {}).unwrap();
             assert_eq!(info.diff_id, Digest::of(&plain), "{c:?}");
@@ -90,7 +101,10 @@ mod tests {
             assert_eq!(Digest::of(&blob), info.digest);
             assert_eq!(blob.len() as u64, info.size);
             let mut back = Vec::new();
-            c.decoder(&blob[..]).unwrap().read_to_end(&mut back).unwrap();
+            c.decoder(&blob[..])
+                .unwrap()
+                .read_to_end(&mut back)
+                .unwrap();
             assert_eq!(back, plain);
         }
     }

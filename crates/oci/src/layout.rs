@@ -43,26 +43,46 @@ impl LayoutWriter {
             });
         }
         let lock = File::open(root).map_err(Error::io("opening output directory", root))?;
-        lock.lock().map_err(Error::io("locking output directory", root))?;
+        lock.lock()
+            .map_err(Error::io("locking output directory", root))?;
         let has_index = root.join("index.json").is_file();
-        let non_empty = fs::read_dir(root).map_err(Error::io("listing", root))?.next().is_some();
-        if !has_index && non_empty && !root.join("oci-layout").is_file() && !root.join("blobs").is_dir() {
+        let non_empty = fs::read_dir(root)
+            .map_err(Error::io("listing", root))?
+            .next()
+            .is_some();
+        if !has_index
+            && non_empty
+            && !root.join("oci-layout").is_file()
+            && !root.join("blobs").is_dir()
+        {
             return Err(Error::Invalid {
                 location: format!("oci:{}", root.display()),
                 what: "output directory".into(),
-                reason: "is not empty and is not an OCI image layout; choose a new or empty directory".into(),
+                reason:
+                    "is not empty and is not an OCI image layout; choose a new or empty directory"
+                        .into(),
             });
         }
         let blobs_dir = root.join("blobs").join("sha256");
         let existing_blobs = match fs::read_dir(&blobs_dir) {
-            Ok(rd) => rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect(),
+            Ok(rd) => rd
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect(),
             Err(_) => Default::default(),
         };
         let store = BlobStore::create(root)?;
         // We hold the lock, so temp files here belong to writers that died.
         store.remove_stale_temp_files()?;
         fsutil::remove_temp_files(root, "tmp.");
-        Ok(LayoutWriter { root: root.to_owned(), store, created_root, existing_blobs, committed: false, _lock: lock })
+        Ok(LayoutWriter {
+            root: root.to_owned(),
+            store,
+            created_root,
+            existing_blobs,
+            committed: false,
+            _lock: lock,
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -82,13 +102,19 @@ impl LayoutWriter {
                 reason: e.to_string(),
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(image::empty_index()),
-            Err(e) => Err(Error::Io { op: "reading", path, source: e }),
+            Err(e) => Err(Error::Io {
+                op: "reading",
+                path,
+                source: e,
+            }),
         }
     }
 
     pub fn has_tag(&self, tag: &str) -> Result<bool> {
         let index = self.read_index()?;
-        Ok(index["manifests"].as_array().is_some_and(|l| l.iter().any(|e| image::ref_name(e) == Some(tag))))
+        Ok(index["manifests"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|e| image::ref_name(e) == Some(tag))))
     }
 
     pub fn put_json(&self, value: &Value) -> Result<BlobInfo> {
@@ -96,17 +122,29 @@ impl LayoutWriter {
     }
 
     /// Point `tag` at the manifest, keeping every other tag; the layout's commit point.
-    pub fn commit_tag(mut self, tag: &str, manifest_digest: &Digest, manifest_size: u64, overwrite: bool) -> Result<()> {
+    pub fn commit_tag(
+        mut self,
+        tag: &str,
+        manifest_digest: &Digest,
+        manifest_size: u64,
+        overwrite: bool,
+    ) -> Result<()> {
         let mut index = self.read_index()?;
         if !overwrite && self.has_tag(tag)? {
-            return Err(Error::TagExists { location: format!("oci:{}", self.root.display()), tag: tag.into() });
+            return Err(Error::TagExists {
+                location: format!("oci:{}", self.root.display()),
+                tag: tag.into(),
+            });
         }
         image::set_tag(&mut index, tag, manifest_digest, manifest_size);
         let layout_file = self.root.join("oci-layout");
         if fs::read(&layout_file).ok().as_deref() != Some(OCI_LAYOUT) {
             fsutil::write_atomic(&layout_file, OCI_LAYOUT)?;
         }
-        fsutil::write_atomic(&self.root.join("index.json"), &image::canonical_json(&index))?;
+        fsutil::write_atomic(
+            &self.root.join("index.json"),
+            &image::canonical_json(&index),
+        )?;
         self.committed = true;
         Ok(())
     }
@@ -129,7 +167,10 @@ impl Drop for LayoutWriter {
         let blobs_dir = self.root.join("blobs").join("sha256");
         if let Ok(rd) = fs::read_dir(&blobs_dir) {
             for entry in rd.flatten() {
-                if !self.existing_blobs.contains(&*entry.file_name().to_string_lossy()) {
+                if !self
+                    .existing_blobs
+                    .contains(&*entry.file_name().to_string_lossy())
+                {
                     let _ = fs::remove_file(entry.path());
                 }
             }
@@ -177,9 +218,18 @@ mod tests {
         }
         let w = LayoutWriter::open(&root).unwrap();
         let blob = w.store().put(b"3").unwrap();
-        assert!(matches!(w.commit_tag("a", &blob.digest, 1, false), Err(Error::TagExists { .. })));
-        let index: Value = serde_json::from_slice(&fs::read(root.join("index.json")).unwrap()).unwrap();
-        let tags: Vec<_> = index["manifests"].as_array().unwrap().iter().map(|e| image::ref_name(e).unwrap().to_owned()).collect();
+        assert!(matches!(
+            w.commit_tag("a", &blob.digest, 1, false),
+            Err(Error::TagExists { .. })
+        ));
+        let index: Value =
+            serde_json::from_slice(&fs::read(root.join("index.json")).unwrap()).unwrap();
+        let tags: Vec<_> = index["manifests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| image::ref_name(e).unwrap().to_owned())
+            .collect();
         assert_eq!(tags, ["a", "b"]);
     }
 

@@ -4,10 +4,12 @@
 //! Every blob is streamed through a hasher into a temporary file that is fsynced and renamed
 //! into place, and `index.json` is replaced last, so a reader never sees a half-written image.
 
+pub mod archive;
 pub mod blob;
 pub mod compress;
 pub mod digest;
 pub mod error;
+mod fsutil;
 pub mod image;
 pub mod layer;
 pub mod layout;
@@ -17,8 +19,6 @@ pub mod source;
 pub mod tarball;
 pub mod time;
 pub mod verify;
-pub mod archive;
-mod fsutil;
 
 pub use digest::Digest;
 pub use error::{Error, Result};

@@ -39,22 +39,35 @@ pub struct Written {
 impl Output {
     /// Check the target and open it for writing. Nothing visible changes until `finish`.
     pub fn open(target: &ImageRef, compression: Compression, overwrite: bool) -> Result<Self> {
-        let bad = |reason: &str| Error::BadReference { reference: target.to_string(), reason: reason.into() };
+        let bad = |reason: &str| Error::BadReference {
+            reference: target.to_string(),
+            reason: reason.into(),
+        };
         let tag = target.tag().ok_or_else(|| bad("an output needs a tag: oci:DIR:TAG, oci-archive:FILE:TAG or docker-archive:FILE:NAME:TAG"))?.to_owned();
         let writer = match target {
             ImageRef::Oci { dir, .. } => {
                 let w = LayoutWriter::open(dir)?;
                 if !overwrite && w.has_tag(&tag)? {
-                    return Err(Error::TagExists { location: target.location(), tag });
+                    return Err(Error::TagExists {
+                        location: target.location(),
+                        tag,
+                    });
                 }
                 w
             }
             ImageRef::OciArchive { file, .. } | ImageRef::DockerArchive { file, .. } => {
-                if matches!(target, ImageRef::DockerArchive { .. }) && compression == Compression::Zstd {
-                    return Err(bad("docker load (Docker before 23) cannot read zstd layers; use --compression gzip for docker-archive"));
+                if matches!(target, ImageRef::DockerArchive { .. })
+                    && compression == Compression::Zstd
+                {
+                    return Err(bad(
+                        "docker load (Docker before 23) cannot read zstd layers; use --compression gzip for docker-archive",
+                    ));
                 }
                 if !overwrite && file.exists() {
-                    return Err(Error::TagExists { location: target.location(), tag });
+                    return Err(Error::TagExists {
+                        location: target.location(),
+                        tag,
+                    });
                 }
                 if file.is_dir() {
                     return Err(bad("the archive path is a directory"));
@@ -70,12 +83,22 @@ impl Output {
                         source: std::io::Error::from(std::io::ErrorKind::NotFound),
                     });
                 }
-                let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let name = file
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
                 remove_dead_staging(&dir, &name);
-                LayoutWriter::open(&dir.join(format!(".{name}.bakedb-staging.{}", std::process::id())))?
+                LayoutWriter::open(
+                    &dir.join(format!(".{name}.bakedb-staging.{}", std::process::id())),
+                )?
             }
         };
-        Ok(Output { target: target.clone(), tag, writer, overwrite })
+        Ok(Output {
+            target: target.clone(),
+            tag,
+            writer,
+            overwrite,
+        })
     }
 
     pub fn write_layer(
@@ -86,12 +109,24 @@ impl Output {
         threads: usize,
         progress: &mut dyn FnMut(u64),
     ) -> Result<LayerInfo> {
-        layer::write_layer(self.writer.store(), compression, entries, mtime, threads, progress)
+        layer::write_layer(
+            self.writer.store(),
+            compression,
+            entries,
+            mtime,
+            threads,
+            progress,
+        )
     }
 
     /// Copy the base image's layers as they are (no extraction, no recompression), checking
     /// each blob's digest and size and, by decompressing on the fly, its diff_id.
-    pub fn copy_base_layers(&self, source: &ImageSource, base: &ResolvedImage, progress: &mut dyn FnMut(u64)) -> Result<Vec<LayerInfo>> {
+    pub fn copy_base_layers(
+        &self,
+        source: &ImageSource,
+        base: &ResolvedImage,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<Vec<LayerInfo>> {
         let store = self.writer.store();
         let location = source.location();
         let mut out = Vec::new();
@@ -102,7 +137,9 @@ impl Output {
                 let blob = source.open_blob(&layer.digest, "layer")?;
                 check_layer(blob, layer, &location, &mut |b| {
                     progress(b.len() as u64);
-                    writer.write_all(b).map_err(Error::io("copying base layer to", &tmp))
+                    writer
+                        .write_all(b)
+                        .map_err(Error::io("copying base layer to", &tmp))
                 })?;
                 writer.commit(Some((&layer.digest, layer.size, "layer", &location)))?;
             }
@@ -119,7 +156,13 @@ impl Output {
 
     /// Write config and manifest, then make the image visible: update index.json, or write
     /// the archive and rename it over the output file.
-    pub fn finish(self, config: &Value, layers: Vec<LayerInfo>, annotations: &BTreeMap<String, String>, mtime: u64) -> Result<Written> {
+    pub fn finish(
+        self,
+        config: &Value,
+        layers: Vec<LayerInfo>,
+        annotations: &BTreeMap<String, String>,
+        mtime: u64,
+    ) -> Result<Written> {
         let config_bytes = image::canonical_json(config);
         let config_info = self.writer.store().put(&config_bytes)?;
         let manifest = image::manifest(&config_info.digest, config_info.size, &layers, annotations);
@@ -133,16 +176,31 @@ impl Output {
         };
         match &self.target {
             ImageRef::Oci { .. } => {
-                self.writer.commit_tag(&self.tag, &manifest_info.digest, manifest_info.size, self.overwrite)?;
+                self.writer.commit_tag(
+                    &self.tag,
+                    &manifest_info.digest,
+                    manifest_info.size,
+                    self.overwrite,
+                )?;
             }
             ImageRef::OciArchive { file, .. } => {
                 let staging = self.writer.root().to_owned();
                 let result = (|| {
                     // The staging layout gets the tag, then the whole layout becomes the archive.
                     let mut index = image::empty_index();
-                    image::set_tag(&mut index, &self.tag, &manifest_info.digest, manifest_info.size);
-                    fs::write(staging.join("index.json"), image::canonical_json(&index)).map_err(Error::io("writing", staging.join("index.json")))?;
-                    fs::write(staging.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).map_err(Error::io("writing", staging.join("oci-layout")))?;
+                    image::set_tag(
+                        &mut index,
+                        &self.tag,
+                        &manifest_info.digest,
+                        manifest_info.size,
+                    );
+                    fs::write(staging.join("index.json"), image::canonical_json(&index))
+                        .map_err(Error::io("writing", staging.join("index.json")))?;
+                    fs::write(
+                        staging.join("oci-layout"),
+                        br#"{"imageLayoutVersion":"1.0.0"}"#,
+                    )
+                    .map_err(Error::io("writing", staging.join("oci-layout")))?;
                     archive::write_oci_archive(&staging, file, mtime)
                 })();
                 drop(self.writer);
@@ -150,7 +208,14 @@ impl Output {
             }
             ImageRef::DockerArchive { file, .. } => {
                 let store = self.writer.store().clone();
-                let result = archive::write_docker_archive(&|d| store.path(d), &config_bytes, &layers, &self.tag, file, mtime);
+                let result = archive::write_docker_archive(
+                    &|d| store.path(d),
+                    &config_bytes,
+                    &layers,
+                    &self.tag,
+                    file,
+                    mtime,
+                );
                 drop(self.writer);
                 result?;
             }
@@ -161,7 +226,9 @@ impl Output {
 
 /// Staging layouts and temp archives left beside `name` by builds that were killed.
 fn remove_dead_staging(dir: &std::path::Path, name: &str) {
-    let Ok(entries) = fs::read_dir(dir) else { return };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
     for entry in entries.flatten() {
         let file_name = entry.file_name().to_string_lossy().into_owned();
         let pid = if let Some(rest) = file_name.strip_prefix(&format!(".{name}.bakedb-staging.")) {
@@ -175,7 +242,11 @@ fn remove_dead_staging(dir: &std::path::Path, name: &str) {
             && !fsutil::pid_alive(pid)
         {
             let path = entry.path();
-            let _ = if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
+            let _ = if path.is_dir() {
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            };
         }
     }
 }

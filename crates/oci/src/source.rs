@@ -15,8 +15,11 @@ use sha2::{Digest as _, Sha256};
 use crate::compress::Compression;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
-use crate::image::{self, MEDIA_TYPE_CONFIG, MEDIA_TYPE_DOCKER_CONFIG, MEDIA_TYPE_DOCKER_MANIFEST, MEDIA_TYPE_MANIFEST};
-use crate::reference::ImageRef;
+use crate::image::{
+    self, MEDIA_TYPE_CONFIG, MEDIA_TYPE_DOCKER_CONFIG, MEDIA_TYPE_DOCKER_MANIFEST,
+    MEDIA_TYPE_MANIFEST,
+};
+use crate::reference::{ImageRef, normalize_docker_name};
 
 /// A layer as the manifest describes it, plus its diff_id from the config.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -86,7 +89,10 @@ impl ImageSource {
                     return Err(Error::Invalid {
                         location,
                         what: "OCI layout".into(),
-                        reason: format!("{} does not exist; is this an OCI image layout?", index.display()),
+                        reason: format!(
+                            "{} does not exist; is this an OCI image layout?",
+                            index.display()
+                        ),
                     });
                 }
                 Kind::Dir(dir.clone())
@@ -95,7 +101,12 @@ impl ImageSource {
                 Kind::Archive(file.clone(), index_archive(file)?)
             }
         };
-        let mut source = ImageSource { reference: reference.clone(), kind, docker: None, docker_blobs: BTreeMap::new() };
+        let mut source = ImageSource {
+            reference: reference.clone(),
+            kind,
+            docker: None,
+            docker_blobs: BTreeMap::new(),
+        };
         if matches!(reference, ImageRef::DockerArchive { .. }) {
             let mut images = source.read_docker_manifest()?;
             for img in &mut images {
@@ -119,7 +130,11 @@ impl ImageSource {
                 match File::open(&path) {
                     Ok(f) => Ok(Some(Box::new(f))),
                     Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-                    Err(e) => Err(Error::Io { op: "opening", path, source: e }),
+                    Err(e) => Err(Error::Io {
+                        op: "opening",
+                        path,
+                        source: e,
+                    }),
                 }
             }
             Kind::Archive(file, entries) => {
@@ -127,7 +142,8 @@ impl ImageSource {
                     return Ok(None);
                 };
                 let mut f = File::open(file).map_err(Error::io("opening", file))?;
-                f.seek(SeekFrom::Start(offset)).map_err(Error::io("seeking in", file))?;
+                f.seek(SeekFrom::Start(offset))
+                    .map_err(Error::io("seeking in", file))?;
                 Ok(Some(Box::new(f.take(size))))
             }
         }
@@ -140,7 +156,8 @@ impl ImageSource {
             reason: format!("{name} is missing"),
         })?;
         let mut buf = Vec::new();
-        r.read_to_end(&mut buf).map_err(Error::io("reading", PathBuf::from(name)))?;
+        r.read_to_end(&mut buf)
+            .map_err(Error::io("reading", PathBuf::from(name)))?;
         Ok(buf)
     }
 
@@ -170,7 +187,10 @@ impl ImageSource {
         let mut r = self.open_blob(digest, what)?;
         let mut buf = Vec::new();
         // Bounded so that a wrong size in a descriptor cannot make us read a huge file.
-        (&mut r).take(size.min(64 << 20) + 1).read_to_end(&mut buf).map_err(Error::io("reading blob", PathBuf::from(digest.to_string())))?;
+        (&mut r)
+            .take(size.min(64 << 20) + 1)
+            .read_to_end(&mut buf)
+            .map_err(Error::io("reading blob", PathBuf::from(digest.to_string())))?;
         let actual = Digest::of(&buf);
         if actual != *digest || buf.len() as u64 != size {
             return Err(Error::DigestMismatch {
@@ -191,21 +211,32 @@ impl ImageSource {
             let mut out = Vec::new();
             for img in images {
                 let (digest, size) = (Digest::of(&img.manifest), img.manifest.len() as u64);
-                let tags: Vec<Option<String>> =
-                    if img.tags.is_empty() { vec![None] } else { img.tags.iter().cloned().map(Some).collect() };
+                let tags: Vec<Option<String>> = if img.tags.is_empty() {
+                    vec![None]
+                } else {
+                    img.tags.iter().cloned().map(Some).collect()
+                };
                 for tag in tags {
-                    out.push(TagEntry { tag, digest, size, media_type: MEDIA_TYPE_MANIFEST.into() });
+                    out.push(TagEntry {
+                        tag,
+                        digest,
+                        size,
+                        media_type: MEDIA_TYPE_MANIFEST.into(),
+                    });
                 }
             }
             return Ok(out);
         }
         let bytes = self.read_small("index.json", "index.json")?;
         let index = self.parse_json(&bytes, "index.json")?;
-        let manifests = index.get("manifests").and_then(Value::as_array).ok_or_else(|| Error::Invalid {
-            location: self.location(),
-            what: "index.json".into(),
-            reason: "has no \"manifests\" array".into(),
-        })?;
+        let manifests = index
+            .get("manifests")
+            .and_then(Value::as_array)
+            .ok_or_else(|| Error::Invalid {
+                location: self.location(),
+                what: "index.json".into(),
+                reason: "has no \"manifests\" array".into(),
+            })?;
         manifests
             .iter()
             .map(|m| {
@@ -222,7 +253,11 @@ impl ImageSource {
                     tag: image::ref_name(m).map(str::to_owned),
                     digest,
                     size: m.get("size").and_then(Value::as_u64).unwrap_or(0),
-                    media_type: m.get("mediaType").and_then(Value::as_str).unwrap_or("").to_owned(),
+                    media_type: m
+                        .get("mediaType")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_owned(),
                 })
             })
             .collect()
@@ -232,99 +267,192 @@ impl ImageSource {
     pub fn resolve(&self) -> Result<ResolvedImage> {
         let tags = self.tags()?;
         let names = || {
-            let v: Vec<String> = tags.iter().map(|t| t.tag.clone().unwrap_or_else(|| "<untagged>".into())).collect();
-            if v.is_empty() { "none".to_owned() } else { v.join(", ") }
+            let v: Vec<String> = tags
+                .iter()
+                .map(|t| t.tag.clone().unwrap_or_else(|| "<untagged>".into()))
+                .collect();
+            if v.is_empty() {
+                "none".to_owned()
+            } else {
+                v.join(", ")
+            }
         };
         let wanted = self.reference.tag();
         let entry = match wanted {
-            Some(tag) => tags.iter().find(|t| t.tag.as_deref() == Some(tag)).ok_or_else(|| Error::TagNotFound {
-                location: self.location(),
-                tag: tag.to_owned(),
-                available: names(),
-            })?,
+            Some(tag) => tags
+                .iter()
+                .find(|t| match (&self.docker, t.tag.as_deref()) {
+                    (Some(_), Some(name)) => {
+                        normalize_docker_name(name) == normalize_docker_name(tag)
+                    }
+                    (None, name) => name == Some(tag),
+                    (Some(_), None) => false,
+                })
+                .ok_or_else(|| Error::TagNotFound {
+                    location: self.location(),
+                    tag: tag.to_owned(),
+                    available: names(),
+                })?,
             None => {
                 let mut distinct: Vec<&TagEntry> = tags.iter().collect();
                 distinct.dedup_by_key(|t| t.digest);
                 match distinct.as_slice() {
                     [one] => *one,
                     _ => {
-                        return Err(Error::AmbiguousImage { location: self.location(), count: distinct.len(), available: names() });
+                        return Err(Error::AmbiguousImage {
+                            location: self.location(),
+                            count: distinct.len(),
+                            available: names(),
+                        });
                     }
                 }
             }
         };
-        if entry.media_type != MEDIA_TYPE_MANIFEST && entry.media_type != MEDIA_TYPE_DOCKER_MANIFEST {
+        if entry.media_type != MEDIA_TYPE_MANIFEST && entry.media_type != MEDIA_TYPE_DOCKER_MANIFEST
+        {
             return Err(Error::UnsupportedMediaType {
                 location: self.location(),
-                what: format!("index entry {} (nested indexes and manifest lists are not supported; copy one platform with skopeo copy)", entry.digest),
+                what: format!(
+                    "index entry {} (nested indexes and manifest lists are not supported; copy one platform with skopeo copy)",
+                    entry.digest
+                ),
                 media_type: entry.media_type.clone(),
             });
         }
         let manifest_bytes = match &self.docker {
             Some(_) => {
                 let i = self.docker_image_index(wanted)?;
-                self.docker.as_ref().expect("docker archive")[i].manifest.clone()
+                self.docker.as_ref().expect("docker archive")[i]
+                    .manifest
+                    .clone()
             }
             None => self.read_blob_checked(&entry.digest, entry.size, "manifest")?,
         };
         self.resolve_manifest(wanted.map(str::to_owned), entry.digest, manifest_bytes)
     }
 
-    fn resolve_manifest(&self, tag: Option<String>, manifest_digest: Digest, manifest_bytes: Vec<u8>) -> Result<ResolvedImage> {
+    fn resolve_manifest(
+        &self,
+        tag: Option<String>,
+        manifest_digest: Digest,
+        manifest_bytes: Vec<u8>,
+    ) -> Result<ResolvedImage> {
         let location = self.location();
         let manifest = self.parse_json(&manifest_bytes, "manifest")?;
-        let invalid = |reason: String| Error::Invalid { location: location.clone(), what: format!("manifest {manifest_digest}"), reason };
-        let media_type = manifest.get("mediaType").and_then(Value::as_str).unwrap_or(MEDIA_TYPE_MANIFEST);
+        let invalid = |reason: String| Error::Invalid {
+            location: location.clone(),
+            what: format!("manifest {manifest_digest}"),
+            reason,
+        };
+        let media_type = manifest
+            .get("mediaType")
+            .and_then(Value::as_str)
+            .unwrap_or(MEDIA_TYPE_MANIFEST);
         if media_type != MEDIA_TYPE_MANIFEST && media_type != MEDIA_TYPE_DOCKER_MANIFEST {
-            return Err(Error::UnsupportedMediaType { location, what: "manifest".into(), media_type: media_type.into() });
+            return Err(Error::UnsupportedMediaType {
+                location,
+                what: "manifest".into(),
+                media_type: media_type.into(),
+            });
         }
         if manifest.get("schemaVersion").and_then(Value::as_u64) != Some(2) {
             return Err(invalid("schemaVersion is not 2".into()));
         }
         let desc = |v: &Value, what: &str| -> Result<(Digest, u64, String)> {
-            let digest = v.get("digest").and_then(Value::as_str).and_then(|d| d.parse().ok());
+            let digest = v
+                .get("digest")
+                .and_then(Value::as_str)
+                .and_then(|d| d.parse().ok());
             let size = v.get("size").and_then(Value::as_u64);
             let mt = v.get("mediaType").and_then(Value::as_str);
             match (digest, size, mt) {
                 (Some(d), Some(s), Some(m)) => Ok((d, s, m.to_owned())),
-                _ => Err(invalid(format!("{what} descriptor needs mediaType, a sha256 digest and size: {v}"))),
+                _ => Err(invalid(format!(
+                    "{what} descriptor needs mediaType, a sha256 digest and size: {v}"
+                ))),
             }
         };
-        let (config_digest, config_size, config_mt) =
-            desc(manifest.get("config").ok_or_else(|| invalid("has no config".into()))?, "config")?;
+        let (config_digest, config_size, config_mt) = desc(
+            manifest
+                .get("config")
+                .ok_or_else(|| invalid("has no config".into()))?,
+            "config",
+        )?;
         if config_mt != MEDIA_TYPE_CONFIG && config_mt != MEDIA_TYPE_DOCKER_CONFIG {
-            return Err(Error::UnsupportedMediaType { location, what: "config".into(), media_type: config_mt });
+            return Err(Error::UnsupportedMediaType {
+                location,
+                what: "config".into(),
+                media_type: config_mt,
+            });
         }
         let config_bytes = self.read_blob_checked(&config_digest, config_size, "config")?;
         let config = self.parse_json(&config_bytes, "config")?;
-        serde_json::from_value::<oci_spec::image::ImageConfiguration>(config.clone())
-            .map_err(|e| Error::Invalid { location: location.clone(), what: format!("config {config_digest}"), reason: e.to_string() })?;
+        serde_json::from_value::<oci_spec::image::ImageConfiguration>(config.clone()).map_err(
+            |e| Error::Invalid {
+                location: location.clone(),
+                what: format!("config {config_digest}"),
+                reason: e.to_string(),
+            },
+        )?;
         let diff_ids: Vec<Digest> = config["rootfs"]["diff_ids"]
             .as_array()
             .ok_or_else(|| invalid("config has no rootfs.diff_ids".into()))?
             .iter()
-            .map(|d| d.as_str().and_then(|s| s.parse().ok()).ok_or_else(|| invalid(format!("config diff_id {d} is not a sha256 digest"))))
+            .map(|d| {
+                d.as_str()
+                    .and_then(|s| s.parse().ok())
+                    .ok_or_else(|| invalid(format!("config diff_id {d} is not a sha256 digest")))
+            })
             .collect::<Result<_>>()?;
-        let layer_values = manifest.get("layers").and_then(Value::as_array).ok_or_else(|| invalid("has no layers array".into()))?;
+        let layer_values = manifest
+            .get("layers")
+            .and_then(Value::as_array)
+            .ok_or_else(|| invalid("has no layers array".into()))?;
         if layer_values.len() != diff_ids.len() {
-            return Err(invalid(format!("lists {} layers but the config lists {} diff_ids", layer_values.len(), diff_ids.len())));
+            return Err(invalid(format!(
+                "lists {} layers but the config lists {} diff_ids",
+                layer_values.len(),
+                diff_ids.len()
+            )));
         }
         let mut layers = Vec::new();
         for (i, (v, diff_id)) in layer_values.iter().zip(diff_ids).enumerate() {
             let (digest, size, media_type) = desc(v, &format!("layer {i}"))?;
-            let compression = Compression::from_media_type(&media_type).ok_or_else(|| Error::UnsupportedMediaType {
-                location: location.clone(),
-                what: format!("layer {i} ({digest})"),
-                media_type: media_type.clone(),
+            let compression = Compression::from_media_type(&media_type).ok_or_else(|| {
+                Error::UnsupportedMediaType {
+                    location: location.clone(),
+                    what: format!("layer {i} ({digest})"),
+                    media_type: media_type.clone(),
+                }
             })?;
-            layers.push(LayerRef { digest, size, media_type, compression, diff_id });
+            layers.push(LayerRef {
+                digest,
+                size,
+                media_type,
+                compression,
+                diff_id,
+            });
         }
-        Ok(ResolvedImage { tag, manifest_digest, manifest_bytes, manifest, config_digest, config_bytes, config, layers })
+        Ok(ResolvedImage {
+            tag,
+            manifest_digest,
+            manifest_bytes,
+            manifest,
+            config_digest,
+            config_bytes,
+            config,
+            layers,
+        })
     }
 
     /// A regular file's content from the newest layer that has it, searching layers from the
     /// top and giving up below the first layer larger than `max_layer_size` (compressed).
-    pub fn find_file(&self, layers: &[LayerRef], path: &str, max_layer_size: u64) -> Result<Option<Vec<u8>>> {
+    pub fn find_file(
+        &self,
+        layers: &[LayerRef],
+        path: &str,
+        max_layer_size: u64,
+    ) -> Result<Option<Vec<u8>>> {
         let location = self.location();
         for layer in layers.iter().rev() {
             let blob = self.open_blob(&layer.digest, "layer")?;
@@ -337,7 +465,12 @@ impl ImageSource {
             let mut archive = tar::Archive::new(layer.compression.decoder(blob).map_err(corrupt)?);
             for entry in archive.entries().map_err(corrupt)? {
                 let mut entry = entry.map_err(corrupt)?;
-                let name = entry.path().map_err(corrupt)?.to_string_lossy().trim_start_matches("./").to_owned();
+                let name = entry
+                    .path()
+                    .map_err(corrupt)?
+                    .to_string_lossy()
+                    .trim_start_matches("./")
+                    .to_owned();
                 if name == path && entry.header().entry_type().is_file() {
                     let mut bytes = Vec::new();
                     entry.read_to_end(&mut bytes).map_err(corrupt)?;
@@ -354,16 +487,31 @@ impl ImageSource {
     fn read_docker_manifest(&self) -> Result<Vec<DockerImage>> {
         let bytes = self.read_small("manifest.json", "docker-archive manifest.json")?;
         let value = self.parse_json(&bytes, "docker-archive manifest.json")?;
-        let invalid = |reason: &str| Error::Invalid { location: self.location(), what: "manifest.json".into(), reason: reason.into() };
+        let invalid = |reason: &str| Error::Invalid {
+            location: self.location(),
+            what: "manifest.json".into(),
+            reason: reason.into(),
+        };
         let list = value.as_array().ok_or_else(|| invalid("is not an array"))?;
         list.iter()
             .map(|img| {
                 let strings = |key: &str| -> Vec<String> {
-                    img.get(key).and_then(Value::as_array).map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_owned)).collect()).unwrap_or_default()
+                    img.get(key)
+                        .and_then(Value::as_array)
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|s| s.as_str().map(str::to_owned))
+                                .collect()
+                        })
+                        .unwrap_or_default()
                 };
                 Ok(DockerImage {
                     tags: strings("RepoTags"),
-                    config_path: img.get("Config").and_then(Value::as_str).ok_or_else(|| invalid("an entry has no Config"))?.to_owned(),
+                    config_path: img
+                        .get("Config")
+                        .and_then(Value::as_str)
+                        .ok_or_else(|| invalid("an entry has no Config"))?
+                        .to_owned(),
                     layer_paths: strings("Layers"),
                     manifest: Vec::new(),
                 })
@@ -374,16 +522,31 @@ impl ImageSource {
     fn docker_image_index(&self, wanted: Option<&str>) -> Result<usize> {
         let images = self.docker.as_ref().expect("docker archive");
         match wanted {
-            Some(tag) => images.iter().position(|i| i.tags.iter().any(|t| t == tag)).ok_or_else(|| Error::TagNotFound {
-                location: self.location(),
-                tag: tag.into(),
-                available: images.iter().flat_map(|i| i.tags.clone()).collect::<Vec<_>>().join(", "),
-            }),
+            Some(tag) => images
+                .iter()
+                .position(|i| {
+                    i.tags
+                        .iter()
+                        .any(|t| normalize_docker_name(t) == normalize_docker_name(tag))
+                })
+                .ok_or_else(|| Error::TagNotFound {
+                    location: self.location(),
+                    tag: tag.into(),
+                    available: images
+                        .iter()
+                        .flat_map(|i| i.tags.clone())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                }),
             None if images.len() == 1 => Ok(0),
             None => Err(Error::AmbiguousImage {
                 location: self.location(),
                 count: images.len(),
-                available: images.iter().flat_map(|i| i.tags.clone()).collect::<Vec<_>>().join(", "),
+                available: images
+                    .iter()
+                    .flat_map(|i| i.tags.clone())
+                    .collect::<Vec<_>>()
+                    .join(", "),
             }),
         }
     }
@@ -405,7 +568,9 @@ impl ImageSource {
             let mut size = 0u64;
             let mut prefix = Vec::new();
             loop {
-                let n = r.read(&mut buf).map_err(Error::io("reading", PathBuf::from(path)))?;
+                let n = r
+                    .read(&mut buf)
+                    .map_err(Error::io("reading", PathBuf::from(path)))?;
                 if n == 0 {
                     break;
                 }
@@ -424,7 +589,12 @@ impl ImageSource {
                 media_type: Compression::sniff(&prefix).media_type().to_owned(),
             });
         }
-        let m = image::manifest(&Digest::of(&config), config.len() as u64, &layers, &BTreeMap::new());
+        let m = image::manifest(
+            &Digest::of(&config),
+            config.len() as u64,
+            &layers,
+            &BTreeMap::new(),
+        );
         Ok((image::canonical_json(&m), blobs))
     }
 }
@@ -433,11 +603,20 @@ fn index_archive(file: &Path) -> Result<BTreeMap<String, (u64, u64)>> {
     let f = File::open(file).map_err(Error::io("opening archive", file))?;
     let mut archive = tar::Archive::new(f);
     let mut entries = BTreeMap::new();
-    let corrupt = |e: io::Error| Error::Io { op: "reading archive", path: file.to_owned(), source: e };
+    let corrupt = |e: io::Error| Error::Io {
+        op: "reading archive",
+        path: file.to_owned(),
+        source: e,
+    };
     for entry in archive.entries_with_seek().map_err(corrupt)? {
         let entry = entry.map_err(corrupt)?;
         if entry.header().entry_type().is_file() {
-            let name = entry.path().map_err(corrupt)?.to_string_lossy().trim_start_matches("./").to_owned();
+            let name = entry
+                .path()
+                .map_err(corrupt)?
+                .to_string_lossy()
+                .trim_start_matches("./")
+                .to_owned();
             entries.insert(name, (entry.raw_file_position(), entry.size()));
         }
     }
@@ -471,7 +650,13 @@ pub fn check_layer<R: Read>(
             Ok(n)
         }
     }
-    let mut tee = Tee { inner: blob, hasher: Sha256::new(), size: 0, sink, sink_error: None };
+    let mut tee = Tee {
+        inner: blob,
+        hasher: Sha256::new(),
+        size: 0,
+        sink,
+        sink_error: None,
+    };
     let corrupt = |e: io::Error| Error::CorruptStream {
         layer: layer.digest.to_string(),
         location: location.to_owned(),

@@ -18,7 +18,10 @@ pub enum EntryKind {
     Dir,
     /// A regular file copied from the host; `size` is what was seen when the entry was listed
     /// and the copy fails if the file no longer has that size.
-    File { source: PathBuf, size: u64 },
+    File {
+        source: PathBuf,
+        size: u64,
+    },
     Bytes(Vec<u8>),
     Symlink(String),
 }
@@ -35,16 +38,37 @@ pub struct TarEntry {
 
 impl TarEntry {
     pub fn dir(path: &str, mode: u32, uid: u32, gid: u32) -> Self {
-        TarEntry { path: path.to_owned(), kind: EntryKind::Dir, mode, uid, gid }
+        TarEntry {
+            path: path.to_owned(),
+            kind: EntryKind::Dir,
+            mode,
+            uid,
+            gid,
+        }
     }
 
     pub fn bytes(path: &str, data: Vec<u8>, mode: u32, uid: u32, gid: u32) -> Self {
-        TarEntry { path: path.to_owned(), kind: EntryKind::Bytes(data), mode, uid, gid }
+        TarEntry {
+            path: path.to_owned(),
+            kind: EntryKind::Bytes(data),
+            mode,
+            uid,
+            gid,
+        }
     }
 
     pub fn file(path: &str, source: PathBuf, mode: u32, uid: u32, gid: u32) -> Result<Self> {
         let meta = std::fs::metadata(&source).map_err(Error::io("reading metadata of", &source))?;
-        Ok(TarEntry { path: path.to_owned(), kind: EntryKind::File { source, size: meta.len() }, mode, uid, gid })
+        Ok(TarEntry {
+            path: path.to_owned(),
+            kind: EntryKind::File {
+                source,
+                size: meta.len(),
+            },
+            mode,
+            uid,
+            gid,
+        })
     }
 
     fn size(&self) -> u64 {
@@ -66,9 +90,15 @@ pub fn canonicalize(entries: Vec<TarEntry>) -> Result<Vec<TarEntry>> {
             reason: reason.into(),
         };
         if entry.path.is_empty() || entry.path.starts_with('/') || entry.path.ends_with('/') {
-            return Err(bad("must be relative, non-empty, without leading or trailing slash"));
+            return Err(bad(
+                "must be relative, non-empty, without leading or trailing slash",
+            ));
         }
-        if entry.path.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+        if entry
+            .path
+            .split('/')
+            .any(|c| c.is_empty() || c == "." || c == "..")
+        {
             return Err(bad("must not contain empty, '.' or '..' components"));
         }
         let key = entry.path.as_bytes().to_vec();
@@ -98,7 +128,10 @@ pub fn canonicalize(entries: Vec<TarEntry>) -> Result<Vec<TarEntry>> {
             }
             continue;
         }
-        by_path.insert(parent.as_bytes().to_vec(), TarEntry::dir(&parent, 0o755, 0, 0));
+        by_path.insert(
+            parent.as_bytes().to_vec(),
+            TarEntry::dir(&parent, 0o755, 0, 0),
+        );
     }
     Ok(by_path.into_values().collect())
 }
@@ -121,14 +154,26 @@ pub fn write_tar<W: Write>(entries: &[TarEntry], mtime: u64, out: &mut W) -> Res
         let mut pax: Vec<(&str, String)> = Vec::new();
         if header.set_path(&name).is_err() || !name.is_ascii() {
             pax.push(("path", name.clone()));
-            let short: String = name.chars().filter(char::is_ascii).rev().take(90).collect::<String>().chars().rev().collect();
-            header.set_path(short.trim_start_matches('/')).map_err(|e| io_err(&entry.path)(e))?;
+            let short: String = name
+                .chars()
+                .filter(char::is_ascii)
+                .rev()
+                .take(90)
+                .collect::<String>()
+                .chars()
+                .rev()
+                .collect();
+            header
+                .set_path(short.trim_start_matches('/'))
+                .map_err(|e| io_err(&entry.path)(e))?;
         }
         if let EntryKind::Symlink(target) = &entry.kind {
             if target.len() > 100 || !target.is_ascii() {
                 pax.push(("linkpath", target.clone()));
             } else {
-                header.set_link_name(target).map_err(|e| io_err(&entry.path)(e))?;
+                header
+                    .set_link_name(target)
+                    .map_err(|e| io_err(&entry.path)(e))?;
             }
         }
         if size > USTAR_MAX_SIZE {
@@ -166,7 +211,8 @@ pub fn write_tar<W: Write>(entries: &[TarEntry], mtime: u64, out: &mut W) -> Res
         header.set_gid(u64::from(entry.gid));
         header.set_mtime(mtime);
         header.set_cksum();
-        out.write_all(header.as_bytes()).map_err(io_err(&entry.path))?;
+        out.write_all(header.as_bytes())
+            .map_err(io_err(&entry.path))?;
         written += BLOCK as u64;
         match &entry.kind {
             EntryKind::File { source, size } => {
@@ -174,7 +220,9 @@ pub fn write_tar<W: Write>(entries: &[TarEntry], mtime: u64, out: &mut W) -> Res
                 let mut left = *size;
                 while left > 0 {
                     let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
-                    let n = file.read(&mut buf[..want]).map_err(Error::io("reading", source))?;
+                    let n = file
+                        .read(&mut buf[..want])
+                        .map_err(Error::io("reading", source))?;
                     if n == 0 {
                         return Err(Error::Io {
                             op: "reading",
@@ -193,10 +241,12 @@ pub fn write_tar<W: Write>(entries: &[TarEntry], mtime: u64, out: &mut W) -> Res
             EntryKind::Dir | EntryKind::Symlink(_) => {}
         }
         let pad = (BLOCK - (size % BLOCK as u64) as usize) % BLOCK;
-        out.write_all(&[0u8; BLOCK][..pad]).map_err(io_err(&entry.path))?;
+        out.write_all(&[0u8; BLOCK][..pad])
+            .map_err(io_err(&entry.path))?;
         written += size + pad as u64;
     }
-    out.write_all(&[0u8; 2 * BLOCK]).map_err(io_err("end of archive"))?;
+    out.write_all(&[0u8; 2 * BLOCK])
+        .map_err(io_err("end of archive"))?;
     Ok(written + 2 * BLOCK as u64)
 }
 
@@ -248,7 +298,10 @@ mod tests {
         let n = write_tar(&entries, 1_700_000_000, &mut out).unwrap();
         assert_eq!(n as usize, out.len());
         assert_eq!(out.len() % 512, 0);
-        assert!(out[out.len() - 1024..].iter().all(|b| *b == 0), "two zero end blocks");
+        assert!(
+            out[out.len() - 1024..].iter().all(|b| *b == 0),
+            "two zero end blocks"
+        );
         assert_eq!(
             listing(&out),
             [
@@ -271,7 +324,8 @@ mod tests {
     #[test]
     fn long_paths_use_pax_and_read_back() {
         let long = format!("var/{}/{}", "d".repeat(120), "f".repeat(130));
-        let entries = canonicalize(vec![TarEntry::bytes(&long, b"x".to_vec(), 0o644, 1, 1)]).unwrap();
+        let entries =
+            canonicalize(vec![TarEntry::bytes(&long, b"x".to_vec(), 0o644, 1, 1)]).unwrap();
         let mut out = Vec::new();
         write_tar(&entries, 0, &mut out).unwrap();
         let paths = listing(&out);
@@ -281,7 +335,8 @@ mod tests {
 
     #[test]
     fn short_paths_have_no_pax() {
-        let entries = canonicalize(vec![TarEntry::bytes("a/b", b"x".to_vec(), 0o644, 0, 0)]).unwrap();
+        let entries =
+            canonicalize(vec![TarEntry::bytes("a/b", b"x".to_vec(), 0o644, 0, 0)]).unwrap();
         let mut out = Vec::new();
         write_tar(&entries, 0, &mut out).unwrap();
         assert!(!out.windows(5).any(|w| w == b"path="));
@@ -290,11 +345,24 @@ mod tests {
     #[test]
     fn rejects_escaping_and_duplicate_paths() {
         for bad in ["../x", "/abs", "a//b", "a/./b", "a/"] {
-            assert!(canonicalize(vec![TarEntry::dir(bad, 0o755, 0, 0)]).is_err(), "{bad}");
+            assert!(
+                canonicalize(vec![TarEntry::dir(bad, 0o755, 0, 0)]).is_err(),
+                "{bad}"
+            );
         }
-        assert!(canonicalize(vec![TarEntry::dir("a", 0o755, 0, 0), TarEntry::dir("a", 0o755, 0, 0)]).is_err());
         assert!(
-            canonicalize(vec![TarEntry::bytes("a", vec![], 0o644, 0, 0), TarEntry::dir("a/b", 0o755, 0, 0)]).is_err()
+            canonicalize(vec![
+                TarEntry::dir("a", 0o755, 0, 0),
+                TarEntry::dir("a", 0o755, 0, 0)
+            ])
+            .is_err()
+        );
+        assert!(
+            canonicalize(vec![
+                TarEntry::bytes("a", vec![], 0o644, 0, 0),
+                TarEntry::dir("a/b", 0o755, 0, 0)
+            ])
+            .is_err()
         );
     }
 

@@ -5,9 +5,16 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// The build timestamp: SOURCE_DATE_EPOCH when set (reproducible builds), else now.
 pub fn build_epoch() -> Result<i64, String> {
     match std::env::var("SOURCE_DATE_EPOCH") {
-        Ok(v) => v.trim().parse::<i64>().ok().filter(|s| *s >= 0).ok_or_else(|| {
-            format!("SOURCE_DATE_EPOCH={v:?} is not a non-negative number of seconds since 1970")
-        }),
+        Ok(v) => v
+            .trim()
+            .parse::<i64>()
+            .ok()
+            .filter(|s| *s >= 0)
+            .ok_or_else(|| {
+                format!(
+                    "SOURCE_DATE_EPOCH={v:?} is not a non-negative number of seconds since 1970"
+                )
+            }),
         Err(_) => Ok(now()),
     }
 }

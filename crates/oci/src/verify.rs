@@ -21,7 +21,8 @@ pub fn verify(reference: &ImageRef, progress: &mut dyn FnMut(u64)) -> Result<Rep
     let source = ImageSource::open(reference)?;
     let location = source.location();
     if let ImageRef::Oci { dir, .. } = reference {
-        let layout = std::fs::read(dir.join("oci-layout")).map_err(Error::io("reading", dir.join("oci-layout")))?;
+        let layout = std::fs::read(dir.join("oci-layout"))
+            .map_err(Error::io("reading", dir.join("oci-layout")))?;
         let v: Value = serde_json::from_slice(&layout).unwrap_or(Value::Null);
         if v["imageLayoutVersion"].as_str() != Some("1.0.0") {
             return Err(Error::Invalid {
@@ -33,12 +34,18 @@ pub fn verify(reference: &ImageRef, progress: &mut dyn FnMut(u64)) -> Result<Rep
     }
     let image = source.resolve()?;
     if let Some(history) = image.config.get("history").and_then(Value::as_array) {
-        let non_empty = history.iter().filter(|h| h.get("empty_layer").and_then(Value::as_bool) != Some(true)).count();
+        let non_empty = history
+            .iter()
+            .filter(|h| h.get("empty_layer").and_then(Value::as_bool) != Some(true))
+            .count();
         if non_empty != image.layers.len() {
             return Err(Error::Invalid {
                 location,
                 what: format!("config {}", image.config_digest),
-                reason: format!("history has {non_empty} entries that add a layer, the image has {} layers", image.layers.len()),
+                reason: format!(
+                    "history has {non_empty} entries that add a layer, the image has {} layers",
+                    image.layers.len()
+                ),
             });
         }
     }
@@ -51,5 +58,9 @@ pub fn verify(reference: &ImageRef, progress: &mut dyn FnMut(u64)) -> Result<Rep
         })?;
         bytes_checked += layer.size;
     }
-    Ok(Report { layers_checked: image.layers.len(), bytes_checked, image })
+    Ok(Report {
+        layers_checked: image.layers.len(),
+        bytes_checked,
+        image,
+    })
 }
