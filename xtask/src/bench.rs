@@ -130,7 +130,27 @@ pub fn build(options: &BuildOptions) -> Result<()> {
             warm(&snapshot_db)?;
             sync();
             wait_until_quiet();
-            match (case.run)(&timer) {
+            let mut result = (case.run)(&timer);
+            // Another process took the cores during the run: the time says little, take it again.
+            for _ in 0..NOISY_RETRIES {
+                match &result {
+                    Ok(Sample {
+                        other_load: Some(load),
+                        ..
+                    }) if *load > NOISY => {
+                        eprintln!(
+                            "xtask:   other processes used {:.0} % of the CPU during the run; timing it again",
+                            load * 100.0
+                        );
+                        let _ = fs::remove_dir_all(scratch.join("out"));
+                        sync();
+                        wait_until_quiet();
+                        result = (case.run)(&timer);
+                    }
+                    _ => break,
+                }
+            }
+            match result {
                 Ok(sample) => {
                     eprintln!("xtask:   {:.2} s", sample.secs);
                     case.samples.push(sample);
@@ -374,20 +394,23 @@ impl std::fmt::Write for StringSink<'_> {
 // ---------------------------------------------------------------------------------------------
 // Tools and timing.
 
+/// A tool's version line, or why it cannot be used.
+type Found = Result<String, String>;
+
 struct Tools {
     gnu_time: Option<PathBuf>,
     /// Each tool: Ok(version line) or Err(why it cannot be used).
-    openssl: Result<String, String>,
-    pigz: Result<String, String>,
-    zstd: Result<String, String>,
-    docker: Result<String, String>,
-    umoci: Result<String, String>,
+    openssl: Found,
+    pigz: Found,
+    zstd: Found,
+    docker: Found,
+    umoci: Found,
     docker_bin: PathBuf,
 }
 
 impl Tools {
     fn find(require_all: bool) -> Result<Self> {
-        let version = |program: &Path, args: &[&str]| -> Result<String, String> {
+        let version = |program: &Path, args: &[&str]| -> Found {
             let out = Command::new(program)
                 .args(args)
                 .output()
@@ -617,6 +640,10 @@ impl CpuTimes {
     }
 }
 
+/// Share of all cores taken by other processes above which a timed run is repeated.
+const NOISY: f64 = 0.10;
+const NOISY_RETRIES: usize = 3;
+
 /// Wait (up to two minutes) until other processes leave the cores alone: on a shared machine a
 /// compiler in the background would otherwise be timed along with the case.
 fn wait_until_quiet() {
@@ -658,10 +685,27 @@ fn run_quiet(cmd: &mut Command) -> Result<String> {
         .output()
         .with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let last = stderr
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("")
+            .trim();
+        let program = Path::new(cmd.get_program())
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        let args: Vec<_> = cmd
+            .get_args()
+            .take(2)
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
         bail!(
-            "{cmd:?} failed ({}):\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
+            "`{program} {}` failed ({}): {last}\n{cmd:?}\n{stderr}",
+            args.join(" "),
+            out.status
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
@@ -864,7 +908,7 @@ fn cases<'a>(
 ) -> Vec<Case<'a>> {
     let out = scratch.join("out");
     let mut cases = Vec::new();
-    let not_available = |found: &Result<String, String>| found.as_ref().err().cloned();
+    let not_available = |found: &Found| found.as_ref().err().cloned();
 
     for (role, source) in [(Role::Writer, snapshot_dir), (Role::Live, db)] {
         for compression in ["none", "gzip", "zstd"] {
@@ -937,7 +981,7 @@ fn cases<'a>(
         }),
     });
 
-    let ceilings: [(&str, &'static str, &Result<String, String>, &[&str]); 3] = [
+    let ceilings: [(&str, &'static str, &Found, &[&str]); 3] = [
         (
             "openssl dgst -sha256",
             "—",
@@ -988,6 +1032,14 @@ fn cases<'a>(
                 // A hard link: same inode, same warm pages, no 1 GiB copy.
                 fs::hard_link(db, context.join("app.db"))
                     .or_else(|_| fs::copy(db, context.join("app.db")).map(|_| ()))?;
+            }
+            // dockerd may be restarted by whoever else uses this machine: give it a minute.
+            let deadline = Instant::now() + std::time::Duration::from_secs(90);
+            while run_quiet(Command::new(docker).arg("info")).is_err() {
+                if Instant::now() > deadline {
+                    bail!("the docker daemon stopped answering (`docker info` fails)");
+                }
+                std::thread::sleep(std::time::Duration::from_secs(2));
             }
             let tag = "bakedb-bench:latest";
             let started = Instant::now();
@@ -1126,7 +1178,7 @@ impl Report<'_> {
                     .and_then(|k| k.parse::<f64>().ok())
             })
             .map_or_else(|| "?".into(), |kib| format!("{:.1}", kib / 1024.0 / 1024.0));
-        let tool = |found: &Result<String, String>| match found {
+        let tool = |found: &Found| match found {
             Ok(v) => v.clone(),
             Err(why) => why.clone(),
         };

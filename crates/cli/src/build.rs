@@ -60,6 +60,7 @@ struct ScratchDir(PathBuf);
 impl ScratchDir {
     fn new() -> Result<Self> {
         let base = std::env::temp_dir();
+        remove_dead_scratch_dirs(&base);
         for n in 0..1000 {
             let p = base.join(format!("bakedb-snapshot.{}.{n}", std::process::id()));
             if std::fs::create_dir(&p).is_ok() {
@@ -70,6 +71,26 @@ impl ScratchDir {
             "could not create a scratch directory under {}",
             base.display()
         )
+    }
+}
+
+/// Scratch directories of builds that were killed (SIGKILL skips Drop): full database copies.
+fn remove_dead_scratch_dirs(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let pid = name
+            .strip_prefix("bakedb-snapshot.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = pid
+            && pid != std::process::id()
+            && !Path::new("/proc").join(pid.to_string()).exists()
+        {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
     }
 }
 
@@ -141,6 +162,9 @@ pub fn run(args: BuildArgs, quiet: bool) -> Result<()> {
             let what = || format!("reading base image {base_ref}");
             let source = ImageSource::open(&base_ref).stage(Code::Base, what)?;
             let image = source.resolve().stage(Code::Base, what)?;
+            source
+                .check_layers_present(&image)
+                .stage(Code::Base, what)?;
             Some((source, image))
         }
     };

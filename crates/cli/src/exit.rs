@@ -42,7 +42,7 @@ pub fn code_of(err: &anyhow::Error) -> Code {
     use bakedb_oci::Error as E;
     let stage = err.downcast_ref::<Stage>().map(|s| s.0);
     match (stage, err.downcast_ref::<E>()) {
-        (_, Some(E::TagExists { .. })) => Code::Exists,
+        (_, Some(E::TagExists { .. } | E::ArchiveExists { .. })) => Code::Exists,
         (_, Some(E::BadReference { .. })) => Code::Usage,
         (Some(Code::VerifyFailed), Some(E::TagNotFound { .. } | E::AmbiguousImage { .. })) => {
             Code::NotFound

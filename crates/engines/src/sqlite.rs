@@ -106,7 +106,14 @@ pub fn snapshot(source: &Path, out_dir: &Path, taken_at: &str) -> Result<Snapsho
         // Fail early, with SQLite's own words, on a file SQLite cannot read (e.g. encrypted).
         let (page_size, schema_version): (i64, i64) = src
             .query_row("SELECT (SELECT page_size FROM pragma_page_size), (SELECT schema_version FROM pragma_schema_version)", [], |r| Ok((r.get(0)?, r.get(1)?)))
-            .map_err(sql("reading the schema (is it encrypted or corrupt?)"))?;
+            .map_err(|e| match e.sqlite_error().map(|f| f.extended_code) {
+                // SQLITE_READONLY_DIRECTORY: a WAL database needs its -shm file next to it.
+                Some(1544) => source_err(
+                    source,
+                    "is in WAL mode and SQLite cannot create its -shm file because the directory is not writable; make the directory writable for this user, or copy the database somewhere writable",
+                ),
+                _ => Error::Sqlite { path: source.to_owned(), what: "reading the schema (is it encrypted or corrupt?)".into(), source: e },
+            })?;
         let mut dst = Connection::open(&tmp).map_err(sql("creating the snapshot file"))?;
         {
             let backup = rusqlite::backup::Backup::new(&src, &mut dst)

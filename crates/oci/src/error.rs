@@ -77,6 +77,8 @@ pub enum Error {
     },
     #[error("{location} already has tag {tag:?}; drop --no-overwrite or choose another tag")]
     TagExists { location: String, tag: String },
+    #[error("{location} already exists; drop --no-overwrite or choose another file")]
+    ArchiveExists { location: String },
     #[error("invalid image reference {reference:?}: {reason}")]
     BadReference { reference: String, reason: String },
 }

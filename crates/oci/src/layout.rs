@@ -23,6 +23,7 @@ pub struct LayoutWriter {
     root: PathBuf,
     store: BlobStore,
     created_root: bool,
+    created_blobs_dir: bool,
     existing_blobs: std::collections::BTreeSet<String>,
     committed: bool,
     _lock: File,
@@ -64,6 +65,7 @@ impl LayoutWriter {
             });
         }
         let blobs_dir = root.join("blobs").join("sha256");
+        let created_blobs_dir = !root.join("blobs").exists();
         let existing_blobs = match fs::read_dir(&blobs_dir) {
             Ok(rd) => rd
                 .flatten()
@@ -79,6 +81,7 @@ impl LayoutWriter {
             root: root.to_owned(),
             store,
             created_root,
+            created_blobs_dir,
             existing_blobs,
             committed: false,
             _lock: lock,
@@ -162,6 +165,11 @@ impl Drop for LayoutWriter {
         }
         if self.created_root {
             let _ = fs::remove_dir_all(&self.root);
+            return;
+        }
+        if self.created_blobs_dir {
+            // Only this writer (it holds the lock) can have put anything there.
+            let _ = fs::remove_dir_all(self.root.join("blobs"));
             return;
         }
         let blobs_dir = self.root.join("blobs").join("sha256");

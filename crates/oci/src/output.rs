@@ -64,9 +64,8 @@ impl Output {
                     ));
                 }
                 if !overwrite && file.exists() {
-                    return Err(Error::TagExists {
+                    return Err(Error::ArchiveExists {
                         location: target.location(),
-                        tag,
                     });
                 }
                 if file.is_dir() {
@@ -131,10 +130,17 @@ impl Output {
         let location = source.location();
         let mut out = Vec::new();
         for layer in &base.layers {
-            if !store.contains(&layer.digest, layer.size) {
+            let blob = source.open_blob(&layer.digest, "layer")?;
+            if store.contains(&layer.digest, layer.size) {
+                // Already stored (often: the base lives in the output layout). Still check the
+                // base's copy, so a blob that rotted on disk is refused instead of baked.
+                check_layer(blob, layer, &location, &mut |b| {
+                    progress(b.len() as u64);
+                    Ok(())
+                })?;
+            } else {
                 let mut writer = store.writer()?;
                 let tmp = writer.temp_path().to_owned();
-                let blob = source.open_blob(&layer.digest, "layer")?;
                 check_layer(blob, layer, &location, &mut |b| {
                     progress(b.len() as u64);
                     writer

@@ -182,6 +182,45 @@ impl ImageSource {
         })
     }
 
+    /// Every layer blob of `image` is present with its descriptor's size: a cheap check that
+    /// lets a build refuse a broken base before it does any work.
+    pub fn check_layers_present(&self, image: &ResolvedImage) -> Result<()> {
+        for layer in &image.layers {
+            let size = match (&self.kind, &self.docker) {
+                (Kind::Dir(dir), _) => {
+                    std::fs::metadata(dir.join("blobs/sha256").join(layer.digest.hex()))
+                        .ok()
+                        .map(|m| m.len())
+                }
+                (Kind::Archive(_, entries), None) => entries
+                    .get(&format!("blobs/sha256/{}", layer.digest.hex()))
+                    .map(|e| e.1),
+                (Kind::Archive(..), Some(_)) => Some(layer.size), // hashed when the archive was opened
+            };
+            match size {
+                None => {
+                    return Err(Error::MissingBlob {
+                        expected: layer.digest.to_string(),
+                        what: "layer".into(),
+                        location: self.location(),
+                    });
+                }
+                Some(actual_size) if actual_size != layer.size => {
+                    return Err(Error::DigestMismatch {
+                        expected: layer.digest.to_string(),
+                        what: "layer".into(),
+                        location: self.location(),
+                        actual: "(not computed)".into(),
+                        expected_size: layer.size,
+                        actual_size,
+                    });
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+
     /// Read a small blob whole and check it against its descriptor.
     fn read_blob_checked(&self, digest: &Digest, size: u64, what: &str) -> Result<Vec<u8>> {
         let mut r = self.open_blob(digest, what)?;
@@ -294,8 +333,12 @@ impl ImageSource {
                     available: names(),
                 })?,
             None => {
-                let mut distinct: Vec<&TagEntry> = tags.iter().collect();
-                distinct.dedup_by_key(|t| t.digest);
+                let mut distinct: Vec<&TagEntry> = Vec::new();
+                for t in &tags {
+                    if !distinct.iter().any(|d| d.digest == t.digest) {
+                        distinct.push(t);
+                    }
+                }
                 match distinct.as_slice() {
                     [one] => *one,
                     _ => {
@@ -681,7 +724,21 @@ pub fn check_layer<R: Read>(
     if let Some(e) = tee.sink_error.take() {
         return Err(e);
     }
-    streamed.map_err(corrupt)?;
+    // A damaged blob usually breaks the decoder first. Hash the rest of it so that a blob that
+    // is not what its descriptor says is reported as that (copy the image again), and only a
+    // blob that matches its digest but does not decompress as a broken stream (fix the image).
+    let decode_error = streamed.err();
+    if decode_error.is_some() {
+        let mut buf = vec![0u8; 1 << 20];
+        while let Ok(n) = tee.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+        }
+        if let Some(e) = tee.sink_error.take() {
+            return Err(e);
+        }
+    }
     let digest = Digest::from_hasher(std::mem::take(&mut tee.hasher));
     if digest != layer.digest || tee.size != layer.size {
         return Err(Error::DigestMismatch {
@@ -692,6 +749,9 @@ pub fn check_layer<R: Read>(
             expected_size: layer.size,
             actual_size: tee.size,
         });
+    }
+    if let Some(e) = decode_error {
+        return Err(corrupt(e));
     }
     let diff_id = Digest::from_hasher(diff_hasher);
     if diff_id != layer.diff_id {
