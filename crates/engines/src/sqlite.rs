@@ -315,13 +315,15 @@ mod tests {
         {
             let c = Connection::open(&src).unwrap();
             c.execute_batch("PRAGMA page_size=4096; CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT); CREATE INDEX iv ON t(v);").unwrap();
+            let tx = c.unchecked_transaction().unwrap();
             for i in 0..2000 {
-                c.execute(
+                tx.execute(
                     "INSERT INTO t(v) VALUES (?1)",
                     [format!("value {i} {}", "x".repeat(50))],
                 )
                 .unwrap();
             }
+            tx.commit().unwrap();
         }
         // Scribble over the middle of the file, leaving the header intact.
         let mut bytes = std::fs::read(&src).unwrap();
