@@ -100,8 +100,8 @@ impl Drop for ScratchDir {
     }
 }
 
-pub fn take_snapshot(source: &Path, out: &Path, epoch: i64) -> Result<Snapshot> {
-    let snap = sqlite::snapshot(source, out, &time::rfc3339(epoch.min(time::now())))
+pub fn take_snapshot(source: &Path, out: &Path, epoch: i64, durable: bool) -> Result<Snapshot> {
+    let snap = sqlite::snapshot(source, out, &time::rfc3339(epoch.min(time::now())), durable)
         .stage(Code::Source, || {
             format!("snapshotting {}", source.display())
         })?;
@@ -180,7 +180,7 @@ pub fn run(args: BuildArgs, quiet: bool) -> Result<()> {
         scratch =
             ScratchDir::new().stage(Code::Output, || "creating a scratch directory".into())?;
         progress.phase("snapshot", 0);
-        let snap = take_snapshot(&args.source, &scratch.0, epoch)?;
+        let snap = take_snapshot(&args.source, &scratch.0, epoch, false)?;
         progress.done(&format!(
             "snapshot of {} taken with the SQLite online backup API",
             args.source.display()

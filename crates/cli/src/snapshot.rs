@@ -32,7 +32,7 @@ pub fn run(args: SnapshotArgs, quiet: bool) -> Result<()> {
         .stage(Code::Usage, || "reading SOURCE_DATE_EPOCH".into())?;
     let mut progress = Progress::new(quiet);
     progress.phase("snapshot", 0);
-    let snap = crate::build::take_snapshot(&args.source, &args.out, epoch)?;
+    let snap = crate::build::take_snapshot(&args.source, &args.out, epoch, true)?;
     sqlite::write_snapshot_meta(&args.out, &snap)
         .stage(Code::Output, || format!("writing {}", args.out.display()))?;
     progress.done(&format!(

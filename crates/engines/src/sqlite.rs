@@ -77,7 +77,9 @@ pub fn image_file_name(source: &Path) -> String {
 }
 
 /// Copy `source` consistently into `out_dir`; `taken_at` is recorded as the snapshot time.
-pub fn snapshot(source: &Path, out_dir: &Path, taken_at: &str) -> Result<Snapshot> {
+/// `durable` fsyncs the copy: wanted for a snapshot directory that outlives the command, a
+/// waste of a full disk write for the scratch copy a build reads once and deletes.
+pub fn snapshot(source: &Path, out_dir: &Path, taken_at: &str, durable: bool) -> Result<Snapshot> {
     check_source(source)?;
     let sql = |what: &str| {
         let what = what.to_owned();
@@ -115,6 +117,10 @@ pub fn snapshot(source: &Path, out_dir: &Path, taken_at: &str) -> Result<Snapsho
                 _ => Error::Sqlite { path: source.to_owned(), what: "reading the schema (is it encrypted or corrupt?)".into(), source: e },
             })?;
         let mut dst = Connection::open(&tmp).map_err(sql("creating the snapshot file"))?;
+        // The copy is private until it is renamed into place: no journal and no syncs while
+        // the backup writes it (it is synced once at the end when it must be durable).
+        dst.execute_batch("PRAGMA synchronous=OFF; PRAGMA journal_mode=OFF;")
+            .map_err(sql("preparing the snapshot file"))?;
         {
             let backup = rusqlite::backup::Backup::new(&src, &mut dst)
                 .map_err(sql("starting the online backup"))?;
@@ -161,13 +167,15 @@ pub fn snapshot(source: &Path, out_dir: &Path, taken_at: &str) -> Result<Snapsho
             .query_row("SELECT (SELECT page_count FROM pragma_page_count), (SELECT user_version FROM pragma_user_version)", [], |r| Ok((r.get(0)?, r.get(1)?)))
             .map_err(sql("reading the copy"))?;
         drop(dst);
-        File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| Error::Io {
-                op: "syncing",
-                path: tmp.clone(),
-                source: e,
-            })?;
+        if durable {
+            File::open(&tmp)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| Error::Io {
+                    op: "syncing",
+                    path: tmp.clone(),
+                    source: e,
+                })?;
+        }
         fs::rename(&tmp, &dest).map_err(|e| Error::Io {
             op: "renaming",
             path: dest.clone(),
@@ -267,7 +275,7 @@ mod tests {
         let src = dir.path().join("app.db");
         make_db(&src, 100);
         let keep_open = Connection::open(&src).unwrap(); // keeps the WAL un-checkpointed
-        let snap = snapshot(&src, &dir.path().join("out"), "t").unwrap();
+        let snap = snapshot(&src, &dir.path().join("out"), "t", true).unwrap();
         drop(keep_open);
         let f = &snap.files[0];
         assert_eq!(f.rel_path, "app.db");
@@ -292,17 +300,17 @@ mod tests {
     fn refuses_missing_empty_and_non_sqlite_sources() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("out");
-        let e = snapshot(&dir.path().join("nope.db"), &out, "t")
+        let e = snapshot(&dir.path().join("nope.db"), &out, "t", false)
             .unwrap_err()
             .to_string();
         assert!(e.contains("cannot be read"), "{e}");
         std::fs::write(dir.path().join("empty.db"), b"").unwrap();
-        let e = snapshot(&dir.path().join("empty.db"), &out, "t")
+        let e = snapshot(&dir.path().join("empty.db"), &out, "t", false)
             .unwrap_err()
             .to_string();
         assert!(e.contains("empty"), "{e}");
         std::fs::write(dir.path().join("text.db"), vec![b'x'; 4096]).unwrap();
-        let e = snapshot(&dir.path().join("text.db"), &out, "t")
+        let e = snapshot(&dir.path().join("text.db"), &out, "t", false)
             .unwrap_err()
             .to_string();
         assert!(e.contains("not a SQLite database"), "{e}");
@@ -332,7 +340,7 @@ mod tests {
             *b = 0xA5;
         }
         std::fs::write(&src, &bytes).unwrap();
-        let e = snapshot(&src, &dir.path().join("out"), "t").unwrap_err();
+        let e = snapshot(&src, &dir.path().join("out"), "t", true).unwrap_err();
         let msg = format!(
             "{e}: {:?}",
             std::error::Error::source(&e).map(|s| s.to_string())
