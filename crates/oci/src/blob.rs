@@ -135,12 +135,19 @@ impl BlobWriter {
     /// fsync, which then waits for all of it while no CPU work is left to overlap with.
     fn start_writeback(&mut self) {
         use std::os::fd::AsRawFd;
-        let Some(file) = self.file.as_ref() else { return };
+        let Some(file) = self.file.as_ref() else {
+            return;
+        };
         let len = self.size - self.writeback_from;
         // SAFETY: the descriptor belongs to `file`, which is open for the whole call;
         // sync_file_range reads no memory of ours. It is only a hint: errors surface at fsync.
         unsafe {
-            libc::sync_file_range(file.as_raw_fd(), self.writeback_from as i64, len as i64, libc::SYNC_FILE_RANGE_WRITE);
+            libc::sync_file_range(
+                file.as_raw_fd(),
+                self.writeback_from as i64,
+                len as i64,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
         }
         self.writeback_from = self.size;
     }
