@@ -227,13 +227,14 @@ pub fn run(args: BuildArgs, quiet: bool) -> Result<()> {
     }
     progress.phase("data layer", data_total);
     let threads = threads();
-    // The data layer and image.json's file digests read the same files: do both at once.
+    // The data layer and image.json's file digests read the same files: do both at once,
+    // leaving the layer writer's thread a core of its own.
     let (data_layer, digests) = std::thread::scope(|scope| {
         let digests = scope.spawn(|| {
             snapshot
                 .files
                 .iter()
-                .map(|f| datafiles::digest_file(f, threads))
+                .map(|f| datafiles::digest_file(f, (threads - 1).max(1)))
                 .collect::<Result<Vec<_>, _>>()
         });
         let layer = output.write_layer(compression, data_entries, mtime, threads, &mut |n| {
@@ -346,9 +347,8 @@ pub fn run(args: BuildArgs, quiet: bool) -> Result<()> {
             })).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&out).expect("json"));
-    } else if quiet {
-        // --quiet: the digest alone, for scripts.
-    } else {
+    } else if !quiet {
+        // --quiet prints errors only; scripts that want the digest use --json.
         println!("{} {}", written.reference, written.manifest_digest);
     }
     Ok(())
