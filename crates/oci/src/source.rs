@@ -564,6 +564,13 @@ impl ImageSource {
 
     fn docker_image_index(&self, wanted: Option<&str>) -> Result<usize> {
         let images = self.docker.as_ref().expect("docker archive");
+        let all_tags = || {
+            images
+                .iter()
+                .flat_map(|i| i.tags.clone())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         match wanted {
             Some(tag) => images
                 .iter()
@@ -575,21 +582,13 @@ impl ImageSource {
                 .ok_or_else(|| Error::TagNotFound {
                     location: self.location(),
                     tag: tag.into(),
-                    available: images
-                        .iter()
-                        .flat_map(|i| i.tags.clone())
-                        .collect::<Vec<_>>()
-                        .join(", "),
+                    available: all_tags(),
                 }),
             None if images.len() == 1 => Ok(0),
             None => Err(Error::AmbiguousImage {
                 location: self.location(),
                 count: images.len(),
-                available: images
-                    .iter()
-                    .flat_map(|i| i.tags.clone())
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                available: all_tags(),
             }),
         }
     }
