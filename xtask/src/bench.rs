@@ -1578,21 +1578,11 @@ fn yes_no(met: Option<bool>) -> &'static str {
     }
 }
 
-/// Today's date (UTC) as YYYY-MM-DD, without a date crate (Howard Hinnant's civil_from_days).
+/// Today's date (UTC) as YYYY-MM-DD, from `date` rather than a second civil-date routine.
 fn today() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    let z = secs.div_euclid(86_400) + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}")
+    run_quiet(Command::new("date").args(["-u", "+%F"]))
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown date".into())
 }
 
 /// Replace the build section of docs/benchmarks.md (between the markers), creating the file

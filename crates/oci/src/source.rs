@@ -508,12 +508,7 @@ impl ImageSource {
             let mut archive = tar::Archive::new(layer.compression.decoder(blob).map_err(corrupt)?);
             for entry in archive.entries().map_err(corrupt)? {
                 let mut entry = entry.map_err(corrupt)?;
-                let name = entry
-                    .path()
-                    .map_err(corrupt)?
-                    .to_string_lossy()
-                    .trim_start_matches("./")
-                    .to_owned();
+                let name = entry_name(&entry).map_err(corrupt)?;
                 if name == path && entry.header().entry_type().is_file() {
                     let mut bytes = Vec::new();
                     entry.read_to_end(&mut bytes).map_err(corrupt)?;
@@ -641,6 +636,15 @@ impl ImageSource {
     }
 }
 
+/// A tar entry's path as archives spell it in every tool's output: without a leading `./`.
+fn entry_name<R: Read>(entry: &tar::Entry<'_, R>) -> io::Result<String> {
+    Ok(entry
+        .path()?
+        .to_string_lossy()
+        .trim_start_matches("./")
+        .to_owned())
+}
+
 fn index_archive(file: &Path) -> Result<BTreeMap<String, (u64, u64)>> {
     let f = File::open(file).map_err(Error::io("opening archive", file))?;
     let mut archive = tar::Archive::new(f);
@@ -653,12 +657,7 @@ fn index_archive(file: &Path) -> Result<BTreeMap<String, (u64, u64)>> {
     for entry in archive.entries_with_seek().map_err(corrupt)? {
         let entry = entry.map_err(corrupt)?;
         if entry.header().entry_type().is_file() {
-            let name = entry
-                .path()
-                .map_err(corrupt)?
-                .to_string_lossy()
-                .trim_start_matches("./")
-                .to_owned();
+            let name = entry_name(&entry).map_err(corrupt)?;
             entries.insert(name, (entry.raw_file_position(), entry.size()));
         }
     }
