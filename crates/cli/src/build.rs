@@ -20,6 +20,48 @@ use crate::exit::{Code, StageExt};
 use crate::progress::{Progress, human_bytes};
 use crate::{BuildArgs, CompressionArg, EngineArg};
 
+/// The static bakedb-init built by build.rs; the same bytes go into every image.
+pub const INIT_BINARY: &[u8] = include_bytes!(env!("BAKEDB_INIT_PATH"));
+/// Where init lives in the image: its ENTRYPOINT.
+pub const INIT_PATH: &str = "/bakedb/init";
+
+/// The init layer: identical in every image this bakedb writes with the same compression
+/// (fixed mtime, no SOURCE_DATE_EPOCH), so registries and hosts store it once. It also
+/// brings /tmp, which a FROM-scratch image lacks and the engines' profiles write into.
+fn init_entries() -> Vec<TarEntry> {
+    vec![
+        TarEntry::dir("bakedb", 0o755, 0, 0),
+        TarEntry::bytes(&INIT_PATH[1..], INIT_BINARY.to_vec(), 0o755, 0, 0),
+        TarEntry::dir("tmp", 0o1777, 0, 0),
+    ]
+}
+
+/// ENTRYPOINT and CMD as Docker would combine them, with init in front: the user's
+/// --entrypoint or else the base's runs after /bakedb/init; a new entrypoint drops the base's
+/// CMD unless --cmd is given.
+fn init_command(
+    base_config: Option<&serde_json::Value>,
+    entrypoint: Option<Vec<String>>,
+    cmd: Option<Vec<String>>,
+) -> (Vec<String>, Option<Vec<String>>) {
+    let inherited = |key: &str| -> Option<Vec<String>> {
+        serde_json::from_value(base_config?.get("config")?.get(key)?.clone()).ok()
+    };
+    let user_gave_entrypoint = entrypoint.is_some();
+    let mut full = vec![INIT_PATH.to_owned()];
+    full.extend(
+        entrypoint
+            .or_else(|| inherited("Entrypoint"))
+            .unwrap_or_default(),
+    );
+    let cmd = match cmd {
+        Some(cmd) => Some(cmd),
+        None if user_gave_entrypoint => None,
+        None => inherited("Cmd"),
+    };
+    (full, cmd)
+}
+
 pub fn threads() -> usize {
     std::thread::available_parallelism().map_or(1, usize::from)
 }
@@ -189,6 +231,7 @@ pub fn run(args: BuildArgs, quiet: bool) -> Result<()> {
     };
 
     let mut layers: Vec<LayerInfo> = Vec::new();
+    let mut new_layers = Vec::new();
     if let Some((source, image)) = &base {
         let total: u64 = image.layers.iter().map(|l| l.size).sum();
         progress.phase("base layers", total);
@@ -203,6 +246,28 @@ pub fn run(args: BuildArgs, quiet: bool) -> Result<()> {
             human_bytes(total),
             source.location()
         ));
+    }
+
+    if !args.no_init {
+        let init_layer = output
+            .write_layer(compression, init_entries(), 0, threads(), &mut |_| {})
+            .stage(Code::Output, || {
+                format!("writing the bakedb-init layer to {output_ref}")
+            })?;
+        progress.done(&format!(
+            "init layer {} ({} bakedb-init {})",
+            init_layer.digest,
+            human_bytes(INIT_BINARY.len() as u64),
+            env!("CARGO_PKG_VERSION")
+        ));
+        new_layers.push(NewLayer {
+            layer: init_layer.clone(),
+            created_by: format!(
+                "bakedb build: {INIT_PATH} (bakedb-init {})",
+                env!("CARGO_PKG_VERSION")
+            ),
+        });
+        layers.push(init_layer);
     }
 
     let data_total: u64 = snapshot
@@ -257,7 +322,7 @@ pub fn run(args: BuildArgs, quiet: bool) -> Result<()> {
     let image_json = json!({
         "schema": 1,
         "engine": snapshot.engine,
-        "profile": format!("{}-readonly", snapshot.engine),
+        "profile": sqlite::profile(&snapshot),
         "data_dir": format!("/{DATA_DIR}"),
         "owner": {"uid": uid, "gid": gid},
         "snapshot": snapshot.provenance,
@@ -279,6 +344,13 @@ pub fn run(args: BuildArgs, quiet: bool) -> Result<()> {
             format!("writing the image.json layer to {output_ref}")
         })?;
 
+    let (entrypoint, cmd) = if args.no_init {
+        (entrypoint, cmd)
+    } else {
+        let (entrypoint, cmd) =
+            init_command(base.as_ref().map(|(_, i)| &i.config), entrypoint, cmd);
+        (Some(entrypoint), cmd)
+    };
     let changes = ConfigChanges {
         user: Some(format!("{uid}:{gid}")),
         env: vec![format!("BAKEDB_DATA_DIGEST={data_digest}")],
@@ -293,16 +365,14 @@ pub fn run(args: BuildArgs, quiet: bool) -> Result<()> {
         },
         ..Default::default()
     };
-    let new_layers = [
-        NewLayer {
-            layer: data_layer.clone(),
-            created_by: format!("bakedb build: {} data under /{DATA_DIR}", snapshot.engine),
-        },
-        NewLayer {
-            layer: meta_layer.clone(),
-            created_by: format!("bakedb build: /{IMAGE_JSON}"),
-        },
-    ];
+    new_layers.push(NewLayer {
+        layer: data_layer.clone(),
+        created_by: format!("bakedb build: {} data under /{DATA_DIR}", snapshot.engine),
+    });
+    new_layers.push(NewLayer {
+        layer: meta_layer.clone(),
+        created_by: format!("bakedb build: /{IMAGE_JSON}"),
+    });
     let config = derive_config(
         base.as_ref().map(|(_, image)| &image.config),
         &changes,

@@ -109,7 +109,10 @@ pub fn run(args: InspectArgs) -> Result<()> {
             println!(
                 "Data:        engine {}, profile {}",
                 ij["engine"].as_str().unwrap_or("?"),
-                ij["profile"].as_str().unwrap_or("?")
+                ij["profile"]["name"]
+                    .as_str()
+                    .or(ij["profile"].as_str())
+                    .unwrap_or("?")
             );
             println!("Snapshot:    {}", ij["snapshot"]);
             for f in ij["files"].as_array().into_iter().flatten() {

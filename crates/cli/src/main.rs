@@ -91,9 +91,19 @@ pub struct BuildArgs {
     /// Image command, as a JSON array or a plain string split on spaces.
     #[arg(long, value_name = "CMD")]
     cmd: Option<String>,
-    /// Image entrypoint, as a JSON array or a plain string split on spaces.
-    #[arg(long, value_name = "ENTRYPOINT")]
+    /// Image entrypoint, run by bakedb-init after verification (JSON array or plain string).
+    #[arg(
+        long,
+        value_name = "ENTRYPOINT",
+        long_help = "The image's own entrypoint, as a JSON array or a plain string split on spaces. The image's ENTRYPOINT becomes /bakedb/init followed by it, so it still runs only after the data is verified; like a Dockerfile ENTRYPOINT it drops the base image's CMD unless --cmd is given. Without it the base image's entrypoint is kept after /bakedb/init."
+    )]
     entrypoint: Option<String>,
+    /// Leave bakedb-init out: no verification at start, ENTRYPOINT as given.
+    #[arg(
+        long,
+        long_help = "Build without bakedb-init: no /bakedb/init layer, nothing verifies the data when a container starts, and ENTRYPOINT is --entrypoint or the base image's. For images whose consumers verify by other means."
+    )]
+    no_init: bool,
     /// Numeric owner of the data files and the image's User.
     #[arg(long, value_name = "UID:GID", default_value = "65532:65532")]
     user: String,

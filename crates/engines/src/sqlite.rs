@@ -206,6 +206,21 @@ pub fn snapshot(source: &Path, out_dir: &Path, taken_at: &str, durable: bool) ->
     })
 }
 
+/// The read-only profile bakedb-init applies at start (the mechanism is in crates/init):
+/// SQLite's temporary files (large sorts, GROUP BY, temp tables) go to /tmp rather than
+/// beside the data, and BAKEDB_DATABASE names the baked file for whatever command the image
+/// runs (sqlite3, datasette, bakedb-serve).
+pub fn profile(snapshot: &Snapshot) -> serde_json::Value {
+    let file = snapshot.files.first().map_or("", |f| f.rel_path.as_str());
+    json!({
+        "name": "sqlite-readonly",
+        "env": {
+            "SQLITE_TMPDIR": "/tmp",
+            "BAKEDB_DATABASE": format!("{{data_dir}}/{file}"),
+        },
+    })
+}
+
 /// Files of a directory written by `bakedb snapshot`, with its recorded provenance.
 pub fn load_snapshot_dir(dir: &Path) -> Result<Snapshot> {
     let meta_path = dir.join("snapshot.json");

@@ -1,7 +1,380 @@
-//! bakedb-init, PID 1 of a bakedb image: verify the data, apply the read-only profile, exec
-//! the engine. Not built yet (issue 4); until then it refuses to run rather than pretend.
+//! bakedb-init, the ENTRYPOINT of every bakedb image: verify the data against the digest in
+//! the image config, apply the engine's read-only profile, and exec (or supervise) the engine.
+//!
+//! Linear on purpose, like tini and catatonit: no argument library, no async, no serde. It
+//! uses no workspace crate so that it stays a small static binary whose layer is identical in
+//! every image (see ARCHITECTURE.md).
+//!
+//! Exit codes: 1 setup failed, 2 usage, 3 data verification failed, 126 command not
+//! executable, 127 command not found, otherwise the engine's own code (128+N for signal N).
+
+mod image;
+mod json;
+mod profile;
+mod start;
+mod verify;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use image::Description;
+use profile::Launch;
+use start::Identity;
+
+const IMAGE_JSON: &str = "etc/bakedb/image.json";
+
+const USAGE: &str = "usage: bakedb-init [--plan | --verify-only] [--root DIR] [--] COMMAND [ARG...]
+
+Verifies the data under the image's data directory against /etc/bakedb/image.json and the
+BAKEDB_DATA_DIGEST in the image config, applies the engine's read-only profile, then execs
+COMMAND (normally the image's CMD).
+
+  --plan         print what would be verified and executed, then exit 0
+  --verify-only  verify, then exit 0 (or 3) without starting anything
+  --root DIR     treat DIR as the container's root (tests, benchmarks, unpacked bundles)
+
+Environment: BAKEDB_VERIFY=off, BAKEDB_INIT_SUPERVISE=1, BAKEDB_RUN_AS_ROOT=1,
+BAKEDB_RUNTIME_DIR (default /tmp/bakedb), BAKEDB_VERIFY_THREADS (default: one per core).
+Exit codes: 1 setup, 2 usage, 3 verification failed, 126/127 command not executable/found.";
+
+enum Failure {
+    Setup(String),
+    Usage(String),
+    Verify(String),
+    Exec(i32, String),
+}
+
+impl Failure {
+    fn report(self) -> i32 {
+        let (code, message) = match self {
+            Failure::Setup(m) => (1, m),
+            Failure::Usage(m) => (2, m),
+            Failure::Verify(m) => (
+                3,
+                format!("verification failed: {m}; the engine was not started"),
+            ),
+            Failure::Exec(code, m) => (code, m),
+        };
+        eprintln!("bakedb-init: {message}");
+        code
+    }
+}
+
+#[derive(PartialEq)]
+enum Mode {
+    Run,
+    Plan,
+    VerifyOnly,
+}
+
+struct Options {
+    mode: Mode,
+    root: PathBuf,
+    command: Vec<String>,
+}
+
+fn parse_args(args: Vec<String>) -> Result<Options, Failure> {
+    let mut options = Options {
+        mode: Mode::Run,
+        root: PathBuf::from("/"),
+        command: Vec::new(),
+    };
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--plan" => options.mode = Mode::Plan,
+            "--verify-only" => options.mode = Mode::VerifyOnly,
+            "--root" => {
+                options.root = args
+                    .next()
+                    .map(PathBuf::from)
+                    .ok_or_else(|| Failure::Usage("--root needs a directory".into()))?;
+            }
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            "--version" | "-V" => {
+                println!("bakedb-init {}", env!("CARGO_PKG_VERSION"));
+                std::process::exit(0);
+            }
+            "--" => {
+                options.command.extend(args.by_ref());
+            }
+            flag if flag.starts_with("--") => {
+                return Err(Failure::Usage(format!(
+                    "unknown option {flag}; put the command after -- if it starts with --\n{USAGE}"
+                )));
+            }
+            _ => {
+                options.command.push(arg);
+                options.command.extend(args.by_ref());
+            }
+        }
+    }
+    if options.mode != Mode::VerifyOnly && options.command.is_empty() {
+        return Err(Failure::Usage(
+            "no command to start: the image has no CMD and none was given; run it as `docker run IMAGE COMMAND...`".into(),
+        ));
+    }
+    Ok(options)
+}
+
+/// A yes/no environment switch; anything unexpected is a usage error, not a guess.
+fn switch(name: &str, default: bool) -> Result<bool, Failure> {
+    match std::env::var(name).as_deref() {
+        Err(_) | Ok("") => Ok(default),
+        Ok("1" | "on" | "yes" | "true") => Ok(true),
+        Ok("0" | "off" | "no" | "false") => Ok(false),
+        Ok(other) => Err(Failure::Usage(format!(
+            "{name}={other:?} is not a switch; use 1/on/yes/true or 0/off/no/false"
+        ))),
+    }
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.2} {}", UNITS[unit])
+    }
+}
+
+struct Settings {
+    verify: bool,
+    supervise_requested: bool,
+    allow_root: bool,
+    runtime_dir: PathBuf,
+    threads: usize,
+    expected_digest: Option<String>,
+}
+
+fn settings() -> Result<Settings, Failure> {
+    let runtime_dir = match std::env::var("BAKEDB_RUNTIME_DIR") {
+        Ok(dir) if !dir.is_empty() => {
+            if !dir.starts_with('/') {
+                return Err(Failure::Usage(format!(
+                    "BAKEDB_RUNTIME_DIR={dir:?} is not an absolute path"
+                )));
+            }
+            PathBuf::from(dir)
+        }
+        _ => PathBuf::from(profile::DEFAULT_RUNTIME_DIR),
+    };
+    let threads = match std::env::var("BAKEDB_VERIFY_THREADS") {
+        Ok(n) if !n.is_empty() => n.parse::<usize>().ok().filter(|n| *n > 0).ok_or_else(|| {
+            Failure::Usage(format!(
+                "BAKEDB_VERIFY_THREADS={n:?} is not a positive number"
+            ))
+        })?,
+        _ => 0,
+    };
+    Ok(Settings {
+        verify: switch("BAKEDB_VERIFY", true)?,
+        supervise_requested: switch("BAKEDB_INIT_SUPERVISE", false)?,
+        allow_root: switch("BAKEDB_RUN_AS_ROOT", false)?,
+        runtime_dir,
+        threads,
+        expected_digest: std::env::var("BAKEDB_DATA_DIGEST").ok(),
+    })
+}
+
+fn load_description(
+    root: &Path,
+    settings: &Settings,
+    check_digest: bool,
+) -> Result<Description, Failure> {
+    let path = root.join(IMAGE_JSON);
+    let bytes = std::fs::read(&path).map_err(|e| {
+        Failure::Verify(format!(
+            "reading {}: {e}; this image was not built by bakedb build, or the file was removed",
+            path.display()
+        ))
+    })?;
+    if check_digest {
+        let expected = settings.expected_digest.as_deref().ok_or_else(|| {
+            Failure::Verify(
+                "BAKEDB_DATA_DIGEST is not set; the image config sets it, so the container's environment was replaced (set BAKEDB_VERIFY=off to start unverified)".into(),
+            )
+        })?;
+        verify::check_image_json(&bytes, expected, &path).map_err(Failure::Verify)?;
+    }
+    image::parse(&bytes).map_err(|e| Failure::Verify(format!("{}: {e}", path.display())))
+}
+
+fn env_vars() -> Vec<(String, String)> {
+    std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .collect()
+}
+
+fn path_of(env: &[(String, String)]) -> Option<&str> {
+    env.iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.as_str())
+}
+
+fn print_plan(
+    desc: &Description,
+    settings: &Settings,
+    options: &Options,
+    identity: &Identity,
+    launch: &Launch,
+    supervise: bool,
+) {
+    let data_dir = options.root.join(desc.data_dir.trim_start_matches('/'));
+    let total: u64 = desc.files.iter().map(|f| f.size).sum();
+    let pieces: usize = desc.files.iter().map(|f| f.chunks.len().max(1)).sum();
+    println!("bakedb-init plan ({} engine)", desc.engine);
+    if settings.verify {
+        println!(
+            "  verify   {} against BAKEDB_DATA_DIGEST={}",
+            options.root.join(IMAGE_JSON).display(),
+            settings
+                .expected_digest
+                .as_deref()
+                .unwrap_or("(unset: verification would fail)")
+        );
+        let threads = if settings.threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            settings.threads
+        };
+        println!(
+            "  verify   {}: {} files, {} ({total} bytes), {pieces} pieces of up to {} on {} threads",
+            data_dir.display(),
+            desc.files.len(),
+            human(total),
+            human(desc.chunk_size),
+            threads.min(pieces).max(1)
+        );
+    } else {
+        println!(
+            "  verify   off (BAKEDB_VERIFY=off): {} is not checked",
+            data_dir.display()
+        );
+    }
+    let user = match identity {
+        Identity::Unchanged => format!("unchanged (uid {})", start::euid()),
+        Identity::Drop { uid, gid } => format!("drop root to {uid}:{gid}, the data owner"),
+        Identity::RootAllowed => "stay root (BAKEDB_RUN_AS_ROOT=1)".into(),
+        Identity::RootOwner => "stay root (the image's data is owned by root)".into(),
+    };
+    println!("  user     {user}");
+    println!("  tune     {}", launch.summary());
+    let program = start::resolve(&launch.argv[0], path_of(&launch.env))
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|(code, m)| format!("(would fail with {code}: {m})"));
+    println!(
+        "  {} {program} {:?}",
+        if supervise { "supervise" } else { "exec    " },
+        launch.argv
+    );
+}
+
+fn run(options: Options) -> Result<std::convert::Infallible, Failure> {
+    let settings = settings()?;
+    let check = settings.verify || options.mode == Mode::VerifyOnly;
+    if !check && options.mode == Mode::Run {
+        eprintln!(
+            "bakedb-init: warning: BAKEDB_VERIFY=off: starting without checking the data against BAKEDB_DATA_DIGEST"
+        );
+    }
+    let desc = load_description(
+        &options.root,
+        &settings,
+        check && options.mode != Mode::Plan,
+    )?;
+    let identity = start::decide_identity(
+        start::euid(),
+        (desc.owner_uid, desc.owner_gid),
+        settings.allow_root,
+    );
+    let supervise = settings.supervise_requested || desc.profile.supervise;
+    let launch = profile::prepare(
+        &desc.profile,
+        &options.command,
+        &env_vars(),
+        &desc.data_dir,
+        &settings.runtime_dir,
+    );
+    if options.mode == Mode::Plan {
+        print_plan(&desc, &settings, &options, &identity, &launch, supervise);
+        std::process::exit(0);
+    }
+
+    // Least privilege first: the data is hashed as the user that will serve it.
+    if let Identity::Drop { uid, gid } = identity {
+        start::drop_to(uid, gid)
+            .map_err(|e| Failure::Setup(format!("dropping root to the data owner: {e}")))?;
+    }
+    if check {
+        let started = Instant::now();
+        let summary =
+            verify::check_data(&desc, &options.root, settings.threads).map_err(Failure::Verify)?;
+        let seconds = started.elapsed().as_secs_f64();
+        eprintln!(
+            "bakedb-init: verified {} file{}, {} under {} in {seconds:.2} s ({:.0} MB/s, {} thread{})",
+            summary.files,
+            if summary.files == 1 { "" } else { "s" },
+            human(summary.bytes),
+            desc.data_dir,
+            summary.bytes as f64 / seconds.max(1e-9) / 1e6,
+            summary.threads,
+            if summary.threads == 1 { "" } else { "s" },
+        );
+    }
+    if options.mode == Mode::VerifyOnly {
+        std::process::exit(0);
+    }
+
+    match identity {
+        Identity::RootAllowed => eprintln!(
+            "bakedb-init: warning: running {} as root (BAKEDB_RUN_AS_ROOT=1)",
+            launch.argv[0]
+        ),
+        Identity::Drop { uid, gid } => {
+            eprintln!("bakedb-init: running as {uid}:{gid}, the data owner, instead of root")
+        }
+        _ => {}
+    }
+    profile::write_files(&launch).map_err(Failure::Setup)?;
+    eprintln!("bakedb-init: {}", launch.summary());
+    let program = start::resolve(&launch.argv[0], path_of(&launch.env))
+        .map_err(|(code, m)| Failure::Exec(code, m))?;
+    if supervise {
+        let (code, message) = start::supervise(&program, &launch.argv, &launch.env);
+        if let Some(message) = message {
+            return Err(Failure::Exec(code, message));
+        }
+        std::process::exit(code);
+    }
+    let (code, message) = start::exec(&program, &launch.argv, &launch.env);
+    Err(Failure::Exec(code, message))
+}
 
 fn main() {
-    eprintln!("bakedb-init: not implemented yet; images from this version of bakedb do not use it");
-    std::process::exit(1);
+    start::exit_on_stop_signals();
+    let args: Vec<String> = match std::env::args_os()
+        .skip(1)
+        .map(|a| a.into_string())
+        .collect()
+    {
+        Ok(args) => args,
+        Err(bad) => {
+            std::process::exit(Failure::Usage(format!("argument {bad:?} is not UTF-8")).report())
+        }
+    };
+    let code = match parse_args(args).and_then(run) {
+        Ok(never) => match never {},
+        Err(failure) => failure.report(),
+    };
+    std::process::exit(code);
 }

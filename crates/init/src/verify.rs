@@ -1,0 +1,536 @@
+//! Proving the data is what the image promised, before the engine reads a byte.
+//!
+//! Order matters: image.json's own sha256 against BAKEDB_DATA_DIGEST first (nothing in it is
+//! trusted before that), then the shape of the data directory with lstat only (missing,
+//! added, symlinked or special files, sizes, modes: cheap, and a clear message), and last the
+//! contents, hashed on every core in chunk-sized pieces with large sequential reads.
+
+use std::collections::BTreeSet;
+use std::fs::{self, File};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use sha2::{Digest, Sha256};
+
+use crate::image::{Description, hex};
+
+/// Bytes per read: large enough for the disk to stream, small enough to stay in cache while
+/// it is hashed.
+const READ_SIZE: usize = 1 << 20;
+
+pub struct Summary {
+    pub files: usize,
+    pub bytes: u64,
+    pub threads: usize,
+}
+
+/// Check image.json's bytes against BAKEDB_DATA_DIGEST (`sha256:<hex>`).
+pub fn check_image_json(bytes: &[u8], expected: &str, shown_path: &Path) -> Result<(), String> {
+    let want = expected
+        .strip_prefix("sha256:")
+        .and_then(crate::image::parse_hex32)
+        .ok_or_else(|| {
+            format!("BAKEDB_DATA_DIGEST={expected:?} is not sha256:<64 hex digits>; the image config sets it, do not override it")
+        })?;
+    let got: [u8; 32] = Sha256::digest(bytes).into();
+    if got != want {
+        return Err(format!(
+            "{}: sha256 is sha256:{}, the image config promises {expected} (BAKEDB_DATA_DIGEST): the data description was replaced or altered",
+            shown_path.display(),
+            hex(&got)
+        ));
+    }
+    Ok(())
+}
+
+fn kind(meta: &fs::Metadata) -> &'static str {
+    let t = meta.file_type();
+    if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_dir() {
+        "a directory"
+    } else {
+        "a regular file"
+    }
+}
+
+/// Walk the data directory with lstat and compare it with the description: every entry must
+/// be a listed regular file or a directory that holds listed files (or is listed in `dirs`).
+fn check_shape(desc: &Description, data_dir: &Path) -> Result<(), String> {
+    let top = fs::symlink_metadata(data_dir)
+        .map_err(|e| format!("data directory {}: {e}", data_dir.display()))?;
+    if !top.is_dir() {
+        return Err(format!(
+            "data directory {} is {}, not a directory",
+            data_dir.display(),
+            kind(&top)
+        ));
+    }
+    let mut allowed_dirs: BTreeSet<String> = desc.dirs.iter().cloned().collect();
+    for f in &desc.files {
+        let mut p = f.path.as_str();
+        while let Some((parent, _)) = p.rsplit_once('/') {
+            allowed_dirs.insert(parent.to_owned());
+            p = parent;
+        }
+    }
+    let listed: BTreeSet<&str> = desc.files.iter().map(|f| f.path.as_str()).collect();
+    let mut found: BTreeSet<String> = BTreeSet::new();
+    let mut stack = vec![String::new()];
+    while let Some(rel) = stack.pop() {
+        let dir = if rel.is_empty() {
+            data_dir.to_owned()
+        } else {
+            data_dir.join(&rel)
+        };
+        let mut names: Vec<_> = fs::read_dir(&dir)
+            .map_err(|e| format!("reading directory {}: {e}", dir.display()))?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("reading directory {}: {e}", dir.display()))?;
+        names.sort();
+        for name in names {
+            let name = name.to_string_lossy();
+            let child_rel = if rel.is_empty() {
+                name.to_string()
+            } else {
+                format!("{rel}/{name}")
+            };
+            let path = data_dir.join(&child_rel);
+            let meta =
+                fs::symlink_metadata(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let t = meta.file_type();
+            if t.is_dir() && allowed_dirs.contains(&child_rel) {
+                stack.push(child_rel);
+            } else if t.is_file() && listed.contains(child_rel.as_str()) {
+                found.insert(child_rel);
+            } else if t.is_symlink() {
+                let target = fs::read_link(&path)
+                    .map(|t| t.display().to_string())
+                    .unwrap_or_else(|_| "?".into());
+                return Err(format!(
+                    "{} is a symbolic link (to {target}); the image has no links in its data",
+                    path.display()
+                ));
+            } else if listed.contains(child_rel.as_str()) {
+                return Err(format!(
+                    "{} is {}; image.json lists a regular file there",
+                    path.display(),
+                    kind(&meta)
+                ));
+            } else if allowed_dirs.contains(&child_rel) {
+                return Err(format!(
+                    "{} is {}; image.json expects a directory there",
+                    path.display(),
+                    kind(&meta)
+                ));
+            } else {
+                return Err(format!(
+                    "{} is {} that image.json does not list: something was added to the data",
+                    path.display(),
+                    kind(&meta)
+                ));
+            }
+        }
+    }
+    for f in &desc.files {
+        let path = data_dir.join(&f.path);
+        if !found.contains(&f.path) {
+            return Err(format!(
+                "{} is missing: image.json lists it with {} bytes",
+                path.display(),
+                f.size
+            ));
+        }
+        let meta = fs::symlink_metadata(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if meta.len() != f.size {
+            return Err(format!(
+                "{} has {} bytes, image.json says {}: the file was {}",
+                path.display(),
+                meta.len(),
+                f.size,
+                if meta.len() < f.size {
+                    "truncated"
+                } else {
+                    "extended"
+                }
+            ));
+        }
+        if meta.mode() & 0o7777 != f.mode {
+            return Err(format!(
+                "{} has mode {:04o}, image.json says {:04o}",
+                path.display(),
+                meta.mode() & 0o7777,
+                f.mode
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// One piece of work: a chunk of a file (or the whole file when it has a sha256).
+struct Piece {
+    file: usize,
+    offset: u64,
+    len: u64,
+    expected: [u8; 32],
+    /// 1-based chunk number, 0 for a whole file.
+    chunk: usize,
+}
+
+/// Verify every data file; returns what was checked. `threads` 0 means one per core.
+pub fn check_data(desc: &Description, root: &Path, threads: usize) -> Result<Summary, String> {
+    let data_dir = root.join(desc.data_dir.trim_start_matches('/'));
+    check_shape(desc, &data_dir)?;
+
+    let mut handles = Vec::with_capacity(desc.files.len());
+    for f in &desc.files {
+        let path = data_dir.join(&f.path);
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NONBLOCK)
+            .open(&path)
+            .map_err(|e| format!("opening {}: {e}", path.display()))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        if !meta.is_file() || meta.len() != f.size {
+            return Err(format!(
+                "{} changed while it was being checked",
+                path.display()
+            ));
+        }
+        // Sequential hint: the kernel doubles its read-ahead window on a cold page cache.
+        // SAFETY: a valid open descriptor; posix_fadvise only sets a hint.
+        unsafe {
+            libc::posix_fadvise(
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                0,
+                0,
+                libc::POSIX_FADV_SEQUENTIAL,
+            )
+        };
+        handles.push((file, path));
+    }
+
+    let mut pieces = Vec::new();
+    for (i, f) in desc.files.iter().enumerate() {
+        if let Some(sha) = f.sha256 {
+            pieces.push(Piece {
+                file: i,
+                offset: 0,
+                len: f.size,
+                expected: sha,
+                chunk: 0,
+            });
+        } else {
+            for (n, expected) in f.chunks.iter().enumerate() {
+                let offset = n as u64 * desc.chunk_size;
+                let len = desc.chunk_size.min(f.size - offset);
+                pieces.push(Piece {
+                    file: i,
+                    offset,
+                    len,
+                    expected: *expected,
+                    chunk: n + 1,
+                });
+            }
+        }
+    }
+    let threads = if threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        threads
+    }
+    .min(pieces.len())
+    .max(1);
+
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    // The first failing piece in list order, so the message does not depend on scheduling.
+    let failure: Mutex<Option<(usize, String)>> = Mutex::new(None);
+    let work = || {
+        let mut buf = vec![0u8; READ_SIZE];
+        while !stop.load(Ordering::Relaxed) {
+            let index = next.fetch_add(1, Ordering::Relaxed);
+            let Some(piece) = pieces.get(index) else {
+                return;
+            };
+            if let Err(message) = hash_piece(piece, &handles[piece.file], desc, &mut buf) {
+                stop.store(true, Ordering::Relaxed);
+                let mut slot = failure.lock().unwrap_or_else(|e| e.into_inner());
+                if slot.as_ref().is_none_or(|(i, _)| index < *i) {
+                    *slot = Some((index, message));
+                }
+                return;
+            }
+        }
+    };
+    std::thread::scope(|scope| {
+        for _ in 1..threads {
+            // Each worker holds one read buffer on the heap; its stack stays small.
+            std::thread::Builder::new()
+                .stack_size(256 << 10)
+                .spawn_scoped(scope, work)
+                .expect("spawning a verification thread");
+        }
+        work();
+    });
+    if let Some((_, message)) = failure.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        return Err(message);
+    }
+    Ok(Summary {
+        files: desc.files.len(),
+        bytes: desc.files.iter().map(|f| f.size).sum(),
+        threads,
+    })
+}
+
+fn hash_piece(
+    piece: &Piece,
+    (file, path): &(File, PathBuf),
+    desc: &Description,
+    buf: &mut [u8],
+) -> Result<(), String> {
+    let mut hasher = Sha256::new();
+    let end = piece.offset + piece.len;
+    let mut offset = piece.offset;
+    while offset < end {
+        let want = buf.len().min((end - offset) as usize);
+        let n = match file.read_at(&mut buf[..want], offset) {
+            Ok(0) => {
+                return Err(format!(
+                    "{} ended at byte {offset} while being read, image.json says {} bytes",
+                    path.display(),
+                    desc.files[piece.file].size
+                ));
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(format!("reading {} at byte {offset}: {e}", path.display())),
+        };
+        hasher.update(&buf[..n]);
+        offset += n as u64;
+    }
+    let got: [u8; 32] = hasher.finalize().into();
+    if got == piece.expected {
+        return Ok(());
+    }
+    let f = &desc.files[piece.file];
+    Err(if piece.chunk == 0 {
+        format!(
+            "{}: sha256 is {}, image.json says {}: the contents were altered",
+            path.display(),
+            hex(&got),
+            hex(&piece.expected)
+        )
+    } else {
+        format!(
+            "{}: bytes {}..{} (chunk {} of {}) have sha256 {}, image.json says {}: the contents were altered",
+            path.display(),
+            piece.offset,
+            end,
+            piece.chunk,
+            f.chunks.len(),
+            hex(&got),
+            hex(&piece.expected)
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image;
+
+    /// A data dir and its image.json, written the way bakedb build does, with tiny chunks.
+    struct Fixture {
+        root: PathBuf,
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.root);
+        }
+    }
+
+    const CHUNK: u64 = 1000;
+
+    fn fixture(name: &str) -> (Fixture, Description) {
+        let root =
+            std::env::temp_dir().join(format!("bakedb-init-verify-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let data = root.join("var/lib/bakedb");
+        fs::create_dir_all(data.join("sub")).unwrap();
+        let small: Vec<u8> = (0..700u32).map(|i| (i * 7) as u8).collect();
+        let big: Vec<u8> = (0..4500u32).map(|i| (i * 13 / 7) as u8).collect();
+        fs::write(data.join("small.db"), &small).unwrap();
+        fs::write(data.join("sub/big.db"), &big).unwrap();
+        let chunks: Vec<String> = big
+            .chunks(CHUNK as usize)
+            .map(|c| format!("{:?}", hex(&Sha256::digest(c))))
+            .collect();
+        let text = format!(
+            r#"{{"schema": 1, "engine": "sqlite", "data_dir": "/var/lib/bakedb", "chunk_size": {CHUNK},
+               "owner": {{"uid": 1, "gid": 1}},
+               "files": [{{"path": "small.db", "size": 700, "mode": "0644", "sha256": "{}"}},
+                         {{"path": "sub/big.db", "size": 4500, "mode": "0644", "chunks": [{}]}}]}}"#,
+            hex(&Sha256::digest(&small)),
+            chunks.join(",")
+        );
+        for f in ["small.db", "sub/big.db"] {
+            fs::set_permissions(
+                data.join(f),
+                std::os::unix::fs::PermissionsExt::from_mode(0o644),
+            )
+            .unwrap();
+        }
+        let desc = image::parse(text.as_bytes()).unwrap();
+        (Fixture { root }, desc)
+    }
+
+    fn check(fx: &Fixture, desc: &Description) -> Result<Summary, String> {
+        check_data(desc, &fx.root, 3)
+    }
+
+    #[test]
+    fn untouched_data_passes_on_any_thread_count() {
+        let (fx, desc) = fixture("ok");
+        for threads in [1, 2, 8] {
+            let s = check_data(&desc, &fx.root, threads).unwrap();
+            assert_eq!((s.files, s.bytes), (2, 5200));
+            assert!(s.threads <= 6);
+        }
+    }
+
+    #[test]
+    fn each_kind_of_tampering_is_named() {
+        type Tamper<'a> = &'a dyn Fn(&Path);
+        let cases: &[(&str, Tamper, &str)] = &[
+            (
+                "flip",
+                &|d| {
+                    let f = fs::OpenOptions::new()
+                        .write(true)
+                        .open(d.join("sub/big.db"))
+                        .unwrap();
+                    f.write_at(b"\xff", 2500).unwrap();
+                },
+                "sub/big.db: bytes 2000..3000 (chunk 3 of 5) have sha256",
+            ),
+            (
+                "flipsmall",
+                &|d| {
+                    let f = fs::OpenOptions::new()
+                        .write(true)
+                        .open(d.join("small.db"))
+                        .unwrap();
+                    f.write_at(b"\xff", 0).unwrap();
+                },
+                "small.db: sha256 is",
+            ),
+            (
+                "truncate",
+                &|d| {
+                    fs::OpenOptions::new()
+                        .write(true)
+                        .open(d.join("small.db"))
+                        .unwrap()
+                        .set_len(10)
+                        .unwrap();
+                },
+                "small.db has 10 bytes, image.json says 700: the file was truncated",
+            ),
+            (
+                "add",
+                &|d| fs::write(d.join("extra"), b"x").unwrap(),
+                "extra is a regular file that image.json does not list",
+            ),
+            (
+                "adddir",
+                &|d| fs::create_dir(d.join("newdir")).unwrap(),
+                "newdir is a directory that image.json does not list",
+            ),
+            (
+                "delete",
+                &|d| fs::remove_file(d.join("sub/big.db")).unwrap(),
+                "sub/big.db is missing",
+            ),
+            (
+                "symlink",
+                &|d| {
+                    fs::remove_file(d.join("small.db")).unwrap();
+                    std::os::unix::fs::symlink("/etc/passwd", d.join("small.db")).unwrap();
+                },
+                "small.db is a symbolic link (to /etc/passwd)",
+            ),
+            (
+                "dirlink",
+                &|d| {
+                    fs::rename(d.join("sub"), d.join("../elsewhere")).unwrap();
+                    std::os::unix::fs::symlink("../elsewhere", d.join("sub")).unwrap();
+                },
+                "sub is a symbolic link",
+            ),
+            (
+                "fifo",
+                &|d| {
+                    fs::remove_file(d.join("small.db")).unwrap();
+                    let c =
+                        std::ffi::CString::new(d.join("small.db").as_os_str().as_encoded_bytes())
+                            .unwrap();
+                    // SAFETY: a valid NUL-terminated path.
+                    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+                },
+                "small.db is a FIFO; image.json lists a regular file there",
+            ),
+            (
+                "chmod",
+                &|d| {
+                    fs::set_permissions(
+                        d.join("small.db"),
+                        std::os::unix::fs::PermissionsExt::from_mode(0o666),
+                    )
+                    .unwrap();
+                },
+                "small.db has mode 0666, image.json says 0644",
+            ),
+        ];
+        for (name, tamper, message) in cases {
+            let (fx, desc) = fixture(name);
+            tamper(&fx.root.join("var/lib/bakedb"));
+            let err = match check(&fx, &desc) {
+                Ok(_) => panic!("{name}: tampering went unnoticed"),
+                Err(e) => e,
+            };
+            assert!(
+                err.contains(message),
+                "{name}: {err:?} should contain {message:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn image_json_digest_is_checked_first() {
+        let bytes = b"{}";
+        let good = format!("sha256:{}", hex(&Sha256::digest(bytes)));
+        check_image_json(bytes, &good, Path::new("/etc/bakedb/image.json")).unwrap();
+        let err = check_image_json(b"{ }", &good, Path::new("/etc/bakedb/image.json")).unwrap_err();
+        assert!(
+            err.contains("the data description was replaced or altered"),
+            "{err}"
+        );
+        let err = check_image_json(bytes, "md5:abc", Path::new("x")).unwrap_err();
+        assert!(err.contains("is not sha256:<64 hex digits>"), "{err}");
+    }
+}
