@@ -5,6 +5,7 @@ mod bench;
 mod ci;
 mod demo;
 mod fixtures;
+mod static_init;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -19,6 +20,7 @@ commands:
                  print the table and write it to docs/benchmarks.md
   ci             fmt, clippy, cargo deny, fixtures, cargo test: what .ci/run runs
   fixtures       build the generated test inputs under target/fixtures
+  static-init    build the static bakedb-init that `bakedb build` embeds and print its path
   demo           bake a generated SQLite database into oci:target/demo/image:v1 and verify it";
 
 fn main() {
@@ -37,6 +39,7 @@ fn dispatch(args: &[String]) -> Result<()> {
         ["ci"] => ci::run_ci(),
         ["fixtures"] => fixtures::run_fixtures(),
         ["demo"] => demo::run_demo(),
+        ["static-init"] => static_init::run_static_init(),
         ["help" | "-h" | "--help"] => {
             println!("{USAGE}");
             Ok(())
