@@ -29,6 +29,11 @@ fn pretty(bytes: &[u8]) -> String {
 }
 
 fn tar_listing(blob: &[u8]) -> String {
+    tar_listing_with(blob, |_, _| false)
+}
+
+/// The listing, with the size and digest of entries `opaque` picks replaced by a placeholder.
+fn tar_listing_with(blob: &[u8], mut opaque: impl FnMut(&str, &[u8]) -> bool) -> String {
     let mut archive = tar::Archive::new(flate2::read::MultiGzDecoder::new(blob));
     let mut out = String::new();
     for entry in archive.entries().unwrap() {
@@ -37,6 +42,18 @@ fn tar_listing(blob: &[u8]) -> String {
         let mut content = Vec::new();
         e.read_to_end(&mut content).unwrap();
         use sha2::Digest as _;
+        let path = e.path().unwrap().display().to_string();
+        if opaque(&path, &content) {
+            out += &format!(
+                "{:?} {path} {:o} {}:{} {} <size> <sha256>\n",
+                h.entry_type(),
+                h.mode().unwrap(),
+                h.uid().unwrap(),
+                h.gid().unwrap(),
+                h.mtime().unwrap(),
+            );
+            continue;
+        }
         out += &format!(
             "{:?} {} {:o} {}:{} {} {} {:x}\n",
             h.entry_type(),
@@ -74,6 +91,9 @@ fn build_output_matches_golden_files() {
         "oci:out:golden",
         "--label",
         "team=data",
+        // The init layer holds a compiled binary whose bytes follow the toolchain; it has
+        // its own test below. Everything else must not change unnoticed.
+        "--no-init",
     ]));
     let out = dir.path().join("out");
     let blob = |d: &str| {
@@ -105,5 +125,73 @@ fn build_output_matches_golden_files() {
     expect(
         "meta-layer.txt",
         &tar_listing(&blob(layers[1]["digest"].as_str().unwrap())),
+    );
+}
+
+/// The init layer is the same blob in every image (different data, different
+/// SOURCE_DATE_EPOCH), so registries and hosts store it once; its listing is golden except
+/// for the binary itself, which is checked to be a static bakedb-init that runs.
+#[test]
+fn init_layer_is_shared_by_every_image() {
+    let dir = test_dir();
+    crate::util::make_db(&dir.path().join("one.db"), 10);
+    crate::util::make_db(&dir.path().join("two.db"), 20);
+    let mut layers = Vec::new();
+    for (db, epoch) in [("one.db", "1700000000"), ("two.db", "1800000000")] {
+        let out = run_ok(
+            bakedb(dir.path())
+                .args(["build", "--engine", "sqlite", "--source", db])
+                .args(["--output", &format!("oci:{db}-out:v1"), "--json"])
+                .env("SOURCE_DATE_EPOCH", epoch),
+        );
+        let built = crate::util::build_json(&out);
+        let digests: Vec<String> = built["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["digest"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(
+            digests.len(),
+            3,
+            "init, data, image.json layers: {digests:?}"
+        );
+        layers.push((dir.path().join(format!("{db}-out")), digests));
+    }
+    assert_eq!(layers[0].1[0], layers[1].1[0], "the init layers differ");
+    assert_ne!(
+        layers[0].1[1], layers[1].1[1],
+        "the data layers should differ"
+    );
+    let (out, digests) = &layers[0];
+    let blob = std::fs::read(
+        out.join("blobs/sha256")
+            .join(digests[0].trim_start_matches("sha256:")),
+    )
+    .unwrap();
+    let mut init = Vec::new();
+    let listing = tar_listing_with(&blob, |path, content| {
+        if path == "bakedb/init" {
+            init = content.to_vec();
+            true
+        } else {
+            false
+        }
+    });
+    expect("init-layer.txt", &listing);
+    assert_eq!(&init[..4], b"\x7fELF");
+    let exe = dir.path().join("init");
+    std::fs::write(&exe, &init).unwrap();
+    std::fs::set_permissions(&exe, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let version = run_ok(&mut std::process::Command::new(&exe).arg("--version"));
+    assert_eq!(
+        crate::util::stdout(&version).trim(),
+        format!("bakedb-init {}", env!("CARGO_PKG_VERSION"))
+    );
+    let file = run_ok(std::process::Command::new("file").arg(&exe));
+    let file = crate::util::stdout(&file);
+    assert!(
+        file.contains("statically linked") || file.contains("static-pie linked"),
+        "bakedb-init in the image is not static: {file}"
     );
 }
