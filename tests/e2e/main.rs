@@ -6,6 +6,7 @@ mod consumers;
 mod crash;
 mod errors;
 mod golden;
+mod init;
 mod reproducible;
 mod snapshot;
 mod util;

@@ -209,10 +209,44 @@ fn load_description(
     image::parse(&bytes).map_err(|e| Failure::Verify(format!("{}: {e}", path.display())))
 }
 
-fn env_vars() -> Vec<(String, String)> {
-    std::env::vars_os()
-        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
-        .collect()
+type OsEnv = Vec<(std::ffi::OsString, std::ffi::OsString)>;
+
+/// The environment, split into what the profile may look at (UTF-8) and what it passes
+/// through untouched.
+fn env_vars() -> (Vec<(String, String)>, OsEnv) {
+    let (mut text, mut other) = (Vec::new(), Vec::new());
+    for (k, v) in std::env::vars_os() {
+        match (k.to_str(), v.to_str()) {
+            (Some(k), Some(v)) => text.push((k.to_owned(), v.to_owned())),
+            _ => other.push((k, v)),
+        }
+    }
+    (text, other)
+}
+
+/// After dropping root, HOME=/root (what runtimes set for uid 0) names a directory the
+/// engine cannot use; like gosu, take the user's home from /etc/passwd, else `/` (what
+/// Docker sets for a user without a passwd entry).
+fn home_for(uid: u32, root: &Path, env: &mut Vec<(String, String)>) {
+    let current = env
+        .iter()
+        .find(|(k, _)| k == "HOME")
+        .map(|(_, v)| v.as_str());
+    if !matches!(current, None | Some("/root")) {
+        return;
+    }
+    let home = std::fs::read_to_string(root.join("etc/passwd"))
+        .ok()
+        .and_then(|passwd| {
+            passwd.lines().find_map(|line| {
+                let fields: Vec<&str> = line.split(':').collect();
+                (fields.len() >= 7 && fields[2].parse() == Ok(uid)).then(|| fields[5].to_owned())
+            })
+        })
+        .filter(|h| h.starts_with('/'))
+        .unwrap_or_else(|| "/".into());
+    env.retain(|(k, _)| k != "HOME");
+    env.push(("HOME".into(), home));
 }
 
 fn path_of(env: &[(String, String)]) -> Option<&str> {
@@ -298,10 +332,14 @@ fn run(options: Options) -> Result<std::convert::Infallible, Failure> {
         settings.allow_root,
     );
     let supervise = settings.supervise_requested || desc.profile.supervise;
+    let (mut env, passthrough) = env_vars();
+    if let Identity::Drop { uid, .. } = identity {
+        home_for(uid, &options.root, &mut env);
+    }
     let launch = profile::prepare(
         &desc.profile,
         &options.command,
-        &env_vars(),
+        &env,
         &desc.data_dir,
         &settings.runtime_dir,
     );
@@ -310,15 +348,22 @@ fn run(options: Options) -> Result<std::convert::Infallible, Failure> {
         std::process::exit(0);
     }
 
-    // Least privilege first: the data is hashed as the user that will serve it.
-    if let Identity::Drop { uid, gid } = identity {
+    // Least privilege first: the data is hashed as the user that will serve it. --verify-only
+    // starts nothing, so it reads as whoever runs it (e.g. root checking a private bundle).
+    if let (Identity::Drop { uid, gid }, Mode::Run) = (&identity, &options.mode) {
+        let (uid, gid) = (*uid, *gid);
         start::drop_to(uid, gid)
             .map_err(|e| Failure::Setup(format!("dropping root to the data owner: {e}")))?;
     }
     if check {
         let started = Instant::now();
         let summary =
-            verify::check_data(&desc, &options.root, settings.threads).map_err(Failure::Verify)?;
+            verify::check_data(&desc, &options.root, settings.threads).map_err(|p| match p {
+                verify::Problem::Mismatch(m) => Failure::Verify(m),
+                verify::Problem::Access(m) => {
+                    Failure::Setup(format!("cannot verify the data: {m}"))
+                }
+            })?;
         let seconds = started.elapsed().as_secs_f64();
         eprintln!(
             "bakedb-init: verified {} file{}, {} under {} in {seconds:.2} s ({:.0} MB/s, {} thread{})",
@@ -350,13 +395,13 @@ fn run(options: Options) -> Result<std::convert::Infallible, Failure> {
     let program = start::resolve(&launch.argv[0], path_of(&launch.env))
         .map_err(|(code, m)| Failure::Exec(code, m))?;
     if supervise {
-        let (code, message) = start::supervise(&program, &launch.argv, &launch.env);
+        let (code, message) = start::supervise(&program, &launch.argv, &launch.env, &passthrough);
         if let Some(message) = message {
             return Err(Failure::Exec(code, message));
         }
         std::process::exit(code);
     }
-    let (code, message) = start::exec(&program, &launch.argv, &launch.env);
+    let (code, message) = start::exec(&program, &launch.argv, &launch.env, &passthrough);
     Err(Failure::Exec(code, message))
 }
 

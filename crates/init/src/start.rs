@@ -4,7 +4,7 @@
 //! exists, unblock them in the child before exec (std keeps the mask across exec), then one
 //! sigwaitinfo loop that forwards and reaps until the main child is gone.
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -134,12 +134,21 @@ pub fn resolve(program: &str, path_env: Option<&str>) -> Result<PathBuf, (i32, S
     }
 }
 
-fn command(program: &Path, argv: &[String], env: &[(String, String)]) -> Command {
+/// Variables that are not UTF-8, passed through as they came.
+pub type Passthrough = [(OsString, OsString)];
+
+fn command(
+    program: &Path,
+    argv: &[String],
+    env: &[(String, String)],
+    passthrough: &Passthrough,
+) -> Command {
     let mut cmd = Command::new(program);
     cmd.arg0(&argv[0])
         .args(&argv[1..])
         .env_clear()
-        .envs(env.iter().map(|(k, v)| (OsStr::new(k), OsStr::new(v))));
+        .envs(env.iter().map(|(k, v)| (OsStr::new(k), OsStr::new(v))))
+        .envs(passthrough.iter().map(|(k, v)| (k, v)));
     // SAFETY: runs in the child between fork and exec and only makes async-signal-safe
     // calls: an empty mask (std keeps ours across exec) and SIGPIPE back to default.
     unsafe {
@@ -163,8 +172,13 @@ fn exec_failure(program: &Path, e: std::io::Error) -> (i32, String) {
 }
 
 /// Replace this process with the engine; returns only if that failed.
-pub fn exec(program: &Path, argv: &[String], env: &[(String, String)]) -> (i32, String) {
-    let e = command(program, argv, env).exec();
+pub fn exec(
+    program: &Path,
+    argv: &[String],
+    env: &[(String, String)],
+    passthrough: &Passthrough,
+) -> (i32, String) {
+    let e = command(program, argv, env, passthrough).exec();
     exec_failure(program, e)
 }
 
@@ -205,6 +219,7 @@ pub fn supervise(
     program: &Path,
     argv: &[String],
     env: &[(String, String)],
+    passthrough: &Passthrough,
 ) -> (i32, Option<String>) {
     // SAFETY: signal-mask and prctl calls on our own process with initialised sigsets.
     let set = unsafe {
@@ -221,7 +236,7 @@ pub fn supervise(
         set
     };
     close_inherited_fds();
-    let child = match command(program, argv, env).spawn() {
+    let child = match command(program, argv, env, passthrough).spawn() {
         Ok(child) => child.id() as libc::pid_t,
         Err(e) => {
             let (code, message) = exec_failure(program, e);

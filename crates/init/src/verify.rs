@@ -20,6 +20,32 @@ use crate::image::{Description, hex};
 /// it is hashed.
 const READ_SIZE: usize = 1 << 20;
 
+/// Why the data could not be verified: it differs from the promise (exit 3), or this user
+/// may not read it (a setup problem, exit 1: nothing says the data was altered).
+#[derive(Debug)]
+pub enum Problem {
+    Mismatch(String),
+    Access(String),
+}
+
+impl From<String> for Problem {
+    fn from(message: String) -> Self {
+        Problem::Mismatch(message)
+    }
+}
+
+fn io_problem(what: String, e: std::io::Error) -> Problem {
+    if e.kind() == std::io::ErrorKind::PermissionDenied {
+        // SAFETY: geteuid cannot fail.
+        let euid = unsafe { libc::geteuid() };
+        Problem::Access(format!(
+            "{what}: {e}, as uid {euid}; run the container as the data owner (the image's User) or as root"
+        ))
+    } else {
+        Problem::Mismatch(format!("{what}: {e}"))
+    }
+}
+
 pub struct Summary {
     pub files: usize,
     pub bytes: u64,
@@ -66,15 +92,15 @@ fn kind(meta: &fs::Metadata) -> &'static str {
 
 /// Walk the data directory with lstat and compare it with the description: every entry must
 /// be a listed regular file or a directory that holds listed files (or is listed in `dirs`).
-fn check_shape(desc: &Description, data_dir: &Path) -> Result<(), String> {
+fn check_shape(desc: &Description, data_dir: &Path) -> Result<(), Problem> {
     let top = fs::symlink_metadata(data_dir)
-        .map_err(|e| format!("data directory {}: {e}", data_dir.display()))?;
+        .map_err(|e| io_problem(format!("data directory {}", data_dir.display()), e))?;
     if !top.is_dir() {
-        return Err(format!(
+        return Err(Problem::Mismatch(format!(
             "data directory {} is {}, not a directory",
             data_dir.display(),
             kind(&top)
-        ));
+        )));
     }
     let mut allowed_dirs: BTreeSet<String> = desc.dirs.iter().cloned().collect();
     for f in &desc.files {
@@ -94,10 +120,10 @@ fn check_shape(desc: &Description, data_dir: &Path) -> Result<(), String> {
             data_dir.join(&rel)
         };
         let mut names: Vec<_> = fs::read_dir(&dir)
-            .map_err(|e| format!("reading directory {}: {e}", dir.display()))?
+            .map_err(|e| io_problem(format!("reading directory {}", dir.display()), e))?
             .map(|e| e.map(|e| e.file_name()))
             .collect::<Result<_, _>>()
-            .map_err(|e| format!("reading directory {}: {e}", dir.display()))?;
+            .map_err(|e| io_problem(format!("reading directory {}", dir.display()), e))?;
         names.sort();
         for name in names {
             let name = name.to_string_lossy();
@@ -107,8 +133,8 @@ fn check_shape(desc: &Description, data_dir: &Path) -> Result<(), String> {
                 format!("{rel}/{name}")
             };
             let path = data_dir.join(&child_rel);
-            let meta =
-                fs::symlink_metadata(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let meta = fs::symlink_metadata(&path)
+                .map_err(|e| io_problem(path.display().to_string(), e))?;
             let t = meta.file_type();
             if t.is_dir() && allowed_dirs.contains(&child_rel) {
                 stack.push(child_rel);
@@ -118,43 +144,44 @@ fn check_shape(desc: &Description, data_dir: &Path) -> Result<(), String> {
                 let target = fs::read_link(&path)
                     .map(|t| t.display().to_string())
                     .unwrap_or_else(|_| "?".into());
-                return Err(format!(
+                return Err(Problem::Mismatch(format!(
                     "{} is a symbolic link (to {target}); the image has no links in its data",
                     path.display()
-                ));
+                )));
             } else if listed.contains(child_rel.as_str()) {
-                return Err(format!(
+                return Err(Problem::Mismatch(format!(
                     "{} is {}; image.json lists a regular file there",
                     path.display(),
                     kind(&meta)
-                ));
+                )));
             } else if allowed_dirs.contains(&child_rel) {
-                return Err(format!(
+                return Err(Problem::Mismatch(format!(
                     "{} is {}; image.json expects a directory there",
                     path.display(),
                     kind(&meta)
-                ));
+                )));
             } else {
-                return Err(format!(
+                return Err(Problem::Mismatch(format!(
                     "{} is {} that image.json does not list: something was added to the data",
                     path.display(),
                     kind(&meta)
-                ));
+                )));
             }
         }
     }
     for f in &desc.files {
         let path = data_dir.join(&f.path);
         if !found.contains(&f.path) {
-            return Err(format!(
+            return Err(Problem::Mismatch(format!(
                 "{} is missing: image.json lists it with {} bytes",
                 path.display(),
                 f.size
-            ));
+            )));
         }
-        let meta = fs::symlink_metadata(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let meta =
+            fs::symlink_metadata(&path).map_err(|e| io_problem(path.display().to_string(), e))?;
         if meta.len() != f.size {
-            return Err(format!(
+            return Err(Problem::Mismatch(format!(
                 "{} has {} bytes, image.json says {}: the file was {}",
                 path.display(),
                 meta.len(),
@@ -164,15 +191,15 @@ fn check_shape(desc: &Description, data_dir: &Path) -> Result<(), String> {
                 } else {
                     "extended"
                 }
-            ));
+            )));
         }
         if meta.mode() & 0o7777 != f.mode {
-            return Err(format!(
+            return Err(Problem::Mismatch(format!(
                 "{} has mode {:04o}, image.json says {:04o}",
                 path.display(),
                 meta.mode() & 0o7777,
                 f.mode
-            ));
+            )));
         }
     }
     Ok(())
@@ -189,7 +216,7 @@ struct Piece {
 }
 
 /// Verify every data file; returns what was checked. `threads` 0 means one per core.
-pub fn check_data(desc: &Description, root: &Path, threads: usize) -> Result<Summary, String> {
+pub fn check_data(desc: &Description, root: &Path, threads: usize) -> Result<Summary, Problem> {
     let data_dir = root.join(desc.data_dir.trim_start_matches('/'));
     check_shape(desc, &data_dir)?;
 
@@ -200,15 +227,15 @@ pub fn check_data(desc: &Description, root: &Path, threads: usize) -> Result<Sum
             .read(true)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NONBLOCK)
             .open(&path)
-            .map_err(|e| format!("opening {}: {e}", path.display()))?;
+            .map_err(|e| io_problem(format!("opening {}", path.display()), e))?;
         let meta = file
             .metadata()
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+            .map_err(|e| io_problem(path.display().to_string(), e))?;
         if !meta.is_file() || meta.len() != f.size {
-            return Err(format!(
+            return Err(Problem::Mismatch(format!(
                 "{} changed while it was being checked",
                 path.display()
-            ));
+            )));
         }
         // Sequential hint: the kernel doubles its read-ahead window on a cold page cache.
         // SAFETY: a valid open descriptor; posix_fadvise only sets a hint.
@@ -258,7 +285,7 @@ pub fn check_data(desc: &Description, root: &Path, threads: usize) -> Result<Sum
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
     // The first failing piece in list order, so the message does not depend on scheduling.
-    let failure: Mutex<Option<(usize, String)>> = Mutex::new(None);
+    let failure: Mutex<Option<(usize, Problem)>> = Mutex::new(None);
     let work = || {
         let mut buf = vec![0u8; READ_SIZE];
         while !stop.load(Ordering::Relaxed) {
@@ -322,7 +349,7 @@ fn hash_piece(
     (file, path): &(File, PathBuf),
     desc: &Description,
     buf: &mut [u8],
-) -> Result<(), String> {
+) -> Result<(), Problem> {
     let mut hasher = Sha256::new();
     let end = piece.offset + piece.len;
     let mut offset = piece.offset;
@@ -330,15 +357,20 @@ fn hash_piece(
         let want = buf.len().min((end - offset) as usize);
         let n = match file.read_at(&mut buf[..want], offset) {
             Ok(0) => {
-                return Err(format!(
+                return Err(Problem::Mismatch(format!(
                     "{} ended at byte {offset} while being read, image.json says {} bytes",
                     path.display(),
                     desc.files[piece.file].size
-                ));
+                )));
             }
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(format!("reading {} at byte {offset}: {e}", path.display())),
+            Err(e) => {
+                return Err(io_problem(
+                    format!("reading {} at byte {offset}", path.display()),
+                    e,
+                ));
+            }
         };
         hasher.update(&buf[..n]);
         offset += n as u64;
@@ -348,7 +380,7 @@ fn hash_piece(
         return Ok(());
     }
     let f = &desc.files[piece.file];
-    Err(if piece.chunk == 0 {
+    Err(Problem::Mismatch(if piece.chunk == 0 {
         format!(
             "{}: sha256 is {}, image.json says {}: the contents were altered",
             path.display(),
@@ -366,7 +398,7 @@ fn hash_piece(
             hex(&got),
             hex(&piece.expected)
         )
-    })
+    }))
 }
 
 #[cfg(test)]
@@ -421,7 +453,10 @@ mod tests {
     }
 
     fn check(fx: &Fixture, desc: &Description) -> Result<Summary, String> {
-        check_data(desc, &fx.root, 3)
+        check_data(desc, &fx.root, 3).map_err(|p| match p {
+            Problem::Mismatch(m) => m,
+            Problem::Access(m) => panic!("not a mismatch: {m}"),
+        })
     }
 
     #[test]

@@ -27,6 +27,12 @@ fn hex(bytes: &[u8]) -> String {
 /// A rootfs with two data files (one chunked) and an image.json owned by the current user,
 /// so init has no privileges to drop.
 fn root(name: &str, profile: &str) -> Root {
+    // SAFETY: getuid/getgid cannot fail.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    root_owned_by(name, profile, uid, gid)
+}
+
+fn root_owned_by(name: &str, profile: &str, uid: u32, gid: u32) -> Root {
     let dir = std::env::temp_dir().join(format!("bakedb-init-it-{name}-{}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
     let data = dir.join("var/lib/bakedb");
@@ -43,8 +49,6 @@ fn root(name: &str, profile: &str) -> Root {
         .chunks(4096)
         .map(|c| format!("\"{}\"", hex(&Sha256::digest(c))))
         .collect();
-    // SAFETY: getuid/getgid cannot fail.
-    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let text = format!(
         r#"{{"schema": 1, "engine": "sqlite", "data_dir": "/var/lib/bakedb", "chunk_size": 4096,
   "owner": {{"uid": {uid}, "gid": {gid}}}, "profile": {profile},
@@ -340,4 +344,77 @@ impl InheritFd for Command {
             })
         }
     }
+}
+
+#[test]
+fn root_becomes_the_data_owner_with_a_usable_home() {
+    // SAFETY: getuid cannot fail.
+    if unsafe { libc::getuid() } != 0 {
+        // CI runs as root by contract; there a skip would hide the privilege drop.
+        assert!(std::env::var_os("CI").is_none(), "CI must run the tests as root");
+        eprintln!("skipped: needs root to drop privileges");
+        return;
+    }
+    let r = root_owned_by("drop", SQLITE_PROFILE, 65532, 65533);
+    let o = out(init(&r).env("HOME", "/root").args([
+        "sh",
+        "-c",
+        "echo $(id -u) $(id -g) $(id -G) $HOME",
+    ]));
+    assert_eq!(
+        text(&o.stdout),
+        "65532 65533 65533 /\n",
+        "{}",
+        text(&o.stderr)
+    );
+    assert!(text(&o.stderr).contains("running as 65532:65533, the data owner, instead of root"));
+
+    fs::write(
+        r.dir.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nbakedb:x:65532:65533::/home/bakedb:/bin/sh\n",
+    )
+    .unwrap();
+    let o = out(init(&r)
+        .env("HOME", "/root")
+        .args(["sh", "-c", "echo $HOME"]));
+    assert_eq!(text(&o.stdout), "/home/bakedb\n", "{}", text(&o.stderr));
+    // A HOME the container chose is kept.
+    let o = out(init(&r)
+        .env("HOME", "/srv")
+        .args(["sh", "-c", "echo $HOME"]));
+    assert_eq!(text(&o.stdout), "/srv\n");
+    let o = out(init(&r).env("BAKEDB_RUN_AS_ROOT", "1").args(["id", "-u"]));
+    assert_eq!(text(&o.stdout), "0\n");
+
+    // The owner cannot enter a private directory: that is a setup problem (exit 1), not
+    // tampering (3). --verify-only starts nothing and reads as root, so it passes.
+    fs::set_permissions(
+        r.dir.join("var/lib/bakedb"),
+        fs::Permissions::from_mode(0o700),
+    )
+    .unwrap();
+    let o = out(init(&r).arg("true"));
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cannot verify the data: ")
+            && err.contains("Permission denied")
+            && err.contains("as uid 65532; run the container as the data owner"),
+        "{err}"
+    );
+    let o = out(init(&r).arg("--verify-only"));
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+}
+
+#[test]
+fn variables_that_are_not_utf8_pass_through() {
+    use std::os::unix::ffi::OsStrExt;
+    let r = root("nonutf8", SQLITE_PROFILE);
+    let o = out(init(&r)
+        .env("ODD", std::ffi::OsStr::from_bytes(b"a\xffb"))
+        .args(["sh", "-c", "printf %s \"$ODD\" | od -An -tx1"]));
+    assert_eq!(
+        text(&o.stdout).split_whitespace().collect::<Vec<_>>(),
+        ["61", "ff", "62"]
+    );
 }
