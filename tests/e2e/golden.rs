@@ -183,7 +183,7 @@ fn init_layer_is_shared_by_every_image() {
     let exe = dir.path().join("init");
     std::fs::write(&exe, &init).unwrap();
     std::fs::set_permissions(&exe, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let version = run_ok(&mut std::process::Command::new(&exe).arg("--version"));
+    let version = run_ok(std::process::Command::new(&exe).arg("--version"));
     assert_eq!(
         crate::util::stdout(&version).trim(),
         format!("bakedb-init {}", env!("CARGO_PKG_VERSION"))
