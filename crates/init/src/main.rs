@@ -132,6 +132,10 @@ fn switch(name: &str, default: bool) -> Result<bool, Failure> {
     }
 }
 
+fn plural(n: usize, what: &str) -> String {
+    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
+}
+
 fn human(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut value = bytes as f64;
@@ -282,12 +286,13 @@ fn print_plan(
             settings.threads
         };
         println!(
-            "  verify   {}: {} files, {} ({total} bytes), {pieces} pieces of up to {} on {} threads",
+            "  verify   {}: {}, {} ({total} bytes), {} of up to {} on {}",
             data_dir.display(),
-            desc.files.len(),
+            plural(desc.files.len(), "file"),
             human(total),
+            plural(pieces, "piece"),
             human(desc.chunk_size),
-            threads.min(pieces).max(1)
+            plural(threads.min(pieces).max(1), "thread"),
         );
     } else {
         println!(
@@ -366,14 +371,12 @@ fn run(options: Options) -> Result<std::convert::Infallible, Failure> {
             })?;
         let seconds = started.elapsed().as_secs_f64();
         eprintln!(
-            "bakedb-init: verified {} file{}, {} under {} in {seconds:.2} s ({:.0} MB/s, {} thread{})",
-            summary.files,
-            if summary.files == 1 { "" } else { "s" },
+            "bakedb-init: verified {}, {} under {} in {seconds:.2} s ({:.0} MB/s, {})",
+            plural(summary.files, "file"),
             human(summary.bytes),
             desc.data_dir,
             summary.bytes as f64 / seconds.max(1e-9) / 1e6,
-            summary.threads,
-            if summary.threads == 1 { "" } else { "s" },
+            plural(summary.threads, "thread"),
         );
     }
     if options.mode == Mode::VerifyOnly {

@@ -351,7 +351,10 @@ fn root_becomes_the_data_owner_with_a_usable_home() {
     // SAFETY: getuid cannot fail.
     if unsafe { libc::getuid() } != 0 {
         // CI runs as root by contract; there a skip would hide the privilege drop.
-        assert!(std::env::var_os("CI").is_none(), "CI must run the tests as root");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must run the tests as root"
+        );
         eprintln!("skipped: needs root to drop privileges");
         return;
     }
