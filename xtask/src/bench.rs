@@ -191,7 +191,7 @@ pub fn build(options: &BuildOptions) -> Result<()> {
 
 /// `abc123def456`, or `abc123def456 with uncommitted changes` when the sources that go into
 /// the bakedb binary differ from that commit.
-fn commit_measured(root: &Path) -> String {
+pub(crate) fn commit_measured(root: &Path) -> String {
     let git = |args: &[&str]| {
         Command::new("git")
             .current_dir(root)
@@ -217,7 +217,7 @@ fn commit_measured(root: &Path) -> String {
     }
 }
 
-fn target_dir(root: &Path) -> PathBuf {
+pub(crate) fn target_dir(root: &Path) -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from)
 }
 
@@ -225,10 +225,10 @@ fn target_dir(root: &Path) -> PathBuf {
 // The database.
 
 /// splitmix64: a seeded generator is all the randomness the benchmark needs.
-struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -530,10 +530,10 @@ impl Tools {
 }
 
 #[derive(Clone, Debug, Default)]
-struct Sample {
-    secs: f64,
-    peak_rss_kib: Option<u64>,
-    cpu_secs: Option<f64>,
+pub(crate) struct Sample {
+    pub(crate) secs: f64,
+    pub(crate) peak_rss_kib: Option<u64>,
+    pub(crate) cpu_secs: Option<f64>,
     /// What the run produced (manifest digest, image id), to judge reproducibility.
     digest: Option<String>,
     output_bytes: Option<u64>,
@@ -541,24 +541,24 @@ struct Sample {
     phases: Vec<(String, f64)>,
     /// Share of all cores that other processes used during the run: above a few per cent,
     /// the machine was not quiet and the time is suspect.
-    other_load: Option<f64>,
+    pub(crate) other_load: Option<f64>,
 }
 
-struct Timer {
-    gnu_time: Option<PathBuf>,
-    report: PathBuf,
+pub(crate) struct Timer {
+    pub(crate) gnu_time: Option<PathBuf>,
+    pub(crate) report: PathBuf,
 }
 
-struct Finished {
-    sample: Sample,
-    stdout: String,
-    stderr: String,
+pub(crate) struct Finished {
+    pub(crate) sample: Sample,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
 }
 
 impl Timer {
     /// Run `cmd` to completion under GNU time (when installed) and time it; stdout is captured
     /// unless `discard_stdout`, in which case it goes to /dev/null as the shell's `> /dev/null`.
-    fn run(&self, cmd: &mut Command, discard_stdout: bool) -> Result<Finished> {
+    pub(crate) fn run(&self, cmd: &mut Command, discard_stdout: bool) -> Result<Finished> {
         let mut wrapped = match &self.gnu_time {
             Some(time) => {
                 let mut w = Command::new(time);
@@ -671,12 +671,12 @@ impl CpuTimes {
 }
 
 /// Share of all cores taken by other processes above which a timed run is repeated.
-const NOISY: f64 = 0.10;
-const NOISY_RETRIES: usize = 3;
+pub(crate) const NOISY: f64 = 0.10;
+pub(crate) const NOISY_RETRIES: usize = 3;
 
 /// Wait (up to two minutes) until other processes leave the cores alone: on a shared machine a
 /// compiler in the background would otherwise be timed along with the case.
-fn wait_until_quiet() {
+pub(crate) fn wait_until_quiet() {
     const QUIET: f64 = 0.10;
     let deadline = Instant::now() + std::time::Duration::from_secs(120);
     let mut told = false;
@@ -734,7 +734,7 @@ fn failed(cmd: &Command, out: &std::process::Output) -> anyhow::Error {
     )
 }
 
-fn run_quiet(cmd: &mut Command) -> Result<String> {
+pub(crate) fn run_quiet(cmd: &mut Command) -> Result<String> {
     let out = cmd
         .stdin(Stdio::null())
         .output()
@@ -746,7 +746,7 @@ fn run_quiet(cmd: &mut Command) -> Result<String> {
 }
 
 /// Read the whole file once so the timed runs find it in the page cache.
-fn warm(path: &Path) -> Result<()> {
+pub(crate) fn warm(path: &Path) -> Result<()> {
     let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut buf = vec![0u8; 1 << 20];
     while file
@@ -758,7 +758,7 @@ fn warm(path: &Path) -> Result<()> {
 }
 
 /// Write back dirty pages (the previous run's output) so they do not land in the next run.
-fn sync() {
+pub(crate) fn sync() {
     let _ = Command::new("sync").status();
 }
 
@@ -923,7 +923,7 @@ impl Case<'_> {
     }
 }
 
-fn median(mut values: Vec<f64>) -> Option<f64> {
+pub(crate) fn median(mut values: Vec<f64>) -> Option<f64> {
     values.sort_by(f64::total_cmp);
     let n = values.len();
     match n {
@@ -1225,26 +1225,6 @@ impl Report<'_> {
     fn markdown(&self) -> String {
         let mut md = String::new();
         let nproc = std::thread::available_parallelism().map_or(1, usize::from);
-        let cpu = fs::read_to_string("/proc/cpuinfo")
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("model name"))
-                    .and_then(|l| l.split_once(':'))
-                    .map(|(_, v)| v.trim().to_owned())
-            })
-            .unwrap_or_else(|| "unknown CPU".into());
-        let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
-            .map_or_else(|_| "unknown".into(), |s| s.trim().to_owned());
-        let mem_gib = fs::read_to_string("/proc/meminfo")
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .next()
-                    .and_then(|l| l.split_whitespace().nth(1))
-                    .and_then(|k| k.parse::<f64>().ok())
-            })
-            .map_or_else(|| "?".into(), |kib| format!("{:.1}", kib / 1024.0 / 1024.0));
         let tool = |found: &Found| match found {
             Ok(v) => v.clone(),
             Err(why) => why.clone(),
@@ -1254,8 +1234,9 @@ impl Report<'_> {
         let _ = writeln!(md, "## build\n");
         let _ = writeln!(
             md,
-            "Measured {} on {nproc} × {cpu}, Linux {kernel}, {mem_gib} GiB RAM; bakedb at {}. Reproduce with:\n",
+            "Measured {} on {}; bakedb at {}. Reproduce with:\n",
             today(),
+            machine(),
             self.commit,
         );
         let _ = writeln!(
@@ -1562,7 +1543,7 @@ impl Report<'_> {
     }
 }
 
-fn fmt(value: Option<f64>, decimals: usize) -> String {
+pub(crate) fn fmt(value: Option<f64>, decimals: usize) -> String {
     value.map_or_else(|| "—".into(), |v| format!("{v:.decimals$}"))
 }
 
@@ -1570,7 +1551,7 @@ fn fmt_pct(value: Option<f64>) -> String {
     value.map_or_else(|| "—".into(), |v| format!("{:.0} %", v * 100.0))
 }
 
-fn yes_no(met: Option<bool>) -> &'static str {
+pub(crate) fn yes_no(met: Option<bool>) -> &'static str {
     match met {
         Some(true) => "yes",
         Some(false) => "**no**",
@@ -1578,8 +1559,34 @@ fn yes_no(met: Option<bool>) -> &'static str {
     }
 }
 
+/// "2 × AMD EPYC, Linux 6.1.0, 23.5 GiB RAM": cores, CPU model, kernel and memory.
+pub(crate) fn machine() -> String {
+    let nproc = std::thread::available_parallelism().map_or(1, usize::from);
+    let cpu = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map_or_else(|_| "unknown".into(), |s| s.trim().to_owned());
+    let mem_gib = fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|k| k.parse::<f64>().ok())
+        })
+        .map_or_else(|| "?".into(), |kib| format!("{:.1}", kib / 1024.0 / 1024.0));
+    format!("{nproc} × {cpu}, Linux {kernel}, {mem_gib} GiB RAM")
+}
+
 /// Today's date (UTC) as YYYY-MM-DD, from `date` rather than a second civil-date routine.
-fn today() -> String {
+pub(crate) fn today() -> String {
     run_quiet(Command::new("date").args(["-u", "+%F"]))
         .map(|s| s.trim().to_owned())
         .unwrap_or_else(|_| "unknown date".into())
@@ -1588,13 +1595,24 @@ fn today() -> String {
 /// Replace the build section of docs/benchmarks.md (between the markers), creating the file
 /// or appending the section when it is not there yet.
 fn write_section(doc: &Path, section: &str) -> Result<()> {
+    write_marked_section(doc, DOC_START, DOC_END, section)
+}
+
+/// Replace the text from `start_marker` to `end_marker` (both included; `section` carries
+/// them) in `doc`, creating the file or appending the section when it is not there yet.
+pub(crate) fn write_marked_section(
+    doc: &Path,
+    start_marker: &str,
+    end_marker: &str,
+    section: &str,
+) -> Result<()> {
     let section = section.trim_end();
     let text = match fs::read_to_string(doc) {
-        Ok(text) => match (text.find(DOC_START), text.find(DOC_END)) {
+        Ok(text) => match (text.find(start_marker), text.find(end_marker)) {
             (Some(start), Some(end)) if start < end => format!(
                 "{}{section}{}",
                 &text[..start],
-                &text[end + DOC_END.len()..]
+                &text[end + end_marker.len()..]
             ),
             _ => format!("{}\n\n{section}\n", text.trim_end()),
         },

@@ -2,6 +2,7 @@
 //! xtask). Each subcommand is one function in its own module; this file only dispatches.
 
 mod bench;
+mod bench_init;
 mod ci;
 mod demo;
 mod fixtures;
@@ -18,6 +19,10 @@ commands:
   bench build [--size-mib N] [--runs N] [--require-all]
                  time `bakedb build` against sha256/pigz/zstd ceilings and docker/umoci peers,
                  print the table and write it to docs/benchmarks.md
+  bench init [--sizes-mib N,N] [--runs N] [--overhead-runs N]
+                 time bakedb-init's data verification (cold and warm page cache) against
+                 sha256sum, openssl and a plain read, and its start-up overhead with
+                 verification off; print the table and write it to docs/benchmarks.md
   ci             fmt, clippy, cargo deny, fixtures, cargo test: what .ci/run runs
   fixtures       build the generated test inputs under target/fixtures
   static-init    build the static bakedb-init that `bakedb build` embeds and print its path
@@ -35,7 +40,8 @@ fn dispatch(args: &[String]) -> Result<()> {
     let words: Vec<&str> = args.iter().map(String::as_str).collect();
     match words.as_slice() {
         ["bench", "build", flags @ ..] => bench::build(&bench::BuildOptions::parse(flags)?),
-        ["bench", ..] => bail!("bench: expected `bench build`\n\n{USAGE}"),
+        ["bench", "init", flags @ ..] => bench_init::init(&bench_init::InitOptions::parse(flags)?),
+        ["bench", ..] => bail!("bench: expected `bench build` or `bench init`\n\n{USAGE}"),
         ["ci"] => ci::run_ci(),
         ["fixtures"] => fixtures::run_fixtures(),
         ["demo"] => demo::run_demo(),
