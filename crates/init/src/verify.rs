@@ -10,7 +10,7 @@ use std::fs::{self, File};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use sha2::{Digest, Sha256};
 
@@ -237,16 +237,8 @@ pub fn check_data(desc: &Description, root: &Path, threads: usize) -> Result<Sum
                 path.display()
             )));
         }
-        // Sequential hint: the kernel doubles its read-ahead window on a cold page cache.
-        // SAFETY: a valid open descriptor; posix_fadvise only sets a hint.
-        unsafe {
-            libc::posix_fadvise(
-                std::os::fd::AsRawFd::as_raw_fd(&file),
-                0,
-                0,
-                libc::POSIX_FADV_SEQUENTIAL,
-            )
-        };
+        // This descriptor pins the file that passed the checks; workers read through their
+        // own (see reopen).
         handles.push((file, path));
     }
 
@@ -282,45 +274,47 @@ pub fn check_data(desc: &Description, root: &Path, threads: usize) -> Result<Sum
     .min(pieces.len())
     .max(1);
 
-    let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
     // The first failing piece in list order, so the message does not depend on scheduling.
     let failure: Mutex<Option<(usize, Problem)>> = Mutex::new(None);
-    let work = || {
+    // Each worker hashes one contiguous run of pieces through descriptors of its own: the
+    // kernel's read-ahead follows each descriptor's sequential reads, which keeps a cold disk
+    // streaming (pieces dealt round-robin through shared descriptors look random to it).
+    let work = |worker: usize| {
+        let range = pieces.len() * worker / threads..pieces.len() * (worker + 1) / threads;
         let mut buf = vec![0u8; READ_SIZE];
-        while !stop.load(Ordering::Relaxed) {
-            let index = next.fetch_add(1, Ordering::Relaxed);
-            let Some(piece) = pieces.get(index) else {
+        let mut own: Option<(usize, (File, PathBuf))> = None;
+        for index in range {
+            if stop.load(Ordering::Relaxed) {
                 return;
-            };
-            // On a cold page cache 1 MiB reads wait for the disk one at a time. Asking the
-            // kernel for the piece after next (another worker takes the next one) keeps the
-            // disk busy while this one is hashed.
-            if let Some(ahead) = pieces.get(index + threads) {
-                willneed(&handles[ahead.file].0, ahead.offset, ahead.len);
             }
-            if index < threads {
-                willneed(&handles[piece.file].0, piece.offset, piece.len);
-            }
-            if let Err(message) = hash_piece(piece, &handles[piece.file], desc, &mut buf) {
-                stop.store(true, Ordering::Relaxed);
-                let mut slot = failure.lock().unwrap_or_else(|e| e.into_inner());
-                if slot.as_ref().is_none_or(|(i, _)| index < *i) {
-                    *slot = Some((index, message));
+            let piece = &pieces[index];
+            if own.as_ref().is_none_or(|(f, _)| *f != piece.file) {
+                match reopen(&handles[piece.file]) {
+                    Ok(handle) => own = Some((piece.file, handle)),
+                    Err(problem) => {
+                        fail(&stop, &failure, index, problem);
+                        return;
+                    }
                 }
+            }
+            let handle = &own.as_ref().expect("opened above").1;
+            if let Err(problem) = hash_piece(piece, handle, desc, &mut buf) {
+                fail(&stop, &failure, index, problem);
                 return;
             }
         }
     };
     std::thread::scope(|scope| {
-        for _ in 1..threads {
+        let work = &work;
+        for worker in 1..threads {
             // Each worker holds one read buffer on the heap; its stack stays small.
             std::thread::Builder::new()
                 .stack_size(256 << 10)
-                .spawn_scoped(scope, work)
+                .spawn_scoped(scope, move || work(worker))
                 .expect("spawning a verification thread");
         }
-        work();
+        work(0);
     });
     if let Some((_, message)) = failure.into_inner().unwrap_or_else(|e| e.into_inner()) {
         return Err(message);
@@ -332,16 +326,50 @@ pub fn check_data(desc: &Description, root: &Path, threads: usize) -> Result<Sum
     })
 }
 
-fn willneed(file: &File, offset: u64, len: u64) {
-    // SAFETY: a valid open descriptor; posix_fadvise only starts read-ahead.
+fn fail(
+    stop: &AtomicBool,
+    failure: &Mutex<Option<(usize, Problem)>>,
+    index: usize,
+    problem: Problem,
+) {
+    stop.store(true, Ordering::Relaxed);
+    let mut slot = failure.lock().unwrap_or_else(|e| e.into_inner());
+    if slot.as_ref().is_none_or(|(i, _)| index < *i) {
+        *slot = Some((index, problem));
+    }
+}
+
+/// A second descriptor for a file already checked, proved to be the same inode.
+fn reopen((file, path): &(File, PathBuf)) -> Result<(File, PathBuf), Problem> {
+    let again = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| io_problem(format!("opening {}", path.display()), e))?;
+    let (a, b) = (
+        file.metadata()
+            .map_err(|e| io_problem(path.display().to_string(), e))?,
+        again
+            .metadata()
+            .map_err(|e| io_problem(path.display().to_string(), e))?,
+    );
+    if (a.dev(), a.ino()) != (b.dev(), b.ino()) {
+        return Err(Problem::Mismatch(format!(
+            "{} was replaced while it was being checked",
+            path.display()
+        )));
+    }
+    // SAFETY: a valid open descriptor; posix_fadvise only sets a hint (a larger read-ahead
+    // window for sequential reads).
     unsafe {
         libc::posix_fadvise(
-            std::os::fd::AsRawFd::as_raw_fd(file),
-            offset as libc::off_t,
-            len as libc::off_t,
-            libc::POSIX_FADV_WILLNEED,
+            std::os::fd::AsRawFd::as_raw_fd(&again),
+            0,
+            0,
+            libc::POSIX_FADV_SEQUENTIAL,
         )
     };
+    Ok((again, path.clone()))
 }
 
 fn hash_piece(
