@@ -1,10 +1,12 @@
-//! Builds bakedb-init as a static executable and hands its path to the compiler, so that
-//! `bakedb build` can put the same init into every image with no extra flags or files.
+//! Builds bakedb-init and bakedb-serve as static executables and hands their paths to the
+//! compiler, so that `bakedb build` can put the same binaries into every image with no extra
+//! flags or files.
 //!
 //! Cargo cannot yet depend on a binary built for another configuration (artifact
-//! dependencies are unstable), so this runs a nested `cargo build` of crates/init with
-//! `+crt-static` and the `release-small` profile into its own target directory. Set
-//! BAKEDB_INIT_BINARY to the path of a prebuilt static bakedb-init to skip that.
+//! dependencies are unstable), so this runs a nested `cargo build` with `+crt-static` into
+//! its own target directory: init with the `release-small` profile (size), serve with
+//! `release-serve` (speed, unwinding). Set BAKEDB_INIT_BINARY / BAKEDB_SERVE_BINARY to the
+//! path of a prebuilt static binary to skip that.
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -20,33 +22,49 @@ fn main() {
     for path in [
         "crates/init/src",
         "crates/init/Cargo.toml",
+        "crates/serve/src",
+        "crates/serve/Cargo.toml",
         "Cargo.toml",
         "Cargo.lock",
     ] {
         println!("cargo:rerun-if-changed={}", workspace.join(path).display());
     }
-    println!("cargo:rerun-if-env-changed=BAKEDB_INIT_BINARY");
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets it"));
-    let embedded = out_dir.join("bakedb-init");
-
-    let built = match env::var_os("BAKEDB_INIT_BINARY") {
-        Some(prebuilt) => PathBuf::from(prebuilt),
-        None => build_static_init(&workspace),
-    };
-    let bytes =
-        std::fs::read(&built).unwrap_or_else(|e| panic!("reading {}: {e}", built.display()));
-    if let Err(why) = check_static(&bytes) {
-        panic!(
-            "{} is not a static executable ({why}); bakedb-init must run in an empty rootfs",
-            built.display()
-        );
+    for (package, profile, override_var, path_var) in [
+        (
+            "bakedb-init",
+            "release-small",
+            "BAKEDB_INIT_BINARY",
+            "BAKEDB_INIT_PATH",
+        ),
+        (
+            "bakedb-serve",
+            "release-serve",
+            "BAKEDB_SERVE_BINARY",
+            "BAKEDB_SERVE_PATH",
+        ),
+    ] {
+        println!("cargo:rerun-if-env-changed={override_var}");
+        let built = match env::var_os(override_var) {
+            Some(prebuilt) => PathBuf::from(prebuilt),
+            None => build_static(&workspace, package, profile),
+        };
+        let bytes =
+            std::fs::read(&built).unwrap_or_else(|e| panic!("reading {}: {e}", built.display()));
+        if let Err(why) = check_static(&bytes) {
+            panic!(
+                "{} is not a static executable ({why}); {package} must run in an empty rootfs",
+                built.display()
+            );
+        }
+        let embedded = out_dir.join(package);
+        std::fs::write(&embedded, &bytes)
+            .unwrap_or_else(|e| panic!("writing {}: {e}", embedded.display()));
+        println!("cargo:rustc-env={path_var}={}", embedded.display());
     }
-    std::fs::write(&embedded, &bytes)
-        .unwrap_or_else(|e| panic!("writing {}: {e}", embedded.display()));
-    println!("cargo:rustc-env=BAKEDB_INIT_PATH={}", embedded.display());
 }
 
-fn build_static_init(workspace: &Path) -> PathBuf {
+fn build_static(workspace: &Path, package: &str, profile: &str) -> PathBuf {
     let target = env::var("TARGET").expect("cargo sets TARGET");
     let target_dir = env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -60,7 +78,7 @@ fn build_static_init(workspace: &Path) -> PathBuf {
         )
     });
     // Paths of this checkout and of the registry end up in panic locations; mapping them to
-    // fixed names keeps the init layer identical across checkouts and machines.
+    // fixed names keeps the init and serve layers identical across checkouts and machines.
     let rustflags = [
         "-C".to_string(),
         "target-feature=+crt-static".into(),
@@ -70,14 +88,7 @@ fn build_static_init(workspace: &Path) -> PathBuf {
     .join("\x1f");
     let mut cmd = Command::new(cargo);
     cmd.current_dir(workspace)
-        .args([
-            "build",
-            "--locked",
-            "--profile",
-            "release-small",
-            "-p",
-            "bakedb-init",
-        ])
+        .args(["build", "--locked", "--profile", profile, "-p", package])
         .arg("--target")
         .arg(&target)
         .arg("--target-dir")
@@ -98,18 +109,15 @@ fn build_static_init(workspace: &Path) -> PathBuf {
     }
     let output = cmd
         .output()
-        .unwrap_or_else(|e| panic!("running cargo to build the static bakedb-init: {e}"));
+        .unwrap_or_else(|e| panic!("running cargo to build the static {package}: {e}"));
     if !output.status.success() {
         panic!(
-            "building the static bakedb-init failed ({}):\n{}",
+            "building the static {package} failed ({}):\n{}",
             output.status,
             String::from_utf8_lossy(&output.stderr)
         );
     }
-    target_dir
-        .join(&target)
-        .join("release-small")
-        .join("bakedb-init")
+    target_dir.join(&target).join(profile).join(package)
 }
 
 /// A static executable has no PT_INTERP program header (no dynamic loader to find).

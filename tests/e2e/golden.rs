@@ -91,8 +91,10 @@ fn build_output_matches_golden_files() {
         "oci:out:golden",
         "--label",
         "team=data",
-        // The init layer holds a compiled binary whose bytes follow the toolchain; it has
-        // its own test below. Everything else must not change unnoticed.
+        // The init and serve layers hold compiled binaries whose bytes follow the toolchain:
+        // init has its own test below, and the serve layer's digests are replaced by
+        // placeholders (with the config and manifest digests that follow from them).
+        // Everything else must not change unnoticed.
         "--no-init",
     ]));
     let out = dir.path().join("out");
@@ -103,34 +105,69 @@ fn build_output_matches_golden_files() {
         )
         .unwrap()
     };
-    let index = std::fs::read(out.join("index.json")).unwrap();
-    expect("index.json", &pretty(&index));
+    let index_bytes = std::fs::read(out.join("index.json")).unwrap();
+    let index: serde_json::Value = serde_json::from_slice(&index_bytes).unwrap();
+    let manifest_digest = index["manifests"][0]["digest"].as_str().unwrap().to_owned();
+    let manifest_bytes = blob(&manifest_digest);
+    let manifest: serde_json::Value = serde_json::from_slice(&manifest_bytes).unwrap();
+    let config_digest = manifest["config"]["digest"].as_str().unwrap().to_owned();
+    let config_bytes = blob(&config_digest);
+    let config: serde_json::Value = serde_json::from_slice(&config_bytes).unwrap();
+    let layers = manifest["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 3, "serve, data, image.json: {manifest}");
+    assert!(
+        config["history"][0]["created_by"]
+            .as_str()
+            .unwrap()
+            .contains("bakedb-serve"),
+        "{config}"
+    );
+    let placeholders = [
+        (
+            layers[0]["digest"].as_str().unwrap().to_owned(),
+            "sha256:<bakedb-serve layer>",
+        ),
+        (
+            config["rootfs"]["diff_ids"][0].as_str().unwrap().to_owned(),
+            "sha256:<bakedb-serve diff_id>",
+        ),
+        (config_digest.clone(), "sha256:<config>"),
+        (manifest_digest.clone(), "sha256:<manifest>"),
+    ];
+    let serve_size = format!("\"size\": {}", layers[0]["size"]);
+    let normalise = |bytes: &[u8]| {
+        let mut text =
+            pretty(bytes).replace(&serve_size, "\"size\": \"<bakedb-serve layer size>\"");
+        for (digest, placeholder) in &placeholders {
+            text = text.replace(digest.as_str(), placeholder);
+        }
+        text
+    };
+    expect("index.json", &normalise(&index_bytes));
     expect(
         "oci-layout",
         &String::from_utf8(std::fs::read(out.join("oci-layout")).unwrap()).unwrap(),
     );
-    let index: serde_json::Value = serde_json::from_slice(&index).unwrap();
-    let manifest = blob(index["manifests"][0]["digest"].as_str().unwrap());
-    expect("manifest.json", &pretty(&manifest));
-    let manifest: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
-    expect(
-        "config.json",
-        &pretty(&blob(manifest["config"]["digest"].as_str().unwrap())),
-    );
-    let layers = manifest["layers"].as_array().unwrap();
+    expect("manifest.json", &normalise(&manifest_bytes));
+    expect("config.json", &normalise(&config_bytes));
     expect(
         "data-layer.txt",
-        &tar_listing(&blob(layers[0]["digest"].as_str().unwrap())),
+        &tar_listing(&blob(layers[1]["digest"].as_str().unwrap())),
     );
     expect(
         "meta-layer.txt",
-        &tar_listing(&blob(layers[1]["digest"].as_str().unwrap())),
+        &tar_listing(&blob(layers[2]["digest"].as_str().unwrap())),
     );
+    let serve_listing =
+        tar_listing_with(&blob(layers[0]["digest"].as_str().unwrap()), |path, _| {
+            path == "usr/local/bin/bakedb-serve"
+        });
+    expect("serve-layer.txt", &serve_listing);
 }
 
-/// The init layer is the same blob in every image (different data, different
-/// SOURCE_DATE_EPOCH), so registries and hosts store it once; its listing is golden except
-/// for the binary itself, which is checked to be a static bakedb-init that runs.
+/// The init and serve layers are the same blobs in every image (different data, different
+/// SOURCE_DATE_EPOCH), so registries and hosts store them once; the init layer's listing is
+/// golden except for the binary itself, which is checked to be a static bakedb-init that runs.
 #[test]
 fn init_layer_is_shared_by_every_image() {
     let dir = test_dir();
@@ -153,14 +190,15 @@ fn init_layer_is_shared_by_every_image() {
             .collect();
         assert_eq!(
             digests.len(),
-            3,
-            "init, data, image.json layers: {digests:?}"
+            4,
+            "init, serve, data, image.json layers: {digests:?}"
         );
         layers.push((dir.path().join(format!("{db}-out")), digests));
     }
     assert_eq!(layers[0].1[0], layers[1].1[0], "the init layers differ");
+    assert_eq!(layers[0].1[1], layers[1].1[1], "the serve layers differ");
     assert_ne!(
-        layers[0].1[1], layers[1].1[1],
+        layers[0].1[2], layers[1].1[2],
         "the data layers should differ"
     );
     let (out, digests) = &layers[0];

@@ -1084,7 +1084,7 @@ fn init_verify_only_and_plan_judge_an_unpacked_rootfs_from_the_host() {
     if !out.status.success()
         || !plan.starts_with("bakedb-init plan (sqlite engine)\n")
         || !plan.contains(&format!("BAKEDB_DATA_DIGEST={data_digest}"))
-        || !plan.contains("1 files, 16.00 KiB")
+        || !plan.contains("1 file, 16.00 KiB")
         || !plan.contains(r#"["sh", "-c", "echo RAN-$((1+1))"]"#)
         || plan.contains("RAN-2")
         || stderr(&out).contains("RAN-2")

@@ -36,6 +36,22 @@ fn init_entries() -> Vec<TarEntry> {
     ]
 }
 
+/// The static bakedb-serve built by build.rs: the engine of a FROM-scratch image.
+pub const SERVE_BINARY: &[u8] = include_bytes!(env!("BAKEDB_SERVE_PATH"));
+/// On the default PATH, so `bakedb-serve` works as a command in any image.
+pub const SERVE_PATH: &str = "/usr/local/bin/bakedb-serve";
+
+/// The serve layer: like the init layer, the same blob in every FROM-scratch image.
+fn serve_entries() -> Vec<TarEntry> {
+    vec![TarEntry::bytes(
+        &SERVE_PATH[1..],
+        SERVE_BINARY.to_vec(),
+        0o755,
+        0,
+        0,
+    )]
+}
+
 /// ENTRYPOINT and CMD as Docker would combine them, with init in front: the user's
 /// --entrypoint or else the base's runs after /bakedb/init; a new entrypoint drops the base's
 /// CMD unless --cmd is given.
@@ -248,26 +264,40 @@ pub fn run(args: BuildArgs, quiet: bool) -> Result<()> {
         ));
     }
 
+    // Layers that are the same in every image: fixed mtime, no SOURCE_DATE_EPOCH.
+    let from_scratch = base.is_none();
+    let mut fixed = Vec::new();
     if !args.no_init {
-        let init_layer = output
-            .write_layer(compression, init_entries(), 0, threads(), &mut |_| {})
+        fixed.push(("bakedb-init", INIT_PATH, INIT_BINARY.len(), init_entries()));
+    }
+    if from_scratch {
+        fixed.push((
+            "bakedb-serve",
+            SERVE_PATH,
+            SERVE_BINARY.len(),
+            serve_entries(),
+        ));
+    }
+    for (name, path, size, entries) in fixed {
+        let layer = output
+            .write_layer(compression, entries, 0, threads(), &mut |_| {})
             .stage(Code::Output, || {
-                format!("writing the bakedb-init layer to {output_ref}")
+                format!("writing the {name} layer to {output_ref}")
             })?;
         progress.done(&format!(
-            "init layer {} ({} bakedb-init {})",
-            init_layer.digest,
-            human_bytes(INIT_BINARY.len() as u64),
+            "{name} layer {} ({} {name} {})",
+            layer.digest,
+            human_bytes(size as u64),
             env!("CARGO_PKG_VERSION")
         ));
         new_layers.push(NewLayer {
-            layer: init_layer.clone(),
+            layer: layer.clone(),
             created_by: format!(
-                "bakedb build: {INIT_PATH} (bakedb-init {})",
+                "bakedb build: {path} ({name} {})",
                 env!("CARGO_PKG_VERSION")
             ),
         });
-        layers.push(init_layer);
+        layers.push(layer);
     }
 
     let data_total: u64 = snapshot
@@ -344,6 +374,11 @@ pub fn run(args: BuildArgs, quiet: bool) -> Result<()> {
             format!("writing the image.json layer to {output_ref}")
         })?;
 
+    // FROM scratch, the image's own command is bakedb-serve on the baked database.
+    let cmd = match cmd {
+        None if from_scratch && entrypoint.is_none() => Some(vec!["bakedb-serve".to_owned()]),
+        cmd => cmd,
+    };
     let (entrypoint, cmd) = if args.no_init {
         (entrypoint, cmd)
     } else {
@@ -351,9 +386,19 @@ pub fn run(args: BuildArgs, quiet: bool) -> Result<()> {
             init_command(base.as_ref().map(|(_, i)| &i.config), entrypoint, cmd);
         (Some(entrypoint), cmd)
     };
+    let mut env = vec![format!("BAKEDB_DATA_DIGEST={data_digest}")];
+    if from_scratch {
+        env.insert(0, "PATH=/usr/local/bin:/usr/bin:/bin".into());
+    }
     let changes = ConfigChanges {
         user: Some(format!("{uid}:{gid}")),
-        env: vec![format!("BAKEDB_DATA_DIGEST={data_digest}")],
+        env,
+        exposed_ports: if from_scratch {
+            vec!["8080/tcp".into()]
+        } else {
+            Vec::new()
+        },
+        stop_signal: from_scratch.then(|| "SIGTERM".into()),
         entrypoint,
         cmd,
         labels: {

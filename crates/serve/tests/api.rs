@@ -1,0 +1,548 @@
+//! bakedb-serve as a process on 127.0.0.1 with a generated database: the HTTP API, the
+//! read-only guarantees, the limits, the drain on SIGTERM and a bounded load test. The same
+//! binary in docker, podman and runc is tested in tests/e2e/serve.rs.
+
+mod http;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+    log: Arc<Mutex<String>>,
+    _dir: TempDir,
+}
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn temp_dir(name: &str) -> TempDir {
+    let dir = std::env::temp_dir().join(format!("bakedb-serve-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    TempDir(dir)
+}
+
+/// items(id, name, price, data): `rows` rows, an index on name, a view.
+fn make_db(path: &Path, rows: i64) {
+    let c = rusqlite::Connection::open(path).unwrap();
+    c.execute_batch(
+        "CREATE TABLE items(id INTEGER PRIMARY KEY, name TEXT NOT NULL, price REAL, data BLOB);
+         CREATE INDEX items_name ON items(name);
+         CREATE VIEW cheap AS SELECT id, name FROM items WHERE price < 10;",
+    )
+    .unwrap();
+    let tx = c.unchecked_transaction().unwrap();
+    {
+        let mut stmt = tx
+            .prepare("INSERT INTO items VALUES (?1, ?2, ?3, ?4)")
+            .unwrap();
+        for i in 1..=rows {
+            stmt.execute(rusqlite::params![
+                i,
+                format!("item-{i:05}"),
+                i as f64 / 4.0,
+                vec![i as u8, 0xff]
+            ])
+            .unwrap();
+        }
+    }
+    tx.commit().unwrap();
+}
+
+fn start(name: &str, rows: i64, env: &[(&str, &str)]) -> Server {
+    let dir = temp_dir(name);
+    let db = dir.0.join("app.db");
+    make_db(&db, rows);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bakedb-serve"))
+        .env_clear()
+        .env("BAKEDB_DATABASE", &db)
+        .env("BAKEDB_LISTEN", "127.0.0.1:0")
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut first = String::new();
+    stderr.read_line(&mut first).unwrap();
+    // "bakedb-serve: serving PATH read-only on http://127.0.0.1:PORT (...)"
+    let addr: SocketAddr = first
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {first:?}"));
+    let log = Arc::new(Mutex::new(first));
+    let sink = Arc::clone(&log);
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        while stderr.read_line(&mut line).unwrap_or(0) > 0 {
+            sink.lock().unwrap().push_str(&line);
+            line.clear();
+        }
+    });
+    Server {
+        child,
+        addr,
+        log,
+        _dir: dir,
+    }
+}
+
+fn query(addr: SocketAddr, sql: &str, params: Value) -> http::Response {
+    http::post_json(addr, "/v1/query", &json!({"sql": sql, "params": params}))
+}
+
+/// A query that never ends on its own: counts forever.
+const RUNAWAY: &str =
+    "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c";
+
+#[test]
+fn health_schema_and_queries_with_parameters() {
+    let s = start("basic", 100, &[("BAKEDB_DATA_DIGEST", "sha256:abc")]);
+    let h = http::get(s.addr, "/healthz");
+    assert_eq!(h.status, 200);
+    assert_eq!(h.json()["status"], "ok");
+    assert_eq!(h.json()["data_digest"], "sha256:abc");
+
+    let schema = http::get(s.addr, "/v1/schema").json();
+    let tables = schema["tables"].as_array().unwrap();
+    let names: Vec<&str> = tables.iter().map(|t| t["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["cheap", "items"]);
+    let items = &tables[1];
+    assert_eq!(items["type"], "table");
+    let columns: Vec<(&str, &str)> = items["columns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["name"].as_str().unwrap(), c["type"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        columns,
+        [
+            ("id", "INTEGER"),
+            ("name", "TEXT"),
+            ("price", "REAL"),
+            ("data", "BLOB")
+        ]
+    );
+    assert_eq!(items["columns"][1]["notnull"], true);
+    assert_eq!(items["indexes"][0]["name"], "items_name");
+    assert_eq!(items["indexes"][0]["columns"], json!(["name"]));
+
+    // GET with positional parameters, as a JSON array in the query string.
+    let r = http::get(
+        s.addr,
+        &format!(
+            "/v1/query?sql={}&params={}",
+            http::encode(
+                "SELECT id, name, price, data FROM items WHERE id = ?1 OR id = ?2 ORDER BY id"
+            ),
+            http::encode("[3, 4]")
+        ),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let body = r.json();
+    assert_eq!(body["columns"], json!(["id", "name", "price", "data"]));
+    assert_eq!(
+        body["rows"],
+        json!([
+            [3, "item-00003", 0.75, {"$base64": true, "encoded": "A/8="}],
+            [4, "item-00004", 1.0, {"$base64": true, "encoded": "BP8="}]
+        ])
+    );
+    assert_eq!(body["truncated"], false);
+    assert!(body["elapsed_ms"].as_f64().unwrap() >= 0.0);
+
+    // POST with named parameters, with or without the colon.
+    let r = query(
+        s.addr,
+        "SELECT count(*) AS n FROM items WHERE price >= :low AND name < :name",
+        json!({":low": 10, "name": "item-00050"}),
+    );
+    assert_eq!(r.json()["rows"], json!([[10]]), "{}", r.text());
+    // Views and read pragmas work.
+    assert_eq!(
+        query(s.addr, "SELECT count(*) FROM cheap", json!(null)).json()["rows"],
+        json!([[39]])
+    );
+    let r = query(
+        s.addr,
+        "SELECT name FROM pragma_table_info('items') ORDER BY cid",
+        json!([]),
+    );
+    assert_eq!(
+        r.json()["rows"],
+        json!([["id"], ["name"], ["price"], ["data"]])
+    );
+}
+
+#[test]
+fn ndjson_streams_every_row() {
+    let s = start("ndjson", 5000, &[("BAKEDB_MAX_ROWS", "10")]);
+    let r = http::request(
+        s.addr,
+        "POST",
+        "/v1/query",
+        &[
+            ("Accept", "application/x-ndjson"),
+            ("Content-Type", "application/json"),
+        ],
+        json!({"sql": "SELECT id, name FROM items ORDER BY id"})
+            .to_string()
+            .as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("application/x-ndjson"));
+    let lines: Vec<Value> = r
+        .text()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // Streaming is for large results: the JSON row limit does not apply.
+    assert_eq!(lines.len(), 5002);
+    assert_eq!(lines[0], json!({"columns": ["id", "name"]}));
+    assert_eq!(lines[1], json!([1, "item-00001"]));
+    assert_eq!(lines[5000], json!([5000, "item-05000"]));
+    assert_eq!(lines[5001]["rows"], 5000);
+    assert_eq!(lines[5001]["truncated"], false);
+    // Errors before the first row keep their status code.
+    let r = http::request(
+        s.addr,
+        "GET",
+        &format!("/v1/query?sql={}", http::encode("SELEC 1")),
+        &[("Accept", "application/x-ndjson")],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(r.status, 400);
+}
+
+#[test]
+fn writes_are_refused_with_sqlites_reason_and_bad_sql_with_its_position() {
+    let s = start("readonly", 10, &[]);
+    for (sql, reason) in [
+        ("INSERT INTO items(name) VALUES ('x')", "INSERT into items"),
+        ("UPDATE items SET name = 'x'", "UPDATE of items"),
+        ("DELETE FROM items", "DELETE from items"),
+        (
+            "DROP TABLE items",
+            "changing the schema (sqlite_master) is not allowed: the database is a read-only snapshot",
+        ),
+        ("CREATE TABLE t(x)", "changing the schema (sqlite_master)"),
+        (
+            "CREATE TEMP TABLE t(x)",
+            "changing the schema (sqlite_temp_master)",
+        ),
+        (
+            "CREATE INDEX i ON items(price)",
+            "changing the schema (sqlite_master)",
+        ),
+        (
+            "PRAGMA journal_mode = WAL",
+            "PRAGMA journal_mode = WAL is not allowed",
+        ),
+        (
+            "PRAGMA user_version = 7",
+            "PRAGMA user_version = 7 is not allowed",
+        ),
+        ("ATTACH DATABASE '/tmp/x.db' AS x", "ATTACH"),
+        (
+            "SELECT load_extension('/tmp/evil')",
+            "function load_extension() is not allowed",
+        ),
+        ("BEGIN", "transactions are not needed"),
+        ("VACUUM", ""),
+    ] {
+        let r = query(s.addr, sql, json!(null));
+        assert_eq!(r.status, 403, "{sql}: {}", r.text());
+        let body = r.json();
+        assert!(
+            body["reason"].as_str().unwrap_or("").contains(reason),
+            "{sql}: {body}"
+        );
+        assert!(body["error"].is_string(), "{sql}: {body}");
+    }
+    // Reading still works afterwards on every connection.
+    for _ in 0..4 {
+        assert_eq!(
+            query(s.addr, "SELECT count(*) FROM items", json!(null)).json()["rows"],
+            json!([[10]])
+        );
+    }
+
+    let r = query(s.addr, "SELECT * FROM items WHERE nme = 1", json!(null));
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.json()["error"], "no such column: nme");
+    assert_eq!(r.json()["offset"], 26);
+    let r = query(s.addr, "SELECT 1; SELECT 2", json!(null));
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("one statement")
+    );
+    let r = query(s.addr, "SELECT ?1 + ?2", json!([1]));
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        r.json()["error"],
+        "the query takes 2 parameters, 1 were given"
+    );
+    let r = query(s.addr, "SELECT :a", json!({"b": 1}));
+    assert_eq!(r.json()["error"], "the query has no parameter named :b");
+    let r = query(s.addr, "SELECT ?1", json!([[1, 2]]));
+    assert_eq!(r.status, 400);
+    let r = http::request(
+        s.addr,
+        "POST",
+        "/v1/query",
+        &[("Content-Type", "application/json")],
+        b"{not json",
+    )
+    .unwrap();
+    assert_eq!(r.status, 400, "{}", r.text());
+    let r = http::get(s.addr, "/v1/query");
+    assert_eq!(r.status, 400);
+}
+
+#[test]
+fn a_runaway_query_is_stopped_at_the_time_limit_while_others_are_served() {
+    let s = start(
+        "timeout",
+        10,
+        &[
+            ("BAKEDB_QUERY_TIMEOUT_MS", "1500"),
+            ("BAKEDB_POOL_SIZE", "2"),
+        ],
+    );
+    let addr = s.addr;
+    let runaway = std::thread::spawn(move || query(addr, RUNAWAY, json!(null)));
+    // While it runs, the other connection keeps answering.
+    let mut answered = 0;
+    while !runaway.is_finished() {
+        let r = query(s.addr, "SELECT count(*) FROM items", json!(null));
+        assert_eq!(r.status, 200, "{}", r.text());
+        answered += 1;
+    }
+    let r = runaway.join().unwrap();
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("longer than 1500 ms")
+    );
+    assert!(
+        answered > 0,
+        "nothing was answered while the runaway query ran"
+    );
+    assert_eq!(http::get(s.addr, "/healthz").status, 200);
+    // The interrupted connection is usable again.
+    for _ in 0..4 {
+        assert_eq!(query(s.addr, "SELECT 1", json!(null)).status, 200);
+    }
+    let metrics = http::get(s.addr, "/metrics").text();
+    assert!(
+        metrics.contains("bakedb_query_errors_total{kind=\"timeout\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn a_huge_result_is_truncated() {
+    let s = start("truncate", 1000, &[("BAKEDB_MAX_ROWS", "100")]);
+    let r = query(s.addr, "SELECT * FROM items", json!(null));
+    let body = r.json();
+    assert_eq!(body["rows"].as_array().unwrap().len(), 100);
+    assert_eq!(body["truncated"], true);
+    let r = query(s.addr, "SELECT * FROM items LIMIT 100", json!(null));
+    assert_eq!(r.json()["truncated"], false);
+}
+
+#[test]
+fn a_full_queue_answers_503_at_once() {
+    let s = start(
+        "queue",
+        10,
+        &[
+            ("BAKEDB_POOL_SIZE", "1"),
+            ("BAKEDB_QUEUE", "1"),
+            ("BAKEDB_QUERY_TIMEOUT_MS", "3000"),
+        ],
+    );
+    let addr = s.addr;
+    // In flight counts the metrics request that asks, too.
+    let wait_for_in_flight = |n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let m = http::get(addr, "/metrics").text();
+            if m.contains(&format!("bakedb_in_flight {n}")) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "never {n} in flight:\n{m}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    let running = std::thread::spawn(move || query(addr, RUNAWAY, json!(null)));
+    wait_for_in_flight(2);
+    let waiting = std::thread::spawn(move || query(addr, "SELECT 1", json!(null)));
+    wait_for_in_flight(3);
+    let r = query(s.addr, "SELECT 1", json!(null));
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert_eq!(running.join().unwrap().status, 504);
+    assert_eq!(waiting.join().unwrap().status, 200);
+    let m = http::get(s.addr, "/metrics").text();
+    assert!(
+        m.contains("bakedb_rejected_total{reason=\"queue_full\"} 1"),
+        "{m}"
+    );
+}
+
+#[test]
+fn sigterm_lets_the_query_in_flight_finish_then_exits_0() {
+    let mut s = start("drain", 10, &[("BAKEDB_QUERY_TIMEOUT_MS", "60000")]);
+    let addr = s.addr;
+    // About a second of work that then answers normally.
+    let slow = std::thread::spawn(move || {
+        query(
+            addr,
+            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 3000000) SELECT count(*) FROM c",
+            json!(null),
+        )
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !http::get(s.addr, "/metrics")
+        .text()
+        .contains("bakedb_in_flight 2")
+    {
+        assert!(Instant::now() < deadline, "the slow query never started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // SAFETY: signalling the server this test started.
+    unsafe { libc::kill(s.child.id() as i32, libc::SIGTERM) };
+    let r = slow.join().unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["rows"], json!([[3000000]]));
+    let status = s.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{}", s.log.lock().unwrap());
+    let log = s.log.lock().unwrap().clone();
+    assert!(log.contains("bakedb-serve: draining"), "{log}");
+    assert!(log.contains("bakedb-serve: stopped"), "{log}");
+    assert!(
+        std::net::TcpStream::connect(s.addr).is_err(),
+        "still accepting after the drain"
+    );
+}
+
+#[test]
+fn the_database_directory_is_never_written() {
+    let s = start("nowrite", 50, &[]);
+    let dir = s._dir.0.clone();
+    let before: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    let mtime = std::fs::metadata(dir.join("app.db"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    for _ in 0..20 {
+        assert_eq!(
+            query(
+                s.addr,
+                "SELECT * FROM items ORDER BY price DESC",
+                json!(null)
+            )
+            .status,
+            200
+        );
+    }
+    let after: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(before, after, "no -journal, -wal or -shm files");
+    assert_eq!(
+        std::fs::metadata(dir.join("app.db"))
+            .unwrap()
+            .modified()
+            .unwrap(),
+        mtime
+    );
+}
+
+#[test]
+fn bounded_load_many_connections_no_unexpected_errors_and_bounded_memory() {
+    let s = start("load", 20_000, &[("BAKEDB_QUEUE", "32")]);
+    let addr = s.addr;
+    let (clients, per_client) = (64, 40);
+    let started = Instant::now();
+    let handles: Vec<_> = (0..clients)
+        .map(|c| {
+            std::thread::spawn(move || {
+                let mut counts = std::collections::BTreeMap::<u16, usize>::new();
+                for i in 0..per_client {
+                    let id = (c * per_client + i) % 20_000 + 1;
+                    let r = query(
+                        addr,
+                        "SELECT id, name, price FROM items WHERE id = ?1",
+                        json!([id]),
+                    );
+                    if r.status == 200 {
+                        assert_eq!(r.json()["rows"][0][0], id, "wrong row");
+                    }
+                    *counts.entry(r.status).or_default() += 1;
+                }
+                counts
+            })
+        })
+        .collect();
+    let mut totals = std::collections::BTreeMap::<u16, usize>::new();
+    for h in handles {
+        for (status, n) in h.join().unwrap() {
+            *totals.entry(status).or_default() += n;
+        }
+    }
+    let ok = totals.get(&200).copied().unwrap_or(0);
+    assert_eq!(
+        ok + totals.get(&503).copied().unwrap_or(0),
+        clients * per_client,
+        "{totals:?}"
+    );
+    assert!(ok > clients * per_client / 2, "mostly answered: {totals:?}");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", s.child.id())).unwrap();
+    let hwm_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    assert!(hwm_kib < 200 * 1024, "peak RSS {hwm_kib} KiB");
+    eprintln!(
+        "load: {totals:?} in {:.2} s, peak RSS {} MiB",
+        started.elapsed().as_secs_f64(),
+        hwm_kib / 1024
+    );
+}
