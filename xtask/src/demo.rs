@@ -77,7 +77,15 @@ pub fn run_demo() -> Result<()> {
         );
     }
     println!(
-        "\nbaked {reference}\ncopy it anywhere with: skopeo copy {reference} docker-archive:catalogue.tar:catalogue:v1"
+        "\nbaked {reference}: a FROM-scratch image that serves the catalogue read-only on port 8080.
+run it:
+  skopeo copy {reference} docker-archive:target/demo/catalogue.tar:catalogue:v1
+  docker load -i target/demo/catalogue.tar
+  docker run --rm -p 8080:8080 catalogue:v1
+or: (cd target/demo && podman run --rm -p 8080:8080 oci:image:v1)
+query it:
+  curl -s localhost:8080/v1/schema
+  curl -sG localhost:8080/v1/query --data-urlencode 'sql=SELECT category, count(*), avg(price_cents) FROM products GROUP BY category'"
     );
     Ok(())
 }

@@ -1,4 +1,5 @@
-//! `cargo xtask static-init`: the static bakedb-init that `bakedb build` embeds.
+//! `cargo xtask static-init`: the static bakedb-init (and bakedb-serve) that `bakedb build`
+//! embeds.
 //!
 //! crates/cli/build.rs owns the one recipe (a nested `cargo build` with `+crt-static` and
 //! path remapping); building the cli runs it, and this returns where it put the binary.
@@ -30,7 +31,14 @@ pub fn build() -> Result<PathBuf> {
 
 pub fn run_static_init() -> Result<()> {
     let path = build()?;
-    let size = std::fs::metadata(&path)?.len();
-    println!("{} ({size} bytes)", path.display());
+    let serve = path
+        .parent()
+        .and_then(|p| p.parent())
+        .map(|p| p.join("release-serve/bakedb-serve"))
+        .expect("target/static-init/<triple>/release-small/bakedb-init");
+    for p in [&path, &serve] {
+        let size = std::fs::metadata(p)?.len();
+        println!("{} ({size} bytes)", p.display());
+    }
     Ok(())
 }
