@@ -93,6 +93,33 @@ fn live_wal_source_is_captured_at_one_committed_point() {
             "baked copy {i} has {n} rows: not a committed state (batches of {BATCH})"
         );
         counts.push(n);
+
+        // `bakedb snapshot` takes the same kind of copy into a directory.
+        let out = format!("snap{i}");
+        run_ok(bakedb(dir.path()).args([
+            "snapshot", "--engine", "sqlite", "--source", "live.db", "--out", &out,
+        ]));
+        let c = rusqlite::Connection::open_with_flags(
+            dir.path().join(&out).join("live.db"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap();
+        let check: String = c
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .unwrap();
+        let n: i64 = c
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(check, "ok", "snapshot {i} fails integrity_check");
+        assert_eq!(
+            n % BATCH,
+            0,
+            "snapshot {i} has {n} rows: not a committed state"
+        );
+        assert!(
+            n >= counts[i as usize],
+            "snapshot {i} is older than the build before it"
+        );
     }
     stop.store(true, Ordering::Relaxed);
     writer.join().unwrap();
