@@ -6,7 +6,11 @@ mod consumers;
 mod crash;
 mod errors;
 mod golden;
+// The same tiny HTTP client as bakedb-serve's own tests: one copy, included by path.
+#[path = "../../crates/serve/tests/http/mod.rs"]
+mod http;
 mod init;
 mod reproducible;
+mod serve;
 mod snapshot;
 mod util;

@@ -122,34 +122,40 @@ impl App {
         })
     }
 
+    /// Counts the error and answers it with its status code.
     fn query_error(&self, e: QueryError) -> Response {
-        let (status, kind, body) = match e {
-            QueryError::Invalid { message, offset } => (
-                StatusCode::BAD_REQUEST,
-                "invalid",
-                json!({"error": message, "offset": offset}),
-            ),
-            QueryError::Denied { message, reason } => (
-                StatusCode::FORBIDDEN,
-                "denied",
-                json!({"error": message, "reason": reason}),
-            ),
-            QueryError::Timeout { limit } => (
-                StatusCode::GATEWAY_TIMEOUT,
-                "timeout",
-                json!({"error": format!(
-                    "the query ran longer than {} ms and was interrupted (BAKEDB_QUERY_TIMEOUT_MS)",
-                    limit.as_millis()
-                )}),
-            ),
-            QueryError::Failed { message } => (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "failed",
-                json!({"error": message}),
-            ),
-        };
+        let (status, kind, body) = describe(e);
         self.metrics.error(kind);
         error_body(status, body)
+    }
+}
+
+/// Status code, metrics kind and JSON body of a failed query.
+fn describe(e: QueryError) -> (StatusCode, &'static str, Value) {
+    match e {
+        QueryError::Invalid { message, offset } => (
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            json!({"error": message, "offset": offset}),
+        ),
+        QueryError::Denied { message, reason } => (
+            StatusCode::FORBIDDEN,
+            "denied",
+            json!({"error": message, "reason": reason}),
+        ),
+        QueryError::Timeout { limit } => (
+            StatusCode::GATEWAY_TIMEOUT,
+            "timeout",
+            json!({"error": format!(
+                "the query ran longer than {} ms and was interrupted (BAKEDB_QUERY_TIMEOUT_MS)",
+                limit.as_millis()
+            )}),
+        ),
+        QueryError::Failed { message } => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "failed",
+            json!({"error": message}),
+        ),
     }
 }
 
@@ -272,6 +278,7 @@ async fn stream_query(app: Arc<App>, mut lease: Lease, sql: String, params: Para
     let (head_tx, head_rx) = oneshot::channel::<Result<Vec<String>, QueryError>>();
     let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(64);
     let started = Instant::now();
+    let app_for_stream = Arc::clone(&app);
     tokio::task::spawn_blocking(move || {
         let mut head_tx = Some(head_tx);
         let line = |v: Value| {
@@ -298,14 +305,12 @@ async fn stream_query(app: Arc<App>, mut lease: Lease, sql: String, params: Para
                 let _ = h.send(Err(e));
             }
             (Err(e), None) => {
-                let message = match e {
-                    QueryError::Timeout { limit } => format!(
-                        "the query ran longer than {} ms and was interrupted",
-                        limit.as_millis()
-                    ),
-                    other => format!("{other:?}"),
-                };
-                let _ = tx.blocking_send(line(json!({"error": message, "elapsed_ms": elapsed_ms})));
+                // The 200 and the first rows are already out: the last line carries the
+                // error, and the metrics count it like any other failed query.
+                let (_, kind, mut body) = describe(e);
+                app_for_stream.metrics.error(kind);
+                body["elapsed_ms"] = json!(elapsed_ms);
+                let _ = tx.blocking_send(line(body));
             }
             (Ok(outcome), _) => {
                 let _ = tx.blocking_send(line(json!({
@@ -426,9 +431,10 @@ pub async fn serve(app: Arc<App>) -> Result<(), String> {
             _ = int.recv() => {}
         }
         shutdown_app.draining.store(true, Ordering::Relaxed);
+        let in_flight = shutdown_app.metrics.in_flight.load(Ordering::Relaxed);
         eprintln!(
-            "bakedb-serve: draining: no new connections, {} requests in flight",
-            shutdown_app.metrics.in_flight.load(Ordering::Relaxed)
+            "bakedb-serve: draining: no new connections, {in_flight} request{} in flight",
+            if in_flight == 1 { "" } else { "s" }
         );
         let _ = stop_tx.send(());
     };

@@ -546,3 +546,37 @@ fn bounded_load_many_connections_no_unexpected_errors_and_bounded_memory() {
         hwm_kib / 1024
     );
 }
+
+#[test]
+fn a_stream_stopped_at_the_time_limit_ends_with_an_error_line_and_is_counted() {
+    let s = start("streamtimeout", 10, &[("BAKEDB_QUERY_TIMEOUT_MS", "500")]);
+    let r = http::request(
+        s.addr,
+        "POST",
+        "/v1/query",
+        &[("Accept", "application/x-ndjson"), ("Content-Type", "application/json")],
+        json!({"sql": "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT x FROM c"})
+            .to_string()
+            .as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "the first rows were already sent");
+    let text = r.text();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[0], json!({"columns": ["x"]}));
+    assert_eq!(lines[1], json!([1]));
+    let last = lines.last().unwrap();
+    assert_eq!(
+        last["error"],
+        "the query ran longer than 500 ms and was interrupted (BAKEDB_QUERY_TIMEOUT_MS)",
+        "{last}"
+    );
+    let m = http::get(s.addr, "/metrics").text();
+    assert!(
+        m.contains("bakedb_query_errors_total{kind=\"timeout\"} 1"),
+        "{m}"
+    );
+}

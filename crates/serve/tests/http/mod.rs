@@ -1,5 +1,8 @@
 //! A minimal HTTP/1.1 client for the tests (std only): one request per connection,
-//! `Connection: close`, chunked or length-delimited bodies.
+//! `Connection: close`, chunked or length-delimited bodies. Also compiled into tests/e2e
+//! (by #[path]), which uses other parts of it.
+
+#![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
