@@ -59,6 +59,16 @@ impl Lease {
     }
 }
 
+/// Takes one off a counter when dropped, also when the request's future is cancelled
+/// (the client went away) at an await point.
+struct Decrement<'a>(&'a AtomicUsize);
+
+impl Drop for Decrement<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 fn error_body(status: StatusCode, body: Value) -> Response {
     (status, Json(body)).into_response()
 }
@@ -104,8 +114,10 @@ impl App {
                         .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
                     return Err(response);
                 }
+                // A client that gives up while queued drops this future: the guard gives
+                // its place back even then.
+                let _queued = Decrement(&self.waiting);
                 let permit = Arc::clone(&self.permits).acquire_owned().await;
-                self.waiting.fetch_sub(1, Ordering::AcqRel);
                 permit.expect("the semaphore is never closed")
             }
         };
@@ -381,10 +393,10 @@ async fn record(State(app): State<Arc<App>>, request: Request, next: Next) -> Re
         Some("/metrics") => "/metrics",
         _ => "other",
     };
-    app.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
+    app.metrics.in_flight.fetch_add(1, Ordering::AcqRel);
+    let _in_flight = Decrement(&app.metrics.in_flight);
     let started = Instant::now();
     let response = next.run(request).await;
-    app.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
     app.metrics.request(
         route,
         response.status().as_u16(),

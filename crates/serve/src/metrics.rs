@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 /// Upper bounds of the latency buckets, in seconds.
 const BUCKETS: [f64; 12] = [
@@ -20,7 +20,7 @@ pub struct Metrics {
     latency_count: AtomicU64,
     /// Sum of latencies in microseconds.
     latency_sum_us: AtomicU64,
-    pub in_flight: AtomicI64,
+    pub in_flight: AtomicUsize,
 }
 
 fn bump<K: Ord>(map: &Mutex<BTreeMap<K, u64>>, key: K) {

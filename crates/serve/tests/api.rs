@@ -580,3 +580,68 @@ fn a_stream_stopped_at_the_time_limit_ends_with_an_error_line_and_is_counted() {
         "{m}"
     );
 }
+
+#[test]
+fn clients_that_give_up_while_queued_leave_no_trace() {
+    let s = start(
+        "abandon",
+        10,
+        &[
+            ("BAKEDB_POOL_SIZE", "1"),
+            ("BAKEDB_QUEUE", "3"),
+            ("BAKEDB_QUERY_TIMEOUT_MS", "1500"),
+        ],
+    );
+    let addr = s.addr;
+    let metric = |name: &str| -> u64 {
+        let m = http::get(addr, "/metrics").text();
+        m.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{m}"))
+    };
+    let wait_until = |what: &str, cond: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < deadline, "never: {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    let running = std::thread::spawn(move || query(addr, RUNAWAY, json!(null)));
+    wait_until("the runaway query runs", &|| {
+        metric("bakedb_in_flight") == 2
+    });
+    // Three clients queue behind it, then hang up.
+    let body = json!({"sql": "SELECT 1"}).to_string();
+    let mut sockets = Vec::new();
+    for _ in 0..3 {
+        use std::io::Write;
+        let mut c = std::net::TcpStream::connect(addr).unwrap();
+        write!(
+            c,
+            "POST /v1/query HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        sockets.push(c);
+    }
+    wait_until("three queued", &|| metric("bakedb_in_flight") == 5);
+    drop(sockets);
+    wait_until("the queued requests are gone", &|| {
+        metric("bakedb_in_flight") == 2
+    });
+    assert_eq!(running.join().unwrap().status, 504);
+    // With their places in the queue given back, three new clients can wait again.
+    let running = std::thread::spawn(move || query(addr, RUNAWAY, json!(null)));
+    wait_until("the second runaway runs", &|| {
+        metric("bakedb_in_flight") == 2
+    });
+    let waiting: Vec<_> = (0..3)
+        .map(|_| std::thread::spawn(move || query(addr, "SELECT 1", json!(null)).status))
+        .collect();
+    for w in waiting {
+        assert_eq!(w.join().unwrap(), 200);
+    }
+    assert_eq!(running.join().unwrap().status, 504);
+    assert_eq!(metric("bakedb_in_flight"), 1);
+}
