@@ -297,7 +297,7 @@ fn sentence(rng: &mut Rng, words: &[String], n: u64, out: &mut String) {
 
 /// `target/bench/app-<N>mib.db`, at least N MiB, generated once (seeded, so every machine gets
 /// the same rows) and reused while its stamp says it is complete and has the recorded size.
-fn bench_database(bench_dir: &Path, size_mib: u64) -> Result<PathBuf> {
+pub(crate) fn bench_database(bench_dir: &Path, size_mib: u64) -> Result<PathBuf> {
     let path = bench_dir.join(format!("app-{size_mib}mib.db"));
     let stamp_path = bench_dir.join(format!("app-{size_mib}mib.db.stamp"));
     let stamp =
@@ -1547,7 +1547,7 @@ pub(crate) fn fmt(value: Option<f64>, decimals: usize) -> String {
     value.map_or_else(|| "—".into(), |v| format!("{v:.decimals$}"))
 }
 
-fn fmt_pct(value: Option<f64>) -> String {
+pub(crate) fn fmt_pct(value: Option<f64>) -> String {
     value.map_or_else(|| "—".into(), |v| format!("{:.0} %", v * 100.0))
 }
 

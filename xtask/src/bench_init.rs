@@ -461,7 +461,7 @@ fn tiny_dataset(bench_dir: &Path) -> Result<DataSet> {
 }
 
 /// The effective uid, from /proc/self/status (xtask has no libc).
-fn effective_uid() -> Option<u32> {
+pub(crate) fn effective_uid() -> Option<u32> {
     fs::read_to_string("/proc/self/status")
         .ok()?
         .lines()
@@ -620,7 +620,7 @@ impl InitEnv {
 }
 
 /// `sync; echo 3 > /proc/sys/vm/drop_caches`.
-fn drop_caches() -> Result<(), String> {
+pub(crate) fn drop_caches() -> Result<(), String> {
     bench::sync();
     fs::write("/proc/sys/vm/drop_caches", "3")
         .map_err(|e| format!("not measured: writing /proc/sys/vm/drop_caches: {e}"))

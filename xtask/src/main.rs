@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_init;
+mod bench_sqlite;
 mod ci;
 mod demo;
 mod fixtures;
@@ -23,6 +24,11 @@ commands:
                  time bakedb-init's data verification (cold and warm page cache) against
                  sha256sum, openssl and a plain read, and its start-up overhead with
                  verification off; print the table and write it to docs/benchmarks.md
+  bench sqlite [--size-mib N] [--duration-s N] [--connections N] [--rounds N] [--runs N]
+                 bakedb-serve against `datasette serve -i` under wrk (point lookups, range
+                 scans, an aggregate), its read-only tuning against a default open, mmap and
+                 cache sizes, image build time and size, and `docker run` to the first answer
+                 with and without verification; print the table and write it to docs/benchmarks.md
   ci             fmt, clippy, cargo deny, fixtures, cargo test: what .ci/run runs
   fixtures       build the generated test inputs under target/fixtures
   static-init    build the static bakedb-init that `bakedb build` embeds and print its path
@@ -41,7 +47,12 @@ fn dispatch(args: &[String]) -> Result<()> {
     match words.as_slice() {
         ["bench", "build", flags @ ..] => bench::build(&bench::BuildOptions::parse(flags)?),
         ["bench", "init", flags @ ..] => bench_init::init(&bench_init::InitOptions::parse(flags)?),
-        ["bench", ..] => bail!("bench: expected `bench build` or `bench init`\n\n{USAGE}"),
+        ["bench", "sqlite", flags @ ..] => {
+            bench_sqlite::sqlite(&bench_sqlite::SqliteOptions::parse(flags)?)
+        }
+        ["bench", ..] => {
+            bail!("bench: expected `bench build`, `bench init` or `bench sqlite`\n\n{USAGE}")
+        }
         ["ci"] => ci::run_ci(),
         ["fixtures"] => fixtures::run_fixtures(),
         ["demo"] => demo::run_demo(),
