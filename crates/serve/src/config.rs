@@ -21,8 +21,9 @@ pub struct Config {
     pub queue: usize,
     /// How long SIGTERM waits for queries in flight before exiting anyway.
     pub drain: Duration,
-    /// PRAGMA mmap_size for every connection (0 disables memory mapping).
-    pub mmap_bytes: u64,
+    /// PRAGMA mmap_size for every connection (0 disables memory mapping); None: the whole
+    /// file, which measured fastest (docs/benchmarks.md, sqlite).
+    pub mmap_bytes: Option<u64>,
     /// PRAGMA cache_size for every connection, in KiB.
     pub cache_kib: u64,
     /// Open the file as most applications do (read-write, locking, default pragmas) instead
@@ -43,7 +44,7 @@ Environment (defaults in brackets):
   BAKEDB_POOL_SIZE           read connections [one per core]
   BAKEDB_QUEUE               requests that may wait for a connection [64 per connection]
   BAKEDB_DRAIN_MS            how long SIGTERM waits for queries in flight [10000]
-  BAKEDB_SQLITE_MMAP_BYTES   PRAGMA mmap_size [268435456]
+  BAKEDB_SQLITE_MMAP_BYTES   PRAGMA mmap_size [the database's size: all of it mapped]
   BAKEDB_SQLITE_CACHE_KIB    PRAGMA cache_size, in KiB [65536]
   BAKEDB_SQLITE_OPEN         immutable (read-only, no locks, no copy-up) or default
                              (read-write open with SQLite's defaults, for comparison) [immutable]";
@@ -96,7 +97,10 @@ impl Config {
             pool_size,
             queue: number("BAKEDB_QUEUE", 64 * pool_size)?,
             drain: Duration::from_millis(number("BAKEDB_DRAIN_MS", 10_000)?),
-            mmap_bytes: number("BAKEDB_SQLITE_MMAP_BYTES", 256 << 20)?,
+            mmap_bytes: match std::env::var("BAKEDB_SQLITE_MMAP_BYTES") {
+                Ok(v) if !v.is_empty() => Some(number("BAKEDB_SQLITE_MMAP_BYTES", 0)?),
+                _ => None,
+            },
             cache_kib: number("BAKEDB_SQLITE_CACHE_KIB", 64 << 10)?,
             default_open: match std::env::var("BAKEDB_SQLITE_OPEN").as_deref() {
                 Err(_) | Ok("" | "immutable") => false,

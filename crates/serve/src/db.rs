@@ -188,12 +188,18 @@ impl Db {
             )
         }
         .map_err(|e| format!("opening {}: {e}", path.display()))?;
+        // Mapping the whole immutable file lets a page read be a memory access into the
+        // shared page cache instead of a copy into each connection's cache: range scans
+        // ran 1.6x faster on 1 GiB than with 256 MiB mapped (docs/benchmarks.md).
+        let mmap = config
+            .mmap_bytes
+            .unwrap_or(meta.len().next_multiple_of(1 << 20));
         let tuning = if config.default_open {
             String::new()
         } else {
             format!(
-                "PRAGMA mmap_size = {}; PRAGMA cache_size = -{}; PRAGMA temp_store = MEMORY;",
-                config.mmap_bytes, config.cache_kib
+                "PRAGMA mmap_size = {mmap}; PRAGMA cache_size = -{}; PRAGMA temp_store = MEMORY;",
+                config.cache_kib
             )
         };
         conn.execute_batch(&format!("PRAGMA query_only = 1; {tuning}"))
