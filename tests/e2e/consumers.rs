@@ -684,29 +684,8 @@ fn docker_runs_the_image_from_skopeo_and_bakedb_docker_archives() {
     }
 }
 
-/// podman in its own storage under `dir` (nothing shared with other tests or the machine's
-/// images), with the flags that work as root on this kind of machine.
 fn podman(podman: &Path, dir: &Path) -> Command {
-    let state = dir.join("podman-state");
-    let mut cmd = Command::new(podman);
-    cmd.current_dir(dir)
-        .arg("--root")
-        .arg(state.join("root"))
-        .arg("--runroot")
-        .arg(state.join("run"))
-        .arg("--tmpdir")
-        .arg(state.join("tmp"))
-        .args([
-            "--storage-driver",
-            "vfs",
-            "--runtime",
-            "runc",
-            "--cgroup-manager",
-            "cgroupfs",
-            "--events-backend",
-            "file",
-        ]);
-    cmd
+    crate::util::podman_in(podman, dir)
 }
 
 /// `podman run` of an oci: layout or oci-archive:, named relative to `dir`: podman names the

@@ -1697,28 +1697,7 @@ fn docker_started_as_root_runs_the_command_as_the_data_owner() {
 fn podman_cli(podman: &Path, dir: &Path) -> Box<dyn Fn() -> Command> {
     let podman = podman.to_owned();
     let dir = dir.to_owned();
-    Box::new(move || {
-        let state = dir.join("podman-state");
-        let mut cmd = Command::new(&podman);
-        cmd.current_dir(&dir)
-            .arg("--root")
-            .arg(state.join("root"))
-            .arg("--runroot")
-            .arg(state.join("run"))
-            .arg("--tmpdir")
-            .arg(state.join("tmp"))
-            .args([
-                "--storage-driver",
-                "vfs",
-                "--runtime",
-                "runc",
-                "--cgroup-manager",
-                "cgroupfs",
-                "--events-backend",
-                "file",
-            ]);
-        cmd
-    })
+    Box::new(move || util::podman_in(&podman, &dir))
 }
 
 /// `podman create` of the layout `img:v1` in `dir` (podman names it after the path, so the

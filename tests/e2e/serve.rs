@@ -1040,28 +1040,7 @@ fn docker_bounded_load_many_connections_only_200_and_503_and_bounded_memory() {
 fn podman_cli(podman: &Path, dir: &Path) -> Box<dyn Fn() -> Command + Send + Sync> {
     let podman = podman.to_owned();
     let dir = dir.to_owned();
-    Box::new(move || {
-        let state = dir.join("podman-state");
-        let mut cmd = Command::new(&podman);
-        cmd.current_dir(&dir)
-            .arg("--root")
-            .arg(state.join("root"))
-            .arg("--runroot")
-            .arg(state.join("run"))
-            .arg("--tmpdir")
-            .arg(state.join("tmp"))
-            .args([
-                "--storage-driver",
-                "vfs",
-                "--runtime",
-                "runc",
-                "--cgroup-manager",
-                "cgroupfs",
-                "--events-backend",
-                "file",
-            ]);
-        cmd
-    })
+    Box::new(move || util::podman_in(&podman, &dir))
 }
 
 #[test]

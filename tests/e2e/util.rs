@@ -352,3 +352,28 @@ pub fn bakedb_as_nobody(setpriv: &Path, dir: &Path, scratch: &Path) -> Command {
         .env("TMPDIR", scratch);
     cmd
 }
+
+/// podman in its own storage under `dir` (nothing shared with other tests or the machine's
+/// images), with the flags that work as root on this kind of machine.
+pub fn podman_in(podman: &Path, dir: &Path) -> Command {
+    let state = dir.join("podman-state");
+    let mut cmd = Command::new(podman);
+    cmd.current_dir(dir)
+        .arg("--root")
+        .arg(state.join("root"))
+        .arg("--runroot")
+        .arg(state.join("run"))
+        .arg("--tmpdir")
+        .arg(state.join("tmp"))
+        .args([
+            "--storage-driver",
+            "vfs",
+            "--runtime",
+            "runc",
+            "--cgroup-manager",
+            "cgroupfs",
+            "--events-backend",
+            "file",
+        ]);
+    cmd
+}
