@@ -1110,20 +1110,6 @@ fn init_verify_only_and_plan_judge_an_unpacked_rootfs_from_the_host() {
 // ---------------------------------------------------------------------------------------
 // docker
 
-/// A docker image loaded for one test, removed when the test ends, however it ends.
-struct DockerImage {
-    docker: PathBuf,
-    name: String,
-}
-
-impl Drop for DockerImage {
-    fn drop(&mut self) {
-        let _ = Command::new(&self.docker)
-            .args(["rmi", "--force", &self.name])
-            .output();
-    }
-}
-
 /// A container, removed (killed if need be) when dropped.
 struct Container {
     /// `docker`, or podman with its flags.
@@ -1205,7 +1191,7 @@ impl Container {
 
 /// `bakedb build` of a 300-row app.db (made on first use) on busybox into a docker-archive,
 /// loaded into docker.
-fn docker_image(docker: &Path, dir: &Path, cmd: &[String]) -> DockerImage {
+fn docker_image(docker: &Path, dir: &Path, cmd: &[String]) -> crate::util::DockerImage {
     if !dir.join("app.db").exists() {
         make_db(&dir.join("app.db"), 300);
     }
@@ -1217,7 +1203,7 @@ fn docker_image(docker: &Path, dir: &Path, cmd: &[String]) -> DockerImage {
         &format!("docker-archive:{archive}:{name}"),
         cmd,
     );
-    let image = DockerImage {
+    let image = crate::util::DockerImage {
         docker: docker.to_owned(),
         name,
     };

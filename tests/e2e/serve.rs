@@ -452,20 +452,6 @@ fn check_server_process(pid: u32) {
 // ---------------------------------------------------------------------------------------
 // Containers of docker and podman
 
-/// A docker image loaded for one test, removed when the test ends, however it ends.
-struct DockerImage {
-    docker: PathBuf,
-    name: String,
-}
-
-impl Drop for DockerImage {
-    fn drop(&mut self) {
-        let _ = Command::new(&self.docker)
-            .args(["rmi", "--force", &self.name])
-            .output();
-    }
-}
-
 /// A container serving on `addr`, removed (killed if need be) when dropped.
 struct Container {
     /// `docker`, or podman with its flags.
@@ -532,11 +518,11 @@ impl Container {
 }
 
 /// `bakedb build` of a ROWS-row items database into a docker-archive, loaded into docker.
-fn docker_image(docker: &Path, dir: &Path) -> (DockerImage, Value) {
+fn docker_image(docker: &Path, dir: &Path) -> (crate::util::DockerImage, Value) {
     make_items_db(&dir.join("app.db"), ROWS);
     let name = format!("bakedb-e2e/{}:v1", unique_name("serve"));
     let built = build(dir, &format!("docker-archive:serve.docker.tar:{name}"), &[]);
-    let image = DockerImage {
+    let image = crate::util::DockerImage {
         docker: docker.to_owned(),
         name,
     };

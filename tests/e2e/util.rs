@@ -377,3 +377,17 @@ pub fn podman_in(podman: &Path, dir: &Path) -> Command {
         ]);
     cmd
 }
+
+/// A docker image loaded for one test, removed when the test ends, however it ends.
+pub struct DockerImage {
+    pub docker: PathBuf,
+    pub name: String,
+}
+
+impl Drop for DockerImage {
+    fn drop(&mut self) {
+        let _ = Command::new(&self.docker)
+            .args(["rmi", "--force", &self.name])
+            .output();
+    }
+}

@@ -188,9 +188,10 @@ impl Db {
             )
         }
         .map_err(|e| format!("opening {}: {e}", path.display()))?;
-        // No `temp_store = MEMORY`: with it a GROUP BY over 10,000 rows answered 1.33x
-        // slower (83 vs 112 req/s on 1 GiB, by hand with wrk); temporary files go to
-        // SQLITE_TMPDIR (/tmp, from the profile) when a sort outgrows memory.
+        // No `temp_store = MEMORY`: with it the aggregate of `cargo xtask bench sqlite`
+        // (GROUP BY over 10,000 rows) ran 0.90x a default open, without it 1.36x
+        // (docs/benchmarks.md); temporary files go to SQLITE_TMPDIR (/tmp, from the
+        // profile) when a sort outgrows memory.
         // Mapping the whole immutable file lets a page read be a memory access into the
         // shared page cache instead of a copy into each connection's cache: range scans
         // ran 1.6x faster on 1 GiB than with 256 MiB mapped (docs/benchmarks.md).
