@@ -159,6 +159,18 @@ fn parse_profile(value: Option<&Value>) -> Result<Profile, String> {
             });
         }
     }
+    profile.verify_first_start = match value.get("verify") {
+        None => false,
+        Some(v) => match v.as_str() {
+            Some("every-start") => false,
+            Some("first-start") => true,
+            _ => {
+                return Err(
+                    "profile: \"verify\" is neither \"every-start\" nor \"first-start\"".into(),
+                );
+            }
+        },
+    };
     profile.supervise = match value.get("supervise") {
         None => false,
         Some(v) => v

@@ -294,6 +294,13 @@ fn print_plan(
             human(desc.chunk_size),
             plural(threads.min(pieces).max(1), "thread"),
         );
+        if desc.profile.verify_first_start {
+            println!(
+                "  verify   at this container's first start only: {} writes into its data; the stamp {} marks a verified start",
+                desc.engine,
+                data_dir.join(profile::VERIFIED_STAMP).display()
+            );
+        }
     } else {
         println!(
             "  verify   off (BAKEDB_VERIFY=off): {} is not checked",
@@ -316,6 +323,14 @@ fn print_plan(
         if supervise { "supervise" } else { "exec    " },
         launch.argv
     );
+}
+
+/// Write the first-start stamp: a temporary file renamed into place, so a crash leaves either
+/// no stamp or a whole one.
+fn write_stamp(stamp: &Path, digest: &str) -> std::io::Result<()> {
+    let tmp = stamp.with_extension("tmp");
+    std::fs::write(&tmp, format!("{digest}\n"))?;
+    std::fs::rename(&tmp, stamp)
 }
 
 fn run(options: Options) -> Result<std::convert::Infallible, Failure> {
@@ -360,7 +375,24 @@ fn run(options: Options) -> Result<std::convert::Infallible, Failure> {
         start::drop_to(uid, gid)
             .map_err(|e| Failure::Setup(format!("dropping root to the data owner: {e}")))?;
     }
-    if check {
+    // An engine that writes into its data directory (postgres) verifies at the container's
+    // first start only; the stamp lives in the data directory, so it goes wherever the
+    // engine's own writes go (kept by `docker restart`, gone in a new container).
+    let data_dir = options.root.join(desc.data_dir.trim_start_matches('/'));
+    let stamp = data_dir.join(profile::VERIFIED_STAMP);
+    let first_start_only = desc.profile.verify_first_start && options.mode == Mode::Run;
+    let verified_before = first_start_only
+        && settings.expected_digest.as_deref().is_some_and(|digest| {
+            std::fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == digest)
+        });
+    if check && verified_before {
+        eprintln!(
+            "bakedb-init: {} was verified at this container's first start ({} says so); {} has written to it since, so it is not verified again",
+            desc.data_dir,
+            stamp.display(),
+            desc.engine
+        );
+    } else if check {
         let started = Instant::now();
         let summary =
             verify::check_data(&desc, &options.root, settings.threads).map_err(|p| match p {
@@ -378,6 +410,16 @@ fn run(options: Options) -> Result<std::convert::Infallible, Failure> {
             summary.bytes as f64 / seconds.max(1e-9) / 1e6,
             plural(summary.threads, "thread"),
         );
+        if first_start_only {
+            let digest = settings.expected_digest.as_deref().unwrap_or_default();
+            if let Err(e) = write_stamp(&stamp, digest) {
+                eprintln!(
+                    "bakedb-init: warning: cannot write {} ({e}): a restart of this container will verify again, and fail once {} has written to its data",
+                    stamp.display(),
+                    desc.engine
+                );
+            }
+        }
     }
     if options.mode == Mode::VerifyOnly {
         std::process::exit(0);

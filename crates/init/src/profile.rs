@@ -7,7 +7,12 @@
 //!   `command` (so the user's own flags come later and win, e.g. a later `-c` for postgres);
 //! - `files`: written into the runtime directory (default /tmp/bakedb, or BAKEDB_RUNTIME_DIR),
 //!   never into the data directory, as the user the engine runs as;
-//! - `supervise`: the engine must not be PID 1.
+//! - `supervise`: the engine must not be PID 1;
+//! - `verify`: "every-start" (default) or "first-start", for engines that write into their
+//!   data directory at run time (PostgreSQL's pg_control, WAL, postmaster.pid): init
+//!   verifies at a container's first start and leaves a stamp (VERIFIED_STAMP) in the data
+//!   directory, which lives and dies with the engine's own writes; a restart of the same
+//!   container finds the stamp and starts without verifying again.
 //!
 //! `{data_dir}` and `{runtime_dir}` in args, env values and file contents are replaced.
 
@@ -27,7 +32,12 @@ pub struct Profile {
     pub env: Vec<(String, String)>,
     pub files: Vec<ProfileFile>,
     pub supervise: bool,
+    pub verify_first_start: bool,
 }
+
+/// The stamp of a first-start verification, at the top of the data directory; it holds the
+/// BAKEDB_DATA_DIGEST that was verified.
+pub const VERIFIED_STAMP: &str = ".bakedb-verified";
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct ProfileFile {
@@ -223,6 +233,7 @@ mod tests {
                 content: "data_directory = '{data_dir}'\n".into(),
             }],
             supervise: false,
+            verify_first_start: false,
         }
     }
 

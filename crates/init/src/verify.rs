@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use sha2::{Digest, Sha256};
 
 use crate::image::{Description, hex};
+use crate::profile::VERIFIED_STAMP;
 
 /// Bytes per read: large enough for the disk to stream, small enough to stay in cache while
 /// it is hashed.
@@ -35,7 +36,13 @@ impl From<String> for Problem {
 }
 
 fn io_problem(what: String, e: std::io::Error) -> Problem {
-    if e.kind() == std::io::ErrorKind::PermissionDenied {
+    if matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM)
+    ) {
+        // The container's limits, not the data: a setup error, not "tampered".
+        Problem::Access(format!("{what}: {e}"))
+    } else if e.kind() == std::io::ErrorKind::PermissionDenied {
         // SAFETY: geteuid cannot fail.
         let euid = unsafe { libc::geteuid() };
         Problem::Access(format!(
@@ -46,6 +53,7 @@ fn io_problem(what: String, e: std::io::Error) -> Problem {
     }
 }
 
+#[derive(Debug)]
 pub struct Summary {
     pub files: usize,
     pub bytes: u64,
@@ -92,7 +100,8 @@ fn kind(meta: &fs::Metadata) -> &'static str {
 
 /// Walk the data directory with lstat and compare it with the description: every entry must
 /// be a listed regular file or a directory that holds listed files (or is listed in `dirs`).
-fn check_shape(desc: &Description, data_dir: &Path) -> Result<(), Problem> {
+/// Returns the (device, inode) of every listed file, in desc.files order.
+fn check_shape(desc: &Description, data_dir: &Path) -> Result<Vec<(u64, u64)>, Problem> {
     let top = fs::symlink_metadata(data_dir)
         .map_err(|e| io_problem(format!("data directory {}", data_dir.display()), e))?;
     if !top.is_dir() {
@@ -112,6 +121,7 @@ fn check_shape(desc: &Description, data_dir: &Path) -> Result<(), Problem> {
     }
     let listed: BTreeSet<&str> = desc.files.iter().map(|f| f.path.as_str()).collect();
     let mut found: BTreeSet<String> = BTreeSet::new();
+    let mut visited: BTreeSet<String> = BTreeSet::new();
     let mut stack = vec![String::new()];
     while let Some(rel) = stack.pop() {
         let dir = if rel.is_empty() {
@@ -136,7 +146,13 @@ fn check_shape(desc: &Description, data_dir: &Path) -> Result<(), Problem> {
             let meta = fs::symlink_metadata(&path)
                 .map_err(|e| io_problem(path.display().to_string(), e))?;
             let t = meta.file_type();
+            if rel.is_empty() && desc.profile.verify_first_start && name.starts_with(VERIFIED_STAMP)
+            {
+                // init's own stamp, written after a verification; not data.
+                continue;
+            }
             if t.is_dir() && allowed_dirs.contains(&child_rel) {
+                visited.insert(child_rel.clone());
                 stack.push(child_rel);
             } else if t.is_file() && listed.contains(child_rel.as_str()) {
                 found.insert(child_rel);
@@ -169,6 +185,13 @@ fn check_shape(desc: &Description, data_dir: &Path) -> Result<(), Problem> {
             }
         }
     }
+    if let Some(missing) = desc.dirs.iter().find(|d| !visited.contains(*d)) {
+        return Err(Problem::Mismatch(format!(
+            "{} is missing: image.json lists it as a directory",
+            data_dir.join(missing).display()
+        )));
+    }
+    let mut identities = Vec::with_capacity(desc.files.len());
     for f in &desc.files {
         let path = data_dir.join(&f.path);
         if !found.contains(&f.path) {
@@ -201,8 +224,9 @@ fn check_shape(desc: &Description, data_dir: &Path) -> Result<(), Problem> {
                 f.mode
             )));
         }
+        identities.push((meta.dev(), meta.ino()));
     }
-    Ok(())
+    Ok(identities)
 }
 
 /// One piece of work: a chunk of a file (or the whole file when it has a sha256).
@@ -218,29 +242,7 @@ struct Piece {
 /// Verify every data file; returns what was checked. `threads` 0 means one per core.
 pub fn check_data(desc: &Description, root: &Path, threads: usize) -> Result<Summary, Problem> {
     let data_dir = root.join(desc.data_dir.trim_start_matches('/'));
-    check_shape(desc, &data_dir)?;
-
-    let mut handles = Vec::with_capacity(desc.files.len());
-    for f in &desc.files {
-        let path = data_dir.join(&f.path);
-        let file = fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NONBLOCK)
-            .open(&path)
-            .map_err(|e| io_problem(format!("opening {}", path.display()), e))?;
-        let meta = file
-            .metadata()
-            .map_err(|e| io_problem(path.display().to_string(), e))?;
-        if !meta.is_file() || meta.len() != f.size {
-            return Err(Problem::Mismatch(format!(
-                "{} changed while it was being checked",
-                path.display()
-            )));
-        }
-        // This descriptor pins the file that passed the checks; workers read through their
-        // own (see reopen).
-        handles.push((file, path));
-    }
+    let identities = check_shape(desc, &data_dir)?;
 
     let mut pieces = Vec::new();
     for (i, f) in desc.files.iter().enumerate() {
@@ -290,7 +292,8 @@ pub fn check_data(desc: &Description, root: &Path, threads: usize) -> Result<Sum
             }
             let piece = &pieces[index];
             if own.as_ref().is_none_or(|(f, _)| *f != piece.file) {
-                match reopen(&handles[piece.file]) {
+                let f = &desc.files[piece.file];
+                match open_checked(&data_dir.join(&f.path), f.size, identities[piece.file]) {
                     Ok(handle) => own = Some((piece.file, handle)),
                     Err(problem) => {
                         fail(&stop, &failure, index, problem);
@@ -340,20 +343,23 @@ fn fail(
 }
 
 /// A second descriptor for a file already checked, proved to be the same inode.
-fn reopen((file, path): &(File, PathBuf)) -> Result<(File, PathBuf), Problem> {
+/// Open a data file for hashing: still the regular file of the size and inode the shape
+/// check saw. Opened per worker and file run rather than all at once up front: a cluster
+/// has thousands of files and a container may allow 1024 descriptors.
+fn open_checked(
+    path: &Path,
+    size: u64,
+    (dev, ino): (u64, u64),
+) -> Result<(File, PathBuf), Problem> {
     let again = fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NONBLOCK)
         .open(path)
         .map_err(|e| io_problem(format!("opening {}", path.display()), e))?;
-    let (a, b) = (
-        file.metadata()
-            .map_err(|e| io_problem(path.display().to_string(), e))?,
-        again
-            .metadata()
-            .map_err(|e| io_problem(path.display().to_string(), e))?,
-    );
-    if (a.dev(), a.ino()) != (b.dev(), b.ino()) {
+    let meta = again
+        .metadata()
+        .map_err(|e| io_problem(path.display().to_string(), e))?;
+    if (meta.dev(), meta.ino()) != (dev, ino) || !meta.is_file() || meta.len() != size {
         return Err(Problem::Mismatch(format!(
             "{} was replaced while it was being checked",
             path.display()
@@ -369,7 +375,7 @@ fn reopen((file, path): &(File, PathBuf)) -> Result<(File, PathBuf), Problem> {
             libc::POSIX_FADV_SEQUENTIAL,
         )
     };
-    Ok((again, path.clone()))
+    Ok((again, path.to_owned()))
 }
 
 fn hash_piece(
@@ -495,6 +501,33 @@ mod tests {
             assert_eq!((s.files, s.bytes), (2, 5200));
             assert!(s.threads <= 6);
         }
+    }
+
+    #[test]
+    fn listed_empty_dirs_must_exist_and_the_stamp_is_ignored_only_for_first_start() {
+        let (fx, mut desc) = fixture("dirs");
+        let data = fx.root.join("var/lib/bakedb");
+        desc.dirs = vec!["empty".into()];
+        let e = check(&fx, &desc).unwrap_err();
+        assert!(
+            e.contains("empty is missing: image.json lists it as a directory"),
+            "{e}"
+        );
+        fs::create_dir(data.join("empty")).unwrap();
+        check(&fx, &desc).unwrap();
+
+        fs::write(data.join(VERIFIED_STAMP), "sha256:x\n").unwrap();
+        let e = check(&fx, &desc).unwrap_err();
+        assert!(
+            e.contains("does not list"),
+            "an every-start profile has no stamp: {e}"
+        );
+        desc.profile.verify_first_start = true;
+        check(&fx, &desc).unwrap();
+        // Only at the top: the same name deeper down is data that was added.
+        fs::write(data.join("empty").join(VERIFIED_STAMP), "x").unwrap();
+        let e = check(&fx, &desc).unwrap_err();
+        assert!(e.contains("does not list"), "{e}");
     }
 
     #[test]
