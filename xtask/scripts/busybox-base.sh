@@ -68,7 +68,7 @@ find "$rootfs" -exec touch -h -d "@$epoch" {} +
 
 umoci repack --image "$layout:$tag" \
     --history.created "$created" \
-    --history.created_by "busybox-base.sh (busybox-static $("$busybox" 2>&1 | head -n1 | cut -d' ' -f2))" \
+    --history.created_by "busybox-base.sh (busybox-static $("$busybox" 2>&1 | awk 'NR==1 {print $2}'))" \
     "$bundle"
 umoci config --image "$layout:$tag" --no-history \
     --created "$created" \

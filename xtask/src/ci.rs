@@ -23,6 +23,7 @@ pub fn run_ci() -> Result<()> {
         .args(["deny", "check", "licenses", "bans", "sources"])
         .current_dir(&root))?;
     crate::fixtures::busybox()?;
+    crate::fixtures::postgres()?;
     run(cargo().args(["test", "--workspace"]).current_dir(&root))?;
     Ok(())
 }

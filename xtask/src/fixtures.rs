@@ -18,8 +18,22 @@ pub fn busybox() -> Result<PathBuf> {
     Ok(out)
 }
 
+/// A PostgreSQL base image as an OCI layout (tags `latest` and the major version), built
+/// with umoci from this machine's Debian postgresql-N and postgresql-client-N packages: the
+/// stand-in for the official `postgres` image, which the tests cannot pull.
+pub fn postgres() -> Result<PathBuf> {
+    let root = project_root();
+    let out = root.join("target/fixtures/postgres");
+    run(Command::new("bash")
+        .arg(root.join("xtask/scripts/postgres-base.sh"))
+        .arg(&out))?;
+    Ok(out)
+}
+
 pub fn run_fixtures() -> Result<()> {
     let busybox = busybox()?;
     println!("busybox base: oci:{}:latest", busybox.display());
+    let postgres = postgres()?;
+    println!("postgres base: oci:{}:latest", postgres.display());
     Ok(())
 }
