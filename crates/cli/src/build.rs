@@ -5,13 +5,13 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
-use bakedb_engines::{DATA_DIR, IMAGE_JSON, Snapshot, datafiles, sqlite};
+use bakedb_engines::{DATA_DIR, IMAGE_JSON, Snapshot, datafiles, postgres, sqlite};
 use bakedb_oci::compress::Compression;
 use bakedb_oci::image::{ConfigChanges, NewLayer, derive_config};
 use bakedb_oci::layer::LayerInfo;
 use bakedb_oci::output::Output;
 use bakedb_oci::reference::ImageRef;
-use bakedb_oci::source::ImageSource;
+use bakedb_oci::source::{ImageSource, ResolvedImage};
 use bakedb_oci::tarball::TarEntry;
 use bakedb_oci::{Digest, time};
 use serde_json::json;
@@ -54,13 +54,18 @@ fn serve_entries() -> Vec<TarEntry> {
 
 /// ENTRYPOINT and CMD as Docker would combine them, with init in front: the user's
 /// --entrypoint or else the base's runs after /bakedb/init; a new entrypoint drops the base's
-/// CMD unless --cmd is given.
+/// CMD unless --cmd is given. `inherit` false ignores the base's entrypoint (the official
+/// postgres image's docker-entrypoint.sh would initialise a database, not serve the baked one).
 fn init_command(
     base_config: Option<&serde_json::Value>,
     entrypoint: Option<Vec<String>>,
     cmd: Option<Vec<String>>,
+    inherit: bool,
 ) -> (Vec<String>, Option<Vec<String>>) {
     let inherited = |key: &str| -> Option<Vec<String>> {
+        if !inherit {
+            return None;
+        }
         serde_json::from_value(base_config?.get("config")?.get(key)?.clone()).ok()
     };
     let user_gave_entrypoint = entrypoint.is_some();
@@ -166,16 +171,34 @@ pub fn take_snapshot(source: &Path, out: &Path, epoch: i64, durable: bool) -> Re
     Ok(snap)
 }
 
+/// The data owner in a postgres base image: its `postgres` user.
+fn base_postgres_user(source: &ImageSource, image: &ResolvedImage) -> Result<(u32, u32)> {
+    let what = || format!("reading /etc/passwd of base image {}", source.location());
+    let passwd = source
+        .find_file(&image.layers, "etc/passwd", u64::MAX)
+        .stage(Code::Base, what)?
+        .ok_or_else(|| anyhow!("the base image has no /etc/passwd; pass --user UID:GID"))
+        .stage(Code::Base, what)?;
+    postgres::passwd_user(&String::from_utf8_lossy(&passwd), "postgres")
+        .ok_or_else(|| {
+            anyhow!("the base image's /etc/passwd has no `postgres` user; pass --user UID:GID of the user its postgres should run as")
+        })
+        .stage(Code::Base, what)
+}
+
 pub fn run(args: BuildArgs, quiet: bool) -> Result<()> {
-    if args.engine != EngineArg::Sqlite {
+    if args.engine == EngineArg::Mariadb {
         return Err(anyhow!(
-            "engine {} is not supported yet: only sqlite can be baked in this version",
-            match args.engine {
-                EngineArg::Postgres => "postgres",
-                _ => "mariadb",
-            }
+            "engine mariadb is not supported yet: sqlite and postgres can be baked in this version"
         ))
         .stage(Code::Usage, || "checking --engine".into());
+    }
+    let is_postgres = args.engine == EngineArg::Postgres;
+    if is_postgres && args.base.is_none() {
+        return Err(anyhow!(
+            "--engine postgres needs --base: an image with the PostgreSQL server, e.g. the official one copied with `skopeo copy docker://postgres:15 oci:postgres:15` (`cargo xtask fixtures` builds an equivalent from Debian's packages)"
+        ))
+        .stage(Code::Usage, || "checking --base".into());
     }
     let compression = match args.compression {
         CompressionArg::Gzip => Compression::Gzip,
@@ -187,7 +210,6 @@ pub fn run(args: BuildArgs, quiet: bool) -> Result<()> {
         .stage(Code::Usage, || "reading SOURCE_DATE_EPOCH".into())?;
     let created = time::rfc3339(epoch);
     let mtime = epoch as u64;
-    let (uid, gid) = parse_user(&args.user)?;
     let labels = parse_kv(&args.labels, "--label")?;
     let mut annotations = parse_kv(&args.annotations, "--annotation")?;
     let cmd = args
@@ -208,7 +230,7 @@ pub fn run(args: BuildArgs, quiet: bool) -> Result<()> {
 
     // Everything that can be checked cheaply is checked before the output is touched.
     let from_snapshot_dir = args.source.is_dir();
-    if !from_snapshot_dir {
+    if !from_snapshot_dir && !is_postgres {
         sqlite::check_source(&args.source).stage(Code::Source, || "checking --source".into())?;
     }
     let base = match &args.base {
@@ -226,11 +248,74 @@ pub fn run(args: BuildArgs, quiet: bool) -> Result<()> {
             Some((source, image))
         }
     };
+    // PostgreSQL: the data directory only starts under the major version that wrote it, so
+    // the base image's version decides, and a mismatch stops the build before any work.
+    let source_text = args.source.to_string_lossy().into_owned();
+    let mut pg_snapshot = None;
+    let mut pg_live = None;
+    if let (true, Some((source, image))) = (is_postgres, &base) {
+        let major = postgres::base_major(&image.config)
+            .ok_or_else(|| {
+                anyhow!(
+                    "the base image does not say which PostgreSQL it has: its config's Env has no PG_MAJOR or PG_VERSION (the official postgres images set both)"
+                )
+            })
+            .stage(Code::Base, || format!("reading base image {}", source.location()))?;
+        if from_snapshot_dir {
+            let (snap, data_major) = postgres::load_snapshot_dir(&args.source)
+                .stage(Code::Source, || {
+                    format!("reading snapshot directory {}", args.source.display())
+                })?;
+            if data_major != major {
+                return Err(anyhow!(
+                    "the snapshot is a PostgreSQL {data_major} data directory and the base image has PostgreSQL {major}; use a base image of PostgreSQL {data_major}"
+                ))
+                .stage(Code::Base, || "checking versions".into());
+            }
+            pg_snapshot = Some(snap);
+        } else {
+            let tools = postgres::Tools::find(args.pg_bin.as_deref(), Some(major))
+                .stage(Code::Usage, || "finding the PostgreSQL server tools".into())?;
+            let info = postgres::probe_source(&tools, &source_text)
+                .stage(Code::Source, || "checking --source".into())?;
+            pg_live = Some((tools, info));
+        }
+    }
+
+    let (uid, gid) = match (&args.user, &base) {
+        (Some(user), _) => parse_user(user)?,
+        (None, Some((source, image))) if is_postgres => base_postgres_user(source, image)?,
+        (None, _) => (65532, 65532),
+    };
     let output = Output::open(&output_ref, compression, !args.no_overwrite)
         .stage(Code::Output, || format!("opening output {output_ref}"))?;
 
     let scratch;
-    let snapshot = if from_snapshot_dir {
+    let snapshot = if let Some(snap) = pg_snapshot {
+        snap
+    } else if let Some((tools, info)) = &pg_live {
+        scratch =
+            ScratchDir::new().stage(Code::Output, || "creating a scratch directory".into())?;
+        let taken_at = time::rfc3339(epoch.min(time::now()));
+        let snap = postgres::snapshot(
+            tools,
+            info,
+            &source_text,
+            &scratch.0,
+            &taken_at,
+            false,
+            &mut |step| progress.phase(step, 0),
+        )
+        .stage(Code::Source, || {
+            format!("snapshotting {}", postgres::redact(&source_text))
+        })?;
+        progress.done(&format!(
+            "snapshot of {} at LSN {} (pg_basebackup, ANALYZE, VACUUM (FREEZE), clean shutdown)",
+            postgres::redact(&source_text),
+            snap.provenance["position"]["lsn"].as_str().unwrap_or("?")
+        ));
+        snap
+    } else if from_snapshot_dir {
         sqlite::load_snapshot_dir(&args.source).stage(Code::Source, || {
             format!("reading snapshot directory {}", args.source.display())
         })?
@@ -306,6 +391,14 @@ pub fn run(args: BuildArgs, quiet: bool) -> Result<()> {
         .map(|f| std::fs::metadata(&f.host_path).map_or(0, |m| m.len()))
         .sum();
     let mut data_entries = vec![TarEntry::dir(DATA_DIR, 0o755, uid, gid)];
+    for d in &snapshot.dirs {
+        data_entries.push(TarEntry::dir(
+            &format!("{DATA_DIR}/{}", d.rel_path),
+            d.mode,
+            uid,
+            gid,
+        ));
+    }
     for f in &snapshot.files {
         data_entries.push(
             TarEntry::file(
@@ -349,16 +442,27 @@ pub fn run(args: BuildArgs, quiet: bool) -> Result<()> {
         compression.name()
     ));
 
-    let image_json = json!({
+    let mut image_json = json!({
         "schema": 1,
         "engine": snapshot.engine,
-        "profile": sqlite::profile(&snapshot),
+        "profile": if is_postgres { postgres::profile() } else { sqlite::profile(&snapshot) },
         "data_dir": format!("/{DATA_DIR}"),
         "owner": {"uid": uid, "gid": gid},
         "snapshot": snapshot.provenance,
         "chunk_size": datafiles::CHUNK_SIZE,
         "files": digests,
     });
+    if !snapshot.dirs.is_empty() {
+        // Empty directories PostgreSQL insists on (pg_notify, pg_twophase, ...) are part of
+        // the data, so init checks they exist.
+        image_json["dirs"] = json!(
+            snapshot
+                .dirs
+                .iter()
+                .map(|d| &d.rel_path)
+                .collect::<Vec<_>>()
+        );
+    }
     let mut image_json_bytes = serde_json::to_vec_pretty(&image_json).expect("json");
     image_json_bytes.push(b'\n');
     let data_digest = Digest::of(&image_json_bytes);
@@ -374,31 +478,60 @@ pub fn run(args: BuildArgs, quiet: bool) -> Result<()> {
             format!("writing the image.json layer to {output_ref}")
         })?;
 
-    // FROM scratch, the image's own command is bakedb-serve on the baked database.
+    // FROM scratch, the image's own command is bakedb-serve on the baked database; on a
+    // postgres base it is postgres on the baked cluster (the profile adds its flags).
     let cmd = match cmd {
         None if from_scratch && entrypoint.is_none() => Some(vec!["bakedb-serve".to_owned()]),
+        None if is_postgres && entrypoint.is_none() => Some(vec!["postgres".to_owned()]),
         cmd => cmd,
     };
     let (entrypoint, cmd) = if args.no_init {
-        (entrypoint, cmd)
+        (entrypoint.or_else(|| is_postgres.then(Vec::new)), cmd)
     } else {
-        let (entrypoint, cmd) =
-            init_command(base.as_ref().map(|(_, i)| &i.config), entrypoint, cmd);
+        let (entrypoint, cmd) = init_command(
+            base.as_ref().map(|(_, i)| &i.config),
+            entrypoint,
+            cmd,
+            !is_postgres,
+        );
         (Some(entrypoint), cmd)
     };
     let mut env = vec![format!("BAKEDB_DATA_DIGEST={data_digest}")];
     if from_scratch {
         env.insert(0, "PATH=/usr/local/bin:/usr/bin:/bin".into());
     }
+    if is_postgres {
+        // For the tools people run in the container (psql, pg_isready, pg_controldata): the
+        // baked cluster and the socket directory of the profile.
+        env.push(format!("PGDATA=/{DATA_DIR}/{}", postgres::PGDATA));
+        env.push("PGHOST=/tmp".into());
+    }
     let changes = ConfigChanges {
         user: Some(format!("{uid}:{gid}")),
         env,
         exposed_ports: if from_scratch {
             vec!["8080/tcp".into()]
+        } else if is_postgres {
+            vec!["5432/tcp".into()]
         } else {
             Vec::new()
         },
-        stop_signal: from_scratch.then(|| "SIGTERM".into()),
+        stop_signal: if from_scratch {
+            Some("SIGTERM".into())
+        } else if is_postgres {
+            // Fast shutdown: PostgreSQL's SIGTERM waits for every client to disconnect.
+            Some("SIGINT".into())
+        } else {
+            None
+        },
+        healthcheck: is_postgres.then(|| {
+            json!({
+                "Test": ["CMD", "pg_isready", "-q"],
+                "Interval": 5_000_000_000u64,
+                "Timeout": 5_000_000_000u64,
+                "Retries": 3,
+            })
+        }),
         entrypoint,
         cmd,
         labels: {

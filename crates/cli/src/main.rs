@@ -56,9 +56,17 @@ pub struct BuildArgs {
     /// Database engine of the source.
     #[arg(long, value_enum, value_name = "ENGINE")]
     engine: EngineArg,
-    /// The live database (SQLite: a database file) or a directory written by `bakedb snapshot`.
+    /// The live database (SQLite: a database file; PostgreSQL: a postgresql:// URI) or a
+    /// directory written by `bakedb snapshot`.
     #[arg(long, value_name = "SOURCE")]
     source: PathBuf,
+    /// Directory of the PostgreSQL server tools (pg_basebackup, postgres, ...).
+    #[arg(
+        long,
+        value_name = "DIR",
+        long_help = "Directory of the PostgreSQL server tools of the base image's major version (pg_basebackup, postgres, pg_ctl, pg_isready, psql, vacuumdb, pg_controldata). Default: the directory of `postgres` on PATH, else /usr/lib/postgresql/N/bin or /usr/pgsql-N/bin for the base image's major version N."
+    )]
+    pg_bin: Option<PathBuf>,
     /// Where to write the image, in skopeo's syntax.
     #[arg(
         long,
@@ -105,8 +113,12 @@ pub struct BuildArgs {
     )]
     no_init: bool,
     /// Numeric owner of the data files and the image's User.
-    #[arg(long, value_name = "UID:GID", default_value = "65532:65532")]
-    user: String,
+    #[arg(
+        long,
+        value_name = "UID:GID",
+        long_help = "Numeric owner of the data files and the image's User. Default: 65532:65532 for sqlite; for postgres the base image's `postgres` user from its /etc/passwd (999:999 in the official images)."
+    )]
+    user: Option<String>,
     /// Fail instead of replacing an existing tag or archive.
     #[arg(long)]
     no_overwrite: bool,
@@ -120,12 +132,15 @@ pub struct SnapshotArgs {
     /// Database engine of the source.
     #[arg(long, value_enum, value_name = "ENGINE")]
     engine: EngineArg,
-    /// The live database (SQLite: a database file).
+    /// The live database (SQLite: a database file; PostgreSQL: a postgresql:// URI).
     #[arg(long, value_name = "SOURCE")]
     source: PathBuf,
     /// Directory to write the snapshot into (must not exist or be empty).
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
+    /// Directory of the PostgreSQL server tools (default: `postgres` on PATH).
+    #[arg(long, value_name = "DIR")]
+    pg_bin: Option<PathBuf>,
 }
 
 #[derive(Args)]

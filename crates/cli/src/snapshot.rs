@@ -1,7 +1,7 @@
 //! `bakedb snapshot`: a consistent copy of a live database in a directory, reusable by build.
 
 use anyhow::{Result, anyhow};
-use bakedb_engines::sqlite;
+use bakedb_engines::{postgres, sqlite};
 use bakedb_oci::time;
 
 use crate::exit::{Code, StageExt};
@@ -9,13 +9,23 @@ use crate::progress::Progress;
 use crate::{EngineArg, SnapshotArgs};
 
 pub fn run(args: SnapshotArgs, quiet: bool) -> Result<()> {
-    if args.engine != EngineArg::Sqlite {
+    if args.engine == EngineArg::Mariadb {
         return Err(anyhow!(
-            "only sqlite snapshots are supported in this version"
+            "mariadb snapshots are not supported yet: sqlite and postgres are"
         ))
         .stage(Code::Usage, || "checking --engine".into());
     }
-    sqlite::check_source(&args.source).stage(Code::Source, || "checking --source".into())?;
+    let source_text = args.source.to_string_lossy().into_owned();
+    let pg = if args.engine == EngineArg::Postgres {
+        let tools = postgres::Tools::find(args.pg_bin.as_deref(), None)
+            .stage(Code::Usage, || "finding the PostgreSQL server tools".into())?;
+        let info = postgres::probe_source(&tools, &source_text)
+            .stage(Code::Source, || "checking --source".into())?;
+        Some((tools, info))
+    } else {
+        sqlite::check_source(&args.source).stage(Code::Source, || "checking --source".into())?;
+        None
+    };
     if args.out.exists()
         && std::fs::read_dir(&args.out)
             .map(|mut d| d.next().is_some())
@@ -31,6 +41,33 @@ pub fn run(args: SnapshotArgs, quiet: bool) -> Result<()> {
         .map_err(|e| anyhow!(e))
         .stage(Code::Usage, || "reading SOURCE_DATE_EPOCH".into())?;
     let mut progress = Progress::new(quiet);
+    if let Some((tools, info)) = &pg {
+        std::fs::create_dir_all(&args.out)
+            .stage(Code::Output, || format!("creating {}", args.out.display()))?;
+        let taken_at = time::rfc3339(epoch.min(time::now()));
+        let snap = postgres::snapshot(
+            tools,
+            info,
+            &source_text,
+            &args.out,
+            &taken_at,
+            true,
+            &mut |step| progress.phase(step, 0),
+        )
+        .stage(Code::Source, || {
+            format!("snapshotting {}", postgres::redact(&source_text))
+        })?;
+        // Written last: a directory without it is not a snapshot.
+        postgres::write_snapshot_meta(&args.out, &snap)
+            .stage(Code::Output, || format!("writing {}", args.out.display()))?;
+        progress.done(&format!(
+            "snapshot of {} at LSN {} written to {}",
+            postgres::redact(&source_text),
+            snap.provenance["position"]["lsn"].as_str().unwrap_or("?"),
+            args.out.display()
+        ));
+        return Ok(());
+    }
     progress.phase("snapshot", 0);
     let snap = crate::build::take_snapshot(&args.source, &args.out, epoch, true)?;
     sqlite::write_snapshot_meta(&args.out, &snap)

@@ -5,6 +5,7 @@
 //! never writes an image layout; `bakedb-oci` never learns about databases.
 
 pub mod datafiles;
+pub mod postgres;
 pub mod sqlite;
 
 use std::path::PathBuf;
@@ -25,6 +26,8 @@ pub enum Error {
         #[source]
         source: rusqlite::Error,
     },
+    #[error("{step}: {detail}")]
+    Postgres { step: String, detail: String },
     #[error("{op} {}", path.display())]
     Io {
         op: &'static str,
@@ -45,11 +48,22 @@ pub struct DataFile {
     pub mode: u32,
 }
 
+/// A directory of a snapshot that must exist in the image even when empty (PostgreSQL's
+/// data directory has several), with its mode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DataDir {
+    /// Path relative to DATA_DIR.
+    pub rel_path: String,
+    pub mode: u32,
+}
+
 /// A consistent copy of a database, ready to be put in a layer.
 #[derive(Clone, Debug)]
 pub struct Snapshot {
     pub engine: &'static str,
     pub files: Vec<DataFile>,
+    /// Directories with their modes, parents first; files' other parents are 0755.
+    pub dirs: Vec<DataDir>,
     /// Where the snapshot came from and at which point (JSON object, engine-specific).
     pub provenance: serde_json::Value,
 }

@@ -202,6 +202,7 @@ pub fn snapshot(source: &Path, out_dir: &Path, taken_at: &str, durable: bool) ->
             host_path: dest,
             mode: 0o644,
         }],
+        dirs: Vec::new(),
         provenance,
     })
 }
@@ -255,6 +256,7 @@ pub fn load_snapshot_dir(dir: &Path) -> Result<Snapshot> {
             host_path,
             mode: 0o644,
         }],
+        dirs: Vec::new(),
         provenance: meta["provenance"].clone(),
     })
 }

@@ -38,6 +38,8 @@ pub struct ConfigChanges {
     pub labels: BTreeMap<String, String>,
     pub exposed_ports: Vec<String>,
     pub stop_signal: Option<String>,
+    /// Docker's `Healthcheck` object (Test, Interval, Timeout, Retries in nanoseconds).
+    pub healthcheck: Option<Value>,
 }
 
 /// One layer this build adds, with the history line that explains it.
@@ -141,6 +143,9 @@ pub fn derive_config(
     }
     if let Some(sig) = &changes.stop_signal {
         rt.insert("StopSignal".into(), json!(sig));
+    }
+    if let Some(hc) = &changes.healthcheck {
+        rt.insert("Healthcheck".into(), hc.clone());
     }
     let rootfs = obj
         .entry("rootfs")
