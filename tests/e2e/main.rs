@@ -10,6 +10,8 @@ mod golden;
 #[path = "../../crates/serve/tests/http/mod.rs"]
 mod http;
 mod init;
+mod pg;
+mod postgres;
 mod reproducible;
 mod serve;
 mod snapshot;

@@ -173,29 +173,38 @@ pub fn unique_name(prefix: &str) -> String {
 /// Callers `require!("umoci")` first: the script uses it.
 pub fn busybox_base() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let root = workspace_root();
-            let fixtures = root.join("target/fixtures");
-            std::fs::create_dir_all(&fixtures).unwrap();
-            let out = fixtures.join("busybox");
-            // OnceLock orders the threads of this process; the file lock orders test
-            // processes running at once. The script builds beside OUTDIR and renames at the
-            // end, and is a no-op once the layout has its tag.
-            let lock = std::fs::File::create(fixtures.join("busybox.lock")).unwrap();
-            lock.lock().unwrap();
-            run_ok(
-                Command::new("bash")
-                    .arg(root.join("xtask/scripts/busybox-base.sh"))
-                    .arg(&out)
-                    // As xtask runs it, so whichever builds first builds the same bytes.
-                    .env_remove("SOURCE_DATE_EPOCH")
-                    .current_dir(&root),
-            );
-            drop(lock);
-            out
-        })
-        .clone()
+    BUILT.get_or_init(|| fixture("busybox")).clone()
+}
+
+/// The PostgreSQL base image fixture (tags `latest` and the major version) at
+/// target/fixtures/postgres, built from Debian's postgresql packages by
+/// xtask/scripts/postgres-base.sh: the stand-in for the official postgres image.
+pub fn postgres_base() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT.get_or_init(|| fixture("postgres")).clone()
+}
+
+/// Build target/fixtures/NAME with xtask/scripts/NAME-base.sh unless it is there.
+fn fixture(name: &str) -> PathBuf {
+    let root = workspace_root();
+    let fixtures = root.join("target/fixtures");
+    std::fs::create_dir_all(&fixtures).unwrap();
+    let out = fixtures.join(name);
+    // OnceLock orders the threads of this process; the file lock orders test processes
+    // running at once. The script builds beside OUTDIR and renames at the end, and is a
+    // no-op once the layout has its tag.
+    let lock = std::fs::File::create(fixtures.join(format!("{name}.lock"))).unwrap();
+    lock.lock().unwrap();
+    run_ok(
+        Command::new("bash")
+            .arg(root.join(format!("xtask/scripts/{name}-base.sh")))
+            .arg(&out)
+            // As xtask runs it, so whichever builds first builds the same bytes.
+            .env_remove("SOURCE_DATE_EPOCH")
+            .current_dir(&root),
+    );
+    drop(lock);
+    out
 }
 
 /// Debian's docker client (BAKEDB_TEST_DOCKER, else /usr/bin/docker: /usr/local/bin/docker may
