@@ -446,6 +446,22 @@ fn podman_replica_from_a_snapshot_directory_and_reproducible_builds() {
         "{meta}"
     );
     assert_eq!(meta["provenance"]["major"], 15, "{meta}");
+    // One WAL segment, of 1 MiB: the one with the shutdown checkpoint, rewritten small.
+    let wal: Vec<(String, u64)> = std::fs::read_dir(d.join("snap/pgdata/pg_wal"))
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_type().unwrap().is_file())
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                e.metadata().unwrap().len(),
+            )
+        })
+        .collect();
+    assert!(
+        wal.len() == 1 && wal[0].0.len() == 24 && wal[0].1 == 1 << 20,
+        "{wal:?}"
+    );
 
     // The same snapshot and SOURCE_DATE_EPOCH: the same image, byte for byte.
     let build = |out: &str| -> Value {
@@ -512,6 +528,7 @@ fn postgres_build_errors_are_clear_and_leave_no_output() {
         "psql",
         "vacuumdb",
         "pg_controldata",
+        "pg_resetwal",
     ] {
         let p = fake.join(tool);
         std::fs::write(&p, "#!/bin/sh\necho 'postgres (PostgreSQL) 99.1'\n").unwrap();

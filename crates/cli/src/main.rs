@@ -64,7 +64,7 @@ pub struct BuildArgs {
     #[arg(
         long,
         value_name = "DIR",
-        long_help = "Directory of the PostgreSQL server tools of the base image's major version (pg_basebackup, postgres, pg_ctl, pg_isready, psql, vacuumdb, pg_controldata). Default: the directory of `postgres` on PATH, else /usr/lib/postgresql/N/bin or /usr/pgsql-N/bin for the base image's major version N."
+        long_help = "Directory of the PostgreSQL server tools of the base image's major version (pg_basebackup, postgres, pg_ctl, pg_isready, psql, vacuumdb, pg_controldata, pg_resetwal). Default: the directory of `postgres` on PATH, else /usr/lib/postgresql/N/bin or /usr/pgsql-N/bin for the base image's major version N."
     )]
     pg_bin: Option<PathBuf>,
     /// Where to write the image, in skopeo's syntax.

@@ -71,8 +71,8 @@ pub fn is_url(source: &str) -> bool {
     source.starts_with("postgresql://") || source.starts_with("postgres://")
 }
 
-/// The server tools bakedb runs: pg_basebackup, postgres, pg_ctl, pg_isready, psql,
-/// vacuumdb and pg_controldata, all from one directory so their versions agree.
+/// The server tools bakedb runs: pg_basebackup, pg_resetwal, postgres, pg_ctl, pg_isready,
+/// psql, vacuumdb and pg_controldata, all from one directory so their versions agree.
 #[derive(Clone, Debug)]
 pub struct Tools {
     pub bin: PathBuf,
@@ -81,8 +81,9 @@ pub struct Tools {
     pub version: String,
 }
 
-const TOOLS: [&str; 7] = [
+const TOOLS: [&str; 8] = [
     "pg_basebackup",
+    "pg_resetwal",
     "postgres",
     "pg_ctl",
     "pg_isready",
@@ -166,7 +167,7 @@ impl Tools {
                 return Err(err(
                     "finding the PostgreSQL server tools",
                     format!(
-                        "{} has no {tool}; pass --pg-bin with the directory that holds postgres, pg_basebackup, pg_ctl, pg_isready, psql, vacuumdb and pg_controldata of one version",
+                        "{} has no {tool}; pass --pg-bin with the directory that holds postgres, pg_basebackup, pg_ctl, pg_isready, psql, vacuumdb, pg_controldata and pg_resetwal of one version",
                         dir.display()
                     ),
                 ));
@@ -541,6 +542,17 @@ impl Drop for Scratch<'_> {
     }
 }
 
+fn check_shut_down(control: &[(String, String)]) -> Result<()> {
+    let state = lookup(control, "Database cluster state").unwrap_or("?");
+    if state != "shut down" {
+        return Err(err(
+            "checking the copy",
+            format!("pg_control says the cluster is {state:?}, not \"shut down\""),
+        ));
+    }
+    Ok(())
+}
+
 /// `pg_controldata`'s "key: value" lines.
 fn controldata(tools: &Tools, pgdata: &Path) -> Result<Vec<(String, String)>> {
     let out = checked(
@@ -813,13 +825,26 @@ pub fn snapshot(
         progress("clean shutdown");
         server.stop()?;
 
-        let control = controldata(tools, &partial)?;
-        let state = lookup(&control, "Database cluster state").unwrap_or("?");
-        if state != "shut down" {
-            return Err(err(
-                "checking the copy",
-                format!("pg_control says the cluster is {state:?}, not \"shut down\""),
-            ));
+        let mut control = controldata(tools, &partial)?;
+        check_shut_down(&control)?;
+        // A clean start reads one WAL segment, the one with the shutdown checkpoint, and
+        // opens it read-write: 16 MiB in every image and, on overlayfs, copied up in every
+        // replica. pg_resetwal on a cleanly shut down cluster rewrites the WAL in 1 MiB
+        // segments (its documented use of --wal-segsize); it needs nothing from the old WAL.
+        if lookup(&control, "Bytes per WAL segment") != Some("1048576") {
+            progress("pg_resetwal --wal-segsize=1");
+            checked(
+                "rewriting the copy's WAL in 1 MiB segments",
+                server
+                    .as_user(tools.cmd("pg_resetwal"))
+                    .args(["--wal-segsize=1", "-D"])
+                    .arg(&partial)
+                    .stdin(Stdio::null())
+                    .output(),
+                &tools.bin.join("pg_resetwal"),
+            )?;
+            control = controldata(tools, &partial)?;
+            check_shut_down(&control)?;
         }
         let redo_file = lookup(&control, "Latest checkpoint's REDO WAL file")
             .ok_or_else(|| err("checking the copy", "pg_controldata shows no REDO WAL file"))?
