@@ -314,7 +314,10 @@ pub fn check_data(desc: &Description, root: &Path, threads: usize) -> Result<Sum
             // Each worker holds one read buffer on the heap; its stack stays small.
             std::thread::Builder::new()
                 .stack_size(256 << 10)
-                .spawn_scoped(scope, move || work(worker))
+                .spawn_scoped(scope, move || {
+                    block_all_signals();
+                    work(worker)
+                })
                 .expect("spawning a verification thread");
         }
         work(0);
@@ -343,6 +346,20 @@ fn fail(
 }
 
 /// A second descriptor for a file already checked, proved to be the same inode.
+/// Keep process-directed signals away from a hashing thread. std's scope returns when the
+/// closures are done, not when the threads are gone, so a worker can outlive verification by
+/// a moment; a SIGCHLD delivered to it then (SIG_DFL: discarded) would never reach the
+/// supervisor's sigwaitinfo, and it would wait forever for a child that is already reaped.
+/// Seen once in CI with `sh -c "exit 9"`.
+fn block_all_signals() {
+    // SAFETY: an initialised, filled set; changes only this thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut set);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
 /// Open a data file for hashing: still the regular file of the size and inode the shape
 /// check saw. Opened per worker and file run rather than all at once up front: a cluster
 /// has thousands of files and a container may allow 1024 descriptors.
