@@ -446,6 +446,12 @@ fn podman_replica_from_a_snapshot_directory_and_reproducible_builds() {
         "{meta}"
     );
     assert_eq!(meta["provenance"]["major"], 15, "{meta}");
+    assert!(
+        meta["provenance"]["position"]["start_time"]
+            .as_str()
+            .is_some_and(|t| t.len() >= 19),
+        "the source's clock at the backup: {meta}"
+    );
     // One WAL segment, of 1 MiB: the one with the shutdown checkpoint, rewritten small.
     let wal: Vec<(String, u64)> = std::fs::read_dir(d.join("snap/pgdata/pg_wal"))
         .unwrap()

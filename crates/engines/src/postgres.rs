@@ -761,6 +761,13 @@ pub fn snapshot(
             None => (start, None),
         };
 
+        // The source's own clock when the backup started (backup_label is renamed by the
+        // recovery below).
+        let label = fs::read_to_string(partial.join("backup_label")).unwrap_or_default();
+        let source_time = label
+            .lines()
+            .find_map(|l| l.strip_prefix("START TIME:"))
+            .map(|t| t.trim().to_owned());
         for (name, content) in [
             (
                 "postgresql.conf",
@@ -873,6 +880,7 @@ pub fn snapshot(
                 "position": {
                     "lsn": end_lsn,
                     "start_lsn": start_lsn,
+                    "start_time": source_time,
                     "timeline": timeline,
                     "system_identifier": lookup(&control, "Database system identifier"),
                     "checkpoint_lsn": lookup(&control, "Latest checkpoint location"),
