@@ -7,6 +7,10 @@
 //! its own target directory: init with the `release-small` profile (size), serve with
 //! `release-serve` (speed, unwinding). Set BAKEDB_INIT_BINARY / BAKEDB_SERVE_BINARY to the
 //! path of a prebuilt static binary to skip that.
+//!
+//! The lazy copy-up preload library for PostgreSQL images (crates/copyup-shim) is built the
+//! same way but dynamically linked (it is loaded into the base image's postgres, against its
+//! glibc), into a target directory of its own; BAKEDB_COPYUP_SHIM_LIBRARY skips that.
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -24,6 +28,8 @@ fn main() {
         "crates/init/Cargo.toml",
         "crates/serve/src",
         "crates/serve/Cargo.toml",
+        "crates/copyup-shim/src",
+        "crates/copyup-shim/Cargo.toml",
         "Cargo.toml",
         "Cargo.lock",
     ] {
@@ -47,7 +53,7 @@ fn main() {
         println!("cargo:rerun-if-env-changed={override_var}");
         let built = match env::var_os(override_var) {
             Some(prebuilt) => PathBuf::from(prebuilt),
-            None => build_static(&workspace, package, profile),
+            None => nested_build(&workspace, package, profile, "static-init", true),
         };
         let bytes =
             std::fs::read(&built).unwrap_or_else(|e| panic!("reading {}: {e}", built.display()));
@@ -62,14 +68,42 @@ fn main() {
             .unwrap_or_else(|e| panic!("writing {}: {e}", embedded.display()));
         println!("cargo:rustc-env={path_var}={}", embedded.display());
     }
+    println!("cargo:rerun-if-env-changed=BAKEDB_COPYUP_SHIM_LIBRARY");
+    let shim = match env::var_os("BAKEDB_COPYUP_SHIM_LIBRARY") {
+        Some(prebuilt) => PathBuf::from(prebuilt),
+        None => nested_build(
+            &workspace,
+            "bakedb-copyup-shim",
+            "release-small",
+            "copyup-shim",
+            false,
+        )
+        .with_file_name("libbakedb_copyup_shim.so"),
+    };
+    let bytes = std::fs::read(&shim).unwrap_or_else(|e| panic!("reading {}: {e}", shim.display()));
+    let embedded = out_dir.join("libbakedb_copyup_shim.so");
+    std::fs::write(&embedded, &bytes)
+        .unwrap_or_else(|e| panic!("writing {}: {e}", embedded.display()));
+    println!(
+        "cargo:rustc-env=BAKEDB_COPYUP_SHIM_PATH={}",
+        embedded.display()
+    );
 }
 
-fn build_static(workspace: &Path, package: &str, profile: &str) -> PathBuf {
+/// `cargo build -p PACKAGE --profile PROFILE` into target/DIR, statically linked or not;
+/// returns the path of the package's binary (a library's is next to it).
+fn nested_build(
+    workspace: &Path,
+    package: &str,
+    profile: &str,
+    dir: &str,
+    static_crt: bool,
+) -> PathBuf {
     let target = env::var("TARGET").expect("cargo sets TARGET");
     let target_dir = env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace.join("target"))
-        .join("static-init");
+        .join(dir);
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let cargo_home = env::var("CARGO_HOME").unwrap_or_else(|_| {
         format!(
@@ -79,13 +113,15 @@ fn build_static(workspace: &Path, package: &str, profile: &str) -> PathBuf {
     });
     // Paths of this checkout and of the registry end up in panic locations; mapping them to
     // fixed names keeps the init and serve layers identical across checkouts and machines.
-    let rustflags = [
-        "-C".to_string(),
-        "target-feature=+crt-static".into(),
+    let mut rustflags = Vec::new();
+    if static_crt {
+        rustflags.extend(["-C".to_string(), "target-feature=+crt-static".into()]);
+    }
+    rustflags.extend([
         format!("--remap-path-prefix={}=/bakedb", workspace.display()),
         format!("--remap-path-prefix={cargo_home}=/cargo"),
-    ]
-    .join("\x1f");
+    ]);
+    let rustflags = rustflags.join("\x1f");
     let mut cmd = Command::new(cargo);
     cmd.current_dir(workspace)
         .args(["build", "--locked", "--profile", profile, "-p", package])
@@ -109,10 +145,10 @@ fn build_static(workspace: &Path, package: &str, profile: &str) -> PathBuf {
     }
     let output = cmd
         .output()
-        .unwrap_or_else(|e| panic!("running cargo to build the static {package}: {e}"));
+        .unwrap_or_else(|e| panic!("running cargo to build {package}: {e}"));
     if !output.status.success() {
         panic!(
-            "building the static {package} failed ({}):\n{}",
+            "building {package} failed ({}):\n{}",
             output.status,
             String::from_utf8_lossy(&output.stderr)
         );

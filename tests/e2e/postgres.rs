@@ -279,7 +279,7 @@ fn docker_replica_of_a_live_server_under_write_load() {
             .arg(server.url("postgres"))
             .arg("--pg-bin")
             .arg(&pg_bin)
-            .args(["--base", &base, "--output"])
+            .args(["--base", &base, "--pg-lazy-copyup", "--output"])
             .arg(format!("docker-archive:pg.tar:{name}")),
     );
     let after = load.committed();
@@ -324,9 +324,21 @@ fn docker_replica_of_a_live_server_under_write_load() {
     let rows = check_replica(&replica, before, after);
     let logs = replica.logs();
     assert!(logs.contains("bakedb-init: verified"), "{logs}");
+    assert!(logs.contains("LD_PRELOAD=/bakedb/copyup.so"), "{logs}");
+    // The reads went through the whole items table and its index, yet with the lazy copy-up
+    // library neither was copied up into the container's writable layer.
+    let items_in_image = format!("{PGDATA}/{items_file}");
+    // Looked up in the container's upper directory itself: `docker diff` does not list a
+    // file that was copied up but not changed.
+    let copied_up = |replica: &Replica| {
+        let upper = replica.inspect("{{.GraphDriver.Data.UpperDir}}");
+        Path::new(&upper)
+            .join(items_in_image.trim_start_matches('/'))
+            .exists()
+    };
     assert!(
-        logs.contains("running as 999:999, the data owner") || logs.contains("postgres-readonly"),
-        "{logs}"
+        !copied_up(&replica),
+        "{items_in_image} was copied up despite the shim"
     );
     assert!(
         run(&mut replica.cmd(&["exec", &replica.name, "pg_isready"]))
@@ -345,6 +357,22 @@ fn docker_replica_of_a_live_server_under_write_load() {
     assert!(logs.contains("not verified again"), "{logs}");
     replica.stop_cleanly();
 
+    // The control: the same image with the library switched off copies items up on reading
+    // it, so the check above can tell.
+    let control = Replica::start(
+        Box::new(docker_cli.clone()),
+        &image.name,
+        &["--env", "BAKEDB_COPYUP_SHIM=off"],
+        &pg_bin,
+    );
+    control.wait_ready();
+    assert_eq!(control.read("app", pg::ITEMS_MD5_SQL), SEED_ITEMS_MD5);
+    assert!(
+        copied_up(&control),
+        "the control run did not copy {items_in_image} up"
+    );
+    control.stop_cleanly();
+
     // A new container of the same image with one byte of a relation file changed: init
     // names the file and exits 3; PostgreSQL never starts.
     let tampered = Replica {
@@ -361,7 +389,7 @@ fn docker_replica_of_a_live_server_under_write_load() {
         &tampered.name,
         &image.name,
     ]));
-    let in_image = format!("{PGDATA}/{items_file}");
+    let in_image = items_in_image;
     let local = d.join("relation");
     run_ok(
         tampered

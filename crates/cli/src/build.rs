@@ -36,6 +36,19 @@ fn init_entries() -> Vec<TarEntry> {
     ]
 }
 
+/// The lazy copy-up preload library for postgres (crates/copyup-shim), built by build.rs.
+pub const COPYUP_SHIM: &[u8] = include_bytes!(env!("BAKEDB_COPYUP_SHIM_PATH"));
+/// Where it lives in the image; the postgres profile's LD_PRELOAD names it.
+pub const COPYUP_SHIM_PATH: &str = "/bakedb/copyup.so";
+
+/// The copy-up shim layer: like the init layer, the same blob in every image that has it.
+fn copyup_shim_entries() -> Vec<TarEntry> {
+    vec![
+        TarEntry::dir("bakedb", 0o755, 0, 0),
+        TarEntry::bytes(&COPYUP_SHIM_PATH[1..], COPYUP_SHIM.to_vec(), 0o644, 0, 0),
+    ]
+}
+
 /// The static bakedb-serve built by build.rs: the engine of a FROM-scratch image.
 pub const SERVE_BINARY: &[u8] = include_bytes!(env!("BAKEDB_SERVE_PATH"));
 /// On the default PATH, so `bakedb-serve` works as a command in any image.
@@ -194,6 +207,10 @@ pub fn run(args: BuildArgs, quiet: bool) -> Result<()> {
         .stage(Code::Usage, || "checking --engine".into());
     }
     let is_postgres = args.engine == EngineArg::Postgres;
+    if args.pg_lazy_copyup && !is_postgres {
+        return Err(anyhow!("--pg-lazy-copyup is for --engine postgres"))
+            .stage(Code::Usage, || "checking --pg-lazy-copyup".into());
+    }
     if is_postgres && args.base.is_none() {
         return Err(anyhow!(
             "--engine postgres needs --base: an image with the PostgreSQL server, e.g. the official one copied with `skopeo copy docker://postgres:15 oci:postgres:15` (`cargo xtask fixtures` builds an equivalent from Debian's packages)"
@@ -355,6 +372,14 @@ pub fn run(args: BuildArgs, quiet: bool) -> Result<()> {
     if !args.no_init {
         fixed.push(("bakedb-init", INIT_PATH, INIT_BINARY.len(), init_entries()));
     }
+    if args.pg_lazy_copyup {
+        fixed.push((
+            "bakedb-copyup-shim",
+            COPYUP_SHIM_PATH,
+            COPYUP_SHIM.len(),
+            copyup_shim_entries(),
+        ));
+    }
     if from_scratch {
         fixed.push((
             "bakedb-serve",
@@ -445,7 +470,11 @@ pub fn run(args: BuildArgs, quiet: bool) -> Result<()> {
     let mut image_json = json!({
         "schema": 1,
         "engine": snapshot.engine,
-        "profile": if is_postgres { postgres::profile() } else { sqlite::profile(&snapshot) },
+        "profile": if is_postgres {
+            postgres::profile(args.pg_lazy_copyup.then_some(COPYUP_SHIM_PATH))
+        } else {
+            sqlite::profile(&snapshot)
+        },
         "data_dir": format!("/{DATA_DIR}"),
         "owner": {"uid": uid, "gid": gid},
         "snapshot": snapshot.provenance,

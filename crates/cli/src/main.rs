@@ -67,6 +67,12 @@ pub struct BuildArgs {
         long_help = "Directory of the PostgreSQL server tools of the base image's major version (pg_basebackup, postgres, pg_ctl, pg_isready, psql, vacuumdb, pg_controldata, pg_resetwal). Default: the directory of `postgres` on PATH, else /usr/lib/postgresql/N/bin or /usr/pgsql-N/bin for the base image's major version N."
     )]
     pg_bin: Option<PathBuf>,
+    /// PostgreSQL: preload the lazy copy-up library (relation files opened read-only until written).
+    #[arg(
+        long,
+        long_help = "PostgreSQL only: add /bakedb/copyup.so (a small layer, the same in every image) and have init preload it into postgres. PostgreSQL opens relation files read-write, so overlayfs copies every file a query touches up into the container's writable layer; with the library they are opened read-only and reopened read-write in place on their first write. Needs a glibc 2.34+ base (the official Debian bookworm images). BAKEDB_COPYUP_SHIM=off in the container turns it off. See README, PostgreSQL."
+    )]
+    pg_lazy_copyup: bool,
     /// Where to write the image, in skopeo's syntax.
     #[arg(
         long,

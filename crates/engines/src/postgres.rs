@@ -931,7 +931,9 @@ pub fn data_major(pgdata: &Path) -> Result<u32> {
 /// - `verify` "first-start": PostgreSQL writes into its data directory (pg_control, WAL,
 ///   postmaster.pid) even when nothing else changes, so a restart of the same container
 ///   would no longer match image.json; init verifies at the container's first start only.
-pub fn profile() -> serde_json::Value {
+///
+/// `preload`: the lazy copy-up library to put in LD_PRELOAD (see crates/copyup-shim).
+pub fn profile(preload: Option<&str>) -> serde_json::Value {
     let mut args = vec!["-D".to_owned(), format!("{{data_dir}}/{PGDATA}")];
     for setting in [
         "config_file={runtime_dir}/postgresql.conf",
@@ -942,6 +944,11 @@ pub fn profile() -> serde_json::Value {
         "synchronous_commit=off",
         "full_page_writes=off",
         "autovacuum=off",
+        // A replica never streams or archives; at wal_level=replica the first start would
+        // log a parameter change (pg_resetwal leaves "minimal" in pg_control) and so write,
+        // and copy up, the WAL segment at start rather than only at shutdown.
+        "wal_level=minimal",
+        "max_wal_senders=0",
         "listen_addresses=*",
         "unix_socket_directories=/tmp",
         "external_pid_file=/tmp/postgresql.pid",
@@ -951,10 +958,15 @@ pub fn profile() -> serde_json::Value {
         args.push("-c".into());
         args.push(setting.into());
     }
+    let mut env = serde_json::Map::new();
+    if let Some(library) = preload {
+        env.insert("LD_PRELOAD".into(), json!(library));
+    }
     json!({
         "name": "postgres-readonly",
         "command": "postgres",
         "args": args,
+        "env": env,
         "verify": "first-start",
         "files": [
             {"name": "postgresql.conf", "mode": "0600", "content":
