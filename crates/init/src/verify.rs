@@ -282,8 +282,12 @@ pub fn check_data(desc: &Description, root: &Path, threads: usize) -> Result<Sum
     // Each worker hashes one contiguous run of pieces through descriptors of its own: the
     // kernel's read-ahead follows each descriptor's sequential reads, which keeps a cold disk
     // streaming (pieces dealt round-robin through shared descriptors look random to it).
+    // The runs are split by bytes, not by piece count: a PostgreSQL cluster is a thousand
+    // small catalog files and a few 1 GiB table segments, and an even count put nearly all
+    // the bytes on one worker (measured: 842 MB/s on two threads instead of about twice that).
+    let bounds = split_by_bytes(&pieces, threads);
     let work = |worker: usize| {
-        let range = pieces.len() * worker / threads..pieces.len() * (worker + 1) / threads;
+        let range = bounds[worker]..bounds[worker + 1];
         let mut buf = vec![0u8; READ_SIZE];
         let mut own: Option<(usize, (File, PathBuf))> = None;
         for index in range {
@@ -346,6 +350,23 @@ fn fail(
 }
 
 /// A second descriptor for a file already checked, proved to be the same inode.
+/// `threads + 1` indices into `pieces`: worker w hashes pieces[bounds[w]..bounds[w + 1]], a
+/// contiguous run holding about 1/threads of the bytes.
+fn split_by_bytes(pieces: &[Piece], threads: usize) -> Vec<usize> {
+    let total: u64 = pieces.iter().map(|p| p.len).sum();
+    let mut bounds = vec![0];
+    let mut before = 0u64;
+    for (i, p) in pieces.iter().enumerate() {
+        // A piece goes to the worker whose share its first byte falls in.
+        while bounds.len() < threads && before * threads as u64 >= total * bounds.len() as u64 {
+            bounds.push(i);
+        }
+        before += p.len;
+    }
+    bounds.resize(threads + 1, pieces.len());
+    bounds
+}
+
 /// Keep process-directed signals away from a hashing thread. std's scope returns when the
 /// closures are done, not when the threads are gone, so a worker can outlive verification by
 /// a moment; a SIGCHLD delivered to it then (SIG_DFL: discarded) would never reach the
@@ -518,6 +539,35 @@ mod tests {
             assert_eq!((s.files, s.bytes), (2, 5200));
             assert!(s.threads <= 6);
         }
+    }
+
+    #[test]
+    fn runs_are_split_by_bytes() {
+        let piece = |len| Piece {
+            file: 0,
+            offset: 0,
+            len,
+            expected: [0; 32],
+            chunk: 0,
+        };
+        // Many small files first, then the big ones: an even split by count would give
+        // worker 0 almost nothing.
+        let mut pieces: Vec<Piece> = (0..100).map(|_| piece(10)).collect();
+        pieces.extend((0..4).map(|_| piece(1000)));
+        let b = split_by_bytes(&pieces, 2);
+        assert_eq!(b.len(), 3);
+        assert_eq!((b[0], b[2]), (0, pieces.len()));
+        let bytes = |r: std::ops::Range<usize>| pieces[r].iter().map(|p| p.len).sum::<u64>();
+        let (w0, w1) = (bytes(b[0]..b[1]), bytes(b[1]..b[2]));
+        assert!(w0.abs_diff(w1) <= 1000, "{w0} vs {w1}");
+        // Every piece exactly once, in order, for any thread count.
+        for threads in 1..8 {
+            let b = split_by_bytes(&pieces, threads);
+            assert_eq!(b.len(), threads + 1);
+            assert!(b.windows(2).all(|w| w[0] <= w[1]), "{b:?}");
+            assert_eq!((b[0], b[threads]), (0, pieces.len()));
+        }
+        assert_eq!(split_by_bytes(&[piece(0)], 1), vec![0, 1]);
     }
 
     #[test]
