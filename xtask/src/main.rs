@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_init;
+mod bench_postgres;
 mod bench_sqlite;
 mod ci;
 mod demo;
@@ -29,6 +30,11 @@ commands:
                  scans, an aggregate), its read-only tuning against a default open, mmap and
                  cache sizes, image build time and size, and `docker run` to the first answer
                  with and without verification; print the table and write it to docs/benchmarks.md
+  bench postgres [--size-mib N] [--runs N] [--duration-s N] [--clients N]
+                 a baked PostgreSQL image (pgbench data) against a restore at start: `docker run`
+                 to the first answered query, cold and warm; pgbench -S TPS against a default
+                 server on a volume; bytes copied up into the container's writable layer; print
+                 the table and write it to docs/benchmarks.md
   ci             fmt, clippy, cargo deny, fixtures, cargo test: what .ci/run runs
   fixtures       build the generated test inputs under target/fixtures
   static-init    build the static bakedb-init that `bakedb build` embeds and print its path
@@ -50,8 +56,13 @@ fn dispatch(args: &[String]) -> Result<()> {
         ["bench", "sqlite", flags @ ..] => {
             bench_sqlite::sqlite(&bench_sqlite::SqliteOptions::parse(flags)?)
         }
+        ["bench", "postgres", flags @ ..] => {
+            bench_postgres::postgres(&bench_postgres::PostgresOptions::parse(flags)?)
+        }
         ["bench", ..] => {
-            bail!("bench: expected `bench build`, `bench init` or `bench sqlite`\n\n{USAGE}")
+            bail!(
+                "bench: expected `bench build`, `bench init`, `bench sqlite` or `bench postgres`\n\n{USAGE}"
+            )
         }
         ["ci"] => ci::run_ci(),
         ["fixtures"] => fixtures::run_fixtures(),
