@@ -5,6 +5,7 @@
 //! taken), 2 for bad settings, 4 when the database cannot be opened.
 
 mod api;
+mod authorizer;
 mod config;
 mod db;
 mod metrics;

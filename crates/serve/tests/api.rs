@@ -70,9 +70,14 @@ fn make_db(path: &Path, rows: i64) {
 }
 
 fn start(name: &str, rows: i64, env: &[(&str, &str)]) -> Server {
+    start_on(name, |db| make_db(db, rows), env)
+}
+
+/// bakedb-serve on the database `make` writes at the path it is given.
+fn start_on(name: &str, make: impl FnOnce(&Path), env: &[(&str, &str)]) -> Server {
     let dir = temp_dir(name);
     let db = dir.0.join("app.db");
-    make_db(&db, rows);
+    make(&db);
     let mut child = Command::new(env!("CARGO_BIN_EXE_bakedb-serve"))
         .env_clear()
         .env("BAKEDB_DATABASE", &db)
@@ -325,6 +330,156 @@ fn writes_are_refused_with_sqlites_reason_and_bad_sql_with_its_position() {
     assert_eq!(r.status, 400, "{}", r.text());
     let r = http::get(s.addr, "/v1/query");
     assert_eq!(r.status, 400);
+}
+
+/// R*Tree and FTS5 tables (whose modules prepare INSERTs on their shadow tables when first
+/// used), generated columns, and a virtual table of a module bakedb-serve does not have.
+fn make_real_world_db(path: &Path) {
+    let c = rusqlite::Connection::open(path).unwrap();
+    c.execute_batch(
+        "CREATE VIRTUAL TABLE places USING rtree(id, min_x, max_x, min_y, max_y);
+         INSERT INTO places VALUES (1, 0, 1, 0, 1), (2, 10, 11, 10, 11);
+         CREATE VIRTUAL TABLE docs USING fts5(title, body);
+         INSERT INTO docs VALUES ('bakedb', 'read-only images'), ('sqlite', 'one file');
+         CREATE TABLE prices(net REAL, gross REAL GENERATED ALWAYS AS (net * 1.2) STORED,
+                             label TEXT GENERATED ALWAYS AS ('net ' || net) VIRTUAL);
+         INSERT INTO prices(net) VALUES (10);
+         PRAGMA writable_schema = ON;
+         INSERT INTO sqlite_schema(type, name, tbl_name, rootpage, sql)
+             VALUES ('table', 'fuzzy', 'fuzzy', 0, 'CREATE VIRTUAL TABLE fuzzy USING spellfix1');
+         PRAGMA writable_schema = OFF;",
+    )
+    .unwrap();
+}
+
+#[test]
+fn rtree_fts5_generated_columns_and_read_pragmas_are_served_and_writes_still_refused() {
+    let s = start_on(
+        "real-world",
+        make_real_world_db,
+        &[("BAKEDB_POOL_SIZE", "2")],
+    );
+    // Every connection of the pool answers, the first statement on each connects the
+    // virtual tables.
+    for _ in 0..3 {
+        let r = query(
+            s.addr,
+            "SELECT id FROM places WHERE min_x >= ?1 ORDER BY id",
+            json!([5]),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["rows"], json!([[2]]));
+        let r = query(
+            s.addr,
+            "SELECT title FROM docs WHERE docs MATCH ?1",
+            json!(["file"]),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["rows"], json!([["sqlite"]]));
+    }
+    let r = query(s.addr, "SELECT * FROM prices", json!(null));
+    assert_eq!(r.json()["columns"], json!(["net", "gross", "label"]));
+    assert_eq!(r.json()["rows"], json!([[10.0, 12.0, "net 10.0"]]));
+
+    let r = http::get(s.addr, "/v1/schema");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let schema = r.json();
+    let table = |name: &str| {
+        schema["tables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == name)
+            .unwrap_or_else(|| panic!("no {name}: {schema}"))
+            .clone()
+    };
+    assert_eq!(table("places")["type"], "virtual");
+    assert_eq!(table("places_node")["type"], "shadow");
+    assert_eq!(table("docs")["type"], "virtual");
+    assert_eq!(table("prices")["type"], "table");
+    assert_eq!(
+        table("prices")["columns"],
+        json!([
+            {"name": "net", "type": "REAL", "notnull": false, "default": null, "primary_key": 0,
+             "hidden": false, "generated": null},
+            {"name": "gross", "type": "REAL", "notnull": false, "default": null, "primary_key": 0,
+             "hidden": false, "generated": "stored"},
+            {"name": "label", "type": "TEXT", "notnull": false, "default": null, "primary_key": 0,
+             "hidden": false, "generated": "virtual"},
+        ])
+    );
+    assert!(
+        table("fuzzy")["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no such module: spellfix1")),
+        "{}",
+        table("fuzzy")
+    );
+
+    for sql in [
+        "PRAGMA integrity_check",
+        "PRAGMA quick_check",
+        "PRAGMA auto_vacuum",
+        "PRAGMA freelist_count",
+        "PRAGMA journal_mode",
+        "PRAGMA cache_size",
+        "PRAGMA query_only",
+        "PRAGMA index_list(docs_data)",
+        "PRAGMA table_xinfo(places)",
+    ] {
+        let r = query(s.addr, sql, json!(null));
+        assert_eq!(r.status, 200, "{sql}: {}", r.text());
+    }
+    assert_eq!(
+        query(s.addr, "PRAGMA integrity_check", json!(null)).json()["rows"],
+        json!([["ok"]])
+    );
+    for (sql, reason) in [
+        (
+            "INSERT INTO places_node VALUES (7, x'00')",
+            "INSERT into places_node is not allowed: the database is a read-only snapshot",
+        ),
+        (
+            "DELETE FROM docs_data",
+            "DELETE from docs_data is not allowed",
+        ),
+        (
+            "INSERT INTO places VALUES (3, 0, 1, 0, 1)",
+            "INSERT into places is not allowed",
+        ),
+        (
+            "INSERT INTO docs(docs) VALUES ('optimize')",
+            "INSERT into docs is not allowed",
+        ),
+        (
+            "PRAGMA query_only = 0",
+            "PRAGMA query_only = 0 is not allowed",
+        ),
+        (
+            "PRAGMA cache_size = 5",
+            "PRAGMA cache_size = 5 is not allowed",
+        ),
+        (
+            "PRAGMA mmap_size = 0",
+            "PRAGMA mmap_size = 0 is not allowed",
+        ),
+        ("PRAGMA optimize", "PRAGMA optimize is not allowed"),
+    ] {
+        let r = query(s.addr, sql, json!(null));
+        assert_eq!(r.status, 403, "{sql}: {}", r.text());
+        let body = r.json();
+        assert!(
+            body["reason"].as_str().unwrap_or("").contains(reason),
+            "{sql}: {body}"
+        );
+    }
+    // Still read-only on every connection after all that.
+    for _ in 0..2 {
+        assert_eq!(
+            query(s.addr, "PRAGMA query_only", json!(null)).json()["rows"],
+            json!([[1]])
+        );
+    }
 }
 
 #[test]
