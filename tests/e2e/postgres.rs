@@ -584,7 +584,7 @@ fn postgres_build_errors_are_clear_and_leave_no_output() {
         (
             &["--source", &closed, "--base", &busybox],
             5,
-            "does not say which PostgreSQL",
+            "it has no PostgreSQL server",
         ),
         (
             &["--source", &closed, "--base", &base, "--pg-bin", &fake],

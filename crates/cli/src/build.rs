@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
-use bakedb_engines::{DATA_DIR, IMAGE_JSON, Snapshot, datafiles, postgres, sqlite};
+use bakedb_engines::{BaseImage, DATA_DIR, IMAGE_JSON, Snapshot, datafiles, postgres, sqlite};
 use bakedb_oci::compress::Compression;
 use bakedb_oci::image::{ConfigChanges, NewLayer, derive_config};
 use bakedb_oci::layer::LayerInfo;
@@ -96,6 +96,19 @@ fn init_command(
     (full, cmd)
 }
 
+/// A `postgresql://` --source, its password moved out of the command line.
+pub fn live_source(text: &str) -> Result<postgres::Source> {
+    postgres::Source::new(text)
+        .stage(Code::Output, || "preparing the connection to --source".into())?
+        .ok_or_else(|| {
+            anyhow!(
+                "{:?} is not a PostgreSQL connection URI; pass postgresql://USER[:PASSWORD]@HOST[:PORT]/DB (the user needs the REPLICATION attribute) or a directory written by `bakedb snapshot --engine postgres`",
+                postgres::redact(text)
+            )
+        })
+        .stage(Code::Source, || "checking --source".into())
+}
+
 pub fn threads() -> usize {
     std::thread::available_parallelism().map_or(1, usize::from)
 }
@@ -184,19 +197,44 @@ pub fn take_snapshot(source: &Path, out: &Path, epoch: i64, durable: bool) -> Re
     Ok(snap)
 }
 
-/// The data owner in a postgres base image: its `postgres` user.
-fn base_postgres_user(source: &ImageSource, image: &ResolvedImage) -> Result<(u32, u32)> {
-    let what = || format!("reading /etc/passwd of base image {}", source.location());
-    let passwd = source
-        .find_file(&image.layers, "etc/passwd", u64::MAX)
-        .stage(Code::Base, what)?
-        .ok_or_else(|| anyhow!("the base image has no /etc/passwd; pass --user UID:GID"))
+/// The postgres facts of a base image: one pass over its layers for the merged file tree
+/// and the few files the engine reads.
+fn postgres_base(source: &ImageSource, image: &ResolvedImage) -> Result<postgres::Base> {
+    let what = || format!("reading base image {}", source.location());
+    let tree = source
+        .file_tree(&image.layers, &postgres::wants_base_file)
         .stage(Code::Base, what)?;
-    postgres::passwd_user(&String::from_utf8_lossy(&passwd), "postgres")
-        .ok_or_else(|| {
-            anyhow!("the base image's /etc/passwd has no `postgres` user; pass --user UID:GID of the user its postgres should run as")
-        })
+    let env = image.config["config"]["Env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str().map(str::to_owned))
+        .collect();
+    let base_image = BaseImage {
+        env,
+        paths: tree.paths,
+        files: tree.files,
+    };
+    postgres::Base::discover(&base_image)
+        .map_err(|why| anyhow!(why))
         .stage(Code::Base, what)
+}
+
+/// The snapshot's "notes": what it lost or left out, one sentence each.
+pub fn notes_of(provenance: &serde_json::Value) -> Vec<String> {
+    provenance["notes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| n.as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Print what a snapshot lost or left out: loudly, --quiet or not (it is also in image.json).
+pub fn warn_notes(notes: &[String]) {
+    for note in notes {
+        eprintln!("bakedb: warning: {note}");
+    }
 }
 
 pub fn run(args: BuildArgs, quiet: bool) -> Result<()> {
@@ -266,18 +304,34 @@ pub fn run(args: BuildArgs, quiet: bool) -> Result<()> {
         }
     };
     // PostgreSQL: the data directory only starts under the major version that wrote it, so
-    // the base image's version decides, and a mismatch stops the build before any work.
+    // the base image's version decides, and a mismatch stops the build before any work; so
+    // does a base that lacks what the data needs (a locale, an extension).
     let source_text = args.source.to_string_lossy().into_owned();
+    let accept = if is_postgres {
+        postgres::Accept::parse(&args.accept)
+            .map_err(|why| anyhow!(why))
+            .stage(Code::Usage, || "parsing --accept".into())?
+    } else if let Some(what) = args.accept.first() {
+        return Err(anyhow!(
+            "{what:?}: a SQLite database is baked whole, there is nothing to accept"
+        ))
+        .stage(Code::Usage, || "parsing --accept".into());
+    } else {
+        postgres::Accept::default()
+    };
     let mut pg_snapshot = None;
     let mut pg_live = None;
+    let mut pg_base = None;
     if let (true, Some((source, image))) = (is_postgres, &base) {
-        let major = postgres::base_major(&image.config)
-            .ok_or_else(|| {
-                anyhow!(
-                    "the base image does not say which PostgreSQL it has: its config's Env has no PG_MAJOR or PG_VERSION (the official postgres images set both)"
-                )
-            })
-            .stage(Code::Base, || format!("reading base image {}", source.location()))?;
+        let pg = postgres_base(source, image)?;
+        let major = pg.major;
+        let check_fit = |needs: &serde_json::Value| {
+            pg.fit(needs)
+                .map_err(|why| anyhow!(why))
+                .stage(Code::Base, || {
+                    format!("checking base image {}", source.location())
+                })
+        };
         if from_snapshot_dir {
             let (snap, data_major) = postgres::load_snapshot_dir(&args.source)
                 .stage(Code::Source, || {
@@ -289,19 +343,30 @@ pub fn run(args: BuildArgs, quiet: bool) -> Result<()> {
                 ))
                 .stage(Code::Base, || "checking versions".into());
             }
+            let fit = check_fit(&snap.provenance)?;
             pg_snapshot = Some(snap);
+            pg_base = Some((pg, fit));
         } else {
             let tools = postgres::Tools::find(args.pg_bin.as_deref(), Some(major))
                 .stage(Code::Usage, || "finding the PostgreSQL server tools".into())?;
-            let info = postgres::probe_source(&tools, &source_text)
+            let conn = live_source(&source_text)?;
+            let info = postgres::probe_source(&tools, &conn, accept)
                 .stage(Code::Source, || "checking --source".into())?;
-            pg_live = Some((tools, info));
+            check_fit(&info.needs())?;
+            pg_live = Some((tools, conn, info));
+            pg_base = Some((pg, postgres::Fit::default()));
         }
     }
 
     let (uid, gid) = match (&args.user, &base) {
         (Some(user), _) => parse_user(user)?,
-        (None, Some((source, image))) if is_postgres => base_postgres_user(source, image)?,
+        (None, Some((source, _))) if is_postgres => pg_base
+            .as_ref()
+            .and_then(|(pg, _)| pg.postgres_user)
+            .ok_or_else(|| {
+                anyhow!("the base image's /etc/passwd has no `postgres` user; pass --user UID:GID of the user its postgres should run as")
+            })
+            .stage(Code::Base, || format!("reading base image {}", source.location()))?,
         (None, _) => (65532, 65532),
     };
     let output = Output::open(&output_ref, compression, !args.no_overwrite)
@@ -310,27 +375,36 @@ pub fn run(args: BuildArgs, quiet: bool) -> Result<()> {
     let scratch;
     let snapshot = if let Some(snap) = pg_snapshot {
         snap
-    } else if let Some((tools, info)) = &pg_live {
+    } else if let Some((tools, conn, info)) = &pg_live {
         scratch =
             ScratchDir::new().stage(Code::Output, || "creating a scratch directory".into())?;
         let taken_at = time::rfc3339(epoch.min(time::now()));
-        let snap = postgres::snapshot(
+        let request = postgres::Request {
             tools,
+            source: conn,
             info,
-            &source_text,
-            &scratch.0,
-            &taken_at,
-            false,
-            &mut |step| progress.phase(step, 0),
-        )
-        .stage(Code::Source, || {
-            format!("snapshotting {}", postgres::redact(&source_text))
-        })?;
+            accept,
+            out_dir: &scratch.0,
+            taken_at: &taken_at,
+            durable: false,
+        };
+        let snap = postgres::snapshot(&request, &mut |step| progress.phase(step, 0))
+            .stage(Code::Source, || format!("snapshotting {}", conn.redacted()))?;
         progress.done(&format!(
-            "snapshot of {} at LSN {} (pg_basebackup, ANALYZE, VACUUM (FREEZE), clean shutdown)",
-            postgres::redact(&source_text),
+            "snapshot of {} ({}) at LSN {} (pg_basebackup, ANALYZE, VACUUM (FREEZE), clean shutdown)",
+            conn.redacted(),
+            snap.provenance["server_role"].as_str().unwrap_or("?"),
             snap.provenance["position"]["lsn"].as_str().unwrap_or("?")
         ));
+        // The copy is the authoritative look at what the data needs.
+        if let Some((pg, fit)) = &mut pg_base {
+            *fit = pg
+                .fit(&snap.provenance)
+                .map_err(|why| anyhow!(why))
+                .stage(Code::Base, || {
+                    "checking the base image against the copy".into()
+                })?;
+        }
         snap
     } else if from_snapshot_dir {
         sqlite::load_snapshot_dir(&args.source).stage(Code::Source, || {
@@ -470,8 +544,8 @@ pub fn run(args: BuildArgs, quiet: bool) -> Result<()> {
     let mut image_json = json!({
         "schema": 1,
         "engine": snapshot.engine,
-        "profile": if is_postgres {
-            postgres::profile(args.pg_lazy_copyup.then_some(COPYUP_SHIM_PATH))
+        "profile": if let Some((_, fit)) = &pg_base {
+            postgres::profile(&fit.carried, args.pg_lazy_copyup.then_some(COPYUP_SHIM_PATH))
         } else {
             sqlite::profile(&snapshot)
         },
@@ -492,6 +566,12 @@ pub fn run(args: BuildArgs, quiet: bool) -> Result<()> {
                 .collect::<Vec<_>>()
         );
     }
+    let mut notes = notes_of(&snapshot.provenance);
+    if let Some((_, fit)) = &pg_base {
+        notes.extend(fit.notes.iter().cloned());
+        image_json["notes"] = json!(notes);
+    }
+    warn_notes(&notes);
     let mut image_json_bytes = serde_json::to_vec_pretty(&image_json).expect("json");
     image_json_bytes.push(b'\n');
     let data_digest = Digest::of(&image_json_bytes);
@@ -534,6 +614,11 @@ pub fn run(args: BuildArgs, quiet: bool) -> Result<()> {
         // baked cluster and the socket directory of the profile.
         env.push(format!("PGDATA=/{DATA_DIR}/{}", postgres::PGDATA));
         env.push("PGHOST=/tmp".into());
+        // Debian's and RHEL's server packages keep postgres off PATH; the image's command
+        // and healthcheck name it bare.
+        if let Some(path) = pg_base.as_ref().and_then(|(pg, _)| pg.path_env.clone()) {
+            env.push(format!("PATH={path}"));
+        }
     }
     let changes = ConfigChanges {
         user: Some(format!("{uid}:{gid}")),

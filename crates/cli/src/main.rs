@@ -73,6 +73,13 @@ pub struct BuildArgs {
         long_help = "PostgreSQL only: add /bakedb/copyup.so (a small layer, the same in every image) and have init preload it into postgres. PostgreSQL opens relation files read-write, so overlayfs copies every file a query touches up into the container's writable layer; with the library they are opened read-only and reopened read-write in place on their first write. Needs a glibc 2.34+ base (the official Debian bookworm images). BAKEDB_COPYUP_SHIM=off in the container turns it off. See README, PostgreSQL."
     )]
     pg_lazy_copyup: bool,
+    /// Bake a known loss instead of refusing the source (repeatable).
+    #[arg(
+        long = "accept",
+        value_name = "WHAT",
+        long_help = ACCEPT_HELP
+    )]
+    accept: Vec<String>,
     /// Where to write the image, in skopeo's syntax.
     #[arg(
         long,
@@ -147,7 +154,12 @@ pub struct SnapshotArgs {
     /// Directory of the PostgreSQL server tools (default: `postgres` on PATH).
     #[arg(long, value_name = "DIR")]
     pg_bin: Option<PathBuf>,
+    /// Bake a known loss instead of refusing the source (repeatable).
+    #[arg(long = "accept", value_name = "WHAT", long_help = ACCEPT_HELP)]
+    accept: Vec<String>,
 }
+
+const ACCEPT_HELP: &str = "What the source holds that a baked image cannot serve as the source does, accepted instead of refused (repeatable). postgres: `empty-unlogged` bakes UNLOGGED tables and sequences empty (a base backup does not copy their data); `offline-foreign-tables` bakes foreign tables without their user mappings and server options (a replica never talks to another server, so queries on them fail). Each accepted loss is printed as a warning and recorded in image.json \"notes\".";
 
 #[derive(Args)]
 pub struct VerifyArgs {

@@ -19,10 +19,20 @@ pub fn run(args: SnapshotArgs, quiet: bool) -> Result<()> {
     let pg = if args.engine == EngineArg::Postgres {
         let tools = postgres::Tools::find(args.pg_bin.as_deref(), None)
             .stage(Code::Usage, || "finding the PostgreSQL server tools".into())?;
-        let info = postgres::probe_source(&tools, &source_text)
+        let accept = postgres::Accept::parse(&args.accept)
+            .map_err(|why| anyhow!(why))
+            .stage(Code::Usage, || "parsing --accept".into())?;
+        let conn = crate::build::live_source(&source_text)?;
+        let info = postgres::probe_source(&tools, &conn, accept)
             .stage(Code::Source, || "checking --source".into())?;
-        Some((tools, info))
+        Some((tools, conn, info, accept))
     } else {
+        if let Some(what) = args.accept.first() {
+            return Err(anyhow!(
+                "{what:?}: a SQLite database is snapshotted whole, there is nothing to accept"
+            ))
+            .stage(Code::Usage, || "parsing --accept".into());
+        }
         sqlite::check_source(&args.source).stage(Code::Source, || "checking --source".into())?;
         None
     };
@@ -41,28 +51,28 @@ pub fn run(args: SnapshotArgs, quiet: bool) -> Result<()> {
         .map_err(|e| anyhow!(e))
         .stage(Code::Usage, || "reading SOURCE_DATE_EPOCH".into())?;
     let mut progress = Progress::new(quiet);
-    if let Some((tools, info)) = &pg {
+    if let Some((tools, conn, info, accept)) = &pg {
         std::fs::create_dir_all(&args.out)
             .stage(Code::Output, || format!("creating {}", args.out.display()))?;
         let taken_at = time::rfc3339(epoch.min(time::now()));
-        let snap = postgres::snapshot(
+        let request = postgres::Request {
             tools,
+            source: conn,
             info,
-            &source_text,
-            &args.out,
-            &taken_at,
-            true,
-            &mut |step| progress.phase(step, 0),
-        )
-        .stage(Code::Source, || {
-            format!("snapshotting {}", postgres::redact(&source_text))
-        })?;
+            accept: *accept,
+            out_dir: &args.out,
+            taken_at: &taken_at,
+            durable: true,
+        };
+        let snap = postgres::snapshot(&request, &mut |step| progress.phase(step, 0))
+            .stage(Code::Source, || format!("snapshotting {}", conn.redacted()))?;
         // Written last: a directory without it is not a snapshot.
         postgres::write_snapshot_meta(&args.out, &snap)
             .stage(Code::Output, || format!("writing {}", args.out.display()))?;
+        crate::build::warn_notes(&crate::build::notes_of(&snap.provenance));
         progress.done(&format!(
             "snapshot of {} at LSN {} written to {}",
-            postgres::redact(&source_text),
+            conn.redacted(),
             snap.provenance["position"]["lsn"].as_str().unwrap_or("?"),
             args.out.display()
         ));

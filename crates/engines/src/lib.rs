@@ -8,6 +8,7 @@ pub mod datafiles;
 pub mod postgres;
 pub mod sqlite;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 /// Where the data lives inside every bakedb image.
@@ -66,4 +67,26 @@ pub struct Snapshot {
     pub dirs: Vec<DataDir>,
     /// Where the snapshot came from and at which point (JSON object, engine-specific).
     pub provenance: serde_json::Value,
+}
+
+/// What an engine may learn about a base image without knowing OCI: its config's Env, every
+/// path in its merged file system (layers applied in order, whiteouts honoured; relative,
+/// no leading '/'), and the contents of the files the engine asked for while the layers
+/// were read (see each engine's `wants_base_file`).
+#[derive(Clone, Debug, Default)]
+pub struct BaseImage {
+    pub env: Vec<String>,
+    pub paths: BTreeSet<String>,
+    pub files: BTreeMap<String, Vec<u8>>,
+}
+
+impl BaseImage {
+    /// The value of `name` in the config's Env.
+    pub fn env_var(&self, name: &str) -> Option<&str> {
+        self.env.iter().find_map(|kv| {
+            kv.split_once('=')
+                .filter(|(k, _)| *k == name)
+                .map(|(_, v)| v)
+        })
+    }
 }

@@ -4,7 +4,7 @@
 //! Manifests and configs are small and are hashed and checked when read; layer blobs are
 //! returned as readers, and whoever consumes them checks their digests.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -20,6 +20,30 @@ use crate::image::{
     MEDIA_TYPE_MANIFEST,
 };
 use crate::reference::{ImageRef, normalize_docker_name};
+
+/// A merged image file system (see `ImageSource::file_tree`).
+#[derive(Clone, Debug, Default)]
+pub struct FileTree {
+    pub paths: BTreeSet<String>,
+    pub files: BTreeMap<String, Vec<u8>>,
+}
+
+impl FileTree {
+    /// Forget every path starting with `prefix` that `keep` does not hold.
+    fn remove_below(&mut self, prefix: &str, keep: &BTreeSet<String>) {
+        let doomed: Vec<String> = self
+            .paths
+            .range(prefix.to_owned()..)
+            .take_while(|p| p.starts_with(prefix))
+            .filter(|p| !keep.contains(*p))
+            .cloned()
+            .collect();
+        for p in doomed {
+            self.files.remove(&p);
+            self.paths.remove(&p);
+        }
+    }
+}
 
 /// A layer as the manifest describes it, plus its diff_id from the config.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -520,6 +544,75 @@ impl ImageSource {
             }
         }
         Ok(None)
+    }
+
+    /// The image's merged file system, as a container sees it: every path (relative, no
+    /// trailing '/') left after applying the layers bottom to top with their whiteouts
+    /// (`.wh.NAME` removes NAME, `.wh..wh..opq` empties its directory of what lower layers
+    /// put there), and the contents of the regular files `wants` asks for (up to the number
+    /// of bytes it returns), from the top layer that has them. One pass over every layer.
+    pub fn file_tree(
+        &self,
+        layers: &[LayerRef],
+        wants: &dyn Fn(&str) -> Option<usize>,
+    ) -> Result<FileTree> {
+        let location = self.location();
+        let mut tree = FileTree::default();
+        for layer in layers {
+            let blob = self.open_blob(&layer.digest, "layer")?;
+            let corrupt = |e: io::Error| Error::CorruptStream {
+                layer: layer.digest.to_string(),
+                location: location.clone(),
+                media_type: layer.media_type.clone(),
+                source: e,
+            };
+            let mut archive = tar::Archive::new(layer.compression.decoder(blob).map_err(corrupt)?);
+            // Whiteouts hide only what lower layers have: entries of this layer added after
+            // (or before) its opaque marker stay.
+            let mut added = BTreeSet::new();
+            for entry in archive.entries().map_err(corrupt)? {
+                let mut entry = entry.map_err(corrupt)?;
+                let name = entry_name(&entry).map_err(corrupt)?;
+                let name = name.trim_end_matches('/').to_owned();
+                let (dir, base) = match name.rsplit_once('/') {
+                    Some((d, b)) => (Some(d), b),
+                    None => (None, name.as_str()),
+                };
+                let under = |d: Option<&str>, b: &str| match d {
+                    Some(d) => format!("{d}/{b}"),
+                    None => b.to_owned(),
+                };
+                if base == ".wh..wh..opq" {
+                    let prefix = dir.map(|d| format!("{d}/")).unwrap_or_default();
+                    tree.remove_below(&prefix, &added);
+                    continue;
+                }
+                if let Some(hidden) = base.strip_prefix(".wh.") {
+                    let path = under(dir, hidden);
+                    tree.remove_below(&format!("{path}/"), &added);
+                    tree.paths.remove(&path);
+                    tree.files.remove(&path);
+                    continue;
+                }
+                if name.is_empty() || name == "." {
+                    continue;
+                }
+                tree.files.remove(&name);
+                if entry.header().entry_type().is_file()
+                    && let Some(limit) = wants(&name)
+                {
+                    let mut bytes = Vec::new();
+                    (&mut entry)
+                        .take(limit as u64)
+                        .read_to_end(&mut bytes)
+                        .map_err(corrupt)?;
+                    tree.files.insert(name.clone(), bytes);
+                }
+                added.insert(name.clone());
+                tree.paths.insert(name);
+            }
+        }
+        Ok(tree)
     }
 
     fn read_docker_manifest(&self) -> Result<Vec<DockerImage>> {
