@@ -19,8 +19,8 @@ use serde_json::Value;
 
 use crate::require;
 use crate::util::{
-    assert_tree_unchanged, bakedb, bakedb_as_nobody, copy_dir, make_db, run, run_ok, stderr,
-    test_dir, tree,
+    assert_tree_unchanged, bakedb, bakedb_as_nobody, copy_dir, make_db, make_rollback_db, run,
+    run_ok, stderr, test_dir, tree,
 };
 
 // Exit codes, as documented.
@@ -283,7 +283,40 @@ fn source_that_is_not_sqlite() {
     );
     fs::create_dir(f.path("adir.db")).unwrap();
     // A directory is read as a snapshot directory written by `bakedb snapshot`.
-    f.assert_build_fails(&["--source", "adir.db"], BAD_SOURCE, &["adir.db"]);
+    f.assert_build_fails(
+        &["--source", "adir.db"],
+        BAD_SOURCE,
+        &[
+            "adir.db: is a directory but not one written by `bakedb snapshot` (it has no snapshot.json)",
+            "pass a SQLite database file",
+        ],
+    );
+    // The usual mistake: the directory the database is in.
+    fs::create_dir(f.path("data")).unwrap();
+    fs::copy(f.path("tiny.db"), f.path("data/tiny.db")).unwrap();
+    let out = run(bakedb(&f.dir).args([
+        "build",
+        "--quiet",
+        "--engine",
+        "sqlite",
+        "--source",
+        "data",
+        "--output",
+        "oci:fresh:v1",
+    ]));
+    assert_failure(
+        &out,
+        BAD_SOURCE,
+        &["(it holds the SQLite database data/tiny.db: pass that file)"],
+        "build of a directory holding a database",
+    );
+    // The directory is named once, not by the stage and again by the reason
+    // ("reading snapshot directory data: source data: ...").
+    let err = stderr(&out);
+    assert!(
+        err.starts_with("bakedb: reading the snapshot directory: source data: "),
+        "{err}"
+    );
 }
 
 #[test]
@@ -371,6 +404,234 @@ fn wal_source_in_a_directory_the_user_cannot_write() {
         );
         assert!(!f.path("scratch/out").exists());
     }
+}
+
+/// Corruption all over the file: SQLite's quick_check report runs to kilobytes. The message
+/// shows the first five problems and counts the rest.
+#[test]
+fn corrupt_source_with_many_problems() {
+    let f = Fixture::new();
+    let path = f.path("broken.db");
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch("PRAGMA page_size=4096; CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT); CREATE INDEX iv ON t(v);").unwrap();
+        let tx = c.unchecked_transaction().unwrap();
+        for i in 0..4000 {
+            tx.execute(
+                "INSERT INTO t(v) VALUES (?1)",
+                [format!("value {i} {}", "x".repeat(50))],
+            )
+            .unwrap();
+        }
+        tx.commit().unwrap();
+    }
+    // Break the page type of every other page after the first few: one problem per page.
+    let mut bytes = fs::read(&path).unwrap();
+    for page in (4..bytes.len() / 4096).step_by(2) {
+        bytes[page * 4096] = 0x42;
+    }
+    fs::write(&path, &bytes).unwrap();
+    let needles = [
+        "broken.db",
+        "is corrupt: PRAGMA quick_check found ",
+        " more",
+        "repair it (e.g. `sqlite3 broken.db .recover | sqlite3 repaired.db`)",
+    ];
+    f.assert_build_fails(&["--source", "broken.db"], BAD_SOURCE, &needles);
+    let out = run(bakedb(&f.dir).args([
+        "build",
+        "--quiet",
+        "--engine",
+        "sqlite",
+        "--source",
+        "broken.db",
+        "--output",
+        "oci:fresh:v1",
+    ]));
+    assert_failure(&out, BAD_SOURCE, &needles, "build of broken.db");
+    let err = stderr(&out);
+    assert!(err.len() < 1000, "{} bytes: {err}", err.len());
+    assert_eq!(err.matches("btreeInitPage()").count(), 5, "{err}");
+}
+
+/// A writer holds its lock (rollback journal, BEGIN EXCLUSIVE) for the whole build: the
+/// source is busy, not encrypted or corrupt, and nothing is written. That a longer
+/// --busy-timeout waits for the writer is tested in snapshot.rs.
+#[test]
+fn source_locked_by_a_writer_is_busy() {
+    let f = Fixture::new();
+    make_rollback_db(&f.path("locked.db"), 10);
+    let writer = rusqlite::Connection::open(f.path("locked.db")).unwrap();
+    writer.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    f.assert_build_fails(
+        &["--source", "locked.db", "--busy-timeout", "200ms"],
+        BAD_SOURCE,
+        &[
+            "bakedb: taking the snapshot: source locked.db: is busy: another process holds a lock on it",
+            "within the busy timeout of 200 ms",
+            "--busy-timeout",
+        ],
+    );
+    let out = run(bakedb(&f.dir).args([
+        "snapshot",
+        "--quiet",
+        "--engine",
+        "sqlite",
+        "--source",
+        "locked.db",
+        "--out",
+        "snap",
+        "--busy-timeout",
+        "0",
+    ]));
+    assert_failure(
+        &out,
+        BAD_SOURCE,
+        &[
+            "source locked.db: is busy",
+            "within the busy timeout of 0 s",
+        ],
+        "bakedb snapshot of a locked source",
+    );
+    assert!(
+        !f.path("snap").exists(),
+        "the failed snapshot left snap/ behind"
+    );
+    let err = stderr(&out);
+    assert!(
+        !err.contains("encrypted") && !err.contains("corrupt"),
+        "{err}"
+    );
+    writer.execute_batch("COMMIT").unwrap();
+}
+
+#[test]
+fn busy_timeout_needs_a_unit_and_the_sqlite_engine() {
+    let f = Fixture::new();
+    let out = run(bakedb(&f.dir).args([
+        "build",
+        "--engine",
+        "sqlite",
+        "--source",
+        "app.db",
+        "--output",
+        "oci:fresh:v1",
+        "--busy-timeout",
+        "30",
+    ]));
+    assert_eq!(out.status.code(), Some(USAGE), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("add a unit: ms, s, m or h"),
+        "{}",
+        stderr(&out)
+    );
+    let out = run(bakedb(&f.dir).args([
+        "build",
+        "--quiet",
+        "--engine",
+        "postgres",
+        "--source",
+        "postgresql://u@localhost/db",
+        "--base",
+        "oci:base:v1",
+        "--output",
+        "oci:fresh:v1",
+        "--busy-timeout",
+        "1s",
+    ]));
+    assert_failure(
+        &out,
+        USAGE,
+        &["checking --busy-timeout: --busy-timeout is for --engine sqlite"],
+        "build --engine postgres --busy-timeout",
+    );
+    assert!(!f.path("fresh").exists());
+}
+
+/// A writer killed in the middle of a transaction leaves a hot journal: SQLite must roll it
+/// back, which needs a write bakedb never makes. The message names the journal and says what
+/// to do, and doing it makes the build work.
+#[test]
+fn source_with_a_hot_journal_left_by_a_killed_writer() {
+    let sqlite3 = require!("sqlite3");
+    let f = Fixture::new();
+    make_rollback_db(&f.path("crashed.db"), 3000);
+    let mut writer = std::process::Command::new(&sqlite3)
+        .arg("crashed.db")
+        .current_dir(&f.dir)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // A small cache makes SQLite spill changed pages into the database file, their originals
+    // into the journal, before the commit. stdin stays open: the transaction stays open.
+    writer
+        .stdin
+        .as_mut()
+        .unwrap()
+        .write_all(
+            b"PRAGMA cache_size = 10;\nBEGIN;\nUPDATE t SET v = v || hex(zeroblob(250));\n.shell touch update-done\n",
+        )
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !f.path("update-done").exists() {
+        assert!(
+            writer.try_wait().unwrap().is_none(),
+            "sqlite3 exited before the update ran"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sqlite3 did not run the update"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    writer.kill().unwrap(); // SIGKILL: no rollback, no cleanup
+    writer.wait().unwrap();
+    let journal = f.path("crashed.db-journal");
+    assert!(fs::metadata(&journal).unwrap().len() > 0);
+    let before = (
+        fs::read(f.path("crashed.db")).unwrap(),
+        fs::read(&journal).unwrap(),
+    );
+
+    f.assert_build_fails(
+        &["--source", "crashed.db"],
+        BAD_SOURCE,
+        &[
+            "source crashed.db: has a hot rollback journal beside it, crashed.db-journal",
+            "crashed or was killed in the middle of a transaction",
+            "bakedb never writes a source",
+            "`sqlite3 crashed.db 'PRAGMA quick_check'`",
+        ],
+    );
+    assert!(
+        (
+            fs::read(f.path("crashed.db")).unwrap(),
+            fs::read(&journal).unwrap()
+        ) == before,
+        "bakedb changed the source or its journal"
+    );
+
+    // The advice works: sqlite3 rolls the transaction back, then the build bakes the state
+    // before it.
+    let out = run_ok(
+        std::process::Command::new(&sqlite3)
+            .args(["crashed.db", "PRAGMA quick_check"])
+            .current_dir(&f.dir),
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n");
+    assert!(!journal.exists());
+    run_ok(bakedb(&f.dir).args([
+        "build",
+        "--quiet",
+        "--engine",
+        "sqlite",
+        "--source",
+        "crashed.db",
+        "--output",
+        "oci:out:v2",
+    ]));
 }
 
 // --- outputs ------------------------------------------------------------------------------

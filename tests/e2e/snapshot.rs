@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
-use crate::util::{bakedb, make_db, run_ok, test_dir};
+use crate::util::{bakedb, make_db, make_rollback_db, run_ok, test_dir};
 
 const BATCH: i64 = 250;
 
@@ -175,4 +175,84 @@ fn concurrent_builds_into_one_layout_keep_every_tag() {
         .filter(|e| e.file_name().to_string_lossy().starts_with("tmp."))
         .collect();
     assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
+}
+
+/// Whether process `pid` has `path` open and its main thread is asleep: the state of a build
+/// whose SQLite connection waits in its busy handler for a writer's lock.
+fn waits_on(pid: u32, path: &std::path::Path) -> bool {
+    let has_open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|target| target == path));
+    // /proc/PID/stat: "PID (comm) STATE ..."; comm may hold spaces, so split after ')'.
+    let asleep = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            stat.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('S'))
+        })
+        .unwrap_or(false);
+    has_open && asleep
+}
+
+/// A writer holds its lock (rollback journal, BEGIN EXCLUSIVE) when the build starts and
+/// commits once the build is seen waiting for it: with a long enough --busy-timeout the
+/// build waits and bakes the committed state, the writer's row included. (errors.rs: with a
+/// short one it fails as busy.)
+#[test]
+fn build_waits_for_a_writer_within_the_busy_timeout() {
+    let dir = test_dir();
+    let db = dir.path().join("locked.db");
+    make_rollback_db(&db, BATCH);
+    let writer = rusqlite::Connection::open(&db).unwrap();
+    writer
+        .execute_batch(
+            "BEGIN EXCLUSIVE; INSERT INTO t(v) VALUES ('committed while the build waited');",
+        )
+        .unwrap();
+    let mut child = bakedb(dir.path())
+        .args([
+            "build",
+            "--quiet",
+            "--engine",
+            "sqlite",
+            "--source",
+            "locked.db",
+            "--output",
+            "oci:out:v1",
+            "--busy-timeout",
+            "5m",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let db = db.canonicalize().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !waits_on(child.id(), &db) {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+            panic!("the build ended ({status}) instead of waiting for the lock: {err}");
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the build was never seen waiting for the lock"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    writer.execute_batch("COMMIT").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (n, check) = count_rows_in_image(dir.path(), "oci:out:v1");
+    assert_eq!(check, "ok");
+    assert_eq!(
+        n,
+        BATCH + 1,
+        "the image lacks the row committed while the build waited"
+    );
 }

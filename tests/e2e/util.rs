@@ -94,6 +94,17 @@ pub fn make_db(path: &Path, rows: i64) {
     tx.commit().unwrap();
 }
 
+/// Like `make_db`, in rollback-journal mode (SQLite's default): a writer's commit, or a
+/// `BEGIN EXCLUSIVE`, locks readers out, and a crash mid-transaction leaves a hot journal.
+pub fn make_rollback_db(path: &Path, rows: i64) {
+    make_db(path, rows);
+    let c = rusqlite::Connection::open(path).unwrap();
+    let mode: String = c
+        .query_row("PRAGMA journal_mode=DELETE", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "delete");
+}
+
 /// Every file under `dir` with its bytes, symlink targets and modes: compare before and after.
 pub fn tree(dir: &Path) -> BTreeMap<PathBuf, (u32, Vec<u8>)> {
     use std::os::unix::fs::PermissionsExt;

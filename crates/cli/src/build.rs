@@ -189,11 +189,23 @@ impl Drop for ScratchDir {
     }
 }
 
-pub fn take_snapshot(source: &Path, out: &Path, epoch: i64, durable: bool) -> Result<Snapshot> {
-    let snap = sqlite::snapshot(source, out, &time::rfc3339(epoch.min(time::now())), durable)
-        .stage(Code::Source, || {
-            format!("snapshotting {}", source.display())
-        })?;
+/// A SQLite snapshot into `out`. The stage does not name the source: the engine's error
+/// starts with it ("source app.db: is busy: ...").
+pub fn take_snapshot(
+    source: &Path,
+    out: &Path,
+    epoch: i64,
+    durable: bool,
+    busy_timeout: Option<std::time::Duration>,
+) -> Result<Snapshot> {
+    let snap = sqlite::snapshot(
+        source,
+        out,
+        &time::rfc3339(epoch.min(time::now())),
+        durable,
+        busy_timeout.unwrap_or(sqlite::DEFAULT_BUSY_TIMEOUT),
+    )
+    .stage(Code::Source, || "taking the snapshot".into())?;
     Ok(snap)
 }
 
@@ -248,6 +260,12 @@ pub fn run(args: BuildArgs, quiet: bool) -> Result<()> {
     if args.pg_lazy_copyup && !is_postgres {
         return Err(anyhow!("--pg-lazy-copyup is for --engine postgres"))
             .stage(Code::Usage, || "checking --pg-lazy-copyup".into());
+    }
+    if args.busy_timeout.is_some() && is_postgres {
+        return Err(anyhow!(
+            "--busy-timeout is for --engine sqlite: a PostgreSQL base backup does not wait for writers' locks"
+        ))
+        .stage(Code::Usage, || "checking --busy-timeout".into());
     }
     if is_postgres && args.base.is_none() {
         return Err(anyhow!(
@@ -407,14 +425,14 @@ pub fn run(args: BuildArgs, quiet: bool) -> Result<()> {
         }
         snap
     } else if from_snapshot_dir {
-        sqlite::load_snapshot_dir(&args.source).stage(Code::Source, || {
-            format!("reading snapshot directory {}", args.source.display())
-        })?
+        // The engine's error names the directory ("source DIR: ...").
+        sqlite::load_snapshot_dir(&args.source)
+            .stage(Code::Source, || "reading the snapshot directory".into())?
     } else {
         scratch =
             ScratchDir::new().stage(Code::Output, || "creating a scratch directory".into())?;
         progress.phase("snapshot", 0);
-        let snap = take_snapshot(&args.source, &scratch.0, epoch, false)?;
+        let snap = take_snapshot(&args.source, &scratch.0, epoch, false, args.busy_timeout)?;
         progress.done(&format!(
             "snapshot of {} taken with the SQLite online backup API",
             args.source.display()

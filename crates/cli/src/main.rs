@@ -1,6 +1,7 @@
 //! `bakedb`: parse the command line, run one subcommand, map failures to documented exit codes.
 
 mod build;
+mod duration;
 mod exit;
 mod inspect;
 mod progress;
@@ -80,6 +81,9 @@ pub struct BuildArgs {
         long_help = ACCEPT_HELP
     )]
     accept: Vec<String>,
+    /// SQLite: how long to wait for a writer's lock on the source (default 5s).
+    #[arg(long, value_name = "DURATION", value_parser = duration::parse, long_help = BUSY_TIMEOUT_HELP)]
+    busy_timeout: Option<std::time::Duration>,
     /// Where to write the image, in skopeo's syntax.
     #[arg(
         long,
@@ -157,7 +161,12 @@ pub struct SnapshotArgs {
     /// Bake a known loss instead of refusing the source (repeatable).
     #[arg(long = "accept", value_name = "WHAT", long_help = ACCEPT_HELP)]
     accept: Vec<String>,
+    /// SQLite: how long to wait for a writer's lock on the source (default 5s).
+    #[arg(long, value_name = "DURATION", value_parser = duration::parse, long_help = BUSY_TIMEOUT_HELP)]
+    busy_timeout: Option<std::time::Duration>,
 }
+
+const BUSY_TIMEOUT_HELP: &str = "SQLite only: how long to wait when another process holds a lock on the source (a writer in the middle of a transaction; in rollback-journal mode its commit locks out readers) before failing with exit code 4. A duration as docker and skopeo take them: 500ms, 30s, 2m, 1m30s; 0 fails at once. Default: 5s.";
 
 const ACCEPT_HELP: &str = "What the source holds that a baked image cannot serve as the source does, accepted instead of refused (repeatable). postgres: `empty-unlogged` bakes UNLOGGED tables and sequences empty (a base backup does not copy their data); `offline-foreign-tables` bakes foreign tables without their user mappings and server options (a replica never talks to another server, so queries on them fail). Each accepted loss is printed as a warning and recorded in image.json \"notes\".";
 

@@ -15,6 +15,12 @@ pub fn run(args: SnapshotArgs, quiet: bool) -> Result<()> {
         ))
         .stage(Code::Usage, || "checking --engine".into());
     }
+    if args.busy_timeout.is_some() && args.engine == EngineArg::Postgres {
+        return Err(anyhow!(
+            "--busy-timeout is for --engine sqlite: a PostgreSQL base backup does not wait for writers' locks"
+        ))
+        .stage(Code::Usage, || "checking --busy-timeout".into());
+    }
     let source_text = args.source.to_string_lossy().into_owned();
     let pg = if args.engine == EngineArg::Postgres {
         let tools = postgres::Tools::find(args.pg_bin.as_deref(), None)
@@ -79,9 +85,23 @@ pub fn run(args: SnapshotArgs, quiet: bool) -> Result<()> {
         return Ok(());
     }
     progress.phase("snapshot", 0);
-    let snap = crate::build::take_snapshot(&args.source, &args.out, epoch, true)?;
-    sqlite::write_snapshot_meta(&args.out, &snap)
-        .stage(Code::Output, || format!("writing {}", args.out.display()))?;
+    // A failed snapshot leaves --out as it found it: absent, or empty.
+    let created_out = !args.out.exists();
+    let written =
+        crate::build::take_snapshot(&args.source, &args.out, epoch, true, args.busy_timeout)
+            .and_then(|snap| {
+                sqlite::write_snapshot_meta(&args.out, &snap)
+                    .stage(Code::Output, || format!("writing {}", args.out.display()))
+            });
+    if let Err(e) = written {
+        for file in std::fs::read_dir(&args.out).into_iter().flatten().flatten() {
+            let _ = std::fs::remove_file(file.path());
+        }
+        if created_out {
+            let _ = std::fs::remove_dir(&args.out);
+        }
+        return Err(e);
+    }
     progress.done(&format!(
         "snapshot of {} written to {}",
         args.source.display(),

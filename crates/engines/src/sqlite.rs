@@ -4,11 +4,13 @@
 //! so a database that another process keeps writing (WAL or rollback journal) is captured at
 //! exactly one committed point. The copy is switched to the rollback journal so the image
 //! never needs -wal/-shm files, and checked with `PRAGMA quick_check` so a corrupt source is
-//! refused instead of baked.
+//! refused instead of baked. The source is opened read-only: bakedb never writes it, so a
+//! source that needs a write before it can be read (a hot journal) is refused with advice.
 
 use std::fs::{self, File};
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags};
 use serde_json::json;
@@ -76,18 +78,86 @@ pub fn image_file_name(source: &Path) -> String {
     }
 }
 
+/// How long a snapshot waits for a writer's lock on the source by default: what rusqlite
+/// sets on every connection, and so what bakedb always waited before it was configurable.
+pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Problems of a `PRAGMA quick_check` report shown in an error; the rest are counted.
+const PROBLEMS_SHOWN: usize = 5;
+
+/// A duration as people write it: "250 ms", "5 s", "1.5 s".
+fn show_duration(d: Duration) -> String {
+    if d.subsec_millis() == 0 || d >= Duration::from_secs(10) {
+        format!("{} s", d.as_secs())
+    } else if d < Duration::from_secs(1) {
+        format!("{} ms", d.as_millis())
+    } else {
+        format!("{:.1} s", d.as_secs_f64())
+    }
+}
+
+/// A path as a shell word, for commands the user is told to run.
+fn shell_word(path: &Path) -> String {
+    let text = path.to_string_lossy();
+    if !text.is_empty()
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-/+:@%".contains(c))
+    {
+        text.into_owned()
+    } else {
+        format!("'{}'", text.replace('\'', r"'\''"))
+    }
+}
+
+/// The SQLite failures a user can act on, in words that say what to do; None for the rest.
+fn explain(source: &Path, busy_timeout: Duration, e: &rusqlite::Error) -> Option<Error> {
+    let failure = e.sqlite_error()?;
+    let reason = match (failure.code, failure.extended_code) {
+        (rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked, _) => format!(
+            "is busy: another process holds a lock on it (a writer in the middle of a transaction) and did not release it within the busy timeout of {}; retry when the writer has committed, or wait longer with --busy-timeout (e.g. --busy-timeout 1m)",
+            show_duration(busy_timeout)
+        ),
+        // SQLITE_READONLY_ROLLBACK: a hot journal, which only a connection that may write can
+        // roll back.
+        (_, 776) => {
+            let mut journal = source.as_os_str().to_owned();
+            journal.push("-journal");
+            let journal = PathBuf::from(journal);
+            format!(
+                "has a hot rollback journal beside it, {}: a process that was writing the database crashed or was killed in the middle of a transaction, and SQLite must roll that transaction back (writing the database) before it can be read; bakedb never writes a source, so open it once with a program that may write it, e.g. `sqlite3 {} 'PRAGMA quick_check'`, which rolls the interrupted transaction back, then bake again",
+                journal.display(),
+                shell_word(source)
+            )
+        }
+        // SQLITE_READONLY_DIRECTORY: a WAL database needs its -shm file next to it.
+        (_, 1544) => "is in WAL mode and SQLite cannot create its -shm file because the directory is not writable; make the directory writable for this user, or copy the database somewhere writable".into(),
+        _ => return None,
+    };
+    Some(source_err(source, reason))
+}
+
 /// Copy `source` consistently into `out_dir`; `taken_at` is recorded as the snapshot time.
 /// `durable` fsyncs the copy: wanted for a snapshot directory that outlives the command, a
 /// waste of a full disk write for the scratch copy a build reads once and deletes.
-pub fn snapshot(source: &Path, out_dir: &Path, taken_at: &str, durable: bool) -> Result<Snapshot> {
+/// `busy_timeout` is how long to wait for a writer that holds a lock on the source.
+pub fn snapshot(
+    source: &Path,
+    out_dir: &Path,
+    taken_at: &str,
+    durable: bool,
+    busy_timeout: Duration,
+) -> Result<Snapshot> {
     check_source(source)?;
     let sql = |what: &str| {
         let what = what.to_owned();
         let path = source.to_owned();
-        move |e: rusqlite::Error| Error::Sqlite {
-            path,
-            what,
-            source: e,
+        move |e: rusqlite::Error| {
+            explain(&path, busy_timeout, &e).unwrap_or(Error::Sqlite {
+                path: path.clone(),
+                what,
+                source: e,
+            })
         }
     };
     let name = image_file_name(source);
@@ -105,17 +175,13 @@ pub fn snapshot(source: &Path, out_dir: &Path, taken_at: &str, durable: bool) ->
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(sql("opening"))?;
+        // The busy handler also runs while the backup waits for its read lock on the source.
+        src.busy_timeout(busy_timeout)
+            .map_err(sql("setting the busy timeout"))?;
         // Fail early, with SQLite's own words, on a file SQLite cannot read (e.g. encrypted).
         let (page_size, schema_version): (i64, i64) = src
             .query_row("SELECT (SELECT page_size FROM pragma_page_size), (SELECT schema_version FROM pragma_schema_version)", [], |r| Ok((r.get(0)?, r.get(1)?)))
-            .map_err(|e| match e.sqlite_error().map(|f| f.extended_code) {
-                // SQLITE_READONLY_DIRECTORY: a WAL database needs its -shm file next to it.
-                Some(1544) => source_err(
-                    source,
-                    "is in WAL mode and SQLite cannot create its -shm file because the directory is not writable; make the directory writable for this user, or copy the database somewhere writable",
-                ),
-                _ => Error::Sqlite { path: source.to_owned(), what: "reading the schema (is it encrypted or corrupt?)".into(), source: e },
-            })?;
+            .map_err(sql("reading the schema (is it encrypted or corrupt?)"))?;
         let mut dst = Connection::open(&tmp).map_err(sql("creating the snapshot file"))?;
         // The copy is private until it is renamed into place: no journal and no syncs while
         // the backup writes it (it is synced once at the end when it must be durable).
@@ -125,21 +191,24 @@ pub fn snapshot(source: &Path, out_dir: &Path, taken_at: &str, durable: bool) ->
             let backup = rusqlite::backup::Backup::new(&src, &mut dst)
                 .map_err(sql("starting the online backup"))?;
             // All pages in one step (-1): one read transaction, one committed point. A writer
-            // holding an exclusive lock (rollback journal) makes the step busy: retry briefly.
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            // holding a lock makes the step wait in the source's busy handler, then report
+            // busy.
             loop {
                 match backup
                     .step(-1)
                     .map_err(sql("copying with the online backup API"))?
                 {
                     rusqlite::backup::StepResult::Done => break,
-                    _ if std::time::Instant::now() > deadline => {
-                        return Err(source_err(
-                            source,
-                            "stayed locked by a writer for 30 s; retry when it commits",
+                    rusqlite::backup::StepResult::More => {}
+                    // Busy, Locked: the busy timeout ran out.
+                    _ => {
+                        return Err(sql("copying with the online backup API")(
+                            rusqlite::Error::SqliteFailure(
+                                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+                                None,
+                            ),
                         ));
                     }
-                    _ => std::thread::sleep(std::time::Duration::from_millis(5)),
                 }
             }
         }
@@ -152,17 +221,7 @@ pub fn snapshot(source: &Path, out_dir: &Path, taken_at: &str, durable: bool) ->
                 format!("the copy stayed in journal mode {mode}"),
             ));
         }
-        let check: String = dst
-            .query_row("PRAGMA quick_check", [], |r| r.get(0))
-            .map_err(sql("checking the copy"))?;
-        if check != "ok" {
-            return Err(source_err(
-                source,
-                format!(
-                    "is corrupt: PRAGMA quick_check says {check:?}; repair it (e.g. sqlite3 .recover) before baking"
-                ),
-            ));
-        }
+        check_copy(&dst, source)?;
         let (page_count, user_version): (i64, i64) = dst
             .query_row("SELECT (SELECT page_count FROM pragma_page_count), (SELECT user_version FROM pragma_user_version)", [], |r| Ok((r.get(0)?, r.get(1)?)))
             .map_err(sql("reading the copy"))?;
@@ -207,6 +266,78 @@ pub fn snapshot(source: &Path, out_dir: &Path, taken_at: &str, durable: bool) ->
     })
 }
 
+/// `PRAGMA quick_check` of the copy: a corrupt source is refused with the first few problems
+/// SQLite found and a count of the rest (its report can run to kilobytes).
+fn check_copy(copy: &Connection, source: &Path) -> Result<()> {
+    let mut problems = Vec::new();
+    let mut stopped = None;
+    {
+        let mut stmt = copy
+            .prepare("PRAGMA quick_check")
+            .map_err(|e| Error::Sqlite {
+                path: source.to_owned(),
+                what: "checking the copy".into(),
+                source: e,
+            })?;
+        let mut rows = stmt.query([]).map_err(|e| Error::Sqlite {
+            path: source.to_owned(),
+            what: "checking the copy".into(),
+            source: e,
+        })?;
+        loop {
+            match rows.next() {
+                Ok(Some(row)) => {
+                    let text: String = row.get(0).unwrap_or_default();
+                    // One row may hold several problems, one per line, under a
+                    // "*** in database main ***" heading.
+                    problems.extend(
+                        text.lines()
+                            .filter(|l| !l.is_empty() && !l.starts_with("*** in database"))
+                            .map(str::to_owned),
+                    );
+                }
+                Ok(None) => break,
+                // A page too damaged to check stops the check itself.
+                Err(e) => {
+                    stopped = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+    }
+    if problems == ["ok"] && stopped.is_none() {
+        return Ok(());
+    }
+    problems.retain(|p| p != "ok");
+    Err(source_err(
+        source,
+        corruption_report(source, &problems, stopped.as_deref()),
+    ))
+}
+
+/// "is corrupt: ..." with the first PROBLEMS_SHOWN problems and how many more there are.
+fn corruption_report(source: &Path, problems: &[String], stopped: Option<&str>) -> String {
+    let mut shown: Vec<String> = problems.iter().take(PROBLEMS_SHOWN).cloned().collect();
+    if problems.len() > PROBLEMS_SHOWN {
+        shown.push(format!("and {} more", problems.len() - PROBLEMS_SHOWN));
+    }
+    if let Some(error) = stopped {
+        shown.push(format!("then the check stopped: {error}"));
+    }
+    let found = match problems.len() {
+        0 => "PRAGMA quick_check failed".to_owned(),
+        1 => "PRAGMA quick_check found 1 problem".to_owned(),
+        // Its default limit: it stops looking after 100.
+        n if n >= 100 => format!("PRAGMA quick_check found {n} problems (it stops at 100)"),
+        n => format!("PRAGMA quick_check found {n} problems"),
+    };
+    format!(
+        "is corrupt: {found}: {}; repair it (e.g. `sqlite3 {} .recover | sqlite3 repaired.db`) before baking",
+        shown.join("; "),
+        shell_word(source)
+    )
+}
+
 /// The read-only profile bakedb-init applies at start (the mechanism is in crates/init):
 /// SQLite's temporary files (large sorts, GROUP BY, temp tables) go to /tmp rather than
 /// beside the data, and BAKEDB_DATABASE names the baked file for whatever command the image
@@ -225,11 +356,19 @@ pub fn profile(snapshot: &Snapshot) -> serde_json::Value {
 /// Files of a directory written by `bakedb snapshot`, with its recorded provenance.
 pub fn load_snapshot_dir(dir: &Path) -> Result<Snapshot> {
     let meta_path = dir.join("snapshot.json");
-    let bytes = fs::read(&meta_path).map_err(|e| Error::Io {
-        op: "reading",
-        path: meta_path.clone(),
-        source: e,
-    })?;
+    let bytes = match fs::read(&meta_path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(source_err(dir, not_a_snapshot_dir(dir)));
+        }
+        Err(e) => {
+            return Err(Error::Io {
+                op: "reading",
+                path: meta_path,
+                source: e,
+            });
+        }
+    };
     let meta: serde_json::Value = serde_json::from_slice(&bytes)
         .map_err(|e| source_err(&meta_path, format!("is not valid JSON: {e}")))?;
     if meta["engine"] != "sqlite" {
@@ -259,6 +398,41 @@ pub fn load_snapshot_dir(dir: &Path) -> Result<Snapshot> {
         dirs: Vec::new(),
         provenance: meta["provenance"].clone(),
     })
+}
+
+/// Why a directory without snapshot.json cannot be baked, and what to pass instead; names
+/// the SQLite databases in it, if any (the usual mistake: the directory of the database).
+fn not_a_snapshot_dir(dir: &Path) -> String {
+    let mut databases: Vec<String> = fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| entry.ok())
+        .filter(|entry| entry.file_type().is_ok_and(|t| t.is_file()))
+        .filter(|entry| {
+            let mut header = [0u8; 16];
+            File::open(entry.path())
+                .and_then(|mut f| f.read_exact(&mut header))
+                .is_ok_and(|()| &header == HEADER)
+        })
+        .map(|entry| entry.path().display().to_string())
+        .collect();
+    databases.sort();
+    if databases.len() > 3 {
+        let more = databases.len() - 3;
+        databases.truncate(3);
+        databases.push(format!("{more} more"));
+    }
+    let hint = match databases.as_slice() {
+        [] => String::new(),
+        [one] => format!(" (it holds the SQLite database {one}: pass that file)"),
+        many => format!(
+            " (it holds the SQLite databases {}: pass one of those files)",
+            many.join(", ")
+        ),
+    };
+    format!(
+        "is a directory but not one written by `bakedb snapshot` (it has no snapshot.json); pass a SQLite database file{hint}, or a directory written by `bakedb snapshot --engine sqlite --source FILE --out DIR`"
+    )
 }
 
 /// Record a snapshot directory's metadata so `build --source DIR` can use it as it is.
@@ -292,7 +466,14 @@ mod tests {
         let src = dir.path().join("app.db");
         make_db(&src, 100);
         let keep_open = Connection::open(&src).unwrap(); // keeps the WAL un-checkpointed
-        let snap = snapshot(&src, &dir.path().join("out"), "t", true).unwrap();
+        let snap = snapshot(
+            &src,
+            &dir.path().join("out"),
+            "t",
+            true,
+            DEFAULT_BUSY_TIMEOUT,
+        )
+        .unwrap();
         drop(keep_open);
         let f = &snap.files[0];
         assert_eq!(f.rel_path, "app.db");
@@ -317,19 +498,37 @@ mod tests {
     fn refuses_missing_empty_and_non_sqlite_sources() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("out");
-        let e = snapshot(&dir.path().join("nope.db"), &out, "t", false)
-            .unwrap_err()
-            .to_string();
+        let e = snapshot(
+            &dir.path().join("nope.db"),
+            &out,
+            "t",
+            false,
+            DEFAULT_BUSY_TIMEOUT,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("cannot be read"), "{e}");
         std::fs::write(dir.path().join("empty.db"), b"").unwrap();
-        let e = snapshot(&dir.path().join("empty.db"), &out, "t", false)
-            .unwrap_err()
-            .to_string();
+        let e = snapshot(
+            &dir.path().join("empty.db"),
+            &out,
+            "t",
+            false,
+            DEFAULT_BUSY_TIMEOUT,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("empty"), "{e}");
         std::fs::write(dir.path().join("text.db"), vec![b'x'; 4096]).unwrap();
-        let e = snapshot(&dir.path().join("text.db"), &out, "t", false)
-            .unwrap_err()
-            .to_string();
+        let e = snapshot(
+            &dir.path().join("text.db"),
+            &out,
+            "t",
+            false,
+            DEFAULT_BUSY_TIMEOUT,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("not a SQLite database"), "{e}");
     }
 
@@ -357,7 +556,14 @@ mod tests {
             *b = 0xA5;
         }
         std::fs::write(&src, &bytes).unwrap();
-        let e = snapshot(&src, &dir.path().join("out"), "t", true).unwrap_err();
+        let e = snapshot(
+            &src,
+            &dir.path().join("out"),
+            "t",
+            true,
+            DEFAULT_BUSY_TIMEOUT,
+        )
+        .unwrap_err();
         let msg = format!(
             "{e}: {:?}",
             std::error::Error::source(&e).map(|s| s.to_string())
@@ -367,5 +573,224 @@ mod tests {
             "{msg}"
         );
         assert!(!dir.path().join("out/bad.db").exists());
+    }
+
+    /// A database in rollback-journal mode (the default), as most applications leave it.
+    fn make_rollback_db(path: &Path, rows: i64) {
+        let c = Connection::open(path).unwrap();
+        c.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);")
+            .unwrap();
+        let tx = c.unchecked_transaction().unwrap();
+        for i in 0..rows {
+            tx.execute(
+                "INSERT INTO t(v) VALUES (?1)",
+                [format!("row {i} {}", "x".repeat(100))],
+            )
+            .unwrap();
+        }
+        tx.commit().unwrap();
+    }
+
+    #[test]
+    fn a_source_locked_by_a_writer_is_busy_until_the_writer_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("app.db");
+        make_rollback_db(&src, 10);
+        let out = dir.path().join("out");
+        let writer = Connection::open(&src).unwrap();
+        writer
+            .execute_batch("BEGIN EXCLUSIVE; INSERT INTO t(v) VALUES ('late');")
+            .unwrap();
+        let e = snapshot(&src, &out, "t", false, Duration::from_millis(50))
+            .unwrap_err()
+            .to_string();
+        for needle in [
+            "is busy: another process holds a lock on it",
+            "within the busy timeout of 50 ms",
+            "--busy-timeout",
+        ] {
+            assert!(e.contains(needle), "{needle:?} not in {e}");
+        }
+        assert!(!e.contains("encrypted") && !e.contains("corrupt"), "{e}");
+        assert_eq!(
+            fs::read_dir(&out).unwrap().count(),
+            0,
+            "left a file in {out:?}"
+        );
+        writer.execute_batch("COMMIT").unwrap();
+        let snap = snapshot(&src, &out, "t", false, Duration::from_millis(50)).unwrap();
+        let n: i64 = Connection::open(&snap.files[0].host_path)
+            .unwrap()
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 11);
+    }
+
+    #[test]
+    fn a_hot_journal_is_named_with_what_to_do_and_the_advice_works() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = dir.path().join("live.db");
+        make_rollback_db(&live, 3000);
+        // A writer in the middle of a big transaction with a tiny cache: SQLite spills
+        // changed pages into the database file, their originals into the journal. A copy of
+        // both files now is what a crash at this moment leaves: a hot journal.
+        let writer = Connection::open(&live).unwrap();
+        writer
+            .execute_batch("PRAGMA cache_size = 10; BEGIN; UPDATE t SET v = v || ' changed';")
+            .unwrap();
+        let src = dir.path().join("crashed.db");
+        let journal = dir.path().join("crashed.db-journal");
+        fs::copy(&live, &src).unwrap();
+        fs::copy(dir.path().join("live.db-journal"), &journal).unwrap();
+        drop(writer);
+        let before = (fs::read(&src).unwrap(), fs::read(&journal).unwrap());
+
+        let e = snapshot(
+            &src,
+            &dir.path().join("out"),
+            "t",
+            false,
+            DEFAULT_BUSY_TIMEOUT,
+        )
+        .unwrap_err()
+        .to_string();
+        for needle in [
+            "has a hot rollback journal beside it",
+            &journal.display().to_string(),
+            "crashed or was killed in the middle of a transaction",
+            "bakedb never writes a source",
+            &format!("sqlite3 {} 'PRAGMA quick_check'", src.display()),
+        ] {
+            assert!(e.contains(needle), "{needle:?} not in {e}");
+        }
+        assert_eq!(
+            (fs::read(&src).unwrap(), fs::read(&journal).unwrap()),
+            before,
+            "the source or its journal changed"
+        );
+
+        // The advice: open it once with write access; SQLite rolls the transaction back.
+        let check: String = Connection::open(&src)
+            .unwrap()
+            .query_row("PRAGMA quick_check", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(check, "ok");
+        assert!(!journal.exists());
+        let snap = snapshot(
+            &src,
+            &dir.path().join("out"),
+            "t",
+            false,
+            DEFAULT_BUSY_TIMEOUT,
+        )
+        .unwrap();
+        let changed: i64 = Connection::open(&snap.files[0].host_path)
+            .unwrap()
+            .query_row("SELECT count(*) FROM t WHERE v LIKE '% changed'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(changed, 0, "the interrupted transaction was baked");
+    }
+
+    #[test]
+    fn a_long_corruption_report_is_cut_to_its_first_problems_and_a_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("bad.db");
+        {
+            let c = Connection::open(&src).unwrap();
+            c.execute_batch("PRAGMA page_size = 4096; CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT); CREATE INDEX iv ON t(v);").unwrap();
+            let tx = c.unchecked_transaction().unwrap();
+            for i in 0..2000 {
+                tx.execute(
+                    "INSERT INTO t(v) VALUES (?1)",
+                    [format!("value {i} {}", "x".repeat(50))],
+                )
+                .unwrap();
+            }
+            tx.commit().unwrap();
+        }
+        // Break the page type of every other page: one problem per page, dozens in all.
+        let mut bytes = fs::read(&src).unwrap();
+        for page in (4..bytes.len() / 4096).step_by(2) {
+            bytes[page * 4096] = 0x42;
+        }
+        fs::write(&src, &bytes).unwrap();
+        let e = snapshot(
+            &src,
+            &dir.path().join("out"),
+            "t",
+            false,
+            DEFAULT_BUSY_TIMEOUT,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(!e.contains('\n'), "not one line: {e}");
+        assert!(e.len() < 1000, "{} bytes: {e}", e.len());
+        let found: usize = e
+            .split("PRAGMA quick_check found ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no count in {e}"));
+        assert!(found > 20, "{e}");
+        assert_eq!(
+            e.matches("btreeInitPage() returns error code 11").count(),
+            5,
+            "{e}"
+        );
+        assert!(e.contains(&format!("; and {} more", found - 5)), "{e}");
+        assert!(
+            e.contains(&format!("sqlite3 {} .recover", src.display())),
+            "{e}"
+        );
+        assert!(!dir.path().join("out/bad.db").exists());
+    }
+
+    #[test]
+    fn paths_in_advice_are_shell_words() {
+        assert_eq!(shell_word(Path::new("/data/app.db")), "/data/app.db");
+        assert_eq!(shell_word(Path::new("my app.db")), "'my app.db'");
+        assert_eq!(shell_word(Path::new("it's.db")), r"'it'\''s.db'");
+    }
+
+    #[test]
+    fn corruption_report_counts_and_says_where_the_check_stopped() {
+        let problems: Vec<String> = (1..=7).map(|i| format!("problem {i}")).collect();
+        assert_eq!(
+            corruption_report(Path::new("a.db"), &problems[..2], None),
+            "is corrupt: PRAGMA quick_check found 2 problems: problem 1; problem 2; repair it (e.g. `sqlite3 a.db .recover | sqlite3 repaired.db`) before baking"
+        );
+        let report = corruption_report(Path::new("a.db"), &problems, Some("malformed"));
+        assert!(
+            report.starts_with("is corrupt: PRAGMA quick_check found 7 problems: problem 1; problem 2; problem 3; problem 4; problem 5; and 2 more; then the check stopped: malformed; "),
+            "{report}"
+        );
+        assert!(
+            corruption_report(Path::new("a.db"), &[], Some("malformed")).starts_with(
+                "is corrupt: PRAGMA quick_check failed: then the check stopped: malformed;"
+            )
+        );
+    }
+
+    #[test]
+    fn a_directory_that_is_not_a_snapshot_says_what_it_should_be() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = load_snapshot_dir(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("is a directory but not one written by `bakedb snapshot` (it has no snapshot.json); pass a SQLite database file, or a directory written by `bakedb snapshot --engine sqlite"),
+            "{e}"
+        );
+        make_rollback_db(&dir.path().join("app.db"), 1);
+        fs::write(dir.path().join("notes.txt"), "not a database").unwrap();
+        let e = load_snapshot_dir(dir.path()).unwrap_err().to_string();
+        let db = dir.path().join("app.db");
+        assert!(
+            e.contains(&format!(
+                "(it holds the SQLite database {}: pass that file)",
+                db.display()
+            )),
+            "{e}"
+        );
     }
 }
