@@ -11,6 +11,7 @@ mod golden;
 mod http;
 mod init;
 mod pg;
+mod pg_sources;
 mod postgres;
 mod reproducible;
 mod serve;

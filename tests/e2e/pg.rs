@@ -217,7 +217,29 @@ pub struct PgServer {
     log: PathBuf,
     port: u16,
     run_as: RunAs,
+    /// The `-c` settings it was started with, after the harness's own.
+    settings: Vec<String>,
     child: Child,
+}
+
+/// How a test server differs from the default one.
+#[derive(Clone, Debug, Default)]
+pub struct PgOptions {
+    /// More initdb arguments, e.g. `--wal-segsize=64`.
+    pub initdb: Vec<String>,
+    /// More `name=value` settings on the postmaster's command line (later ones win).
+    pub settings: Vec<String>,
+    /// Text appended to files of the new data directory (created if need be, mode 0600,
+    /// owned by the server's user) before the first start: TLS keys, pg_hba.conf lines,
+    /// postgresql.conf settings.
+    pub append: Vec<(String, String)>,
+}
+
+impl PgOptions {
+    pub fn setting(mut self, s: &str) -> Self {
+        self.settings.push(s.to_owned());
+        self
+    }
 }
 
 impl PgServer {
@@ -225,12 +247,17 @@ impl PgServer {
     /// until it accepts connections. None skips the test (no PostgreSQL locally); under CI a
     /// missing PostgreSQL panics, and so does a server that does not start, with its log.
     pub fn start(dir: &Path) -> Option<PgServer> {
-        let bin = pg_bin()?;
-        let run_as = RunAs::detect()?;
-        Some(PgServer::start_with(&bin, run_as, dir))
+        PgServer::start_opts(dir, &PgOptions::default())
     }
 
-    fn start_with(bin: &Path, run_as: RunAs, dir: &Path) -> PgServer {
+    /// `start` with other initdb arguments and settings.
+    pub fn start_opts(dir: &Path, opts: &PgOptions) -> Option<PgServer> {
+        let bin = pg_bin()?;
+        let run_as = RunAs::detect()?;
+        Some(PgServer::start_with(&bin, run_as, dir, opts))
+    }
+
+    fn start_with(bin: &Path, run_as: RunAs, dir: &Path, opts: &PgOptions) -> PgServer {
         let dir = dir
             .canonicalize()
             .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
@@ -264,6 +291,7 @@ impl PgServer {
                 // Nothing here must survive a machine crash; saves seconds of fsync.
                 "--no-sync",
             ])
+            .args(&opts.initdb)
             .current_dir(&dir);
         run_as.apply(&mut initdb);
         run_ok(&mut initdb);
@@ -281,7 +309,98 @@ impl PgServer {
         .unwrap();
         fs::set_permissions(&hba, fs::Permissions::from_mode(0o600)).unwrap();
         run_as.own(&hba);
+        for (name, text) in &opts.append {
+            let path = data.join(name);
+            let mut file = File::options()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            file.write_all(text.as_bytes()).unwrap();
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+            run_as.own(&path);
+        }
 
+        PgServer::launch(bin, run_as, &dir, &data, &opts.settings)
+    }
+
+    /// A hot standby of `primary` in `dir` (which must exist): pg_basebackup -R as the server
+    /// user, tablespaces mapped as `tablespaces` says (source location, standby location),
+    /// started with the primary's settings and waited for until it accepts connections.
+    pub fn standby_of(primary: &PgServer, dir: &Path, tablespaces: &[(&Path, &Path)]) -> PgServer {
+        let dir = dir
+            .canonicalize()
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        let run_as = primary.run_as;
+        run_as.reach(&dir);
+        let data = dir.join("data");
+        let socket_dir = dir.join("run");
+        for (d, mode) in [(&data, 0o700), (&socket_dir, 0o755)] {
+            fs::create_dir(d).unwrap_or_else(|e| panic!("mkdir {}: {e}", d.display()));
+            fs::set_permissions(d, fs::Permissions::from_mode(mode)).unwrap();
+            run_as.own(d);
+        }
+        let mut backup = pg_command(&primary.bin.join("pg_basebackup"));
+        backup
+            .args(["-h", "127.0.0.1", "-U", "postgres", "-p"])
+            .arg(primary.port.to_string())
+            .arg("-D")
+            .arg(&data)
+            .args(["-R", "-X", "stream", "-c", "fast", "--no-sync"])
+            .current_dir(&dir);
+        for (from, to) in tablespaces {
+            fs::create_dir_all(to).unwrap();
+            run_as.own(to);
+            backup
+                .arg("-T")
+                .arg(format!("{}={}", from.display(), to.display()));
+        }
+        run_as.apply(&mut backup);
+        run_ok(&mut backup);
+        let mut settings = primary.settings.clone();
+        settings.push("hot_standby=on".into());
+        PgServer::launch(&primary.bin, run_as, &dir, &data, &settings)
+    }
+
+    /// Fast shutdown, then the same data directory started again with the settings it was
+    /// first started with plus `more` (on a new port). `more` holds for this start only.
+    pub fn restart(&mut self, more: &[&str]) {
+        self.stop_now();
+        let mut settings = self.settings.clone();
+        settings.extend(more.iter().map(|s| s.to_string()));
+        let mut fresh = PgServer::launch(&self.bin, self.run_as, &self.dir, &self.data, &settings);
+        fresh.settings = std::mem::take(&mut self.settings);
+        // The old child is reaped; Drop of the replaced value finds nothing to stop.
+        let _ = std::mem::replace(self, fresh);
+    }
+
+    /// Give `path` (a tablespace directory, a file in the data directory) to the server's user.
+    pub fn own(&self, path: &Path) {
+        self.run_as.own(path);
+    }
+
+    /// Poll `sql` in `db` until it answers `want`; panics after START_DEADLINE with what it
+    /// answered last.
+    pub fn wait_for(&self, db: &str, sql: &str, want: &str) {
+        let deadline = Instant::now() + START_DEADLINE;
+        loop {
+            let got = self.psql(db, sql);
+            if got == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{sql} still answers {got:?}, not {want:?}, after {START_DEADLINE:?}"
+            );
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Start the postmaster on `data` and wait until it accepts connections.
+    fn launch(bin: &Path, run_as: RunAs, dir: &Path, data: &Path, settings: &[String]) -> PgServer {
+        let dir = dir.to_owned();
+        let data = data.to_owned();
+        let socket_dir = dir.join("run");
         let log = dir.join("postgres.log");
         // A port taken between free_port() and the postmaster's bind is retried with another.
         let mut attempt = 0;
@@ -308,6 +427,7 @@ impl PgServer {
                     "-c",
                     "max_wal_senders=5",
                 ])
+                .args(settings.iter().flat_map(|s| ["-c", s.as_str()]))
                 .current_dir(&dir)
                 .stdin(Stdio::null())
                 .stdout(log_file.try_clone().unwrap())
@@ -324,6 +444,7 @@ impl PgServer {
                 log: log.clone(),
                 port,
                 run_as,
+                settings: settings.to_vec(),
                 child,
             };
             match server.wait_ready() {
@@ -503,6 +624,13 @@ impl PgServer {
 
 impl Drop for PgServer {
     fn drop(&mut self) {
+        self.stop_now();
+    }
+}
+
+impl PgServer {
+    /// SIGINT (fast shutdown), then SIGKILL if it has not exited within STOP_DEADLINE.
+    fn stop_now(&mut self) {
         if self.child.try_wait().ok().flatten().is_some() {
             return;
         }
@@ -843,7 +971,7 @@ fn drop_stops_the_server_even_on_a_panic() {
     };
     let mut seen = None;
     let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let pg = PgServer::start_with(&bin, run_as, dir.path());
+        let pg = PgServer::start_with(&bin, run_as, dir.path(), &PgOptions::default());
         assert!(port_open(pg.port()));
         seen = Some((pg.port(), pg.pid(), pg.data_dir().to_owned()));
         panic!("a deliberate panic with a live server");

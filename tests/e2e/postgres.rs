@@ -16,15 +16,15 @@ use crate::require;
 use crate::util::{self, bakedb, run, run_ok, stderr, stdout, test_dir, unique_name};
 
 /// Where the cluster lives in every postgres image bakedb builds.
-const PGDATA: &str = "/var/lib/bakedb/pgdata";
+pub(crate) const PGDATA: &str = "/var/lib/bakedb/pgdata";
 
 /// A replica container, removed (killed if need be) when dropped.
-struct Replica {
+pub(crate) struct Replica {
     /// `docker`, or podman with its flags.
-    cli: Box<dyn Fn() -> Command>,
-    name: String,
-    port: u16,
-    pg_bin: PathBuf,
+    pub cli: Box<dyn Fn() -> Command>,
+    pub name: String,
+    pub port: u16,
+    pub pg_bin: PathBuf,
 }
 
 impl Drop for Replica {
@@ -36,13 +36,13 @@ impl Drop for Replica {
 }
 
 impl Replica {
-    fn cmd(&self, args: &[&str]) -> Command {
+    pub(crate) fn cmd(&self, args: &[&str]) -> Command {
         let mut cmd = (self.cli)();
         cmd.args(args).stdin(Stdio::null());
         cmd
     }
 
-    fn inspect(&self, format: &str) -> String {
+    pub(crate) fn inspect(&self, format: &str) -> String {
         stdout(&run_ok(
             &mut self.cmd(&["inspect", "--format", format, &self.name]),
         ))
@@ -50,12 +50,12 @@ impl Replica {
         .to_owned()
     }
 
-    fn logs(&self) -> String {
+    pub(crate) fn logs(&self) -> String {
         let out = run(&mut self.cmd(&["logs", &self.name]));
         format!("{}{}", stdout(&out), stderr(&out))
     }
 
-    fn exit_code(&self) -> i64 {
+    pub(crate) fn exit_code(&self) -> i64 {
         let code = self.inspect("{{.State.ExitCode}}");
         code.parse()
             .unwrap_or_else(|e| panic!("exit code {code:?}: {e}"))
@@ -64,7 +64,12 @@ impl Replica {
     /// `run --detach --network host --env PGPORT=PORT IMAGE`: the image's own command. PGPORT
     /// is the port postgres listens on and the one psql and pg_isready (the healthcheck) use
     /// inside the container.
-    fn start(cli: Box<dyn Fn() -> Command>, image: &str, extra: &[&str], pg_bin: &Path) -> Self {
+    pub(crate) fn start(
+        cli: Box<dyn Fn() -> Command>,
+        image: &str,
+        extra: &[&str],
+        pg_bin: &Path,
+    ) -> Self {
         let replica = Replica {
             cli,
             name: unique_name("bakedb-e2e-pg"),
@@ -80,7 +85,7 @@ impl Replica {
 
     /// Until the server accepts connections on its port (pg_isready), failing at once if
     /// the container stops, and after a minute.
-    fn wait_ready(&self) {
+    pub(crate) fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let ready = run(Command::new(self.pg_bin.join("pg_isready")).args([
@@ -110,7 +115,7 @@ impl Replica {
     }
 
     /// psql over TCP as the seeded read-only role, with its password (scram-sha-256).
-    fn reader(&self, db: &str, sql: &str) -> Output {
+    pub(crate) fn reader(&self, db: &str, sql: &str) -> Output {
         run(Command::new(self.pg_bin.join("psql"))
             .args([
                 "-X",
@@ -130,7 +135,7 @@ impl Replica {
             .stdin(Stdio::null()))
     }
 
-    fn read(&self, db: &str, sql: &str) -> String {
+    pub(crate) fn read(&self, db: &str, sql: &str) -> String {
         let out = self.reader(db, sql);
         assert!(
             out.status.success(),
@@ -142,7 +147,7 @@ impl Replica {
     }
 
     /// psql inside the container over the local socket as the superuser (trusted there).
-    fn exec_psql(&self, db: &str, sql: &str) -> Output {
+    pub(crate) fn exec_psql(&self, db: &str, sql: &str) -> Output {
         run(&mut self.cmd(&[
             "exec",
             &self.name,
@@ -159,10 +164,38 @@ impl Replica {
         ]))
     }
 
+    /// psql inside the container as the superuser, unaligned and tuples only: the answer,
+    /// trimmed; panics with psql's stderr and the container's log on failure.
+    pub(crate) fn su(&self, db: &str, sql: &str) -> String {
+        let out = run(&mut self.cmd(&[
+            "exec",
+            &self.name,
+            "psql",
+            "-X",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-U",
+            "postgres",
+            "-d",
+            db,
+            "-c",
+            sql,
+        ]));
+        assert!(
+            out.status.success(),
+            "{sql}: {}\n{}",
+            stderr(&out),
+            self.logs()
+        );
+        stdout(&out).trim().to_owned()
+    }
+
     /// `stop -t 5`: the image's STOPSIGNAL (SIGINT, fast shutdown) and SIGKILL after 5 s.
     /// Exit 0 with "database system is shut down" means PostgreSQL shut down cleanly within
     /// the 5 s; a kill would be 137 and leave no such line.
-    fn stop_cleanly(&self) {
+    pub(crate) fn stop_cleanly(&self) {
         run_ok(&mut self.cmd(&["stop", "--time", "5", &self.name]));
         let logs = self.logs();
         assert_eq!(self.exit_code(), 0, "stop -t 5:\n{logs}");
@@ -175,7 +208,7 @@ impl Replica {
 
 /// What the image holds of the write load: (rows, highest id). One writer inserting rows
 /// one commit at a time, so a consistent snapshot has no holes: rows == highest id.
-fn writes_in(replica: &Replica) -> (u64, u64) {
+pub(crate) fn writes_in(replica: &Replica) -> (u64, u64) {
     let line = replica.read("app", "SELECT count(*), coalesce(max(id), 0) FROM writes");
     let (n, max) = line.split_once('|').expect("count|max");
     (n.parse().unwrap(), max.parse().unwrap())
@@ -253,7 +286,7 @@ fn live_source(dir: &Path) -> Option<(PgServer, pg::WriteLoad)> {
     Some((server, load))
 }
 
-fn base_ref() -> String {
+pub(crate) fn base_ref() -> String {
     format!("oci:{}:latest", util::postgres_base().display())
 }
 

@@ -233,6 +233,8 @@ pub fn snapshot(req: &Request, progress: &mut dyn FnMut(&str)) -> Result<Snapsho
         taken_at,
         durable,
     } = *req;
+    // pg_basebackup maps tablespaces to absolute directories only.
+    let out_dir = &fs::canonicalize(out_dir).map_err(io("resolving", out_dir))?;
     let partial = out_dir.join(".pgdata.partial");
     let spaces = out_dir.join(".tblspc.partial");
     for dir in [&partial, &spaces] {
@@ -299,13 +301,17 @@ pub fn snapshot(req: &Request, progress: &mut dyn FnMut(&str)) -> Result<Snapsho
         let out = cmd.output().map_err(io("running", &basebackup))?;
         let log = String::from_utf8_lossy(&out.stderr).into_owned();
         if !out.status.success() {
-            return Err(err(
-                format!("pg_basebackup from {}", source.redacted()),
-                format!(
-                    "{}\n(the user in the URL needs the REPLICATION attribute and a `replication` line in the source's pg_hba.conf)",
-                    log.trim()
-                ),
-            ));
+            let why = log
+                .lines()
+                .map(|l| l.strip_prefix("pg_basebackup: error: ").unwrap_or(l))
+                .collect::<Vec<_>>()
+                .join("\n");
+            let hint = if why.contains("replication") || why.contains("pg_hba.conf") {
+                " (the user in the URL needs the REPLICATION attribute and a `replication` line in the source's pg_hba.conf)"
+            } else {
+                ""
+            };
+            return Err(err("pg_basebackup", format!("{}{hint}", why.trim())));
         }
         let point = |what: &str| {
             log.lines()
