@@ -27,7 +27,8 @@ pub enum Error {
         #[source]
         source: rusqlite::Error,
     },
-    #[error("{step}: {detail}")]
+    /// `step` may be empty when the caller's context already says what was being done.
+    #[error("{}{detail}", if step.is_empty() { String::new() } else { format!("{step}: ") })]
     Postgres { step: String, detail: String },
     #[error("{op} {}", path.display())]
     Io {

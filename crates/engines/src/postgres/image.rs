@@ -319,7 +319,7 @@ impl Base {
         }
         if !missing.is_empty() {
             return Err(format!(
-                "the base image lacks what the snapshot needs, so a replica would not start or would answer differently: {}",
+                "it lacks what the snapshot needs, so a replica would not start or would answer differently: {}",
                 missing.join("; ")
             ));
         }
@@ -424,7 +424,23 @@ pub fn profile(carried: &BTreeMap<String, String>, preload: Option<&str>) -> ser
 /// Read `snapshot.json` and the data directory of a directory written by `bakedb snapshot`.
 pub fn load_snapshot_dir(dir: &Path) -> Result<(Snapshot, u32)> {
     let meta_path = dir.join("snapshot.json");
-    let bytes = fs::read(&meta_path).map_err(io("reading", &meta_path))?;
+    let bytes = match fs::read(&meta_path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let hint = if dir.join("PG_VERSION").is_file() {
+                " (it looks like a data directory itself: bakedb bakes a live server, so that its copy is consistent and prepared, not a data directory taken some other way)"
+            } else {
+                ""
+            };
+            return Err(Error::Source {
+                path: dir.to_owned(),
+                reason: format!(
+                    "is not a directory written by `bakedb snapshot` (it has no snapshot.json){hint}; pass a postgresql:// URI of the live server, or a directory written by `bakedb snapshot --engine postgres --source URI --out DIR`"
+                ),
+            });
+        }
+        Err(e) => return Err(io("reading", &meta_path)(e)),
+    };
     let meta: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| Error::Source {
         path: meta_path.clone(),
         reason: format!("is not valid JSON: {e}"),
@@ -633,5 +649,19 @@ mod tests {
         let p = "root:x:0:0::/root:/bin/sh\npostgres:x:999:998::/var/lib/postgresql:/bin/sh\n";
         assert_eq!(passwd_user(p, "postgres"), Some((999, 998)));
         assert_eq!(passwd_user(p, "mysql"), None);
+    }
+
+    #[test]
+    fn a_directory_that_is_not_a_snapshot_says_what_it_should_be() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = load_snapshot_dir(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("not a directory written by `bakedb snapshot`")
+                && e.contains("postgresql://"),
+            "{e}"
+        );
+        fs::write(dir.path().join("PG_VERSION"), "15\n").unwrap();
+        let e = load_snapshot_dir(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("looks like a data directory itself"), "{e}");
     }
 }

@@ -65,7 +65,7 @@ impl Tools {
                     Some(d) => d.clone(),
                     None => {
                         return Err(err(
-                            "finding the PostgreSQL server tools",
+                            "",
                             format!(
                                 "no `postgres` on PATH{}; install the server package of the base image's major version or pass --pg-bin DIR (e.g. /usr/lib/postgresql/15/bin)",
                                 want_major
@@ -82,7 +82,7 @@ impl Tools {
         for tool in TOOLS {
             if !dir.join(tool).is_file() {
                 return Err(err(
-                    "finding the PostgreSQL server tools",
+                    "",
                     format!(
                         "{} has no {tool}; pass --pg-bin with the directory that holds postgres, pg_basebackup, pg_ctl, pg_isready, psql, vacuumdb, pg_controldata and pg_resetwal of one version",
                         dir.display()
@@ -91,12 +91,8 @@ impl Tools {
             }
         }
         let version = version_of(&dir.join("postgres"))?;
-        let major = parse_major(&version).ok_or_else(|| {
-            err(
-                "finding the PostgreSQL server tools",
-                format!("cannot read a version in {version:?}"),
-            )
-        })?;
+        let major = parse_major(&version)
+            .ok_or_else(|| err("", format!("cannot read a version in {version:?}")))?;
         if let Some(want) = want_major
             && want != major
         {
