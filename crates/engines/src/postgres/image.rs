@@ -34,6 +34,15 @@ pub fn data_major(pgdata: &Path) -> Result<u32> {
 
 const LOCALE_ARCHIVE: &str = "usr/lib/locale/locale-archive";
 
+/// Preload libraries that start background workers which replicate from or connect to
+/// other servers, or run scheduled writes: never preloaded in an image, base or not.
+const OUTWARD_LIBRARIES: [&str; 4] = ["pglogical", "pg_cron", "pg_partman_bgw", "pg_squeeze"];
+
+fn library_name(library: &str) -> &str {
+    let name = library.rsplit('/').next().unwrap_or(library);
+    name.strip_suffix(".so").unwrap_or(name)
+}
+
 /// The base image files postgres reads while the layers are scanned, with how many bytes
 /// of each: /etc/passwd (the data owner), postgres.bki (the major version, first line) and
 /// glibc's locale archive (its name table is at the front; with every locale it is
@@ -328,14 +337,24 @@ impl Base {
             let Some(value) = carried.get(setting) else {
                 continue;
             };
-            let (kept, dropped): (Vec<String>, Vec<String>) = settings::libraries(value)
+            let (outward, rest): (Vec<String>, Vec<String>) = settings::libraries(value)
                 .into_iter()
-                .partition(|l| self.has_library(l));
-            if !dropped.is_empty() {
+                .partition(|l| OUTWARD_LIBRARIES.contains(&library_name(l)));
+            let (kept, missing): (Vec<String>, Vec<String>) =
+                rest.into_iter().partition(|l| self.has_library(l));
+            if !outward.is_empty() {
+                notes.push(format!(
+                    "{setting}: {} not preloaded in the image (its background workers replicate, connect to other servers or run scheduled writes)",
+                    list(&outward, 10)
+                ));
+            }
+            if !missing.is_empty() {
                 notes.push(format!(
                     "{setting}: the base image lacks {}, so the image does not preload it",
-                    list(&dropped, 10)
+                    list(&missing, 10)
                 ));
+            }
+            if !outward.is_empty() || !missing.is_empty() {
                 carried.insert(setting.to_owned(), kept.join(","));
             }
         }
@@ -570,7 +589,7 @@ mod tests {
         assert!(!base.has_locale("fr_FR.UTF-8"));
 
         let provenance = json!({
-            "settings": {"TimeZone": "Europe/Berlin", "shared_preload_libraries": "pg_stat_statements,timescaledb"},
+            "settings": {"TimeZone": "Europe/Berlin", "shared_preload_libraries": "pg_stat_statements,timescaledb,$libdir/pg_cron"},
             "requires": {"locales": ["C.UTF-8", "de_DE.UTF-8"], "extensions": {"plpgsql": "1.0", "pg_trgm": "1.6"}},
         });
         let fit = base.fit(&provenance).unwrap();
@@ -578,7 +597,8 @@ mod tests {
             fit.carried["shared_preload_libraries"],
             "pg_stat_statements"
         );
-        assert!(fit.notes[0].contains("timescaledb"), "{:?}", fit.notes);
+        assert!(fit.notes[0].contains("pg_cron"), "{:?}", fit.notes);
+        assert!(fit.notes[1].contains("timescaledb"), "{:?}", fit.notes);
 
         let needs_more = json!({
             "settings": {"TimeZone": "Asia/Tokyo"},
