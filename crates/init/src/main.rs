@@ -11,6 +11,7 @@
 mod image;
 mod json;
 mod profile;
+mod regular;
 mod start;
 mod verify;
 
@@ -22,6 +23,11 @@ use profile::Launch;
 use start::Identity;
 
 const IMAGE_JSON: &str = "etc/bakedb/image.json";
+/// More than any image.json bakedb writes: 256 MiB of 16 MiB chunk digests describe
+/// petabytes. A larger file is not read into memory.
+const IMAGE_JSON_MAX_BYTES: u64 = 256 << 20;
+/// /etc/passwd is read whole to find a home directory; a real one is kilobytes.
+const PASSWD_MAX_BYTES: u64 = 64 << 20;
 
 const USAGE: &str = "usage: bakedb-init [--plan | --verify-only] [--root DIR] [--] COMMAND [ARG...]
 
@@ -196,11 +202,17 @@ fn load_description(
     check_digest: bool,
 ) -> Result<Description, Failure> {
     let path = root.join(IMAGE_JSON);
-    let bytes = std::fs::read(&path).map_err(|e| {
-        Failure::Verify(format!(
-            "reading {}: {e}; this image was not built by bakedb build, or the file was removed",
-            path.display()
-        ))
+    let bytes = regular::read(&path, regular::Links::Refuse, IMAGE_JSON_MAX_BYTES).map_err(|e| {
+        Failure::Verify(match e {
+            regular::OpenError::Missing(e) | regular::OpenError::Other(e) => format!(
+                "reading {}: {e}; this image was not built by bakedb build, or the file was removed",
+                path.display()
+            ),
+            refused => format!(
+                "{} {refused}: the data description was replaced",
+                path.display()
+            ),
+        })
     })?;
     if check_digest {
         let expected = settings.expected_digest.as_deref().ok_or_else(|| {
@@ -230,27 +242,39 @@ fn env_vars() -> (Vec<(String, String)>, OsEnv) {
 
 /// After dropping root, HOME=/root (what runtimes set for uid 0) names a directory the
 /// engine cannot use; like gosu, take the user's home from /etc/passwd, else `/` (what
-/// Docker sets for a user without a passwd entry).
-fn home_for(uid: u32, root: &Path, env: &mut Vec<(String, String)>) {
+/// Docker sets for a user without a passwd entry). /etc/passwd is the base image's, so a
+/// link is followed; anything but a regular file behind it (a FIFO would block the start
+/// forever) is refused.
+fn home_for(uid: u32, root: &Path, env: &mut Vec<(String, String)>) -> Result<(), Failure> {
     let current = env
         .iter()
         .find(|(k, _)| k == "HOME")
         .map(|(_, v)| v.as_str());
     if !matches!(current, None | Some("/root")) {
-        return;
+        return Ok(());
     }
-    let home = std::fs::read_to_string(root.join("etc/passwd"))
-        .ok()
-        .and_then(|passwd| {
-            passwd.lines().find_map(|line| {
-                let fields: Vec<&str> = line.split(':').collect();
-                (fields.len() >= 7 && fields[2].parse() == Ok(uid)).then(|| fields[5].to_owned())
-            })
+    let path = root.join("etc/passwd");
+    let passwd = match regular::read(&path, regular::Links::Follow, PASSWD_MAX_BYTES) {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        Err(regular::OpenError::Missing(_) | regular::OpenError::Other(_)) => String::new(),
+        Err(refused) => {
+            return Err(Failure::Verify(format!(
+                "{} {refused} (init reads it for the home directory of uid {uid})",
+                path.display()
+            )));
+        }
+    };
+    let home = passwd
+        .lines()
+        .find_map(|line| {
+            let fields: Vec<&str> = line.split(':').collect();
+            (fields.len() >= 7 && fields[2].parse() == Ok(uid)).then(|| fields[5].to_owned())
         })
         .filter(|h| h.starts_with('/'))
         .unwrap_or_else(|| "/".into());
     env.retain(|(k, _)| k != "HOME");
     env.push(("HOME".into(), home));
+    Ok(())
 }
 
 fn path_of(env: &[(String, String)]) -> Option<&str> {
@@ -326,11 +350,38 @@ fn print_plan(
 }
 
 /// Write the first-start stamp: a temporary file renamed into place, so a crash leaves either
-/// no stamp or a whole one.
+/// no stamp or a whole one. The temporary file is created new (O_EXCL, no link followed), so
+/// whatever was at its name is never opened.
 fn write_stamp(stamp: &Path, digest: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = stamp.with_extension("tmp");
-    std::fs::write(&tmp, format!("{digest}\n"))?;
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&tmp)?;
+    f.write_all(format!("{digest}\n").as_bytes())?;
+    drop(f);
     std::fs::rename(&tmp, stamp)
+}
+
+/// Whether the stamp says this container's data was verified against `digest`. The stamp
+/// is a regular file init wrote; anything else in its place is refused.
+fn stamp_matches(stamp: &Path, digest: &str) -> Result<bool, Failure> {
+    match regular::read(stamp, regular::Links::Refuse, 4096) {
+        Ok(bytes) => Ok(String::from_utf8_lossy(&bytes).trim() == digest),
+        Err(regular::OpenError::Missing(_) | regular::OpenError::Other(_)) => Ok(false),
+        Err(refused) => Err(Failure::Verify(format!(
+            "{} {refused}: init writes it as a regular file after verifying",
+            stamp.display()
+        ))),
+    }
 }
 
 fn run(options: Options) -> Result<std::convert::Infallible, Failure> {
@@ -354,7 +405,7 @@ fn run(options: Options) -> Result<std::convert::Infallible, Failure> {
     let supervise = settings.supervise_requested || desc.profile.supervise;
     let (mut env, passthrough) = env_vars();
     if let Identity::Drop { uid, .. } = identity {
-        home_for(uid, &options.root, &mut env);
+        home_for(uid, &options.root, &mut env)?;
     }
     let launch = profile::prepare(
         &desc.profile,
@@ -381,10 +432,13 @@ fn run(options: Options) -> Result<std::convert::Infallible, Failure> {
     let data_dir = options.root.join(desc.data_dir.trim_start_matches('/'));
     let stamp = data_dir.join(profile::VERIFIED_STAMP);
     let first_start_only = desc.profile.verify_first_start && options.mode == Mode::Run;
-    let verified_before = first_start_only
-        && settings.expected_digest.as_deref().is_some_and(|digest| {
-            std::fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == digest)
-        });
+    let verified_before = match (
+        check && first_start_only,
+        settings.expected_digest.as_deref(),
+    ) {
+        (true, Some(digest)) => stamp_matches(&stamp, digest)?,
+        _ => false,
+    };
     if check && verified_before {
         eprintln!(
             "bakedb-init: {} was verified at this container's first start ({} says so); {} has written to it since, so it is not verified again",

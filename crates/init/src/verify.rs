@@ -7,7 +7,7 @@
 
 use std::collections::BTreeSet;
 use std::fs::{self, File};
-use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 
 use crate::image::{Description, hex};
 use crate::profile::VERIFIED_STAMP;
+use crate::regular::kind;
 
 /// Bytes per read: large enough for the disk to stream, small enough to stay in cache while
 /// it is hashed.
@@ -77,25 +78,6 @@ pub fn check_image_json(bytes: &[u8], expected: &str, shown_path: &Path) -> Resu
         ));
     }
     Ok(())
-}
-
-fn kind(meta: &fs::Metadata) -> &'static str {
-    let t = meta.file_type();
-    if t.is_symlink() {
-        "a symbolic link"
-    } else if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_socket() {
-        "a socket"
-    } else if t.is_block_device() {
-        "a block device"
-    } else if t.is_char_device() {
-        "a character device"
-    } else if t.is_dir() {
-        "a directory"
-    } else {
-        "a regular file"
-    }
 }
 
 /// Walk the data directory with lstat and compare it with the description: every entry must

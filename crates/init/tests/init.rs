@@ -421,3 +421,168 @@ fn variables_that_are_not_utf8_pass_through() {
         ["61", "ff", "62"]
     );
 }
+
+/// How long init may take to exit before a test calls it blocked and fails.
+const PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Run `cmd` to completion, or kill it and fail the test if it is still running after
+/// PATIENCE: a hang must fail the test, not stall it.
+fn out_or_blocked(cmd: &mut Command, what: &str) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let o = child.wait_with_output().unwrap();
+            panic!(
+                "{what}: init was still running after {PATIENCE:?} (blocked?); stderr:\n{}",
+                text(&o.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(
+        unsafe { libc::mkfifo(c.as_ptr(), 0o644) },
+        0,
+        "{}",
+        path.display()
+    );
+}
+
+/// Exit 3 and one line on stderr that contains `needle`.
+fn assert_refused(o: &Output, needle: &str, what: &str) {
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(3), "{what}: {err}");
+    assert!(
+        err.starts_with("bakedb-init: verification failed: ")
+            && err.lines().count() == 1
+            && err.contains(needle)
+            && err.ends_with("; the engine was not started\n"),
+        "{what}: expected one line with {needle:?}, got:\n{err}"
+    );
+}
+
+/// image.json replaced by a FIFO used to block init in open() for ever: the container hung
+/// instead of exiting 3. Whatever stands in for it (a FIFO, a link, a directory) is refused
+/// at once, in every mode, before anything reads from it.
+#[test]
+fn an_image_json_that_is_not_a_regular_file_is_refused_without_blocking() {
+    let r = root("notregular", SQLITE_PROFILE);
+    let image_json = r.dir.join("etc/bakedb/image.json");
+    let shown = image_json.display().to_string();
+    let text_of_image_json = fs::read(&image_json).unwrap();
+    fs::remove_file(&image_json).unwrap();
+    mkfifo(&image_json);
+    for mode in [&["true"][..], &["--verify-only"], &["--plan", "true"]] {
+        let what = format!("image.json is a FIFO, init {}", mode.join(" "));
+        let o = out_or_blocked(init(&r).args(mode), &what);
+        assert_refused(
+            &o,
+            &format!("{shown} is a FIFO, not a regular file: the data description was replaced"),
+            &what,
+        );
+    }
+    // A link to a file with the right bytes is refused too: bakedb writes no links there.
+    fs::remove_file(&image_json).unwrap();
+    fs::write(r.dir.join("etc/bakedb/real.json"), &text_of_image_json).unwrap();
+    std::os::unix::fs::symlink("real.json", &image_json).unwrap();
+    let o = out_or_blocked(init(&r).arg("true"), "image.json is a link");
+    assert_refused(
+        &o,
+        &format!("{shown} is a symbolic link (to real.json), not a regular file"),
+        "image.json is a link",
+    );
+    fs::remove_file(&image_json).unwrap();
+    fs::create_dir(&image_json).unwrap();
+    let o = out_or_blocked(init(&r).arg("true"), "image.json is a directory");
+    assert_refused(
+        &o,
+        &format!("{shown} is a directory, not a regular file"),
+        "image.json is a directory",
+    );
+}
+
+/// The first-start stamp lives in the data directory, which the engine (and so anyone in
+/// the container) may write: a FIFO as the stamp is refused, and one at the stamp's
+/// temporary name is replaced rather than opened for writing (which blocked for ever).
+#[test]
+fn a_stamp_that_is_not_a_regular_file_is_refused_without_blocking() {
+    let profile = r#"{"name": "first-start", "verify": "first-start"}"#;
+    let r = root("stampfifo", profile);
+    let data = r.dir.join("var/lib/bakedb");
+    let tmp = data.join(".bakedb-verified.tmp");
+    mkfifo(&tmp);
+    let o = out_or_blocked(init(&r).arg("true"), "a FIFO at the stamp's temporary name");
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let stamp = data.join(".bakedb-verified");
+    assert_eq!(
+        fs::read_to_string(&stamp).unwrap(),
+        format!("{}\n", r.digest)
+    );
+    assert!(!tmp.exists());
+
+    fs::remove_file(&stamp).unwrap();
+    mkfifo(&stamp);
+    let o = out_or_blocked(init(&r).arg("true"), "a FIFO as the stamp");
+    assert_refused(
+        &o,
+        &format!(
+            "{} is a FIFO, not a regular file: init writes it as a regular file after verifying",
+            stamp.display()
+        ),
+        "a FIFO as the stamp",
+    );
+}
+
+/// Started as root, init reads the base image's /etc/passwd for the data owner's home: a
+/// FIFO there is refused instead of blocking the start; a link to a real file is followed.
+#[test]
+fn an_etc_passwd_that_is_not_a_regular_file_is_refused_without_blocking() {
+    // SAFETY: getuid cannot fail.
+    if unsafe { libc::getuid() } != 0 {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must run the tests as root"
+        );
+        eprintln!("skipped: needs root to drop privileges");
+        return;
+    }
+    let r = root_owned_by("passwdfifo", SQLITE_PROFILE, 65532, 65533);
+    let passwd = r.dir.join("etc/passwd");
+    mkfifo(&passwd);
+    let what = "/etc/passwd is a FIFO";
+    let o = out_or_blocked(init(&r).env("HOME", "/root").arg("true"), what);
+    assert_refused(
+        &o,
+        &format!(
+            "{} is a FIFO, not a regular file (init reads it for the home directory of uid 65532)",
+            passwd.display()
+        ),
+        what,
+    );
+    fs::remove_file(&passwd).unwrap();
+    fs::write(
+        r.dir.join("etc/passwd.real"),
+        "bakedb:x:65532:65533::/home/bakedb:/bin/sh\n",
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("passwd.real", &passwd).unwrap();
+    let o = out_or_blocked(
+        init(&r)
+            .env("HOME", "/root")
+            .args(["sh", "-c", "echo $HOME"]),
+        "/etc/passwd is a link",
+    );
+    assert_eq!(text(&o.stdout), "/home/bakedb\n", "{}", text(&o.stderr));
+}
