@@ -1075,6 +1075,79 @@ fn bad_reference_syntax() {
     assert_tree_unchanged(&f.dir, &before, "bad references");
 }
 
+/// SOURCE_DATE_EPOCH beyond what a tar header's mtime holds (2242) or RFC 3339's four-digit
+/// years (a year-10000 `created` that skopeo and umoci cannot parse), or before 1970: refused
+/// up front with the allowed range, for build and snapshot, and nothing is written. The last
+/// second allowed bakes an image skopeo reads, with that mtime in its layers.
+#[test]
+fn source_date_epoch_beyond_what_tar_and_rfc3339_hold() {
+    let f = Fixture::new();
+    let before = tree(&f.dir);
+    for epoch in ["253402300800", "8589934592", "-1", "soon"] {
+        for args in [
+            &[
+                "build",
+                "--engine",
+                "sqlite",
+                "--source",
+                "app.db",
+                "--output",
+                "oci:fresh:v1",
+            ][..],
+            &[
+                "snapshot", "--engine", "sqlite", "--source", "app.db", "--out", "snap",
+            ],
+        ] {
+            let what = format!("SOURCE_DATE_EPOCH={epoch} bakedb {}", args[0]);
+            let out = run(bakedb(&f.dir)
+                .env("SOURCE_DATE_EPOCH", epoch)
+                .args(args)
+                .arg("--quiet"));
+            assert_failure(
+                &out,
+                USAGE,
+                &[
+                    "bakedb: reading SOURCE_DATE_EPOCH: SOURCE_DATE_EPOCH=",
+                    &format!("{epoch:?}"),
+                    "from 0 (1970-01-01T00:00:00Z) to 8589934591 (2242-03-16T12:56:31Z)",
+                ],
+                &what,
+            );
+            assert_tree_unchanged(&f.dir, &before, &what);
+        }
+    }
+    let skopeo = require!("skopeo");
+    run_ok(bakedb(&f.dir).env("SOURCE_DATE_EPOCH", "8589934591").args([
+        "build",
+        "--quiet",
+        "--engine",
+        "sqlite",
+        "--source",
+        "app.db",
+        "--output",
+        "oci:last:v1",
+    ]));
+    let out = run_ok(
+        std::process::Command::new(&skopeo)
+            .current_dir(&f.dir)
+            .args(["inspect", "oci:last:v1"]),
+    );
+    let inspected: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(inspected["Created"], "2242-03-16T12:56:31Z", "{inspected}");
+    let data_layer = layer_digest(&f.path("last"), "v1", 2);
+    let tar = gunzip(&fs::read(blob_path(&f.path("last"), &data_layer)).unwrap());
+    let mut archive = tar::Archive::new(&tar[..]);
+    for entry in archive.entries().unwrap() {
+        let entry = entry.unwrap();
+        assert_eq!(
+            entry.header().mtime().unwrap(),
+            8_589_934_591,
+            "{:?}",
+            entry.path()
+        );
+    }
+}
+
 // --- verify -------------------------------------------------------------------------------
 
 #[test]

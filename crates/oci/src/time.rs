@@ -2,21 +2,49 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+/// The latest time a build can record: the largest mtime a ustar header's 11 octal digits
+/// hold (2242-03-16T12:56:31Z). Beyond it tar writers switch to a non-standard binary field
+/// that readers misread or wrap; it is also well inside RFC 3339's four-digit years, which
+/// `created` needs (skopeo and umoci cannot parse a year 10000).
+pub const MAX_EPOCH: i64 = 0o77777777777;
+
 /// The build timestamp: SOURCE_DATE_EPOCH when set (reproducible builds), else now.
 pub fn build_epoch() -> Result<i64, String> {
     match std::env::var("SOURCE_DATE_EPOCH") {
-        Ok(v) => v
-            .trim()
-            .parse::<i64>()
-            .ok()
-            .filter(|s| *s >= 0)
-            .ok_or_else(|| {
-                format!(
-                    "SOURCE_DATE_EPOCH={v:?} is not a non-negative number of seconds since 1970"
-                )
-            }),
+        Ok(v) => parse_epoch(&v),
         Err(_) => Ok(now()),
     }
+}
+
+/// A SOURCE_DATE_EPOCH value: whole seconds from 0 (1970-01-01T00:00:00Z) to MAX_EPOCH.
+pub fn parse_epoch(text: &str) -> Result<i64, String> {
+    let range = || {
+        format!(
+            "use whole seconds since 1970 from 0 ({}) to {MAX_EPOCH} ({}), the range both a tar header's mtime and an RFC 3339 `created` hold",
+            rfc3339(0),
+            rfc3339(MAX_EPOCH)
+        )
+    };
+    let seconds: i128 = text.trim().parse().map_err(|_| {
+        format!(
+            "SOURCE_DATE_EPOCH={text:?} is not a number of seconds; {}",
+            range()
+        )
+    })?;
+    if seconds < 0 {
+        return Err(format!(
+            "SOURCE_DATE_EPOCH={text:?} is before 1970; {}",
+            range()
+        ));
+    }
+    if seconds > i128::from(MAX_EPOCH) {
+        return Err(format!(
+            "SOURCE_DATE_EPOCH={text:?} is after {}; {}",
+            rfc3339(MAX_EPOCH),
+            range()
+        ));
+    }
+    Ok(seconds as i64)
 }
 
 pub fn now() -> i64 {
@@ -50,7 +78,31 @@ pub fn rfc3339(epoch: i64) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::rfc3339;
+    use super::{MAX_EPOCH, parse_epoch, rfc3339};
+
+    #[test]
+    fn source_date_epoch_must_fit_tar_and_rfc3339() {
+        assert_eq!(parse_epoch("1700000000"), Ok(1_700_000_000));
+        assert_eq!(parse_epoch(" 0\n"), Ok(0));
+        assert_eq!(parse_epoch("8589934591"), Ok(MAX_EPOCH));
+        assert_eq!(rfc3339(MAX_EPOCH), "2242-03-16T12:56:31Z");
+        for (text, why) in [
+            ("8589934592", "is after 2242-03-16T12:56:31Z"),
+            // 10000-01-01T00:00:00Z: skopeo and umoci cannot parse its `created`.
+            ("253402300800", "is after 2242-03-16T12:56:31Z"),
+            ("99999999999999999999999", "is after 2242-03-16T12:56:31Z"),
+            ("-1", "is before 1970"),
+            ("1.5", "is not a number of seconds"),
+            ("", "is not a number of seconds"),
+        ] {
+            let err = parse_epoch(text).unwrap_err();
+            assert!(err.contains(why), "{text:?}: {err}");
+            assert!(
+                err.ends_with("from 0 (1970-01-01T00:00:00Z) to 8589934591 (2242-03-16T12:56:31Z), the range both a tar header's mtime and an RFC 3339 `created` hold"),
+                "{text:?}: {err}"
+            );
+        }
+    }
 
     #[test]
     fn formats_known_dates() {
