@@ -1148,6 +1148,83 @@ fn source_date_epoch_beyond_what_tar_and_rfc3339_hold() {
     }
 }
 
+// --- output streams -----------------------------------------------------------------------
+
+/// `bakedb inspect REF | head -1`: the reader goes away and the next write gets EPIPE. That is
+/// not a failure (ripgrep's rule): exit 0, nothing on stderr, no panic. stdout here is a pipe
+/// whose read end is closed before bakedb starts, so every write to it fails, at once.
+/// A build whose stderr (progress) is a closed pipe too still writes its image.
+#[test]
+fn a_closed_stdout_is_success_not_a_panic() {
+    let f = Fixture::new();
+    let closed_pipe = || {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        writer
+    };
+    for args in [
+        &["inspect", "oci:out:good"][..],
+        &["inspect", "--json", "oci:out:good"],
+        &["inspect", "oci-archive:arch/app.tar:good"],
+        &["verify", "--json", "oci:out:good"],
+        &[
+            "build",
+            "--engine",
+            "sqlite",
+            "--source",
+            "tiny.db",
+            "--output",
+            "oci:out:v2",
+        ],
+        &[
+            "build",
+            "--json",
+            "--engine",
+            "sqlite",
+            "--source",
+            "tiny.db",
+            "--output",
+            "oci:out:v3",
+        ],
+        &["--help"],
+        &["--version"],
+    ] {
+        let what = format!("bakedb {} >closed-pipe", args.join(" "));
+        let out = run(bakedb(&f.dir).args(args).stdout(closed_pipe()));
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(0), "{what}: {}\n{err}", out.status);
+        assert!(
+            !err.contains("panicked") && !err.contains("Broken pipe"),
+            "{what}:\n{err}"
+        );
+        if args[0] != "build" {
+            assert!(err.is_empty(), "{what}: printed on stderr:\n{err}");
+        }
+    }
+    for tag in ["v2", "v3"] {
+        run_ok(bakedb(&f.dir).args(["verify", "--quiet", &format!("oci:out:{tag}")]));
+    }
+    let out = run(bakedb(&f.dir)
+        .args([
+            "build",
+            "--engine",
+            "sqlite",
+            "--source",
+            "tiny.db",
+            "--output",
+            "oci:out:v4",
+        ])
+        .stdout(closed_pipe())
+        .stderr(closed_pipe()));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "build >closed 2>closed: {}",
+        out.status
+    );
+    run_ok(bakedb(&f.dir).args(["verify", "--quiet", "oci:out:v4"]));
+}
+
 // --- verify -------------------------------------------------------------------------------
 
 #[test]

@@ -2,6 +2,7 @@
 //! the image.json layer, then config, manifest and the tag, in that order.
 
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -245,7 +246,7 @@ pub fn notes_of(provenance: &serde_json::Value) -> Vec<String> {
 /// Print what a snapshot lost or left out: loudly, --quiet or not (it is also in image.json).
 pub fn warn_notes(notes: &[String]) {
     for note in notes {
-        eprintln!("bakedb: warning: {note}");
+        crate::exit::stderr_line(&format!("bakedb: warning: {note}"));
     }
 }
 
@@ -726,10 +727,14 @@ pub fn run(args: BuildArgs, quiet: bool) -> Result<()> {
                 "digest": l.digest.to_string(), "size": l.size, "diff_id": l.diff_id.to_string(), "media_type": l.media_type,
             })).collect::<Vec<_>>(),
         });
-        println!("{}", serde_json::to_string_pretty(&out).expect("json"));
+        let mut stdout = crate::exit::stdout();
+        writeln!(stdout, "{}", serde_json::to_string_pretty(&out)?)?;
+        stdout.flush()?;
     } else if !quiet {
         // --quiet prints errors only; scripts that want the digest use --json.
-        println!("{} {}", written.reference, written.manifest_digest);
+        let mut stdout = crate::exit::stdout();
+        writeln!(stdout, "{} {}", written.reference, written.manifest_digest)?;
+        stdout.flush()?;
     }
     Ok(())
 }

@@ -52,6 +52,10 @@ pub fn code_of(err: &anyhow::Error) -> Code {
     }
 }
 
+/// Print the error as one line and exit with its code. A reader that went away (`bakedb
+/// inspect REF | head -1`: EPIPE on stdout) is not a failure: exit 0 silently, as ripgrep
+/// does. Everything bakedb prints on stdout goes through `stdout()`, so that EPIPE arrives
+/// here as an error instead of a panic in println!.
 pub fn report_and_exit(err: anyhow::Error) -> ! {
     let broken_pipe = err.chain().any(|e| {
         e.downcast_ref::<std::io::Error>()
@@ -60,6 +64,19 @@ pub fn report_and_exit(err: anyhow::Error) -> ! {
     if broken_pipe {
         std::process::exit(0);
     }
-    eprintln!("bakedb: {err:#}");
+    stderr_line(&format!("bakedb: {err:#}"));
     std::process::exit(code_of(&err) as i32);
+}
+
+/// Buffered stdout whose write errors are returned (println! panics on them). Flush it
+/// before returning: an error from the flush is the command's result.
+pub fn stdout() -> std::io::BufWriter<std::io::StdoutLock<'static>> {
+    std::io::BufWriter::new(std::io::stdout().lock())
+}
+
+/// One line on stderr. A closed stderr (`bakedb build 2>&1 | head -1`) does not stop a
+/// build: eprintln! would panic, this drops the line.
+pub fn stderr_line(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
 }

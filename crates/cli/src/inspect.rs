@@ -1,5 +1,7 @@
 //! `bakedb inspect REF [--json]`: what an image is, without unpacking it.
 
+use std::io::Write;
+
 use anyhow::{Context, Result};
 use bakedb_engines::IMAGE_JSON;
 use bakedb_oci::reference::ImageRef;
@@ -53,30 +55,39 @@ pub fn run(args: InspectArgs) -> Result<()> {
         "size": image.layers.iter().map(|l| l.size).sum::<u64>(),
         "image_json": image_json,
     });
+    let mut stdout = crate::exit::stdout();
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        writeln!(stdout, "{}", serde_json::to_string_pretty(&out)?)?;
+        stdout.flush()?;
         return Ok(());
     }
-    println!("Reference:   {reference}");
-    println!(
+    writeln!(stdout, "Reference:   {reference}")?;
+    writeln!(
+        stdout,
         "Manifest:    {} ({} bytes)",
         image.manifest_digest,
         image.manifest_bytes.len()
-    );
-    println!("Config:      {}", image.config_digest);
-    println!("Created:     {}", out["created"].as_str().unwrap_or("-"));
-    println!(
+    )?;
+    writeln!(stdout, "Config:      {}", image.config_digest)?;
+    writeln!(
+        stdout,
+        "Created:     {}",
+        out["created"].as_str().unwrap_or("-")
+    )?;
+    writeln!(
+        stdout,
         "Platform:    {}/{}",
         out["os"].as_str().unwrap_or("?"),
         out["architecture"].as_str().unwrap_or("?")
-    );
-    println!("Tags:");
+    )?;
+    writeln!(stdout, "Tags:")?;
     for t in &tags {
-        println!(
+        writeln!(
+            stdout,
             "  {:20} {}",
             t.tag.as_deref().unwrap_or("<untagged>"),
             t.digest
-        );
+        )?;
     }
     let cfg = &out["config"];
     for (label, key) in [
@@ -87,34 +98,37 @@ pub fn run(args: InspectArgs) -> Result<()> {
         ("Labels", "Labels"),
     ] {
         if let Some(v) = cfg.get(key) {
-            println!("{:<12} {}", format!("{label}:"), v);
+            writeln!(stdout, "{:<12} {}", format!("{label}:"), v)?;
         }
     }
-    println!(
+    writeln!(
+        stdout,
         "Layers:      {} ({})",
         image.layers.len(),
         human_bytes(out["size"].as_u64().unwrap_or(0))
-    );
+    )?;
     for l in &image.layers {
-        println!(
+        writeln!(
+            stdout,
             "  {} {:>10} {}",
             l.digest,
             human_bytes(l.size),
             l.media_type
-        );
+        )?;
     }
     match &out["image_json"] {
-        Value::Null => println!("Data:        no /{IMAGE_JSON} (not a bakedb image)"),
+        Value::Null => writeln!(stdout, "Data:        no /{IMAGE_JSON} (not a bakedb image)")?,
         ij => {
-            println!(
+            writeln!(
+                stdout,
                 "Data:        engine {}, profile {}",
                 ij["engine"].as_str().unwrap_or("?"),
                 ij["profile"]["name"]
                     .as_str()
                     .or(ij["profile"].as_str())
                     .unwrap_or("?")
-            );
-            println!("Snapshot:    {}", ij["snapshot"]);
+            )?;
+            writeln!(stdout, "Snapshot:    {}", ij["snapshot"])?;
             for f in ij["files"].as_array().into_iter().flatten() {
                 let digest = match (f["sha256"].as_str(), f["chunks"].as_array()) {
                     (Some(d), _) => format!("sha256:{d}"),
@@ -125,13 +139,15 @@ pub fn run(args: InspectArgs) -> Result<()> {
                     ),
                     _ => "?".into(),
                 };
-                println!(
+                writeln!(
+                    stdout,
                     "  {} {:>10} {digest}",
                     f["path"].as_str().unwrap_or("?"),
                     human_bytes(f["size"].as_u64().unwrap_or(0))
-                );
+                )?;
             }
         }
     }
+    stdout.flush()?;
     Ok(())
 }

@@ -53,10 +53,10 @@ impl Progress {
             bar.finish_and_clear();
         }
         if !self.quiet {
-            eprintln!(
+            crate::exit::stderr_line(&format!(
                 "bakedb: {line} ({:.2} s)",
                 self.started.elapsed().as_secs_f64()
-            );
+            ));
         }
     }
 }

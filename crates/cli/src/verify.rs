@@ -1,5 +1,7 @@
 //! `bakedb verify REF`: exit 0 if every digest, size, diff_id, media type and reference holds.
 
+use std::io::Write;
+
 use anyhow::Result;
 use bakedb_oci::reference::ImageRef;
 use bakedb_oci::verify::verify;
@@ -33,7 +35,9 @@ pub fn run(args: VerifyArgs, quiet: bool) -> Result<()> {
         human_bytes(report.bytes_checked)
     ));
     if args.json {
-        println!(
+        let mut stdout = crate::exit::stdout();
+        writeln!(
+            stdout,
             "{}",
             serde_json::to_string_pretty(&json!({
                 "reference": reference.to_string(),
@@ -43,7 +47,8 @@ pub fn run(args: VerifyArgs, quiet: bool) -> Result<()> {
                 "layers": report.layers_checked,
                 "bytes": report.bytes_checked,
             }))?
-        );
+        )?;
+        stdout.flush()?;
     }
     Ok(())
 }
