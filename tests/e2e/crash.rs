@@ -367,7 +367,9 @@ fn killed_builds_leave_nothing_behind() {
         ("out", "."),
         ("out", "tmp."),
         ("layout", "tmp."),
+        ("layout", ".bakedb"),
         ("layout/blobs/sha256", "tmp."),
+        ("layout/blobs/sha256", "."),
     ] {
         leftovers.extend(
             entries_starting_with(&bench.path(dir), prefix)
@@ -380,4 +382,176 @@ fn killed_builds_leave_nothing_behind() {
         "left behind by killed builds, and still there after the next successful builds:\n  {}",
         leftovers.join("\n  ")
     );
+}
+
+/// Wait (bounded) until `dir` holds a file whose name starts with `prefix` and that has at
+/// least `bytes`: a build is then in the middle of writing a layer. Fails the test if the
+/// build ends first.
+fn wait_for_temp_file(child: &mut std::process::Child, dir: &Path, prefix: &str, bytes: u64) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let big_enough = fs::read_dir(dir).into_iter().flatten().flatten().any(|e| {
+            e.file_name().to_string_lossy().starts_with(prefix)
+                && e.metadata().is_ok_and(|m| m.len() >= bytes)
+        });
+        if big_enough {
+            return;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!(
+                "the build ended ({status}) before a {prefix}* file of {bytes} bytes showed in {}",
+                dir.display()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {prefix}* file of {bytes} bytes in {} after 120 s",
+            dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Every name in `dir` is a sha256 digest: nothing a reader of blobs/sha256 could trip on.
+fn assert_only_digests(dir: &Path, context: &str) {
+    for name in entries_starting_with(dir, "") {
+        assert!(
+            name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{context}: {}/{name} is not a blob",
+            dir.display()
+        );
+    }
+}
+
+/// A build killed in the middle of a layer leaves its temp file where no OCI reader looks
+/// (`.bakedb-tmp/` in a layout; beside an archive, only the hidden staging layout), never in
+/// blobs/sha256 or as a visible file beside an archive. The layout still verifies, and
+/// verify names the leftovers and their size as a warning (exit 0); skopeo copies the image
+/// out of it as if nothing were there; the next build into the layout removes them.
+/// Likewise the next archive build in that directory removes a dead staging layout, whatever
+/// archive it was for. Untagged blobs are reported too, until `umoci gc` removes them.
+#[test]
+fn a_killed_build_leaves_temp_files_out_of_sight_and_verify_reports_them() {
+    let bench = Bench::new();
+    run_ok(&mut bench.build("small.db", "oci:layout:old"));
+    let mut child = bench
+        .build("big.db", "oci:layout:new")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_temp_file(
+        &mut child,
+        &bench.path("layout/.bakedb-tmp"),
+        "blob.",
+        1 << 20,
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let layout = bench.path("layout");
+    let mut top = entries_starting_with(&layout, "");
+    top.sort();
+    assert_eq!(top, [".bakedb-tmp", "blobs", "index.json", "oci-layout"]);
+    assert_only_digests(&layout.join("blobs/sha256"), "after the kill");
+
+    let out = run_ok(bakedb(&bench.dir).args(["verify", "oci:layout:old"]));
+    let err = crate::util::stderr(&out);
+    let warning = err
+        .lines()
+        .find(|l| l.starts_with("bakedb: warning: oci:layout: "))
+        .unwrap_or_else(|| panic!("verify says nothing of the killed build's temp file:\n{err}"));
+    for needle in [
+        "of builds that were killed, ",
+        "MiB in all: ",
+        ": layout/.bakedb-tmp/blob.",
+        "the next `bakedb build` into oci:layout removes them",
+    ] {
+        assert!(warning.contains(needle), "{needle:?} not in: {warning}");
+    }
+    let out = run_ok(bakedb(&bench.dir).args(["verify", "--json", "oci:layout:old"]));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        report["ok"] == true && report["garbage"]["temp_bytes"].as_u64() >= Some(1 << 20),
+        "{report}"
+    );
+    if let Some(skopeo) = crate::util::tool("skopeo") {
+        run_ok(Command::new(skopeo).current_dir(&bench.dir).args([
+            "copy",
+            "--quiet",
+            "oci:layout:old",
+            "oci:copied:old",
+        ]));
+    }
+
+    // The next build into the layout, of anything, removes them; verify is quiet again.
+    run_ok(&mut bench.build("small.db", "oci:layout:other"));
+    assert!(!layout.join(".bakedb-tmp").exists());
+    let out = run_ok(bakedb(&bench.dir).args(["verify", "oci:layout:old"]));
+    assert!(
+        !crate::util::stderr(&out).contains("warning"),
+        "{}",
+        crate::util::stderr(&out)
+    );
+
+    // Untagging leaves blobs no tag references: reported until umoci gc removes them.
+    if let Some(umoci) = crate::util::tool("umoci") {
+        run_ok(Command::new(&umoci).current_dir(&bench.dir).args([
+            "rm",
+            "--image",
+            "layout:other",
+        ]));
+        let out = run_ok(bakedb(&bench.dir).args(["verify", "oci:layout:old"]));
+        let err = crate::util::stderr(&out);
+        assert!(
+            err.contains(" no tag references, ")
+                && err.contains("`umoci gc --layout layout` removes them"),
+            "{err}"
+        );
+        run_ok(
+            Command::new(&umoci)
+                .current_dir(&bench.dir)
+                .args(["gc", "--layout", "layout"]),
+        );
+        let out = run_ok(bakedb(&bench.dir).args(["verify", "oci:layout:old"]));
+        assert!(!crate::util::stderr(&out).contains("warning"));
+    }
+
+    // Archives: only the hidden staging layout is left beside them, and any archive build
+    // in that directory removes it.
+    fs::create_dir(bench.path("out")).unwrap();
+    run_ok(&mut bench.build("small.db", "oci-archive:out/other.tar:v1"));
+    let mut child = bench
+        .build("big.db", "oci-archive:out/app.tar:v1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let staging = bench.path(&format!("out/.app.tar.bakedb-staging.{}", child.id()));
+    wait_for_temp_file(&mut child, &staging.join(".bakedb-tmp"), "blob.", 1 << 20);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let mut beside = entries_starting_with(&bench.path("out"), "");
+    beside.sort();
+    assert_eq!(
+        beside,
+        [
+            staging.file_name().unwrap().to_string_lossy().into_owned(),
+            "other.tar".into()
+        ]
+    );
+    let out = run_ok(bakedb(&bench.dir).args(["verify", "oci-archive:out/other.tar:v1"]));
+    let err = crate::util::stderr(&out);
+    assert!(
+        err.contains("bakedb: warning: oci-archive:out/other.tar: 1 temporary file of builds that were killed")
+            && err.contains(&format!(
+                ": out/{} (",
+                staging.file_name().unwrap().to_string_lossy()
+            ))
+            && err.contains("the next `bakedb build` of an archive into that directory removes them"),
+        "{err}"
+    );
+    run_ok(&mut bench.build("small.db", "oci-archive:out/other.tar:v2"));
+    assert_eq!(entries_starting_with(&bench.path("out"), ""), ["other.tar"]);
 }

@@ -738,6 +738,121 @@ fn failed_build_leaves_an_existing_empty_directory_empty() {
     }
 }
 
+/// An output layout whose index.json a build could not update (cut short, not an index, an
+/// entry without a digest) is refused when the output is opened: before the snapshot and
+/// before any layer is written, not after (which left the blobs behind). One line, exit 6,
+/// no progress line (nothing was started), the layout and TMPDIR untouched.
+#[test]
+fn output_with_an_invalid_index_json_is_refused_before_any_work() {
+    let f = Fixture::new();
+    fs::create_dir(f.path("tmp")).unwrap();
+    for (text, reason) in [
+        (r#"{"manifests":[{"digest":"sha256:"#, "EOF while parsing"),
+        ("<html>not an index</html>", "expected value"),
+        (
+            r#"{"manifests":[{"digest":"md5:00"}]}"#,
+            "has no valid sha256 digest",
+        ),
+    ] {
+        let layout = f.path("bad");
+        let _ = fs::remove_dir_all(&layout);
+        copy_dir(&f.path("out"), &layout);
+        fs::write(layout.join("index.json"), text).unwrap();
+        let before = tree(&layout);
+        let what = format!("build into a layout whose index.json is {text:?}");
+        // Not --quiet: a progress line would show that work was started.
+        let out = run(bakedb(&f.dir)
+            .args([
+                "build",
+                "--engine",
+                "sqlite",
+                "--source",
+                "app.db",
+                "--output",
+                "oci:bad:v2",
+            ])
+            .env("TMPDIR", f.path("tmp")));
+        assert_failure(
+            &out,
+            OUTPUT_NOT_WRITABLE,
+            &[
+                "bakedb: opening output oci:bad:v2: oci:bad: index.json is not valid: ",
+                reason,
+                "repair it, or build into another directory",
+            ],
+            &what,
+        );
+        assert_tree_unchanged(&layout, &before, &what);
+        assert_tree_unchanged(&f.path("tmp"), &Default::default(), &what);
+    }
+}
+
+/// The init and serve layers are byte-identical in every FROM-scratch image. A layout that
+/// has them already must not need room for them again: with a file-size limit standing in
+/// for a nearly full disk (no file may grow past 256 KiB; they are 0.7 and 2.3 MB
+/// compressed), a build into the layout that has them succeeds, and the same build into a
+/// new layout fails for want of room, leaving nothing behind.
+#[test]
+fn fixed_layers_the_layout_has_are_not_written_again() {
+    use std::os::unix::process::CommandExt;
+    let f = Fixture::new();
+    let tight = |cmd: &mut std::process::Command| {
+        // SAFETY: only async-signal-safe calls between fork and exec: ignoring SIGXFSZ (so a
+        // write past the limit fails with EFBIG instead of killing) and setrlimit.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                let limit = libc::rlimit {
+                    rlim_cur: 256 << 10,
+                    rlim_max: 256 << 10,
+                };
+                if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    };
+    let mut cmd = bakedb(&f.dir);
+    cmd.args([
+        "build",
+        "--quiet",
+        "--engine",
+        "sqlite",
+        "--source",
+        "tiny.db",
+        "--output",
+        "oci:out:v2",
+    ]);
+    tight(&mut cmd);
+    run_ok(&mut cmd);
+    run_ok(bakedb(&f.dir).args(["verify", "--quiet", "oci:out:v2"]));
+
+    let mut cmd = bakedb(&f.dir);
+    cmd.args([
+        "build",
+        "--quiet",
+        "--engine",
+        "sqlite",
+        "--source",
+        "tiny.db",
+        "--output",
+        "oci:fresh:v1",
+    ]);
+    tight(&mut cmd);
+    let out = run(&mut cmd);
+    assert_failure(
+        &out,
+        OUTPUT_NOT_WRITABLE,
+        &[
+            "writing the bakedb-init layer to oci:fresh:v1",
+            "File too large",
+        ],
+        "a build into a new layout under the file-size limit",
+    );
+    assert!(!f.path("fresh").exists());
+}
+
 // --- base images --------------------------------------------------------------------------
 
 #[test]
@@ -896,6 +1011,73 @@ fn several_images_and_no_tag() {
         "bakedb verify oci:two:v3",
     );
     assert_tree_unchanged(&two, &before, "verify and inspect");
+}
+
+/// A file given as an archive that is not a tar (text, a gzip-compressed tar, nothing) or is
+/// a tar cut short (a copy or download that did not finish): verify, inspect and --base say
+/// so, naming the file and what to do, instead of the tar reader's "numeric field was not a
+/// number" or a "manifest.json is missing" that sends the user looking for a file.
+#[test]
+fn archive_that_is_not_a_tar_or_is_truncated() {
+    let f = Fixture::new();
+    run_ok(bakedb(&f.dir).args([
+        "build",
+        "--quiet",
+        "--engine",
+        "sqlite",
+        "--source",
+        "app.db",
+        "--output",
+        "docker-archive:whole.tar:app:v1",
+    ]));
+    let whole = fs::read(f.path("whole.tar")).unwrap();
+    // The archive's last entry starts at its last non-zero byte's 512-byte block or before;
+    // cutting at half and just before the end-of-archive marker both leave a valid prefix.
+    let last_data = whole.iter().rposition(|b| *b != 0).unwrap();
+    let end_of_last_entry = (last_data + 1).next_multiple_of(512);
+    for (name, bytes, needle) in [
+        (
+            "notes.tar",
+            b"these are notes\n".repeat(100),
+            "notes.tar is not a tar archive (its first 512 bytes are not a tar header)",
+        ),
+        (
+            "gzipped.tar",
+            gzip(&whole, 6),
+            "gzipped.tar is not a tar archive (it is gzip-compressed: decompress it first)",
+        ),
+        (
+            "half.tar",
+            whole[..whole.len() / 2].to_vec(),
+            "half.tar is truncated or incomplete: ",
+        ),
+        (
+            "cut.tar",
+            whole[..end_of_last_entry].to_vec(),
+            "cut.tar is truncated or incomplete: it ends after entry ",
+        ),
+    ] {
+        fs::write(f.path(name), &bytes).unwrap();
+        let reference = format!("docker-archive:{name}");
+        for (args, code) in [
+            (vec!["verify", "--quiet", reference.as_str()], VERIFY_FAILED),
+            (vec!["inspect", reference.as_str()], NOT_FOUND),
+        ] {
+            let what = format!("bakedb {}", args.join(" "));
+            let out = run(bakedb(&f.dir).args(&args));
+            assert_failure(&out, code, &[&reference, needle], &what);
+            let err = stderr(&out);
+            assert!(
+                !err.contains("numeric field") && !err.contains("manifest.json is missing"),
+                "{what}: {err}"
+            );
+        }
+        f.assert_build_fails(
+            &["--source", "app.db", "--base", &reference],
+            BAD_BASE,
+            &[&format!("reading base image {reference}"), needle],
+        );
+    }
 }
 
 // --- tags and references ------------------------------------------------------------------

@@ -10,6 +10,7 @@ mod golden;
 #[path = "../../crates/serve/tests/http/mod.rs"]
 mod http;
 mod init;
+mod limits;
 mod pg;
 mod pg_sources;
 mod postgres;

@@ -411,3 +411,38 @@ impl Drop for DockerImage {
             .output();
     }
 }
+
+/// Cap the data memory (heap, anonymous mappings, thread stacks: RLIMIT_DATA) of the process
+/// `cmd` starts, and keep it on at most two CPUs, so the number of compression workers (and
+/// their buffers) does not depend on the machine. An allocation beyond the cap aborts it.
+pub fn with_data_limit(cmd: &mut Command, bytes: u64) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: between fork and exec only async-signal-safe calls on values owned by the
+    // closure: getrlimit-free setrlimit, sched_getaffinity/sched_setaffinity on the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            let limit = libc::rlimit {
+                rlim_cur: bytes,
+                rlim_max: bytes,
+            };
+            if libc::setrlimit(libc::RLIMIT_DATA, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0 {
+                let mut kept = 0;
+                for cpu in 0..libc::CPU_SETSIZE as usize {
+                    if libc::CPU_ISSET(cpu, &set) {
+                        if kept == 2 {
+                            libc::CPU_CLR(cpu, &mut set);
+                        } else {
+                            kept += 1;
+                        }
+                    }
+                }
+                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+            }
+            Ok(())
+        })
+    }
+}

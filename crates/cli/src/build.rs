@@ -483,7 +483,7 @@ pub fn run(args: BuildArgs, quiet: bool) -> Result<()> {
     }
     for (name, path, size, entries) in fixed {
         let layer = output
-            .write_layer(compression, entries, 0, threads(), &mut |_| {})
+            .write_fixed_layer(compression, entries, threads())
             .stage(Code::Output, || {
                 format!("writing the {name} layer to {output_ref}")
             })?;

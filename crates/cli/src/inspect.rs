@@ -5,7 +5,7 @@ use std::io::Write;
 use anyhow::{Context, Result};
 use bakedb_engines::IMAGE_JSON;
 use bakedb_oci::reference::ImageRef;
-use bakedb_oci::source::{ImageSource, LayerRef};
+use bakedb_oci::source::{ImageSource, LayerRef, TagEntry};
 use serde_json::{Value, json};
 
 use crate::InspectArgs;
@@ -30,8 +30,11 @@ pub fn run(args: InspectArgs) -> Result<()> {
         .stage(Code::Usage, || "parsing the image reference".into())?;
     let what = || format!("inspecting {reference}");
     let source = ImageSource::open(&reference).stage(Code::NotFound, what)?;
-    let tags = source.tags().stage(Code::VerifyFailed, what)?;
-    let image = source.resolve().stage(Code::NotFound, what)?;
+    // A damaged index is an inconsistent image (3); a tag that is not there is 8.
+    let image = match source.resolve() {
+        Err(e @ bakedb_oci::Error::Invalid { .. }) => Err(e).stage(Code::VerifyFailed, what),
+        other => other.stage(Code::NotFound, what),
+    }?;
     let image_json = find_image_json(&source, &image.layers).stage(Code::VerifyFailed, || {
         format!("reading image.json of {reference}")
     })?;
@@ -42,7 +45,6 @@ pub fn run(args: InspectArgs) -> Result<()> {
         .collect();
     let out = json!({
         "reference": reference.to_string(),
-        "tags": tags.iter().map(|t| json!({"tag": t.tag, "digest": t.digest.to_string(), "size": t.size})).collect::<Vec<_>>(),
         "manifest_digest": image.manifest_digest.to_string(),
         "manifest_size": image.manifest_bytes.len(),
         "annotations": image.manifest.get("annotations").cloned().unwrap_or(Value::Null),
@@ -56,8 +58,32 @@ pub fn run(args: InspectArgs) -> Result<()> {
         "image_json": image_json,
     });
     let mut stdout = crate::exit::stdout();
+    // The tags are streamed from the index as they are printed: a layout may hold hundreds
+    // of thousands of them, and none is kept.
+    let tag_json =
+        |t: &TagEntry| json!({"tag": t.tag, "digest": t.digest.to_string(), "size": t.size});
     if args.json {
-        writeln!(stdout, "{}", serde_json::to_string_pretty(&out)?)?;
+        // "tags" sorts last among the keys: print the rest, then the tags, as
+        // serde_json's pretty printer would print the whole object.
+        let rest = serde_json::to_string_pretty(&out)?;
+        let rest = rest.strip_suffix("\n}").expect("a pretty-printed object");
+        write!(stdout, "{rest},\n  \"tags\": [")?;
+        let mut n = 0;
+        source
+            .for_each_tag(&mut |t| {
+                let entry = serde_json::to_string_pretty(&tag_json(&t)).expect("json");
+                let sep = if n == 0 { "" } else { "," };
+                n += 1;
+                write!(stdout, "{sep}\n    {}", entry.replace('\n', "\n    ")).map_err(|e| {
+                    bakedb_oci::Error::Io {
+                        op: "writing",
+                        path: "stdout".into(),
+                        source: e,
+                    }
+                })
+            })
+            .stage(Code::VerifyFailed, what)?;
+        writeln!(stdout, "{}]\n}}", if n == 0 { "" } else { "\n  " })?;
         stdout.flush()?;
         return Ok(());
     }
@@ -81,14 +107,21 @@ pub fn run(args: InspectArgs) -> Result<()> {
         out["architecture"].as_str().unwrap_or("?")
     )?;
     writeln!(stdout, "Tags:")?;
-    for t in &tags {
-        writeln!(
-            stdout,
-            "  {:20} {}",
-            t.tag.as_deref().unwrap_or("<untagged>"),
-            t.digest
-        )?;
-    }
+    source
+        .for_each_tag(&mut |t| {
+            writeln!(
+                stdout,
+                "  {:20} {}",
+                t.tag.as_deref().unwrap_or("<untagged>"),
+                t.digest
+            )
+            .map_err(|e| bakedb_oci::Error::Io {
+                op: "writing",
+                path: "stdout".into(),
+                source: e,
+            })
+        })
+        .stage(Code::VerifyFailed, what)?;
     let cfg = &out["config"];
     for (label, key) in [
         ("User", "User"),

@@ -1,9 +1,10 @@
 //! Writing `oci-archive:` and `docker-archive:` files from a finished staging layout.
 //!
 //! A tar header needs the entry size before the content, so an image is first built into a
-//! staging layout beside the output file and then streamed into the archive; the archive is
-//! written to a temp file, fsynced and renamed over the output, so a reader sees the old
-//! archive or the new one, never a partial one.
+//! hidden staging layout beside the output file and then streamed into the archive; the
+//! archive is written to a temp file inside the staging layout (same file system, out of
+//! sight), fsynced and renamed over the output, so a reader sees the old archive or the new
+//! one, never a partial one, and nothing else beside it.
 
 use std::fs::{self, File};
 use std::io::BufWriter;
@@ -18,7 +19,12 @@ use crate::image::canonical_json;
 use crate::layer::LayerInfo;
 use crate::tarball::{self, TarEntry};
 
-fn write_archive_atomically(file: &Path, entries: Vec<TarEntry>, mtime: u64) -> Result<()> {
+fn write_archive_atomically(
+    file: &Path,
+    temp_dir: &Path,
+    entries: Vec<TarEntry>,
+    mtime: u64,
+) -> Result<()> {
     let entries = tarball::canonicalize(entries)?;
     let dir = match file.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
@@ -28,7 +34,7 @@ fn write_archive_atomically(file: &Path, entries: Vec<TarEntry>, mtime: u64) -> 
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or("archive");
-    let tmp = fsutil::temp_name(dir, name);
+    let tmp = fsutil::temp_name(temp_dir, name);
     let result = (|| {
         let f = File::create(&tmp).map_err(Error::io("creating", &tmp))?;
         let mut out = BufWriter::with_capacity(1 << 20, f);
@@ -48,8 +54,9 @@ fn write_archive_atomically(file: &Path, entries: Vec<TarEntry>, mtime: u64) -> 
     result
 }
 
-/// The staging layout's files (oci-layout, index.json, blobs) as one OCI archive.
-pub fn write_oci_archive(staging: &Path, file: &Path, mtime: u64) -> Result<()> {
+/// The staging layout's files (oci-layout, index.json, blobs) as one OCI archive; the temp
+/// file goes into `temp_dir`.
+pub fn write_oci_archive(staging: &Path, temp_dir: &Path, file: &Path, mtime: u64) -> Result<()> {
     let mut entries = Vec::new();
     for name in ["oci-layout", "index.json"] {
         entries.push(TarEntry::file(name, staging.join(name), 0o644, 0, 0)?);
@@ -66,7 +73,7 @@ pub fn write_oci_archive(staging: &Path, file: &Path, mtime: u64) -> Result<()> 
             0,
         )?);
     }
-    write_archive_atomically(file, entries, mtime)
+    write_archive_atomically(file, temp_dir, entries, mtime)
 }
 
 /// A `docker load`-able archive: manifest.json, the config as `<hex>.json` and each layer blob
@@ -77,6 +84,7 @@ pub fn write_docker_archive(
     layers: &[LayerInfo],
     repo_tag: &str,
     file: &Path,
+    temp_dir: &Path,
     mtime: u64,
 ) -> Result<()> {
     let config_name = format!("{}.json", Digest::of(config).hex());
@@ -96,5 +104,5 @@ pub fn write_docker_archive(
         }
         entries.push(TarEntry::file(name, blob_path(&layer.digest), 0o644, 0, 0)?);
     }
-    write_archive_atomically(file, entries, mtime)
+    write_archive_atomically(file, temp_dir, entries, mtime)
 }

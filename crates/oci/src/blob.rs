@@ -1,8 +1,9 @@
 //! Content-addressed blob store under `<layout>/blobs/sha256/`.
 //!
-//! A blob is streamed into `tmp.*` in the same directory while it is hashed, fsynced, and only
-//! then renamed to its digest, so a blob file that exists under its digest name is complete.
-//! An existing blob is never rewritten: the rename is skipped and the temp file removed.
+//! A blob is streamed into a temp file in the layout's `.bakedb-tmp/` (where no OCI reader
+//! looks) while it is hashed, fsynced, and only then renamed to its digest, so a blob file
+//! that exists under its digest name is complete. An existing blob is never rewritten: the
+//! rename is skipped and the temp file removed; `put` does not even write it.
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -13,10 +14,12 @@ use sha2::{Digest as _, Sha256};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::fsutil;
+use crate::garbage::TEMP_DIR;
 
 #[derive(Clone, Debug)]
 pub struct BlobStore {
     dir: PathBuf,
+    temp_dir: PathBuf,
 }
 
 /// What a committed blob is: enough for a descriptor.
@@ -27,15 +30,27 @@ pub struct BlobInfo {
 }
 
 impl BlobStore {
-    /// Create (if needed) `<root>/blobs/sha256`.
+    /// Create (if needed) `<root>/blobs/sha256` and the temp directory `<root>/.bakedb-tmp`.
     pub fn create(root: &Path) -> Result<Self> {
         let dir = root.join("blobs").join("sha256");
         fs::create_dir_all(&dir).map_err(Error::io("creating blob directory", &dir))?;
-        Ok(BlobStore { dir })
+        let temp_dir = root.join(TEMP_DIR);
+        match fs::create_dir(&temp_dir) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+                return Err(Error::io("creating temp directory", &temp_dir)(e));
+            }
+            _ => {}
+        }
+        Ok(BlobStore { dir, temp_dir })
     }
 
     pub fn path(&self, digest: &Digest) -> PathBuf {
         self.dir.join(digest.hex())
+    }
+
+    /// Where temp files go: same file system as the blobs, out of every reader's sight.
+    pub fn temp_dir(&self) -> &Path {
+        &self.temp_dir
     }
 
     /// True if the blob is present with the expected size; its content is trusted because
@@ -45,7 +60,7 @@ impl BlobStore {
     }
 
     pub fn writer(&self) -> Result<BlobWriter> {
-        let tmp = fsutil::temp_name(&self.dir, "blob");
+        let tmp = fsutil::temp_name(&self.temp_dir, "blob");
         let file = File::create(&tmp).map_err(Error::io("creating blob", &tmp))?;
         Ok(BlobWriter {
             file: Some(file),
@@ -58,17 +73,19 @@ impl BlobStore {
         })
     }
 
+    /// Store `bytes`; if the store has them already, nothing is written.
     pub fn put(&self, bytes: &[u8]) -> Result<BlobInfo> {
+        let info = BlobInfo {
+            digest: Digest::of(bytes),
+            size: bytes.len() as u64,
+        };
+        if self.contains(&info.digest, info.size) {
+            return Ok(info);
+        }
         let mut w = self.writer()?;
         w.write_all(bytes)
             .map_err(Error::io("writing blob", w.tmp.clone()))?;
         w.commit(None)
-    }
-
-    /// Remove temp files left by writers that were killed; call only while holding the lock.
-    pub fn remove_stale_temp_files(&self) -> Result<()> {
-        fsutil::remove_temp_files(&self.dir, "tmp.");
-        Ok(())
     }
 }
 
@@ -229,6 +246,7 @@ mod tests {
             .unwrap()
             .collect();
         assert_eq!(names.len(), 1);
+        assert_eq!(std::fs::read_dir(store.temp_dir()).unwrap().count(), 0);
 
         let mut w = store.writer().unwrap();
         w.write_all(b"tampered").unwrap();
@@ -240,5 +258,6 @@ mod tests {
             .unwrap()
             .collect();
         assert_eq!(names.len(), 1, "mismatching blob must not be kept");
+        assert_eq!(std::fs::read_dir(store.temp_dir()).unwrap().count(), 0);
     }
 }

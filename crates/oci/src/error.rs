@@ -79,6 +79,8 @@ pub enum Error {
     TagExists { location: String, tag: String },
     #[error("{location} already exists; drop --no-overwrite or choose another file")]
     ArchiveExists { location: String },
+    #[error("{location}: {reason}")]
+    BadArchive { location: String, reason: String },
     #[error("invalid image reference {reference:?}: {reason}")]
     BadReference { reference: String, reason: String },
 }

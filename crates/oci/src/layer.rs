@@ -5,7 +5,7 @@ use std::io::{self, Write};
 
 use sha2::{Digest as _, Sha256};
 
-use crate::blob::{BlobStore, BlobWriter};
+use crate::blob::BlobStore;
 use crate::compress::Compression;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
@@ -51,30 +51,116 @@ pub fn write_layer(
     progress: &mut dyn FnMut(u64),
 ) -> Result<LayerInfo> {
     let entries = tarball::canonicalize(entries)?;
+    write_canonical(store, compression, &entries, mtime, threads, progress)
+}
+
+fn write_canonical(
+    store: &BlobStore,
+    compression: Compression,
+    entries: &[TarEntry],
+    mtime: u64,
+    threads: usize,
+    progress: &mut dyn FnMut(u64),
+) -> Result<LayerInfo> {
     let blob = store.writer()?;
     let tmp = blob.temp_path().to_owned();
+    let (blob, diff_id) =
+        compress_into(blob, &tmp, compression, entries, mtime, threads, progress)?;
+    let info = blob.commit(None)?;
+    Ok(LayerInfo {
+        digest: info.digest,
+        size: info.size,
+        diff_id: diff_id.unwrap_or(info.digest),
+        media_type: compression.media_type().to_owned(),
+    })
+}
+
+/// The tar stream of `entries`, compressed into `sink`; returns the sink and, for a
+/// compressed layer, the diff_id (uncompressed, the digest is the diff_id).
+fn compress_into<W: Write + Send + 'static>(
+    sink: W,
+    shown_path: &std::path::Path,
+    compression: Compression,
+    entries: &[TarEntry],
+    mtime: u64,
+    threads: usize,
+    progress: &mut dyn FnMut(u64),
+) -> Result<(W, Option<Digest>)> {
     let compressed = compression != Compression::None;
     let encoder = compression
-        .encoder(blob, threads)
-        .map_err(Error::io("starting compressor for", &tmp))?;
+        .encoder(sink, threads)
+        .map_err(Error::io("starting compressor for", shown_path))?;
     let mut tap = Tap {
         inner: encoder,
         hasher: compressed.then(Sha256::new),
         progress,
     };
-    tarball::write_tar(&entries, mtime, &mut tap)?;
+    tarball::write_tar(entries, mtime, &mut tap)?;
     let Tap { inner, hasher, .. } = tap;
-    let blob: BlobWriter = inner
+    let sink = inner
         .finish()
-        .map_err(Error::io("compressing layer into", &tmp))?;
-    let info = blob.commit(None)?;
-    let diff_id = hasher.map_or(info.digest, Digest::from_hasher);
-    Ok(LayerInfo {
-        digest: info.digest,
-        size: info.size,
-        diff_id,
-        media_type: compression.media_type().to_owned(),
-    })
+        .map_err(Error::io("compressing layer into", shown_path))?;
+    Ok((sink, hasher.map(Digest::from_hasher)))
+}
+
+/// Counts and hashes what would be a blob, and keeps nothing.
+struct HashSink {
+    hasher: Sha256,
+    size: u64,
+}
+
+impl Write for HashSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.hasher.update(buf);
+        self.size += buf.len() as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A layer whose bytes are the same in every build (bakedb's own binaries: fixed mtime,
+/// deterministic compression). Its digest is computed first, by compressing into a hasher
+/// (nothing is written or held: these layers are a few MB); if the store already has that
+/// blob, it is not written again, so a layout on a nearly full disk needs no room for it.
+/// `store_has_blobs` false (a new layout, a staging layout) skips the dry run.
+pub fn write_fixed_layer(
+    store: &BlobStore,
+    store_has_blobs: bool,
+    compression: Compression,
+    entries: Vec<TarEntry>,
+    mtime: u64,
+    threads: usize,
+) -> Result<LayerInfo> {
+    let entries = tarball::canonicalize(entries)?;
+    if store_has_blobs {
+        let sink = HashSink {
+            hasher: Sha256::new(),
+            size: 0,
+        };
+        let shown = store.temp_dir().join("(digest only)");
+        let (sink, diff_id) = compress_into(
+            sink,
+            &shown,
+            compression,
+            &entries,
+            mtime,
+            threads,
+            &mut |_| {},
+        )?;
+        let digest = Digest::from_hasher(sink.hasher);
+        if store.contains(&digest, sink.size) {
+            return Ok(LayerInfo {
+                digest,
+                size: sink.size,
+                diff_id: diff_id.unwrap_or(digest),
+                media_type: compression.media_type().to_owned(),
+            });
+        }
+    }
+    write_canonical(store, compression, &entries, mtime, threads, &mut |_| {})
 }
 
 #[cfg(test)]
@@ -106,6 +192,38 @@ mod tests {
                 .read_to_end(&mut back)
                 .unwrap();
             assert_eq!(back, plain);
+        }
+    }
+
+    /// A fixed layer the store has is recognised by its digest, computed without writing:
+    /// here no temp file can be created at all (the temp directory is a file), and the
+    /// second write still succeeds, with the same descriptor.
+    #[test]
+    fn a_fixed_layer_the_store_has_is_not_written_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::create(dir.path()).unwrap();
+        let entries = || {
+            vec![TarEntry::bytes(
+                "bakedb/init",
+                vec![3u8; 300_000],
+                0o755,
+                0,
+                0,
+            )]
+        };
+        for c in [Compression::None, Compression::Gzip, Compression::Zstd] {
+            let first = write_fixed_layer(&store, false, c, entries(), 0, 2).unwrap();
+            std::fs::remove_dir(store.temp_dir()).unwrap();
+            std::fs::write(store.temp_dir(), b"not a directory").unwrap();
+            let again = write_fixed_layer(&store, true, c, entries(), 0, 2).unwrap();
+            assert_eq!(again, first, "{c:?}");
+            let other = vec![TarEntry::bytes("bakedb/init", vec![4u8; 10], 0o755, 0, 0)];
+            assert!(
+                write_fixed_layer(&store, true, c, other, 0, 2).is_err(),
+                "{c:?}: a new layer needs a temp file"
+            );
+            std::fs::remove_file(store.temp_dir()).unwrap();
+            std::fs::create_dir(store.temp_dir()).unwrap();
         }
     }
 }

@@ -11,7 +11,7 @@ use crate::archive;
 use crate::compress::Compression;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
-use crate::fsutil;
+use crate::garbage;
 use crate::image;
 use crate::layer::{self, LayerInfo};
 use crate::layout::LayoutWriter;
@@ -86,10 +86,8 @@ impl Output {
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default();
-                remove_dead_staging(&dir, &name);
-                LayoutWriter::open(
-                    &dir.join(format!(".{name}.bakedb-staging.{}", std::process::id())),
-                )?
+                garbage::clean_beside_archive(&dir, &name);
+                LayoutWriter::open(&dir.join(garbage::staging_name(&name)))?
             }
         };
         Ok(Output {
@@ -115,6 +113,24 @@ impl Output {
             mtime,
             threads,
             progress,
+        )
+    }
+
+    /// A layer whose bytes are the same in every build (bakedb's own binaries, mtime 0): not
+    /// written when the output already has it (see `layer::write_fixed_layer`).
+    pub fn write_fixed_layer(
+        &self,
+        compression: Compression,
+        entries: Vec<TarEntry>,
+        threads: usize,
+    ) -> Result<LayerInfo> {
+        layer::write_fixed_layer(
+            self.writer.store(),
+            self.writer.had_blobs(),
+            compression,
+            entries,
+            0,
+            threads,
         )
     }
 
@@ -207,7 +223,12 @@ impl Output {
                         br#"{"imageLayoutVersion":"1.0.0"}"#,
                     )
                     .map_err(Error::io("writing", staging.join("oci-layout")))?;
-                    archive::write_oci_archive(&staging, file, mtime)
+                    archive::write_oci_archive(
+                        &staging,
+                        self.writer.store().temp_dir(),
+                        file,
+                        mtime,
+                    )
                 })();
                 drop(self.writer);
                 result?;
@@ -220,6 +241,7 @@ impl Output {
                     &layers,
                     &self.tag,
                     file,
+                    self.writer.store().temp_dir(),
                     mtime,
                 );
                 drop(self.writer);
@@ -227,32 +249,5 @@ impl Output {
             }
         }
         Ok(written)
-    }
-}
-
-/// Staging layouts and temp archives left beside `name` by builds that were killed.
-fn remove_dead_staging(dir: &std::path::Path, name: &str) {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let file_name = entry.file_name().to_string_lossy().into_owned();
-        let pid = if let Some(rest) = file_name.strip_prefix(&format!(".{name}.bakedb-staging.")) {
-            rest.parse::<u32>().ok()
-        } else if let Some(rest) = file_name.strip_prefix(&format!("tmp.{name}.")) {
-            rest.split('.').next().and_then(|p| p.parse::<u32>().ok())
-        } else {
-            None
-        };
-        if let Some(pid) = pid
-            && !fsutil::pid_alive(pid)
-        {
-            let path = entry.path();
-            let _ = if path.is_dir() {
-                fs::remove_dir_all(&path)
-            } else {
-                fs::remove_file(&path)
-            };
-        }
     }
 }

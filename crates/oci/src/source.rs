@@ -19,6 +19,7 @@ use crate::image::{
     self, MEDIA_TYPE_CONFIG, MEDIA_TYPE_DOCKER_CONFIG, MEDIA_TYPE_DOCKER_MANIFEST,
     MEDIA_TYPE_MANIFEST,
 };
+use crate::index;
 use crate::reference::{ImageRef, normalize_docker_name};
 
 /// A merged image file system (see `ImageSource::file_tree`).
@@ -69,12 +70,37 @@ pub struct ResolvedImage {
     pub layers: Vec<LayerRef>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TagEntry {
-    pub tag: Option<String>,
-    pub digest: Digest,
-    pub size: u64,
-    pub media_type: String,
+pub use crate::index::TagEntry;
+
+/// The tag names of an index for a message: the first few, and how many in all.
+#[derive(Default)]
+struct TagNames {
+    first: Vec<String>,
+    count: usize,
+}
+
+impl TagNames {
+    const SHOWN: usize = 20;
+
+    fn add(&mut self, tag: Option<&str>) {
+        self.count += 1;
+        if self.first.len() < Self::SHOWN {
+            self.first.push(tag.unwrap_or("<untagged>").to_owned());
+        }
+    }
+}
+
+impl std::fmt::Display for TagNames {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.count == 0 {
+            return f.write_str("none");
+        }
+        f.write_str(&self.first.join(", "))?;
+        if self.count > self.first.len() {
+            write!(f, " and {} more", self.count - self.first.len())?;
+        }
+        Ok(())
+    }
 }
 
 enum Kind {
@@ -122,7 +148,7 @@ impl ImageSource {
                 Kind::Dir(dir.clone())
             }
             ImageRef::OciArchive { file, .. } | ImageRef::DockerArchive { file, .. } => {
-                Kind::Archive(file.clone(), index_archive(file)?)
+                Kind::Archive(file.clone(), index_archive(file, &location)?)
             }
         };
         let mut source = ImageSource {
@@ -268,10 +294,21 @@ impl ImageSource {
         Ok(buf)
     }
 
-    /// Every image entry of the index, tagged or not.
+    /// Every image entry of the index, tagged or not. Holds one small record per entry;
+    /// `for_each_tag` holds none.
     pub fn tags(&self) -> Result<Vec<TagEntry>> {
+        let mut out = Vec::new();
+        self.for_each_tag(&mut |t| {
+            out.push(t);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Every image entry of the index, in order, one at a time: index.json is streamed, not
+    /// read whole (a layout may hold hundreds of thousands of tags).
+    pub fn for_each_tag(&self, each: &mut dyn FnMut(TagEntry) -> Result<()>) -> Result<()> {
         if let Some(images) = &self.docker {
-            let mut out = Vec::new();
             for img in images {
                 let (digest, size) = (Digest::of(&img.manifest), img.manifest.len() as u64);
                 let tags: Vec<Option<String>> = if img.tags.is_empty() {
@@ -280,99 +317,94 @@ impl ImageSource {
                     img.tags.iter().cloned().map(Some).collect()
                 };
                 for tag in tags {
-                    out.push(TagEntry {
+                    each(TagEntry {
                         tag,
                         digest,
                         size,
                         media_type: MEDIA_TYPE_MANIFEST.into(),
-                    });
+                    })?;
                 }
             }
-            return Ok(out);
+            return Ok(());
         }
-        let bytes = self.read_small("index.json", "index.json")?;
-        let index = self.parse_json(&bytes, "index.json")?;
-        let manifests = index
-            .get("manifests")
-            .and_then(Value::as_array)
-            .ok_or_else(|| Error::Invalid {
-                location: self.location(),
+        let location = self.location();
+        let reader = self.open_path("index.json")?.ok_or_else(|| match &self.kind {
+            Kind::Archive(file, entries) if entries.contains_key("manifest.json") => {
+                Error::BadArchive {
+                    location: location.clone(),
+                    reason: format!(
+                        "{} is a docker-archive, not an oci-archive (it has manifest.json, no index.json): use docker-archive:{}",
+                        file.display(),
+                        file.display()
+                    ),
+                }
+            }
+            Kind::Archive(file, _) => Error::BadArchive {
+                location: location.clone(),
+                reason: format!(
+                    "{} is a tar archive without index.json, so not an oci-archive (`skopeo copy ... oci-archive:FILE` writes one)",
+                    file.display()
+                ),
+            },
+            Kind::Dir(_) => Error::Invalid {
+                location: location.clone(),
                 what: "index.json".into(),
-                reason: "has no \"manifests\" array".into(),
-            })?;
-        manifests
-            .iter()
-            .map(|m| {
-                let digest = m
-                    .get("digest")
-                    .and_then(Value::as_str)
-                    .and_then(|d| d.parse().ok())
-                    .ok_or_else(|| Error::Invalid {
-                        location: self.location(),
-                        what: "index.json".into(),
-                        reason: format!("entry {m} has no valid sha256 digest"),
-                    })?;
-                Ok(TagEntry {
-                    tag: image::ref_name(m).map(str::to_owned),
-                    digest,
-                    size: m.get("size").and_then(Value::as_u64).unwrap_or(0),
-                    media_type: m
-                        .get("mediaType")
-                        .and_then(Value::as_str)
-                        .unwrap_or("")
-                        .to_owned(),
-                })
-            })
-            .collect()
+                reason: "index.json is missing".into(),
+            },
+        })?;
+        index::read(reader, &location, Path::new("index.json"), &mut |entry| {
+            each(TagEntry::from_value(&entry, &location)?)
+        })?;
+        Ok(())
     }
 
     /// The image the reference names: its tag, or the only image when no tag is given.
+    /// Streams the index, keeping the entry it looks for, the first few tag names (for the
+    /// message when it is not there) and, without a tag, the distinct digests.
     pub fn resolve(&self) -> Result<ResolvedImage> {
-        let tags = self.tags()?;
-        let names = || {
-            let v: Vec<String> = tags
-                .iter()
-                .map(|t| t.tag.clone().unwrap_or_else(|| "<untagged>".into()))
-                .collect();
-            if v.is_empty() {
-                "none".to_owned()
-            } else {
-                v.join(", ")
-            }
-        };
         let wanted = self.reference.tag();
-        let entry = match wanted {
-            Some(tag) => tags
-                .iter()
-                .find(|t| match (&self.docker, t.tag.as_deref()) {
-                    (Some(_), Some(name)) => {
-                        normalize_docker_name(name) == normalize_docker_name(tag)
+        let docker = self.docker.is_some();
+        let mut found: Option<TagEntry> = None;
+        let mut names = TagNames::default();
+        let mut distinct: BTreeSet<Digest> = BTreeSet::new();
+        self.for_each_tag(&mut |t| {
+            names.add(t.tag.as_deref());
+            match wanted {
+                Some(tag) => {
+                    let hit = match t.tag.as_deref() {
+                        Some(name) if docker => {
+                            normalize_docker_name(name) == normalize_docker_name(tag)
+                        }
+                        name => !docker && name == Some(tag),
+                    };
+                    if hit && found.is_none() {
+                        found = Some(t);
                     }
-                    (None, name) => name == Some(tag),
-                    (Some(_), None) => false,
-                })
-                .ok_or_else(|| Error::TagNotFound {
+                }
+                None => {
+                    if distinct.insert(t.digest) && found.is_none() {
+                        found = Some(t);
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        let entry = match (wanted, found) {
+            (Some(_), Some(entry)) => entry,
+            (None, Some(entry)) if distinct.len() == 1 => entry,
+            (Some(tag), None) => {
+                return Err(Error::TagNotFound {
                     location: self.location(),
                     tag: tag.to_owned(),
-                    available: names(),
-                })?,
-            None => {
-                let mut distinct: Vec<&TagEntry> = Vec::new();
-                for t in &tags {
-                    if !distinct.iter().any(|d| d.digest == t.digest) {
-                        distinct.push(t);
-                    }
-                }
-                match distinct.as_slice() {
-                    [one] => *one,
-                    _ => {
-                        return Err(Error::AmbiguousImage {
-                            location: self.location(),
-                            count: distinct.len(),
-                            available: names(),
-                        });
-                    }
-                }
+                    available: names.to_string(),
+                });
+            }
+            (None, _) => {
+                return Err(Error::AmbiguousImage {
+                    location: self.location(),
+                    count: distinct.len(),
+                    available: names.to_string(),
+                });
             }
         };
         if entry.media_type != MEDIA_TYPE_MANIFEST && entry.media_type != MEDIA_TYPE_DOCKER_MANIFEST
@@ -616,6 +648,26 @@ impl ImageSource {
     }
 
     fn read_docker_manifest(&self) -> Result<Vec<DockerImage>> {
+        if let Kind::Archive(file, entries) = &self.kind
+            && !entries.contains_key("manifest.json")
+        {
+            let oci = entries.contains_key("index.json") && entries.contains_key("oci-layout");
+            return Err(Error::BadArchive {
+                location: self.location(),
+                reason: if oci {
+                    format!(
+                        "{} is an oci-archive, not a docker-archive (it has index.json and oci-layout, no manifest.json): use oci-archive:{}",
+                        file.display(),
+                        file.display()
+                    )
+                } else {
+                    format!(
+                        "{} is a tar archive without manifest.json, so not a docker-archive (`docker save` and `skopeo copy ... docker-archive:FILE` write one)",
+                        file.display()
+                    )
+                },
+            });
+        }
         let bytes = self.read_small("manifest.json", "docker-archive manifest.json")?;
         let value = self.parse_json(&bytes, "docker-archive manifest.json")?;
         let invalid = |reason: &str| Error::Invalid {
@@ -738,23 +790,139 @@ fn entry_name<R: Read>(entry: &tar::Entry<'_, R>) -> io::Result<String> {
         .to_owned())
 }
 
-fn index_archive(file: &Path) -> Result<BTreeMap<String, (u64, u64)>> {
-    let f = File::open(file).map_err(Error::io("opening archive", file))?;
+const BLOCK: u64 = 512;
+
+/// Index an archive (entry name → data offset and size), or say in words what it is
+/// instead: not a tar at all (the tar crate's own words, "numeric field was not a number",
+/// tell a user nothing), or one cut short by a copy or download that did not finish (which
+/// otherwise reads as a complete archive that lacks manifest.json or index.json).
+fn index_archive(file: &Path, location: &str) -> Result<BTreeMap<String, (u64, u64)>> {
+    let bad = |reason: String| Error::BadArchive {
+        location: location.to_owned(),
+        reason,
+    };
+    let mut f = File::open(file).map_err(Error::io("opening archive", file))?;
+    let len = f
+        .metadata()
+        .map_err(Error::io("reading archive", file))?
+        .len();
+    let mut first = [0u8; BLOCK as usize];
+    let n = read_up_to(&mut f, &mut first).map_err(Error::io("reading archive", file))?;
+    if let Some(what) = not_a_tar(&first[..n], len) {
+        return Err(bad(format!(
+            "{} is not a tar archive ({what}); an oci-archive or docker-archive is an uncompressed tar file as `skopeo copy` or `docker save` writes it: check the path and the transport (a layout directory is oci:DIR)",
+            file.display()
+        )));
+    }
+    f.seek(SeekFrom::Start(0))
+        .map_err(Error::io("reading archive", file))?;
+    let truncated = |what: String| {
+        bad(format!(
+            "{} is truncated or incomplete: {what}; whatever wrote it (a copy, a download, skopeo copy, docker save) did not finish: write it again",
+            file.display()
+        ))
+    };
     let mut archive = tar::Archive::new(f);
     let mut entries = BTreeMap::new();
-    let corrupt = |e: io::Error| Error::Io {
-        op: "reading archive",
-        path: file.to_owned(),
-        source: e,
+    let mut last: Option<String> = None;
+    let mut end = 0u64;
+    let damaged = |last: &Option<String>, e: io::Error| {
+        let after = match last {
+            Some(name) => format!("after entry {name}"),
+            None => "at its first entry".to_owned(),
+        };
+        bad(format!(
+            "{} is damaged {after}: {e}; write it again",
+            file.display()
+        ))
     };
-    for entry in archive.entries_with_seek().map_err(corrupt)? {
-        let entry = entry.map_err(corrupt)?;
-        if entry.header().entry_type().is_file() {
-            let name = entry_name(&entry).map_err(corrupt)?;
-            entries.insert(name, (entry.raw_file_position(), entry.size()));
+    for entry in archive.entries_with_seek().map_err(|e| damaged(&None, e))? {
+        let entry = entry.map_err(|e| damaged(&last, e))?;
+        let name = entry_name(&entry).map_err(|e| damaged(&last, e))?;
+        let (offset, size) = (entry.raw_file_position(), entry.size());
+        if offset + size > len {
+            return Err(truncated(format!(
+                "entry {name} needs {size} bytes from offset {offset}, and the file ends at {len}"
+            )));
         }
+        end = end.max((offset + size).next_multiple_of(BLOCK));
+        if entry.header().entry_type().is_file() {
+            entries.insert(name.clone(), (offset, size));
+        }
+        last = Some(name);
+    }
+    // A tar ends with zero blocks. Cut at an entry boundary, it would read as a complete
+    // archive of fewer entries.
+    let mut f = archive.into_inner();
+    let mut marker = [0u8; BLOCK as usize];
+    f.seek(SeekFrom::Start(end))
+        .map_err(Error::io("reading archive", file))?;
+    let n = read_up_to(&mut f, &mut marker).map_err(Error::io("reading archive", file))?;
+    if n < marker.len() || marker.iter().any(|b| *b != 0) {
+        return Err(truncated(format!(
+            "it ends after {} without tar's end-of-archive marker",
+            match &last {
+                Some(name) => format!("entry {name}"),
+                None => "no entry".into(),
+            }
+        )));
     }
     Ok(entries)
+}
+
+/// Read until `buf` is full or the input ends; the number of bytes read.
+fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// What a file is when its first block is not a tar header, in a few words; None for a tar.
+fn not_a_tar(first: &[u8], len: u64) -> Option<String> {
+    if len == 0 {
+        return Some("it is empty".into());
+    }
+    let compressed = match first {
+        [0x1f, 0x8b, ..] => Some("gzip"),
+        [0x28, 0xb5, 0x2f, 0xfd, ..] => Some("zstd"),
+        [b'B', b'Z', b'h', ..] => Some("bzip2"),
+        [0xfd, b'7', b'z', b'X', b'Z', 0, ..] => Some("xz"),
+        _ => None,
+    };
+    if let Some(c) = compressed {
+        return Some(format!("it is {c}-compressed: decompress it first"));
+    }
+    if first.len() < BLOCK as usize {
+        return Some(format!("it has {len} bytes, less than one tar header"));
+    }
+    if first.iter().all(|b| *b == 0) {
+        // An empty tar (just the end marker) is a tar; the caller finds no entries.
+        return None;
+    }
+    // A tar header's checksum: the sum of its bytes with the checksum field read as spaces.
+    let stored = std::str::from_utf8(&first[148..156])
+        .ok()
+        .map(|t| t.trim_matches(|c: char| c == '\0' || c == ' '))
+        .and_then(|t| u32::from_str_radix(t, 8).ok());
+    let computed: u32 = first
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            if (148..156).contains(&i) {
+                32
+            } else {
+                u32::from(*b)
+            }
+        })
+        .sum();
+    (stored != Some(computed)).then(|| "its first 512 bytes are not a tar header".into())
 }
 
 /// Stream a layer blob through `sink`, checking its digest and size and, by decompressing
@@ -854,4 +1022,127 @@ pub fn check_layer<R: Read>(
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A docker-archive's entries, as `docker save` orders them: config, layer, manifest.json.
+    fn docker_archive_bytes() -> Vec<u8> {
+        let config = format!(
+            r#"{{"architecture":"amd64","os":"linux","rootfs":{{"type":"layers","diff_ids":["{}"]}}}}"#,
+            Digest::of(b"layer")
+        )
+        .into_bytes();
+        let mut builder = tar::Builder::new(Vec::new());
+        for (name, data) in [
+            ("config.json", config),
+            ("layer.tar", vec![7u8; 10_000]),
+            (
+                "manifest.json",
+                br#"[{"Config":"config.json","RepoTags":["app:v1"],"Layers":["layer.tar"]}]"#
+                    .to_vec(),
+            ),
+        ] {
+            let mut header = tar::Header::new_ustar();
+            header.set_size(data.len() as u64);
+            header.set_mode(0o644);
+            header.set_cksum();
+            builder.append_data(&mut header, name, &data[..]).unwrap();
+        }
+        builder.into_inner().unwrap()
+    }
+
+    fn open_error(dir: &Path, transport: &str, bytes: &[u8]) -> String {
+        let file = dir.join("x.tar");
+        std::fs::write(&file, bytes).unwrap();
+        let reference: ImageRef = format!("{transport}:{}", file.display()).parse().unwrap();
+        match ImageSource::open(&reference) {
+            Ok(source) => source
+                .resolve()
+                .err()
+                .map_or_else(|| "opened and resolved".into(), |e| e.to_string()),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn an_archive_that_is_not_a_tar_or_is_cut_short_is_named_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let whole = docker_archive_bytes();
+        assert_eq!(
+            open_error(d, "docker-archive", &whole),
+            "opened and resolved"
+        );
+        let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gzip, &whole).unwrap();
+        let gzipped = gzip.finish().unwrap();
+        // The end of manifest.json's data: everything up to the end-of-archive marker.
+        let manifest_end = whole.len() - 1024;
+        let layer_header = 1024; // config.json's header and data block
+        for (bytes, needle) in [
+            (
+                &b"these are notes, not an archive\n".repeat(40)[..],
+                "is not a tar archive (its first 512 bytes are not a tar header); an oci-archive or docker-archive is an uncompressed tar file",
+            ),
+            (
+                &gzipped[..],
+                "is not a tar archive (it is gzip-compressed: decompress it first)",
+            ),
+            (&[][..], "is not a tar archive (it is empty)"),
+            (
+                &whole[..100],
+                "is not a tar archive (it has 100 bytes, less than one tar header)",
+            ),
+            (
+                &whole[..layer_header + 512 + 4000],
+                "is truncated or incomplete: entry layer.tar needs 10000 bytes from offset 1536",
+            ),
+            (
+                &whole[..manifest_end],
+                "is truncated or incomplete: it ends after entry manifest.json without tar's end-of-archive marker",
+            ),
+            (
+                &whole[..layer_header],
+                "is truncated or incomplete: it ends after entry config.json without tar's end-of-archive marker",
+            ),
+        ] {
+            let err = open_error(d, "docker-archive", bytes);
+            assert!(
+                err.starts_with(&format!(
+                    "docker-archive:{}/x.tar: {}/x.tar ",
+                    d.display(),
+                    d.display()
+                )) && err.contains(needle),
+                "{needle}: {err}"
+            );
+            assert!(
+                !err.contains("numeric field") && !err.contains("manifest.json is missing"),
+                "{err}"
+            );
+        }
+        // A complete tar that is not a docker-archive, and the two archive kinds confused.
+        let mut builder = tar::Builder::new(Vec::new());
+        let mut header = tar::Header::new_ustar();
+        header.set_size(2);
+        header.set_cksum();
+        builder
+            .append_data(&mut header, "notes.txt", &b"hi"[..])
+            .unwrap();
+        let plain = builder.into_inner().unwrap();
+        let err = open_error(d, "docker-archive", &plain);
+        assert!(
+            err.contains("is a tar archive without manifest.json, so not a docker-archive"),
+            "{err}"
+        );
+        let err = open_error(d, "oci-archive", &plain);
+        assert!(
+            err.contains("is a tar archive without index.json, so not an oci-archive"),
+            "{err}"
+        );
+        let err = open_error(d, "oci-archive", &whole);
+        assert!(err.contains("is a docker-archive, not an oci-archive (it has manifest.json, no index.json): use docker-archive:"), "{err}");
+    }
 }

@@ -2,11 +2,13 @@
 //!
 //! The manifest and config are checked against their descriptors when resolved; here every
 //! layer blob is read once, hashed, decompressed and hashed again for its diff_id, and the
-//! layout's own files and the config's history are checked for consistency.
+//! layout's own files and the config's history are checked for consistency. Last, what killed
+//! builds left behind is listed (`garbage`): it never fails a verification.
 
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::garbage::{self, Garbage};
 use crate::reference::ImageRef;
 use crate::source::{ImageSource, ResolvedImage, check_layer};
 
@@ -15,6 +17,9 @@ pub struct Report {
     pub image: ResolvedImage,
     pub layers_checked: usize,
     pub bytes_checked: u64,
+    /// Temp files of killed builds in the layout or beside the archive, and a layout's blobs
+    /// that no tag references. Reported, not an error: the image is fine.
+    pub garbage: Garbage,
 }
 
 pub fn verify(reference: &ImageRef, progress: &mut dyn FnMut(u64)) -> Result<Report> {
@@ -58,9 +63,16 @@ pub fn verify(reference: &ImageRef, progress: &mut dyn FnMut(u64)) -> Result<Rep
         })?;
         bytes_checked += layer.size;
     }
+    let garbage = match reference {
+        ImageRef::Oci { dir, .. } => garbage::in_layout(dir, &location).unwrap_or_default(),
+        ImageRef::OciArchive { file, .. } | ImageRef::DockerArchive { file, .. } => {
+            garbage::beside_archive(file)
+        }
+    };
     Ok(Report {
         layers_checked: image.layers.len(),
         bytes_checked,
         image,
+        garbage,
     })
 }
