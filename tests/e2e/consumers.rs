@@ -320,6 +320,8 @@ fn bakedb_reads_a_docker_archive_by_the_name_skopeo_wrote_it_with() {
     let d = dir.path();
     make_db(&d.join("app.db"), 500);
     build(d, "app.db", "oci:img:v1", &[]);
+    // As a base it must not be a bakedb image (refused, see errors.rs).
+    util::unbake(&d.join("img"), "v1");
     let mut failures = Vec::new();
     for (n, named) in [
         "docker-archive:repo.docker.tar:bakedb-e2e/app:v1",

@@ -20,7 +20,7 @@ use serde_json::Value;
 use crate::require;
 use crate::util::{
     assert_tree_unchanged, bakedb, bakedb_as_nobody, copy_dir, make_db, make_rollback_db, run,
-    run_ok, stderr, test_dir, tree,
+    run_ok, stderr, test_dir, tree, unbake,
 };
 
 // Exit codes, as documented.
@@ -35,8 +35,9 @@ const NOT_FOUND: i32 = 8;
 const REF_NAME: &str = "org.opencontainers.image.ref.name";
 
 /// A test directory holding `app.db` and `tiny.db`, a base layout `base` (tag v1, built from
-/// tiny.db), an output layout `out` that already holds tag `good`, and `arch/app.tar`, an
-/// oci-archive with tag `good`.
+/// tiny.db, without bakedb's marks in its config: bakedb refuses its own images as a base),
+/// an output layout `out` that already holds tag `good`, and `arch/app.tar`, an oci-archive
+/// with tag `good`.
 struct Fixture {
     _tmp: tempfile::TempDir,
     dir: PathBuf,
@@ -58,6 +59,7 @@ impl Fixture {
                 "build", "--quiet", "--engine", "sqlite", "--source", source, "--output", output,
             ]));
         }
+        unbake(&dir.join("base"), "v1");
         Fixture { _tmp: tmp, dir }
     }
 
@@ -1013,6 +1015,59 @@ fn several_images_and_no_tag() {
     assert_tree_unchanged(&two, &before, "verify and inspect");
 }
 
+/// An image bakedb built is no base: the new image would carry the old data and image.json
+/// under the new ones, and init would exit 3 at every start (ENTRYPOINT /bakedb/init three
+/// times over). Refused with exit 5, saying how it was recognised and what to do instead,
+/// for a FROM-scratch image (drop --base), and for one built with --no-init on another base,
+/// in each transport.
+#[test]
+fn base_that_bakedb_built_is_refused() {
+    let f = Fixture::new();
+    f.assert_build_fails(
+        &["--source", "app.db", "--base", "oci:out:good"],
+        BAD_BASE,
+        &[
+            "bakedb: checking base image oci:out:good: it is an image bakedb built (label io.bakedb.engine=sqlite, BAKEDB_DATA_DIGEST in its Env, ENTRYPOINT /bakedb/init)",
+            "the image would never start",
+            "build from the original base image instead: it was built FROM scratch, so drop --base",
+            "--from",
+        ],
+    );
+    f.assert_build_fails(
+        &[
+            "--source",
+            "app.db",
+            "--base",
+            &format!("oci-archive:{}:good", f.path("arch/app.tar").display()),
+        ],
+        BAD_BASE,
+        &["it is an image bakedb built", "drop --base"],
+    );
+    run_ok(bakedb(&f.dir).args([
+        "build",
+        "--quiet",
+        "--engine",
+        "sqlite",
+        "--source",
+        "tiny.db",
+        "--base",
+        "oci:base:v1",
+        "--no-init",
+        "--cmd",
+        "sh",
+        "--output",
+        "docker-archive:noinit.tar:noinit:v1",
+    ]));
+    f.assert_build_fails(
+        &["--source", "app.db", "--base", "docker-archive:noinit.tar:noinit:v1"],
+        BAD_BASE,
+        &[
+            "it is an image bakedb built (label io.bakedb.engine=sqlite, BAKEDB_DATA_DIGEST in its Env)",
+            "pass the base image it was built on as --base",
+        ],
+    );
+}
+
 /// A file given as an archive that is not a tar (text, a gzip-compressed tar, nothing) or is
 /// a tar cut short (a copy or download that did not finish): verify, inspect and --base say
 /// so, naming the file and what to do, instead of the tar reader's "numeric field was not a
@@ -1446,6 +1501,7 @@ fn verify_finds_a_tampered_layer() {
 fn damaged_base_in_the_output_layout() {
     let f = Fixture::new();
     let layout = f.path("out");
+    unbake(&layout, "good");
     let data = layer_digest(&layout, "good", 0);
     let path = blob_path(&layout, &data);
     let mut bytes = fs::read(&path).unwrap();

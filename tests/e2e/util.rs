@@ -412,6 +412,55 @@ impl Drop for DockerImage {
     }
 }
 
+/// Make the image `tag` of the layout `layout` look like any other base image: a config
+/// without bakedb's marks (the io.bakedb.* labels, BAKEDB_DATA_DIGEST, the /bakedb/init
+/// ENTRYPOINT, "bakedb" history comments), stored under its own digest, with the manifest and the tag rewritten to match,
+/// as a tool that edited the image would leave it. bakedb refuses its own images as --base;
+/// tests that need a small base to damage make one from a bakedb image with this.
+pub fn unbake(layout: &Path, tag: &str) {
+    use serde_json::Value;
+    let blob = |digest: &str| layout.join("blobs/sha256").join(&digest["sha256:".len()..]);
+    let read =
+        |path: &Path| -> Value { serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap() };
+    let put = |value: &Value| -> (String, usize) {
+        let bytes = serde_json::to_vec(value).unwrap();
+        let digest = format!("sha256:{}", sha256_hex(&bytes));
+        std::fs::write(blob(&digest), &bytes).unwrap();
+        (digest, bytes.len())
+    };
+    let mut index = read(&layout.join("index.json"));
+    let entry = index["manifests"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|e| e["annotations"]["org.opencontainers.image.ref.name"] == tag)
+        .unwrap_or_else(|| panic!("no tag {tag} in {}", layout.display()));
+    let mut manifest = read(&blob(entry["digest"].as_str().unwrap()));
+    let mut config = read(&blob(manifest["config"]["digest"].as_str().unwrap()));
+    let runtime = config["config"].as_object_mut().unwrap();
+    runtime.remove("Entrypoint");
+    if let Some(Value::Array(env)) = runtime.get_mut("Env") {
+        env.retain(|v| !v.as_str().unwrap_or("").starts_with("BAKEDB_"));
+    }
+    if let Some(Value::Object(labels)) = runtime.get_mut("Labels") {
+        labels.retain(|k, _| !k.starts_with("io.bakedb."));
+    }
+    for entry in config["history"].as_array_mut().into_iter().flatten() {
+        entry.as_object_mut().unwrap().remove("comment");
+    }
+    let (config_digest, config_size) = put(&config);
+    manifest["config"]["digest"] = config_digest.into();
+    manifest["config"]["size"] = config_size.into();
+    let (manifest_digest, manifest_size) = put(&manifest);
+    entry["digest"] = manifest_digest.into();
+    entry["size"] = manifest_size.into();
+    std::fs::write(
+        layout.join("index.json"),
+        serde_json::to_vec(&index).unwrap(),
+    )
+    .unwrap();
+}
+
 /// Cap the data memory (heap, anonymous mappings, thread stacks: RLIMIT_DATA) of the process
 /// `cmd` starts, and keep it on at most two CPUs, so the number of compression workers (and
 /// their buffers) does not depend on the machine. An allocation beyond the cap aborts it.

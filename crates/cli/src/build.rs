@@ -97,6 +97,45 @@ fn init_command(
     (full, cmd)
 }
 
+/// A base image bakedb built itself is refused: the new image would carry the old data and
+/// image.json under the new ones (init finds files image.json does not list and exits 3)
+/// and, without --entrypoint, run `/bakedb/init /bakedb/init ...`. Re-baking a bakedb image
+/// is what `--from` is for; until it exists, the advice is to build from the original base.
+fn refuse_bakedb_base(config: &serde_json::Value) -> Result<(), String> {
+    let runtime = &config["config"];
+    let mut marks = Vec::new();
+    if let Some(engine) = runtime["Labels"]["io.bakedb.engine"].as_str() {
+        marks.push(format!("label io.bakedb.engine={engine}"));
+    }
+    let env = runtime["Env"].as_array().into_iter().flatten();
+    if env
+        .filter_map(|v| v.as_str())
+        .any(|v| v.starts_with("BAKEDB_DATA_DIGEST="))
+    {
+        marks.push("BAKEDB_DATA_DIGEST in its Env".into());
+    }
+    if runtime["Entrypoint"][0].as_str() == Some(INIT_PATH) {
+        marks.push(format!("ENTRYPOINT {INIT_PATH}"));
+    }
+    if marks.is_empty() {
+        return Ok(());
+    }
+    // bakedb marks each history entry it adds; an image with nothing else was FROM scratch.
+    let history = config["history"].as_array().into_iter().flatten();
+    let from_scratch = history
+        .clone()
+        .all(|h| h["comment"].as_str() == Some("bakedb"));
+    let advice = if from_scratch && history.count() > 0 {
+        "it was built FROM scratch, so drop --base"
+    } else {
+        "pass the base image it was built on as --base"
+    };
+    Err(format!(
+        "it is an image bakedb built ({}): building on it would stack new data and a new image.json over the old ones, and the image would never start (init finds files image.json does not list); build from the original base image instead: {advice} (re-baking a bakedb image is what --from will do, in a later version)",
+        marks.join(", ")
+    ))
+}
+
 /// A `postgresql://` --source, its password moved out of the command line.
 pub fn live_source(text: &str) -> Result<postgres::Source> {
     postgres::Source::new(text)
@@ -316,6 +355,9 @@ pub fn run(args: BuildArgs, quiet: bool) -> Result<()> {
             let what = || format!("reading base image {base_ref}");
             let source = ImageSource::open(&base_ref).stage(Code::Base, what)?;
             let image = source.resolve().stage(Code::Base, what)?;
+            refuse_bakedb_base(&image.config)
+                .map_err(|why| anyhow!(why))
+                .stage(Code::Base, || format!("checking base image {base_ref}"))?;
             source
                 .check_layers_present(&image)
                 .stage(Code::Base, what)?;
