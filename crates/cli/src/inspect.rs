@@ -31,10 +31,17 @@ pub fn run(args: InspectArgs) -> Result<()> {
     let what = || format!("inspecting {reference}");
     let source = ImageSource::open(&reference).stage(Code::NotFound, what)?;
     // A damaged index is an inconsistent image (3); a tag that is not there is 8.
-    let image = match source.resolve() {
-        Err(e @ bakedb_oci::Error::Invalid { .. }) => Err(e).stage(Code::VerifyFailed, what),
-        other => other.stage(Code::NotFound, what),
-    }?;
+    let resolved = source.resolve();
+    let damaged_index = matches!(
+        &resolved,
+        Err(bakedb_oci::Error::Invalid { what, .. }) if what == "index.json"
+    );
+    let code = if damaged_index {
+        Code::VerifyFailed
+    } else {
+        Code::NotFound
+    };
+    let image = resolved.stage(code, what)?;
     let image_json = find_image_json(&source, &image.layers).stage(Code::VerifyFailed, || {
         format!("reading image.json of {reference}")
     })?;

@@ -87,12 +87,13 @@ fn is_legacy_layout_temp(name: &str) -> bool {
 }
 
 /// Temporary files in a layout, whoever wrote them; only the holder of the layout's lock
-/// may treat them as garbage.
+/// may treat them as garbage. (A `.bakedb-tmp` that is not a directory is one, too.)
 fn layout_temp_paths(root: &Path) -> Vec<PathBuf> {
-    let mut out: Vec<PathBuf> = names(&root.join(TEMP_DIR))
-        .into_iter()
-        .map(|(_, p)| p)
-        .collect();
+    let temp_dir = root.join(TEMP_DIR);
+    let mut out: Vec<PathBuf> = match fs::symlink_metadata(&temp_dir) {
+        Ok(m) if !m.is_dir() => vec![temp_dir],
+        _ => names(&temp_dir).into_iter().map(|(_, p)| p).collect(),
+    };
     out.extend(
         names(&root.join("blobs/sha256"))
             .into_iter()

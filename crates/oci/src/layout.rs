@@ -450,6 +450,21 @@ mod tests {
         assert_eq!(tags, ["a", "b"]);
     }
 
+    /// Whatever is at .bakedb-tmp when a writer opens is a dead writer's, even a plain file.
+    #[test]
+    fn a_temp_path_that_is_not_a_directory_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("out");
+        let w = LayoutWriter::open(&root).unwrap();
+        let blob = w.store().put(b"kept").unwrap();
+        w.commit_tag("a", &blob.digest, blob.size, true).unwrap();
+        fs::write(root.join(".bakedb-tmp"), b"x").unwrap();
+        let w = LayoutWriter::open(&root).unwrap();
+        let extra = w.store().put(b"extra").unwrap();
+        w.commit_tag("b", &extra.digest, extra.size, true).unwrap();
+        assert!(!root.join(".bakedb-tmp").exists());
+    }
+
     #[test]
     fn refuses_unrelated_non_empty_directory() {
         let dir = tempfile::tempdir().unwrap();
