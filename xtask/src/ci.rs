@@ -25,5 +25,10 @@ pub fn run_ci() -> Result<()> {
     crate::fixtures::busybox()?;
     crate::fixtures::postgres()?;
     run(cargo().args(["test", "--workspace"]).current_dir(&root))?;
+    // Every parser of untrusted bytes, from the committed seeds, for a bounded time.
+    crate::fuzz::fuzz(&crate::fuzz::FuzzOptions {
+        seconds: 15,
+        targets: crate::fuzz::TARGETS.iter().map(|t| t.to_string()).collect(),
+    })?;
     Ok(())
 }

@@ -8,6 +8,7 @@ mod bench_sqlite;
 mod ci;
 mod demo;
 mod fixtures;
+mod fuzz;
 mod static_init;
 
 use std::path::{Path, PathBuf};
@@ -35,7 +36,10 @@ commands:
                  to the first answered query, cold and warm; pgbench -S TPS against a default
                  server on a volume; bytes copied up into the container's writable layer; print
                  the table and write it to docs/benchmarks.md
-  ci             fmt, clippy, cargo deny, fixtures, cargo test: what .ci/run runs
+  ci             fmt, clippy, cargo deny, fixtures, cargo test, fuzz (15 s a target): what
+                 .ci/run runs
+  fuzz [--seconds N] [TARGET...]
+                 run the fuzz targets of fuzz/ (nightly, cargo-fuzz) for N s each [60]
   fixtures       build the generated test inputs under target/fixtures
   static-init    build the static bakedb-init that `bakedb build` embeds and print its path
   demo           bake a generated SQLite database into oci:target/demo/image:v1 and verify it";
@@ -65,6 +69,7 @@ fn dispatch(args: &[String]) -> Result<()> {
             )
         }
         ["ci"] => ci::run_ci(),
+        ["fuzz", flags @ ..] => fuzz::fuzz(&fuzz::FuzzOptions::parse(flags)?),
         ["fixtures"] => fixtures::run_fixtures(),
         ["demo"] => demo::run_demo(),
         ["static-init"] => static_init::run_static_init(),
