@@ -1,10 +1,17 @@
-//! The database side: read-only connections, the authorizer, time limits, and turning rows
-//! into JSON. Nothing here knows HTTP.
+//! The database side: read-only connections, the authorizer, limits, and running one
+//! statement row by row. Nothing here knows HTTP.
 //!
 //! Read-only by construction, three times over: the file is opened `immutable=1&mode=ro`
 //! (O_RDONLY, no locks, no -wal/-shm: on overlayfs nothing is copied up), `query_only` is on,
 //! and an authorizer (authorizer.rs) denies every action that is not a read, before the
 //! statement exists; the statement must then be read-only by `sqlite3_stmt_readonly`.
+//!
+//! Bounded, so one statement cannot take the process down: SQLITE_LIMIT_LENGTH caps every
+//! string and blob SQLite builds (randomblob, zeroblob, group_concat, printf, ||), a hard heap
+//! limit caps what all connections allocate together (a row of many large values, sorts,
+//! temporary b-trees), and a progress handler stops a statement at its deadline or when its
+//! client is gone or the server shuts down. Each of these fails the statement with a
+//! sentence; none of them stops the server.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,20 +19,96 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rusqlite::hooks::{AuthContext, Authorization};
-use rusqlite::types::{Value as SqlValue, ValueRef};
-use rusqlite::{Connection, ErrorCode, OpenFlags};
+use rusqlite::limits::Limit;
+use rusqlite::types::Value as SqlValue;
+use rusqlite::{Connection, OpenFlags, ffi};
 use serde_json::{Map, Value, json};
 
 use crate::authorizer::{self, Policy};
 use crate::config::Config;
+use crate::encode;
 
 /// What the authorizer noted about the statement being prepared (see authorizer.rs).
 type AuthLog = Arc<Mutex<authorizer::Log>>;
 
 pub struct Db {
     conn: Connection,
-    deadline: Arc<AtomicU64>,
+    control: Arc<Control>,
     log: AuthLog,
+    /// SQLITE_LIMIT_LENGTH, for the message when a value exceeds it.
+    max_value_bytes: usize,
+}
+
+/// Why a statement was stopped before its deadline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Stop {
+    /// The client hung up: nobody will read the answer.
+    ClientGone = 1,
+    /// SIGTERM's drain ran out: the process is about to exit.
+    ShuttingDown = 2,
+}
+
+/// Shared between a connection's progress handler and whoever may stop its statement: the
+/// deadline, and the job (one loan of the connection) with whether and why it was stopped.
+#[derive(Default)]
+pub struct Control {
+    /// Nanoseconds since `epoch()`; u64::MAX when idle.
+    deadline: AtomicU64,
+    /// The job holding the connection shifted left by two, or'ed with the `Stop` that ended
+    /// it; 0 when no job does. One word, so that stopping is a compare-and-swap against the
+    /// job meant: a handle kept past its request cannot stop a later request's statement.
+    job: AtomicU64,
+}
+
+impl Control {
+    /// Checked by SQLite every 1000 virtual-machine steps and by `query` after every row.
+    fn interrupted(&self) -> bool {
+        nanos_since_epoch(Instant::now()) > self.deadline.load(Ordering::Relaxed)
+            || self.stopped().is_some()
+    }
+
+    /// Why the current job was stopped, if it was stopped rather than timed out.
+    fn stopped(&self) -> Option<Stop> {
+        match self.job.load(Ordering::Acquire) & 3 {
+            0 => None,
+            1 => Some(Stop::ClientGone),
+            _ => Some(Stop::ShuttingDown),
+        }
+    }
+
+    fn stop_job(&self, job: u64, why: Stop) {
+        // Fails, as it should, if the job has ended or was stopped already.
+        let _ = self.job.compare_exchange(
+            job << 2,
+            job << 2 | why as u64,
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Stops whatever job holds the connection now; false if none does.
+    pub fn stop_current(&self, why: Stop) -> bool {
+        let current = self.job.load(Ordering::Acquire);
+        if current == 0 {
+            return false;
+        }
+        self.stop_job(current >> 2, why);
+        true
+    }
+}
+
+/// One loan of a connection, as something another task can stop.
+#[derive(Clone)]
+pub struct Job {
+    control: Arc<Control>,
+    id: u64,
+}
+
+impl Job {
+    pub fn stop(&self, why: Stop) {
+        self.control.stop_job(self.id, why);
+    }
 }
 
 /// Instants as nanoseconds since the process started, so one atomic can hold a deadline.
@@ -52,6 +135,19 @@ fn file_uri(path: &Path) -> String {
     uri + "?immutable=1&mode=ro"
 }
 
+/// Caps what SQLite allocates in the whole process: past `bytes` an allocation fails and its
+/// statement ends with SQLITE_NOMEM (the connection stays usable). Above half of it, page
+/// caches recycle pages and sorts spill to temporary files sooner, so ordinary queries rarely
+/// reach the hard limit.
+pub fn limit_heap(bytes: u64) {
+    let bytes = i64::try_from(bytes).unwrap_or(i64::MAX);
+    // SAFETY: both only set process-wide limits; no connection is open yet.
+    unsafe {
+        ffi::sqlite3_hard_heap_limit64(bytes);
+        ffi::sqlite3_soft_heap_limit64(bytes / 2);
+    }
+}
+
 impl Db {
     pub fn open(config: &Config) -> Result<Db, String> {
         let path = &config.database;
@@ -60,6 +156,16 @@ impl Db {
             return Err(format!("{} is not a regular file", path.display()));
         }
         let mut conn = connect(config)?;
+        // No string or blob beyond the largest answer: such a value could not be sent anyway,
+        // and without the limit `randomblob(1e9)` or a group_concat over a big table builds it
+        // in one function call, where neither the deadline nor anything else can stop it.
+        let max_value_bytes = config.max_response_bytes;
+        conn.set_limit(Limit::SQLITE_LIMIT_LENGTH, max_value_bytes as i32)
+            .and_then(|_| {
+                let sql = config.max_request_bytes.clamp(4096, i32::MAX as usize);
+                conn.set_limit(Limit::SQLITE_LIMIT_SQL_LENGTH, sql as i32)
+            })
+            .map_err(|e| format!("setting the limits of {}: {e}", path.display()))?;
         // No `temp_store = MEMORY`: with it the aggregate of `cargo xtask bench sqlite`
         // (GROUP BY over 10,000 rows) ran 0.90x a default open, without it 1.36x
         // (docs/benchmarks.md); temporary files go to SQLITE_TMPDIR (/tmp, from the
@@ -111,20 +217,42 @@ impl Db {
             }
         }))
         .map_err(|e| format!("installing the authorizer: {e}"))?;
-        let deadline = Arc::new(AtomicU64::new(u64::MAX));
-        let watch = Arc::clone(&deadline);
+        let control = Arc::new(Control {
+            deadline: AtomicU64::new(u64::MAX),
+            ..Control::default()
+        });
+        let watch = Arc::clone(&control);
         // Every 1000 virtual-machine steps: cheap, and a runaway query stops within
-        // microseconds of its deadline.
-        conn.progress_handler(
-            1000,
-            Some(move || nanos_since_epoch(Instant::now()) > watch.load(Ordering::Relaxed)),
-        )
-        .map_err(|e| format!("installing the time limit: {e}"))?;
+        // microseconds of its deadline or of being stopped.
+        conn.progress_handler(1000, Some(move || watch.interrupted()))
+            .map_err(|e| format!("installing the time limit: {e}"))?;
         Ok(Db {
             conn,
-            deadline,
+            control,
             log,
+            max_value_bytes,
         })
+    }
+
+    /// What stops this connection's statements, for the drain.
+    pub fn control(&self) -> Arc<Control> {
+        Arc::clone(&self.control)
+    }
+
+    /// A new loan of the connection: statements from now on can be stopped through the
+    /// returned job, and only until `end_job`.
+    pub fn begin_job(&mut self) -> Job {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        let id = NEXT.fetch_add(1, Ordering::Relaxed);
+        self.control.job.store(id << 2, Ordering::Release);
+        Job {
+            control: Arc::clone(&self.control),
+            id,
+        }
+    }
+
+    pub fn end_job(&mut self) {
+        self.control.job.store(0, Ordering::Release);
     }
 }
 
@@ -150,16 +278,27 @@ fn connect(config: &Config) -> Result<Connection, String> {
 
 #[derive(Debug)]
 pub enum QueryError {
-    /// Malformed SQL or bad parameters: 400.
+    /// The statement is wrong: malformed SQL, an unknown table or function, bad parameters,
+    /// or an error while running it (malformed JSON, integer overflow): 400.
     Invalid {
         message: String,
         offset: Option<usize>,
     },
+    /// A value or a row larger than BAKEDB_MAX_RESPONSE_BYTES: 400.
+    TooLarge { message: String },
     /// A write or anything else that is not a read: 403.
     Denied { message: String, reason: String },
     /// The time limit: 504.
     Timeout { limit: Duration },
-    /// Anything else SQLite reports while running: 500.
+    /// The client went away; nobody sees the answer (499 in the metrics).
+    ClientGone,
+    /// Interrupted by the end of SIGTERM's drain: 503.
+    ShuttingDown,
+    /// SQLite's share of memory (BAKEDB_SQLITE_HEAP_BYTES) ran out: 503.
+    OutOfMemory { message: String },
+    /// No room for the answer in memory before the deadline: 503.
+    Busy { message: String },
+    /// The server's fault (I/O, a corrupt file, no descriptors, a bug): 500.
     Failed { message: String },
 }
 
@@ -167,13 +306,17 @@ pub enum QueryError {
 impl std::fmt::Display for QueryError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            QueryError::Invalid { message, .. } | QueryError::Failed { message } => {
-                f.write_str(message)
-            }
+            QueryError::Invalid { message, .. }
+            | QueryError::TooLarge { message }
+            | QueryError::OutOfMemory { message }
+            | QueryError::Busy { message }
+            | QueryError::Failed { message } => f.write_str(message),
             QueryError::Denied { message, reason } => write!(f, "{message}: {reason}"),
             QueryError::Timeout { limit } => {
                 write!(f, "reading it took longer than {} ms", limit.as_millis())
             }
+            QueryError::ClientGone => f.write_str("the client went away"),
+            QueryError::ShuttingDown => f.write_str("the server is shutting down"),
         }
     }
 }
@@ -221,49 +364,37 @@ fn to_sql(value: &Value, which: &str) -> Result<SqlValue, QueryError> {
     })
 }
 
-pub fn to_json(value: ValueRef<'_>) -> Value {
-    match value {
-        ValueRef::Null => Value::Null,
-        ValueRef::Integer(i) => json!(i),
-        ValueRef::Real(f) => serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number),
-        ValueRef::Text(t) => Value::String(String::from_utf8_lossy(t).into_owned()),
-        // Datasette's convention, so clients of either server decode blobs the same way.
-        ValueRef::Blob(b) => json!({"$base64": true, "encoded": base64(b)}),
-    }
-}
-
-fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |acc, (i, b)| acc | (*b as u32) << (16 - 8 * i));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-/// What a query produced, row by row: `on_columns` once, then `on_row` per row until it
-/// returns false (the consumer has enough or went away).
+/// What a query produced, after `on_row` was called per row until it returned Ok(false) (the
+/// consumer has enough) or an error.
 pub struct Outcome {
+    /// The statement's column names (also `row.as_ref().column_names()` on each row).
+    pub columns: Vec<String>,
     pub rows: usize,
     /// Stopped by the consumer with rows left.
     pub truncated: bool,
 }
+
+/// Called with each row; Ok(false) ends the statement early (the answer is full).
+pub type OnRow<'a> = &'a mut dyn FnMut(&rusqlite::Row<'_>) -> Result<bool, QueryError>;
 
 impl Db {
     fn log(&self) -> std::sync::MutexGuard<'_, authorizer::Log> {
         self.log.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The error for an interrupted statement: stopped, or out of time.
+    fn interruption(&self, limit: Duration) -> QueryError {
+        match self.control.stopped() {
+            Some(Stop::ClientGone) => QueryError::ClientGone,
+            Some(Stop::ShuttingDown) => QueryError::ShuttingDown,
+            None => QueryError::Timeout { limit },
+        }
+    }
+
+    /// Sorts SQLite's errors into the request's fault (4xx) and the server's (5xx) by the
+    /// primary result code: SQLITE_ERROR is what SQLite reports for a statement that is wrong
+    /// (a syntax error, `no such table`, `malformed JSON`, `integer overflow`), whether found
+    /// while preparing or while running.
     fn classify(&self, e: rusqlite::Error, limit: Duration) -> QueryError {
         let denied = self.log().denied.take();
         // The authorizer's record decides: SQLite reports some denials (functions) as
@@ -274,40 +405,73 @@ impl Db {
                 reason,
             };
         }
-        match e {
+        let (code, message, offset) = match e {
             rusqlite::Error::SqlInputError {
                 error, msg, offset, ..
-            } if error.code != ErrorCode::AuthorizationForStatementDenied => QueryError::Invalid {
-                message: msg,
-                offset: usize::try_from(offset).ok(),
-            },
-            rusqlite::Error::MultipleStatement => QueryError::Invalid {
-                message: "only one statement per query".into(),
-                offset: None,
-            },
-            rusqlite::Error::InvalidParameterName(name) => QueryError::Invalid {
-                message: format!("the query has no parameter named {name}"),
-                offset: None,
-            },
-            rusqlite::Error::InvalidParameterCount(given, wanted) => QueryError::Invalid {
-                message: format!("the query takes {wanted} parameters, {given} were given"),
-                offset: None,
-            },
-            ref e if e.sqlite_error_code() == Some(ErrorCode::OperationInterrupted) => {
-                QueryError::Timeout { limit }
+            } => (error.extended_code, msg, usize::try_from(offset).ok()),
+            rusqlite::Error::SqliteFailure(error, msg) => (
+                error.extended_code,
+                msg.unwrap_or_else(|| error.to_string()),
+                None,
+            ),
+            rusqlite::Error::Empty => {
+                return QueryError::Invalid {
+                    message: "the query is empty: no SQL statement, or only comments".into(),
+                    offset: None,
+                };
             }
-            ref e
-                if e.sqlite_error_code() == Some(ErrorCode::AuthorizationForStatementDenied)
-                    || e.sqlite_error_code() == Some(ErrorCode::ReadOnly) =>
-            {
-                QueryError::Denied {
+            rusqlite::Error::NulError(_) => {
+                return QueryError::Invalid {
+                    message: "the query contains a NUL character".into(),
+                    offset: None,
+                };
+            }
+            rusqlite::Error::MultipleStatement => {
+                return QueryError::Invalid {
+                    message: "only one statement per query".into(),
+                    offset: None,
+                };
+            }
+            rusqlite::Error::InvalidParameterName(name) => {
+                return QueryError::Invalid {
+                    message: format!("the query has no parameter named {name}"),
+                    offset: None,
+                };
+            }
+            rusqlite::Error::InvalidParameterCount(given, wanted) => {
+                return QueryError::Invalid {
+                    message: format!("the query takes {wanted} parameters, {given} were given"),
+                    offset: None,
+                };
+            }
+            e => {
+                return QueryError::Failed {
                     message: e.to_string(),
-                    reason: "the database is read-only".into(),
-                }
+                };
             }
-            e => QueryError::Failed {
-                message: e.to_string(),
+        };
+        match code & 0xff {
+            ffi::SQLITE_INTERRUPT => self.interruption(limit),
+            ffi::SQLITE_AUTH | ffi::SQLITE_READONLY => QueryError::Denied {
+                message,
+                reason: "the database is read-only".into(),
             },
+            ffi::SQLITE_TOOBIG => QueryError::TooLarge {
+                message: format!(
+                    "{message}: a value would be larger than {} bytes, the largest value and answer (BAKEDB_MAX_RESPONSE_BYTES)",
+                    self.max_value_bytes
+                ),
+            },
+            ffi::SQLITE_NOMEM => QueryError::OutOfMemory {
+                message: format!(
+                    "{message}: the query needed more memory than SQLite may use \
+                     (BAKEDB_SQLITE_HEAP_BYTES, shared by the queries running at the same time)"
+                ),
+            },
+            ffi::SQLITE_ERROR | ffi::SQLITE_RANGE | ffi::SQLITE_MISMATCH => {
+                QueryError::Invalid { message, offset }
+            }
+            _ => QueryError::Failed { message },
         }
     }
 
@@ -317,14 +481,14 @@ impl Db {
         sql: &str,
         params: &Params,
         limit: Duration,
-        on_columns: &mut dyn FnMut(Vec<String>),
-        on_row: &mut dyn FnMut(Vec<Value>) -> bool,
+        on_row: OnRow<'_>,
     ) -> Result<Outcome, QueryError> {
         *self.log() = authorizer::Log::default();
-        self.deadline
+        self.control
+            .deadline
             .store(nanos_since_epoch(Instant::now() + limit), Ordering::Relaxed);
-        let result = self.query_inner(sql, params, limit, on_columns, on_row);
-        self.deadline.store(u64::MAX, Ordering::Relaxed);
+        let result = self.query_inner(sql, params, limit, on_row);
+        self.control.deadline.store(u64::MAX, Ordering::Relaxed);
         result
     }
 
@@ -333,9 +497,12 @@ impl Db {
         sql: &str,
         params: &Params,
         limit: Duration,
-        on_columns: &mut dyn FnMut(Vec<String>),
-        on_row: &mut dyn FnMut(Vec<Value>) -> bool,
+        on_row: OnRow<'_>,
     ) -> Result<Outcome, QueryError> {
+        // A job stopped while it waited (its client left, the drain ended) runs nothing.
+        if self.control.interrupted() {
+            return Err(self.interruption(limit));
+        }
         let mut stmt = match self.conn.prepare(sql) {
             Ok(stmt) => stmt,
             Err(e) => return Err(self.classify(e, limit)),
@@ -408,36 +575,59 @@ impl Db {
             }
         };
         bind(&mut stmt)?;
-        on_columns(stmt.column_names().map(str::to_owned).collect());
-        let n_columns = stmt.column_count();
+        let columns: Vec<String> = stmt.column_names().map(str::to_owned).collect();
         let mut rows = stmt.raw_query();
         let mut count = 0;
-        loop {
+        let failure = loop {
             let row = match rows.next() {
                 Ok(Some(row)) => row,
                 Ok(None) => {
                     return Ok(Outcome {
+                        columns,
                         rows: count,
                         truncated: false,
                     });
                 }
-                Err(e) => {
-                    drop(rows);
-                    drop(stmt);
-                    return Err(self.classify(e, limit));
-                }
+                Err(e) => break e,
             };
-            let values = (0..n_columns)
-                .map(|i| row.get_ref(i).map(to_json).unwrap_or(Value::Null))
-                .collect();
-            if !on_row(values) {
-                return Ok(Outcome {
-                    rows: count,
-                    truncated: true,
-                });
+            match on_row(row) {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Ok(Outcome {
+                        columns,
+                        rows: count,
+                        truncated: true,
+                    });
+                }
+                Err(e) => return Err(e),
             }
             count += 1;
-        }
+            // The progress handler only runs inside SQLite; encoding a row and handing it
+            // on happen outside, and count against the same deadline.
+            if self.control.interrupted() {
+                return Err(self.interruption(limit));
+            }
+        };
+        drop(rows);
+        drop(stmt);
+        Err(self.classify(failure, limit))
+    }
+
+    /// Rows as serde_json Values, for the small answers built in memory (the schema).
+    fn query_values(
+        &mut self,
+        sql: &str,
+        params: &Params,
+        limit: Duration,
+        on_row: &mut dyn FnMut(Vec<Value>) -> bool,
+    ) -> Result<Outcome, QueryError> {
+        self.query(sql, params, limit, &mut |row| {
+            let n = row.as_ref().column_count();
+            let values = (0..n)
+                .map(|i| row.get_ref(i).map_or(Value::Null, encode::to_json))
+                .collect();
+            Ok(on_row(values))
+        })
     }
 
     /// Tables, views, virtual tables and their shadow tables, with their columns and
@@ -446,12 +636,11 @@ impl Db {
     pub fn schema(&mut self) -> Result<Value, QueryError> {
         let limit = Duration::from_secs(10);
         let mut objects = Vec::new();
-        self.query(
+        self.query_values(
             "SELECT name, type, sql FROM sqlite_schema \
              WHERE type IN ('table', 'view') AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' ORDER BY name",
             &Params::None,
             limit,
-            &mut |_| {},
             &mut |row| {
                 objects.push(row);
                 true
@@ -485,11 +674,10 @@ impl Db {
     /// `PRAGMA table_list`'s type of one table.
     fn table_kind(&mut self, name: &Value, limit: Duration) -> Result<Option<Value>, QueryError> {
         let mut kind = None;
-        self.query(
+        self.query_values(
             "SELECT type FROM pragma_table_list(?1) WHERE schema = 'main'",
             &Params::Positional(vec![name.clone()]),
             limit,
-            &mut |_| {},
             &mut |row| {
                 kind = Some(row[0].clone());
                 false
@@ -506,11 +694,10 @@ impl Db {
     ) -> Result<(Vec<Value>, Vec<Value>), QueryError> {
         let by_name = Params::Positional(vec![name.clone()]);
         let mut columns = Vec::new();
-        self.query(
+        self.query_values(
             "SELECT name, type, \"notnull\", dflt_value, pk, hidden FROM pragma_table_xinfo(?1)",
             &by_name,
             limit,
-            &mut |_| {},
             &mut |row| {
                 // table_xinfo's hidden: 1 a virtual table's hidden column (not in SELECT *),
                 // 2 a generated VIRTUAL column, 3 a generated STORED one (both in SELECT *).
@@ -528,11 +715,10 @@ impl Db {
             },
         )?;
         let mut index_names = Vec::new();
-        self.query(
+        self.query_values(
             "SELECT name, \"unique\", origin FROM pragma_index_list(?1) ORDER BY name",
             &by_name,
             limit,
-            &mut |_| {},
             &mut |row| {
                 index_names.push(row);
                 true
@@ -541,11 +727,10 @@ impl Db {
         let mut indexes = Vec::new();
         for row in index_names {
             let mut cols = Vec::new();
-            self.query(
+            self.query_values(
                 "SELECT name FROM pragma_index_info(?1) ORDER BY seqno",
                 &Params::Positional(vec![row[0].clone()]),
                 limit,
-                &mut |_| {},
                 &mut |c| {
                     cols.push(c[0].clone());
                     true
@@ -562,22 +747,6 @@ impl Db {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn base64_matches_rfc4648() {
-        for (input, want) in [
-            (&b""[..], ""),
-            (b"f", "Zg=="),
-            (b"fo", "Zm8="),
-            (b"foo", "Zm9v"),
-            (b"foob", "Zm9vYg=="),
-            (b"fooba", "Zm9vYmE="),
-            (b"foobar", "Zm9vYmFy"),
-            (b"\xff\x00\xfe", "/wD+"),
-        ] {
-            assert_eq!(base64(input), want);
-        }
-    }
 
     #[test]
     fn uri_keeps_odd_paths_inside_the_path() {
@@ -620,8 +789,12 @@ mod tests {
             query_timeout: Duration::from_secs(5),
             max_rows: 1000,
             max_request_bytes: 1 << 16,
+            max_response_bytes: 1 << 20,
+            sqlite_heap_bytes: 64 << 20,
             pool_size: 1,
             queue: 1,
+            max_connections: 8,
+            client_timeout: Duration::from_secs(10),
             drain: Duration::from_secs(1),
             mmap_bytes: None,
             cache_kib: 1024,
@@ -632,16 +805,10 @@ mod tests {
 
     fn run(db: &mut Db, sql: &str) -> Result<Vec<Vec<Value>>, QueryError> {
         let mut rows = Vec::new();
-        db.query(
-            sql,
-            &Params::None,
-            Duration::from_secs(5),
-            &mut |_| {},
-            &mut |row| {
-                rows.push(row);
-                true
-            },
-        )?;
+        db.query_values(sql, &Params::None, Duration::from_secs(5), &mut |row| {
+            rows.push(row);
+            true
+        })?;
         Ok(rows)
     }
 

@@ -8,19 +8,23 @@ mod api;
 mod authorizer;
 mod config;
 mod db;
+mod encode;
 mod metrics;
+mod server;
 
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let config = match config::Config::load(&args) {
+    let fd_limit = config::raise_fd_limit();
+    let config = match config::Config::load(&args, &|name| std::env::var(name).ok(), fd_limit) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("bakedb-serve: {e}");
             return ExitCode::from(2);
         }
     };
+    db::limit_heap(config.sqlite_heap_bytes);
     let mut dbs = Vec::with_capacity(config.pool_size);
     for _ in 0..config.pool_size {
         match db::Db::open(&config) {
@@ -44,7 +48,12 @@ fn main() -> ExitCode {
         }
     };
     let app = api::App::new(config, dbs);
-    match runtime.block_on(api::serve(app)) {
+    let result = runtime.block_on(server::serve(app));
+    // Dropping the runtime would wait for every blocking thread: a statement interrupted at
+    // the end of the drain may still be inside one long SQLite call, and the drain limit is
+    // the exit time.
+    runtime.shutdown_background();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("bakedb-serve: {e}");

@@ -1,5 +1,6 @@
-//! Prometheus text-format metrics from plain atomics: requests by route and status, a latency
-//! histogram, query errors by kind, rejected requests by reason, and requests in flight.
+//! Prometheus text-format metrics from plain atomics: requests by route and status (499: the
+//! client hung up first), a latency histogram, query errors by kind, rejected requests by
+//! reason, requests in flight, and client connections (open, the cap, closed by the server).
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -16,11 +17,14 @@ pub struct Metrics {
     requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
     errors: Mutex<BTreeMap<&'static str, u64>>,
     rejected: Mutex<BTreeMap<&'static str, u64>>,
+    connections_closed: Mutex<BTreeMap<&'static str, u64>>,
     buckets: [AtomicU64; BUCKETS.len()],
     latency_count: AtomicU64,
     /// Sum of latencies in microseconds.
     latency_sum_us: AtomicU64,
     pub in_flight: AtomicUsize,
+    pub connections_open: AtomicUsize,
+    pub connections_max: AtomicUsize,
 }
 
 fn bump<K: Ord>(map: &Mutex<BTreeMap<K, u64>>, key: K) {
@@ -49,6 +53,12 @@ impl Metrics {
 
     pub fn rejected(&self, reason: &'static str) {
         bump(&self.rejected, reason);
+    }
+
+    /// A client connection the server closed: `evicted` to make room at the cap, `timeout`
+    /// for a client too slow to send its request or read its answer.
+    pub fn connection_closed(&self, reason: &'static str) {
+        bump(&self.connections_closed, reason);
     }
 
     pub fn render(&self) -> String {
@@ -94,7 +104,7 @@ impl Metrics {
         let _ = writeln!(out, "bakedb_request_duration_seconds_count {count}");
         let _ = writeln!(
             out,
-            "# HELP bakedb_query_errors_total Queries that failed, by kind (invalid, denied, timeout, failed)."
+            "# HELP bakedb_query_errors_total Queries that failed, by kind (invalid, too_large, denied, timeout, cancelled, shutdown, memory, busy, failed)."
         );
         let _ = writeln!(out, "# TYPE bakedb_query_errors_total counter");
         for (kind, n) in self.errors.lock().unwrap_or_else(|e| e.into_inner()).iter() {
@@ -120,6 +130,42 @@ impl Metrics {
             "bakedb_in_flight {}",
             self.in_flight.load(Ordering::Relaxed)
         );
+        let _ = writeln!(
+            out,
+            "# HELP bakedb_connections_open Client connections open now."
+        );
+        let _ = writeln!(out, "# TYPE bakedb_connections_open gauge");
+        let _ = writeln!(
+            out,
+            "bakedb_connections_open {}",
+            self.connections_open.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP bakedb_connections_max Client connections allowed at once (BAKEDB_MAX_CONNECTIONS)."
+        );
+        let _ = writeln!(out, "# TYPE bakedb_connections_max gauge");
+        let _ = writeln!(
+            out,
+            "bakedb_connections_max {}",
+            self.connections_max.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP bakedb_connections_closed_total Client connections the server closed, by reason (evicted, timeout)."
+        );
+        let _ = writeln!(out, "# TYPE bakedb_connections_closed_total counter");
+        for (reason, n) in self
+            .connections_closed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "bakedb_connections_closed_total{{reason=\"{reason}\"}} {n}"
+            );
+        }
         out
     }
 }
@@ -136,6 +182,7 @@ mod tests {
         m.request("/healthz", 200, 0.0001);
         m.error("timeout");
         m.rejected("queue_full");
+        m.connection_closed("evicted");
         let text = m.render();
         for line in [
             "bakedb_requests_total{route=\"/v1/query\",code=\"200\"} 2",
@@ -148,6 +195,7 @@ mod tests {
             "bakedb_query_errors_total{kind=\"timeout\"} 1",
             "bakedb_rejected_total{reason=\"queue_full\"} 1",
             "bakedb_in_flight 0",
+            "bakedb_connections_closed_total{reason=\"evicted\"} 1",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
