@@ -1,0 +1,230 @@
+//! bakedb-serve as a child process on 127.0.0.1 with a generated database, for the crate's
+//! test files: start it, wait for its address, query it, read its metrics and its memory.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::http;
+
+pub struct Server {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub log: Arc<Mutex<String>>,
+    pub dir: TempDir,
+}
+
+pub struct TempDir(pub PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn temp_dir(name: &str) -> TempDir {
+    let dir = std::env::temp_dir().join(format!("bakedb-serve-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    TempDir(dir)
+}
+
+/// items(id, name, price, data): `rows` rows, an index on name, a view.
+pub fn make_db(path: &Path, rows: i64) {
+    let c = rusqlite::Connection::open(path).unwrap();
+    c.execute_batch(
+        "CREATE TABLE items(id INTEGER PRIMARY KEY, name TEXT NOT NULL, price REAL, data BLOB);
+         CREATE INDEX items_name ON items(name);
+         CREATE VIEW cheap AS SELECT id, name FROM items WHERE price < 10;",
+    )
+    .unwrap();
+    let tx = c.unchecked_transaction().unwrap();
+    {
+        let mut stmt = tx
+            .prepare("INSERT INTO items VALUES (?1, ?2, ?3, ?4)")
+            .unwrap();
+        for i in 1..=rows {
+            stmt.execute(rusqlite::params![
+                i,
+                format!("item-{i:05}"),
+                i as f64 / 4.0,
+                vec![i as u8, 0xff]
+            ])
+            .unwrap();
+        }
+    }
+    tx.commit().unwrap();
+}
+
+pub fn start(name: &str, rows: i64, env: &[(&str, &str)]) -> Server {
+    start_on(name, |db| make_db(db, rows), env)
+}
+
+/// bakedb-serve on the database `make` writes at the path it is given.
+pub fn start_on(name: &str, make: impl FnOnce(&Path), env: &[(&str, &str)]) -> Server {
+    start_with(name, make, env, None)
+}
+
+/// The same, with the descriptor limit (soft and hard, so the server cannot raise it) set to
+/// `fd_limit` in the child.
+pub fn start_with(
+    name: &str,
+    make: impl FnOnce(&Path),
+    env: &[(&str, &str)],
+    fd_limit: Option<u64>,
+) -> Server {
+    let dir = temp_dir(name);
+    let db = dir.0.join("app.db");
+    make(&db);
+    let mut command = Command::new(env!("CARGO_BIN_EXE_bakedb-serve"));
+    command
+        .env_clear()
+        .env("BAKEDB_DATABASE", &db)
+        .env("BAKEDB_LISTEN", "127.0.0.1:0")
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if let Some(limit) = fd_limit {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: setrlimit is async-signal-safe and touches only the child.
+        unsafe {
+            command.pre_exec(move || {
+                let rlimit = libc::rlimit {
+                    rlim_cur: limit,
+                    rlim_max: limit,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &rlimit) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+    }
+    let mut child = command.spawn().unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut first = String::new();
+    stderr.read_line(&mut first).unwrap();
+    // "bakedb-serve: serving PATH read-only on http://127.0.0.1:PORT (...)"
+    let addr: SocketAddr = first
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {first:?}"));
+    let log = Arc::new(Mutex::new(first));
+    let sink = Arc::clone(&log);
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        while stderr.read_line(&mut line).unwrap_or(0) > 0 {
+            sink.lock().unwrap().push_str(&line);
+            line.clear();
+        }
+    });
+    Server {
+        child,
+        addr,
+        log,
+        dir,
+    }
+}
+
+impl Server {
+    /// One line of /proc/PID/status in KiB, e.g. "VmHWM" (peak RSS) or "VmRSS".
+    pub fn memory_kib(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{field}:")))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in\n{status}"))
+    }
+
+    /// Descriptors the server has open now.
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .unwrap()
+            .count()
+    }
+
+    /// The value of one metric line, e.g. `bakedb_in_flight` or
+    /// `bakedb_query_errors_total{kind="timeout"}`; 0 when the server has not printed it yet
+    /// (Prometheus counters by label appear with their first increment).
+    pub fn metric(&self, name: &str) -> u64 {
+        let m = http::get(self.addr, "/metrics").text();
+        m.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .map_or(0, |v| v.parse().unwrap_or_else(|_| panic!("{name}: {v}")))
+    }
+
+    /// Waits until the process exits, for at most `patience`; its status, or None if it is
+    /// still running then.
+    pub fn wait_exit(&mut self, patience: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + patience;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// Polls `cond` until it holds; fails the test with `what` after `patience`. The limit only
+/// turns a hang into a failure: it is far above how long the condition should take.
+pub fn wait_until(what: &str, patience: Duration, cond: &mut dyn FnMut() -> bool) {
+    let deadline = Instant::now() + patience;
+    while !cond() {
+        assert!(Instant::now() < deadline, "never: {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+pub fn query(addr: SocketAddr, sql: &str, params: Value) -> http::Response {
+    http::post_json(addr, "/v1/query", &json!({"sql": sql, "params": params}))
+}
+
+/// The same as NDJSON: status and the parsed lines.
+pub fn query_ndjson(addr: SocketAddr, sql: &str) -> (u16, Vec<Value>) {
+    let r = http::request(
+        addr,
+        "POST",
+        "/v1/query",
+        &[
+            ("Accept", "application/x-ndjson"),
+            ("Content-Type", "application/json"),
+        ],
+        json!({ "sql": sql }).to_string().as_bytes(),
+    )
+    .unwrap();
+    let lines = if r.status == 200 {
+        r.text()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    } else {
+        vec![r.json()]
+    };
+    (r.status, lines)
+}
+
+/// A query that never ends on its own: counts forever.
+pub const RUNAWAY: &str =
+    "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c";
