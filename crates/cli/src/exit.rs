@@ -38,6 +38,18 @@ impl<T, E: Into<anyhow::Error>> StageExt<T> for Result<T, E> {
     }
 }
 
+/// An engine's error with the exit code of whose fault it is; `what` (may be empty: the
+/// engine's message says what was being done) goes in front.
+pub fn engine_error(err: bakedb_engines::Error, what: &str) -> anyhow::Error {
+    use bakedb_engines::Blame;
+    let code = match err.blame() {
+        Blame::Usage => Code::Usage,
+        Blame::Source => Code::Source,
+        Blame::Base => Code::Base,
+    };
+    anyhow::Error::new(err).context(Stage(code, what.to_owned()))
+}
+
 pub fn code_of(err: &anyhow::Error) -> Code {
     use bakedb_oci::Error as E;
     let stage = err.downcast_ref::<Stage>().map(|s| s.0);
@@ -64,7 +76,13 @@ pub fn report_and_exit(err: anyhow::Error) -> ! {
     if broken_pipe {
         std::process::exit(0);
     }
-    stderr_line(&format!("bakedb: {err:#}"));
+    // anyhow's `{:#}`, without the empty contexts that carry only an exit code.
+    let message: Vec<String> = err
+        .chain()
+        .map(ToString::to_string)
+        .filter(|m| !m.is_empty())
+        .collect();
+    stderr_line(&format!("bakedb: {}", message.join(": ")));
     std::process::exit(code_of(&err) as i32);
 }
 

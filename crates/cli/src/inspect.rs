@@ -4,6 +4,7 @@ use std::io::Write;
 
 use anyhow::{Context, Result};
 use bakedb_engines::IMAGE_JSON;
+use bakedb_engines::image_json::ImageJson;
 use bakedb_oci::reference::ImageRef;
 use bakedb_oci::source::{ImageSource, LayerRef, TagEntry};
 use serde_json::{Value, json};
@@ -14,12 +15,16 @@ use crate::progress::human_bytes;
 
 /// image.json from the newest layer that has it. bakedb puts it in its own small last layer,
 /// so this normally decompresses a few hundred bytes, not the data.
-fn find_image_json(source: &ImageSource, layers: &[LayerRef]) -> Result<Option<Value>> {
+pub fn find_image_json(
+    source: &ImageSource,
+    layers: &[LayerRef],
+) -> Result<Option<(Vec<u8>, ImageJson)>> {
     match source.find_file(layers, IMAGE_JSON, 1 << 20)? {
         None => Ok(None),
-        Some(bytes) => Ok(Some(
-            serde_json::from_slice(&bytes).context("image.json is not valid JSON")?,
-        )),
+        Some(bytes) => {
+            let parsed = ImageJson::parse(&bytes)?;
+            Ok(Some((bytes, parsed)))
+        }
     }
 }
 
@@ -42,9 +47,16 @@ pub fn run(args: InspectArgs) -> Result<()> {
         Code::NotFound
     };
     let image = resolved.stage(code, what)?;
-    let image_json = find_image_json(&source, &image.layers).stage(Code::VerifyFailed, || {
+    let found = find_image_json(&source, &image.layers).stage(Code::VerifyFailed, || {
         format!("reading image.json of {reference}")
     })?;
+    // --json shows image.json as it is (fields a newer bakedb adds included); the text
+    // output reads the typed form.
+    let image_json: Option<Value> = found
+        .as_ref()
+        .map(|(bytes, _)| serde_json::from_slice(bytes))
+        .transpose()
+        .context("image.json is not valid JSON")?;
     let layers: Vec<Value> = image
         .layers
         .iter()
@@ -156,35 +168,25 @@ pub fn run(args: InspectArgs) -> Result<()> {
             l.media_type
         )?;
     }
-    match &out["image_json"] {
-        Value::Null => writeln!(stdout, "Data:        no /{IMAGE_JSON} (not a bakedb image)")?,
-        ij => {
+    match &found {
+        None => writeln!(stdout, "Data:        no /{IMAGE_JSON} (not a bakedb image)")?,
+        Some((_, ij)) => {
             writeln!(
                 stdout,
                 "Data:        engine {}, profile {}",
-                ij["engine"].as_str().unwrap_or("?"),
-                ij["profile"]["name"]
-                    .as_str()
-                    .or(ij["profile"].as_str())
-                    .unwrap_or("?")
+                ij.engine, ij.profile.name
             )?;
-            writeln!(stdout, "Snapshot:    {}", ij["snapshot"])?;
-            for f in ij["files"].as_array().into_iter().flatten() {
-                let digest = match (f["sha256"].as_str(), f["chunks"].as_array()) {
-                    (Some(d), _) => format!("sha256:{d}"),
-                    (None, Some(c)) => format!(
+            writeln!(stdout, "Snapshot:    {}", ij.snapshot)?;
+            for f in &ij.files {
+                let digest = match &f.sha256 {
+                    Some(d) => format!("sha256:{d}"),
+                    None => format!(
                         "{} chunks of {}",
-                        c.len(),
-                        human_bytes(ij["chunk_size"].as_u64().unwrap_or(0))
+                        f.chunks.len(),
+                        human_bytes(ij.chunk_size)
                     ),
-                    _ => "?".into(),
                 };
-                writeln!(
-                    stdout,
-                    "  {} {:>10} {digest}",
-                    f["path"].as_str().unwrap_or("?"),
-                    human_bytes(f["size"].as_u64().unwrap_or(0))
-                )?;
+                writeln!(stdout, "  {} {:>10} {digest}", f.path, human_bytes(f.size))?;
             }
         }
     }

@@ -38,11 +38,9 @@ enum Command {
     Inspect(InspectArgs),
 }
 
-#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
-pub enum EngineArg {
-    Sqlite,
-    Postgres,
-    Mariadb,
+/// `--engine`: the names bakedb_engines registers; no engine is named here.
+fn engine_parser() -> clap::builder::PossibleValuesParser {
+    clap::builder::PossibleValuesParser::new(bakedb_engines::engine_names())
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -55,8 +53,8 @@ pub enum CompressionArg {
 #[derive(Args)]
 pub struct BuildArgs {
     /// Database engine of the source.
-    #[arg(long, value_enum, value_name = "ENGINE")]
-    engine: EngineArg,
+    #[arg(long, value_name = "ENGINE", value_parser = engine_parser())]
+    engine: String,
     /// The live database (SQLite: a database file; PostgreSQL: a postgresql:// URI) or a
     /// directory written by `bakedb snapshot`.
     #[arg(long, value_name = "SOURCE")]
@@ -147,8 +145,8 @@ pub struct BuildArgs {
 #[derive(Args)]
 pub struct SnapshotArgs {
     /// Database engine of the source.
-    #[arg(long, value_enum, value_name = "ENGINE")]
-    engine: EngineArg,
+    #[arg(long, value_name = "ENGINE", value_parser = engine_parser())]
+    engine: String,
     /// The live database (SQLite: a database file; PostgreSQL: a postgresql:// URI).
     #[arg(long, value_name = "SOURCE")]
     source: PathBuf,

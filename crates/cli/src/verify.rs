@@ -5,8 +5,11 @@
 use std::io::Write;
 
 use anyhow::Result;
+use bakedb_engines::IMAGE_JSON;
+use bakedb_oci::Digest;
 use bakedb_oci::garbage::Garbage;
 use bakedb_oci::reference::ImageRef;
+use bakedb_oci::source::{ImageSource, ResolvedImage};
 use bakedb_oci::verify::verify;
 use serde_json::json;
 
@@ -29,6 +32,8 @@ pub fn run(args: VerifyArgs, quiet: bool) -> Result<()> {
     let mut progress = Progress::new(quiet || args.json);
     progress.phase("verify", 0);
     let report = verify(&reference, &mut |n| progress.inc(n))
+        .stage(Code::VerifyFailed, || format!("verifying {reference}"))?;
+    check_image_json(&reference, &report.image)
         .stage(Code::VerifyFailed, || format!("verifying {reference}"))?;
     progress.done(&format!(
         "{reference}: manifest {}, config {}, {} layers ({}) verified",
@@ -58,6 +63,33 @@ pub fn run(args: VerifyArgs, quiet: bool) -> Result<()> {
             }))?
         )?;
         stdout.flush()?;
+    }
+    Ok(())
+}
+
+/// A bakedb image (its config's Env has BAKEDB_DATA_DIGEST) must carry the image.json that
+/// digest names, readable by this bakedb: what bakedb-init will check at every start.
+fn check_image_json(reference: &ImageRef, image: &ResolvedImage) -> Result<()> {
+    let expected = image.config["config"]["Env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str()?.strip_prefix("BAKEDB_DATA_DIGEST="))
+        .next_back();
+    let Some(expected) = expected else {
+        return Ok(());
+    };
+    let source = ImageSource::open(reference)?;
+    let Some((bytes, _)) = crate::inspect::find_image_json(&source, &image.layers)? else {
+        anyhow::bail!(
+            "the config's Env has BAKEDB_DATA_DIGEST={expected}, but no layer has /{IMAGE_JSON}"
+        );
+    };
+    let actual = Digest::of(&bytes).to_string();
+    if actual != expected {
+        anyhow::bail!(
+            "/{IMAGE_JSON} has digest {actual}, the config's BAKEDB_DATA_DIGEST says {expected}: bakedb-init would refuse to start it"
+        );
     }
     Ok(())
 }

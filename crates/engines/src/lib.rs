@@ -1,15 +1,22 @@
 //! bakedb-engines: what bakedb knows about each database engine.
 //!
-//! Per engine: taking a consistent snapshot of a live source, where its files go in the image
-//! and with which owner and modes, and what `/etc/bakedb/image.json` says about it. This crate
-//! never writes an image layout; `bakedb-oci` never learns about databases.
+//! Every engine implements one contract, [`Engine`] and the [`Plan`] it returns: check the
+//! source and the flags before any work, learn what it needs from the base image, take the
+//! snapshot (of a live source, or load a snapshot directory), and describe its image as
+//! plain data ([`ImageSpec`]: owner, command, environment, ports, stop signal, healthcheck,
+//! init profile). `bakedb` dispatches once, through [`engine`], and names no engine
+//! anywhere else; adding an engine is a module here and a line in [`ENGINES`].
+//!
+//! This crate never writes an image layout; `bakedb-oci` never learns about databases.
 
 pub mod datafiles;
+pub mod image_json;
 pub mod postgres;
 pub mod sqlite;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// Where the data lives inside every bakedb image.
 pub const DATA_DIR: &str = "var/lib/bakedb";
@@ -37,6 +44,36 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The flags do not fit the engine or each other.
+    #[error("{step}: {detail}")]
+    Usage { step: String, detail: String },
+    /// The base image cannot run the snapshot.
+    #[error("{step}: {detail}")]
+    Base { step: String, detail: String },
+}
+
+/// Whose fault an error is: `bakedb` turns it into its exit code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Blame {
+    /// Bad flags (exit 2).
+    Usage,
+    /// The source database (exit 4).
+    Source,
+    /// The base image (exit 5).
+    Base,
+}
+
+impl Error {
+    pub fn blame(&self) -> Blame {
+        match self {
+            Error::Usage { .. } => Blame::Usage,
+            Error::Base { .. } => Blame::Base,
+            Error::Source { .. }
+            | Error::Sqlite { .. }
+            | Error::Postgres { .. }
+            | Error::Io { .. } => Blame::Source,
+        }
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -76,6 +113,8 @@ pub struct Snapshot {
 /// were read (see each engine's `wants_base_file`).
 #[derive(Clone, Debug, Default)]
 pub struct BaseImage {
+    /// Where it is, for messages ("oci:postgres:15").
+    pub location: String,
     pub env: Vec<String>,
     pub paths: BTreeSet<String>,
     pub files: BTreeMap<String, Vec<u8>>,
@@ -90,4 +129,144 @@ impl BaseImage {
                 .map(|(_, v)| v)
         })
     }
+}
+
+/// The engine-specific flags of `bakedb build` and `bakedb snapshot`, as given. Each engine
+/// takes its own and refuses the others with a usage error.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// `--accept WHAT`: a known loss to bake instead of refusing the source.
+    pub accept: Vec<String>,
+    /// `--busy-timeout`: how long to wait for a writer's lock (sqlite).
+    pub busy_timeout: Option<Duration>,
+    /// `--pg-bin DIR`: the PostgreSQL server tools.
+    pub pg_bin: Option<PathBuf>,
+    /// `--pg-lazy-copyup`: preload bakedb's lazy copy-up library into postgres.
+    pub pg_lazy_copyup: bool,
+    /// The plan is for `bakedb snapshot`: the source must be live, and there is no base
+    /// image (nor an image).
+    pub for_snapshot: bool,
+}
+
+/// A database engine bakedb can bake.
+pub trait Engine: Sync {
+    /// Its name on the command line (`--engine`) and in image.json.
+    fn name(&self) -> &'static str;
+
+    /// Whether the image must be built on a base image that brings the database server; the
+    /// others can be FROM scratch (served by bakedb's own server).
+    fn needs_base(&self) -> bool;
+
+    /// Why `--base` is needed, with advice, for the usage error when it is missing.
+    fn base_advice(&self) -> &'static str {
+        "pass --base with an image that has the database server"
+    }
+
+    /// Base image files the engine reads while bakedb scans the base's layers: how many bytes
+    /// of the file at `path` (relative), or None.
+    fn wants_base_file(&self, _path: &str) -> Option<usize> {
+        None
+    }
+
+    /// Check the flags, the source and the base image, before any work: nothing is copied
+    /// or written. `source` is a live database or a directory written by `bakedb snapshot`.
+    fn plan(
+        &self,
+        source: &Path,
+        options: &Options,
+        base: Option<&BaseImage>,
+    ) -> Result<Box<dyn Plan>>;
+}
+
+/// A build or snapshot an engine has checked and is ready to do.
+pub trait Plan {
+    /// The data owner when `--user` does not say: an error names what is missing.
+    fn owner(&self) -> Result<(u32, u32)>;
+
+    /// What the snapshot step is, for messages: "taking the snapshot", "snapshotting URL".
+    fn snapshot_step(&self) -> String;
+
+    /// Take the snapshot into `out_dir` (an existing, private directory), or load the
+    /// snapshot directory the plan was made for (then `out_dir` is not used). `durable`:
+    /// fsync what is written (a snapshot directory that outlives the command).
+    fn snapshot(
+        &mut self,
+        out_dir: &Path,
+        taken_at: &str,
+        durable: bool,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Snapshot>;
+
+    /// One line about a snapshot just taken, for the progress output (None: nothing to say,
+    /// e.g. a snapshot directory read as it is).
+    fn describe(&self, snapshot: &Snapshot) -> Option<String>;
+
+    /// Write `snapshot.json` into a snapshot directory (last: a directory without it is not a
+    /// snapshot).
+    fn write_snapshot_meta(&self, dir: &Path, snapshot: &Snapshot) -> Result<()>;
+
+    /// The image of `snapshot`, as plain data. `from_scratch`: no base image.
+    fn image(&self, snapshot: &Snapshot, from_scratch: bool) -> Result<ImageSpec>;
+}
+
+/// bakedb's own programs an image may need, each in a layer of its own that is the same in
+/// every image (so registries and nodes store it once).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bundled {
+    /// bakedb-serve, the read-only SQLite server of FROM-scratch images.
+    Serve,
+    /// The lazy copy-up preload library for postgres (crates/copyup-shim).
+    CopyupShim,
+}
+
+/// Where the lazy copy-up library lives in an image.
+pub const COPYUP_SHIM_PATH: &str = "/bakedb/copyup.so";
+
+/// An engine's image as plain data; `bakedb` turns it into a config.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ImageSpec {
+    /// The command when the user gives none; None keeps the base image's.
+    pub cmd: Option<Vec<String>>,
+    /// Whether the base image's ENTRYPOINT still runs after bakedb-init (a server image's
+    /// entrypoint that initialises a database must not).
+    pub inherit_entrypoint: bool,
+    /// With --no-init and no --entrypoint: replace the base's entrypoint by nothing.
+    pub clear_entrypoint_without_init: bool,
+    /// Added to the config's Env, after BAKEDB_DATA_DIGEST.
+    pub env: Vec<String>,
+    /// A PATH the image needs, put first in its Env.
+    pub path: Option<String>,
+    pub exposed_ports: Vec<String>,
+    pub stop_signal: Option<String>,
+    /// Docker's HEALTHCHECK object.
+    pub healthcheck: Option<serde_json::Value>,
+    /// How bakedb-init starts the engine read-only.
+    pub profile: image_json::Profile,
+    pub bundled: Vec<Bundled>,
+    /// What the build lost or left out: printed as warnings and kept in image.json. None: the
+    /// engine keeps no notes (image.json has no "notes").
+    pub notes: Option<Vec<String>>,
+}
+
+/// Every engine bakedb can bake, in `--engine`'s order.
+pub static ENGINES: [&dyn Engine; 2] = [&sqlite::Sqlite, &postgres::Postgres];
+
+/// The engine called `name`.
+pub fn engine(name: &str) -> Option<&'static dyn Engine> {
+    ENGINES.iter().copied().find(|e| e.name() == name)
+}
+
+/// The names `--engine` takes.
+pub fn engine_names() -> Vec<&'static str> {
+    ENGINES.iter().map(|e| e.name()).collect()
+}
+
+/// A snapshot's "notes" (in its provenance): what it lost or left out, one sentence each.
+pub fn notes_of(provenance: &serde_json::Value) -> Vec<String> {
+    provenance["notes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| n.as_str().map(str::to_owned))
+        .collect()
 }

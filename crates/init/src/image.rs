@@ -266,6 +266,28 @@ pub fn parse(text: &[u8]) -> Result<Description, String> {
 pub(crate) mod tests {
     use super::*;
 
+    /// The image.json of the e2e golden image, byte for byte as `bakedb build` writes it
+    /// (tests/e2e/golden.rs refreshes it); bakedb-engines' typed module reads the same file.
+    #[test]
+    fn reads_what_bakedb_build_writes() {
+        let golden = include_bytes!("../../../tests/e2e/golden/image.json");
+        let d = parse(golden).unwrap();
+        assert_eq!(d.engine, "sqlite");
+        assert_eq!(d.data_dir, "/var/lib/bakedb");
+        assert_eq!((d.owner_uid, d.owner_gid), (65532, 65532));
+        assert_eq!(d.chunk_size, 16 << 20);
+        assert_eq!(d.files.len(), 1);
+        assert_eq!(d.files[0].path, "golden.db");
+        assert!(d.files[0].sha256.is_some());
+        assert_eq!(d.profile.name, "sqlite-readonly");
+        assert!(
+            d.profile
+                .env
+                .iter()
+                .any(|(k, v)| k == "BAKEDB_DATABASE" && v == "{data_dir}/golden.db")
+        );
+    }
+
     pub const SAMPLE: &str = r#"{
   "chunk_size": 16,
   "data_dir": "/var/lib/bakedb",

@@ -23,7 +23,21 @@ pub struct Output {
     target: ImageRef,
     tag: String,
     writer: LayoutWriter,
-    overwrite: bool,
+    settings: OutputSettings,
+}
+
+/// How every layer and the image of one build are written, given once.
+#[derive(Clone, Copy, Debug)]
+pub struct OutputSettings {
+    /// Checked against the output kind when the output is opened (docker-archive cannot hold
+    /// zstd layers).
+    pub compression: Compression,
+    /// The mtime of data layers' entries and of archive members (SOURCE_DATE_EPOCH).
+    pub mtime: u64,
+    /// Compression threads.
+    pub threads: usize,
+    /// Replace an existing tag or archive.
+    pub overwrite: bool,
 }
 
 /// What a finished build wrote.
@@ -38,7 +52,12 @@ pub struct Written {
 
 impl Output {
     /// Check the target and open it for writing. Nothing visible changes until `finish`.
-    pub fn open(target: &ImageRef, compression: Compression, overwrite: bool) -> Result<Self> {
+    pub fn open(target: &ImageRef, settings: OutputSettings) -> Result<Self> {
+        let OutputSettings {
+            compression,
+            overwrite,
+            ..
+        } = settings;
         let bad = |reason: &str| Error::BadReference {
             reference: target.to_string(),
             reason: reason.into(),
@@ -94,43 +113,44 @@ impl Output {
             target: target.clone(),
             tag,
             writer,
-            overwrite,
+            settings,
         })
     }
 
+    /// The compression every layer of this output gets.
+    pub fn compression(&self) -> Compression {
+        self.settings.compression
+    }
+
+    /// A layer of this build's data: its entries get the build's mtime.
     pub fn write_layer(
         &self,
-        compression: Compression,
         entries: Vec<TarEntry>,
-        mtime: u64,
-        threads: usize,
         progress: &mut dyn FnMut(u64),
     ) -> Result<LayerInfo> {
+        let s = &self.settings;
         layer::write_layer(
             self.writer.store(),
-            compression,
+            s.compression,
             entries,
-            mtime,
-            threads,
+            s.mtime,
+            s.threads,
             progress,
         )
     }
 
     /// A layer whose bytes are the same in every build (bakedb's own binaries, mtime 0): not
     /// written when the output already has it (see `layer::write_fixed_layer`).
-    pub fn write_fixed_layer(
-        &self,
-        compression: Compression,
-        entries: Vec<TarEntry>,
-        threads: usize,
-    ) -> Result<LayerInfo> {
+    /// Its entries get mtime 0, whatever the build's time, so the blob is the same in every
+    /// image.
+    pub fn write_fixed_layer(&self, entries: Vec<TarEntry>) -> Result<LayerInfo> {
         layer::write_fixed_layer(
             self.writer.store(),
             self.writer.had_blobs(),
-            compression,
+            self.settings.compression,
             entries,
             0,
-            threads,
+            self.settings.threads,
         )
     }
 
@@ -183,8 +203,8 @@ impl Output {
         config: &Value,
         layers: Vec<LayerInfo>,
         annotations: &BTreeMap<String, String>,
-        mtime: u64,
     ) -> Result<Written> {
+        let mtime = self.settings.mtime;
         let config_bytes = image::canonical_json(config);
         let config_info = self.writer.store().put(&config_bytes)?;
         let manifest = image::manifest(&config_info.digest, config_info.size, &layers, annotations);
@@ -202,7 +222,7 @@ impl Output {
                     &self.tag,
                     &manifest_info.digest,
                     manifest_info.size,
-                    self.overwrite,
+                    self.settings.overwrite,
                 )?;
             }
             ImageRef::OciArchive { file, .. } => {

@@ -8,41 +8,67 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// `created` needs (skopeo and umoci cannot parse a year 10000).
 pub const MAX_EPOCH: i64 = 0o77777777777;
 
-/// The build timestamp: SOURCE_DATE_EPOCH when set (reproducible builds), else now.
-pub fn build_epoch() -> Result<i64, String> {
-    match std::env::var("SOURCE_DATE_EPOCH") {
-        Ok(v) => parse_epoch(&v),
-        Err(_) => Ok(now()),
+/// The range a SOURCE_DATE_EPOCH may take, said the same way in every refusal.
+const RANGE: &str = "use whole seconds since 1970 from 0 (1970-01-01T00:00:00Z) to 8589934591 (2242-03-16T12:56:31Z), the range both a tar header's mtime and an RFC 3339 `created` hold";
+
+/// A SOURCE_DATE_EPOCH bakedb cannot use.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EpochError {
+    #[error("SOURCE_DATE_EPOCH={text:?} is not a number of seconds; {RANGE}")]
+    NotANumber { text: String },
+    #[error("SOURCE_DATE_EPOCH={text:?} is before 1970; {RANGE}")]
+    BeforeEpoch { text: String },
+    #[error("SOURCE_DATE_EPOCH={text:?} is after 2242-03-16T12:56:31Z; {RANGE}")]
+    AfterMax { text: String },
+}
+
+/// When a build happens, decided once: SOURCE_DATE_EPOCH when set (reproducible builds),
+/// else now. Every timestamp of the build derives from it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BuildTime {
+    epoch: i64,
+}
+
+impl BuildTime {
+    /// From SOURCE_DATE_EPOCH, or the clock.
+    pub fn from_env() -> Result<BuildTime, EpochError> {
+        match std::env::var("SOURCE_DATE_EPOCH") {
+            Ok(v) => parse_epoch(&v).map(|epoch| BuildTime { epoch }),
+            Err(_) => Ok(BuildTime { epoch: now() }),
+        }
+    }
+
+    /// The image's `created` and its annotation.
+    pub fn created(&self) -> String {
+        rfc3339(self.epoch)
+    }
+
+    /// The mtime of every entry of the layers that carry data.
+    pub fn mtime(&self) -> u64 {
+        self.epoch as u64
+    }
+
+    /// When the snapshot was taken, as image.json records it: the build time, but never
+    /// later than now (a SOURCE_DATE_EPOCH in the future does not date a snapshot).
+    pub fn snapshot_time(&self) -> String {
+        rfc3339(self.epoch.min(now()))
     }
 }
 
 /// A SOURCE_DATE_EPOCH value: whole seconds from 0 (1970-01-01T00:00:00Z) to MAX_EPOCH.
-pub fn parse_epoch(text: &str) -> Result<i64, String> {
-    let range = || {
-        format!(
-            "use whole seconds since 1970 from 0 ({}) to {MAX_EPOCH} ({}), the range both a tar header's mtime and an RFC 3339 `created` hold",
-            rfc3339(0),
-            rfc3339(MAX_EPOCH)
-        )
-    };
-    let seconds: i128 = text.trim().parse().map_err(|_| {
-        format!(
-            "SOURCE_DATE_EPOCH={text:?} is not a number of seconds; {}",
-            range()
-        )
+pub fn parse_epoch(text: &str) -> Result<i64, EpochError> {
+    let seconds: i128 = text.trim().parse().map_err(|_| EpochError::NotANumber {
+        text: text.to_owned(),
     })?;
     if seconds < 0 {
-        return Err(format!(
-            "SOURCE_DATE_EPOCH={text:?} is before 1970; {}",
-            range()
-        ));
+        return Err(EpochError::BeforeEpoch {
+            text: text.to_owned(),
+        });
     }
     if seconds > i128::from(MAX_EPOCH) {
-        return Err(format!(
-            "SOURCE_DATE_EPOCH={text:?} is after {}; {}",
-            rfc3339(MAX_EPOCH),
-            range()
-        ));
+        return Err(EpochError::AfterMax {
+            text: text.to_owned(),
+        });
     }
     Ok(seconds as i64)
 }
@@ -78,7 +104,7 @@ pub fn rfc3339(epoch: i64) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{MAX_EPOCH, parse_epoch, rfc3339};
+    use super::{MAX_EPOCH, RANGE, parse_epoch, rfc3339};
 
     #[test]
     fn source_date_epoch_must_fit_tar_and_rfc3339() {
@@ -86,6 +112,7 @@ mod tests {
         assert_eq!(parse_epoch(" 0\n"), Ok(0));
         assert_eq!(parse_epoch("8589934591"), Ok(MAX_EPOCH));
         assert_eq!(rfc3339(MAX_EPOCH), "2242-03-16T12:56:31Z");
+        assert!(RANGE.contains(&MAX_EPOCH.to_string()) && RANGE.contains(&rfc3339(MAX_EPOCH)));
         for (text, why) in [
             ("8589934592", "is after 2242-03-16T12:56:31Z"),
             // 10000-01-01T00:00:00Z: skopeo and umoci cannot parse its `created`.
@@ -95,7 +122,7 @@ mod tests {
             ("1.5", "is not a number of seconds"),
             ("", "is not a number of seconds"),
         ] {
-            let err = parse_epoch(text).unwrap_err();
+            let err = parse_epoch(text).unwrap_err().to_string();
             assert!(err.contains(why), "{text:?}: {err}");
             assert!(
                 err.ends_with("from 0 (1970-01-01T00:00:00Z) to 8589934591 (2242-03-16T12:56:31Z), the range both a tar header's mtime and an RFC 3339 `created` hold"),

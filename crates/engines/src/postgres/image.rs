@@ -18,6 +18,7 @@ use serde_json::json;
 use super::snapshot::collect;
 use super::source::list;
 use super::{PGDATA, err, io, parse_major, settings};
+use crate::image_json::{Profile, ProfileFile};
 use crate::{BaseImage, Error, Result, Snapshot};
 
 /// The major version a data directory was written by (its PG_VERSION file).
@@ -389,7 +390,7 @@ pub struct Fit {
 ///   would no longer match image.json; init verifies at the container's first start only.
 ///
 /// `preload`: the lazy copy-up library to put in LD_PRELOAD (see crates/copyup-shim).
-pub fn profile(carried: &BTreeMap<String, String>, preload: Option<&str>) -> serde_json::Value {
+pub fn profile(carried: &BTreeMap<String, String>, preload: Option<&str>) -> Profile {
     let mut args = vec!["-D".to_owned(), format!("{{data_dir}}/{PGDATA}")];
     for setting in [
         "config_file={runtime_dir}/postgresql.conf",
@@ -418,26 +419,34 @@ pub fn profile(carried: &BTreeMap<String, String>, preload: Option<&str>) -> ser
         args.push("-c".into());
         args.push(setting.into());
     }
-    let mut env = serde_json::Map::new();
-    if let Some(library) = preload {
-        env.insert("LD_PRELOAD".into(), json!(library));
-    }
-    json!({
-        "name": "postgres-readonly",
-        "command": "postgres",
-        "args": args,
-        "env": env,
-        "verify": "first-start",
-        "files": [
-            {"name": "postgresql.conf", "mode": "0600", "content": settings::config_file(carried)},
-            {"name": "pg_hba.conf", "mode": "0600", "content":
+    let file = |name: &str, content: String| ProfileFile {
+        name: name.into(),
+        mode: "0600".into(),
+        content,
+    };
+    Profile {
+        name: "postgres-readonly".into(),
+        command: Some("postgres".into()),
+        args,
+        env: preload
+            .map(|library| ("LD_PRELOAD".to_owned(), library.to_owned()))
+            .into_iter()
+            .collect(),
+        verify: Some("first-start".into()),
+        files: vec![
+            file("postgresql.conf", settings::config_file(carried)),
+            file(
+                "pg_hba.conf",
                 "# bakedb read-only replica. Roles and passwords are the source's; md5 also accepts\n\
                  # roles with SCRAM secrets (with SCRAM).\n\
                  local all all trust\n\
-                 host all all all md5\n"},
-            {"name": "pg_ident.conf", "mode": "0600", "content": ""},
+                 host all all all md5\n"
+                    .into(),
+            ),
+            file("pg_ident.conf", String::new()),
         ],
-    })
+        supervise: None,
+    }
 }
 
 /// Read `snapshot.json` and the data directory of a directory written by `bakedb snapshot`.
@@ -517,6 +526,7 @@ mod tests {
 
     fn image(env: &[&str], paths: &[&str], files: &[(&str, &[u8])]) -> BaseImage {
         BaseImage {
+            location: "oci:test:latest".into(),
             env: env.iter().map(|s| s.to_string()).collect(),
             paths: paths.iter().map(|s| s.to_string()).collect(),
             files: files

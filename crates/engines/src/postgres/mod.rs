@@ -14,6 +14,7 @@
 //! and the base image must agree, which is checked before anything is copied.
 
 mod conn;
+mod engine;
 mod image;
 mod scratch;
 mod settings;
@@ -24,6 +25,7 @@ mod tools;
 use std::path::Path;
 
 pub use conn::{Source, is_url, redact};
+pub use engine::Postgres;
 pub use image::{
     Base, Fit, data_major, load_snapshot_dir, profile, wants_base_file, write_snapshot_meta,
 };

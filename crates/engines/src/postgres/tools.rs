@@ -4,7 +4,21 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use super::{err, io, parse_major};
+use super::{io, parse_major};
+use crate::Error;
+
+/// The tools are bakedb's own prerequisites, named by --pg-bin: a usage error.
+fn err(step: impl Into<String>, detail: impl Into<String>) -> Error {
+    let step = step.into();
+    Error::Usage {
+        step: if step.is_empty() {
+            "finding the PostgreSQL server tools".into()
+        } else {
+            step
+        },
+        detail: detail.into(),
+    }
+}
 use crate::Result;
 
 /// The server tools bakedb runs: pg_basebackup, pg_resetwal, postgres, pg_ctl, pg_isready,
@@ -138,7 +152,7 @@ pub(crate) fn checked(step: &str, out: std::io::Result<Output>, program: &Path) 
     let out = out.map_err(io("running", program))?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
-        return Err(err(step, stderr.trim().to_owned()));
+        return Err(super::err(step, stderr.trim().to_owned()));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

@@ -15,6 +15,11 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags};
 use serde_json::json;
 
+mod engine;
+
+pub use engine::Sqlite;
+
+use crate::image_json::Profile;
 use crate::{DataFile, Error, Result, Snapshot};
 
 const HEADER: &[u8; 16] = b"SQLite format 3\0";
@@ -342,15 +347,19 @@ fn corruption_report(source: &Path, problems: &[String], stopped: Option<&str>) 
 /// SQLite's temporary files (large sorts, GROUP BY, temp tables) go to /tmp rather than
 /// beside the data, and BAKEDB_DATABASE names the baked file for whatever command the image
 /// runs (sqlite3, datasette, bakedb-serve).
-pub fn profile(snapshot: &Snapshot) -> serde_json::Value {
+pub fn profile(snapshot: &Snapshot) -> Profile {
     let file = snapshot.files.first().map_or("", |f| f.rel_path.as_str());
-    json!({
-        "name": "sqlite-readonly",
-        "env": {
-            "SQLITE_TMPDIR": "/tmp",
-            "BAKEDB_DATABASE": format!("{{data_dir}}/{file}"),
-        },
-    })
+    Profile {
+        name: "sqlite-readonly".into(),
+        env: [
+            ("SQLITE_TMPDIR", "/tmp".to_owned()),
+            ("BAKEDB_DATABASE", format!("{{data_dir}}/{file}")),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect(),
+        ..Profile::default()
+    }
 }
 
 /// Files of a directory written by `bakedb snapshot`, with its recorded provenance.

@@ -1,0 +1,58 @@
+//! `bakedb build`, in phases a reader can follow, each in its own file:
+//!
+//! 1. `plan`: flags, the base image and the engine's checks of the source; the output is
+//!    opened last. Nothing is copied or visibly written.
+//! 2. `data`: the engine's snapshot in a scratch directory, and the image it makes of it.
+//! 3. `layers`: the base's layers, bakedb's own (`bundled`), the data, image.json.
+//! 4. `image`: config and manifest, then the tag, the only write a reader sees.
+//!
+//! No engine is named here: `bakedb_engines` describes each engine's image as plain data.
+
+mod bundled;
+mod data;
+mod image;
+mod layers;
+mod plan;
+
+use std::io::Write;
+
+use anyhow::Result;
+use serde_json::json;
+
+pub use data::warn_notes;
+pub use plan::{engine_named, engine_options};
+
+use crate::BuildArgs;
+use crate::progress::Progress;
+
+pub fn run(args: BuildArgs, quiet: bool) -> Result<()> {
+    let mut progress = Progress::new(quiet);
+    let mut plan = plan::plan(&args)?;
+    let data = data::take(&mut plan, &mut progress)?;
+    let layers = layers::write(&plan, &data, &mut progress)?;
+    let data_digest = layers.data_digest;
+    let written = image::finish(plan, &data, layers, &mut progress)?;
+    let total: u64 = written.layers.iter().map(|l| l.size).sum::<u64>() + written.manifest_size;
+    if args.json {
+        let out = json!({
+            "reference": written.reference,
+            "manifest_digest": written.manifest_digest.to_string(),
+            "manifest_size": written.manifest_size,
+            "config_digest": written.config_digest.to_string(),
+            "data_digest": data_digest.to_string(),
+            "size": total,
+            "layers": written.layers.iter().map(|l| json!({
+                "digest": l.digest.to_string(), "size": l.size, "diff_id": l.diff_id.to_string(), "media_type": l.media_type,
+            })).collect::<Vec<_>>(),
+        });
+        let mut stdout = crate::exit::stdout();
+        writeln!(stdout, "{}", serde_json::to_string_pretty(&out)?)?;
+        stdout.flush()?;
+    } else if !quiet {
+        // --quiet prints errors only; scripts that want the digest use --json.
+        let mut stdout = crate::exit::stdout();
+        writeln!(stdout, "{} {}", written.reference, written.manifest_digest)?;
+        stdout.flush()?;
+    }
+    Ok(())
+}
