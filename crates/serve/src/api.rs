@@ -7,6 +7,7 @@
 //! (`answers`). Slow or stalled clients therefore cannot pile up answers in memory: once the
 //! budget is spent, new queries wait for room until their deadline and then answer 503.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -458,7 +459,7 @@ fn json_answer(
     };
     let mut rows = 0;
     let mut head_written = false;
-    let outcome = db.query(sql, params, limit, &mut |row| {
+    let outcome = db.query(sql, params, limit, &mut |_| Ok(()), &mut |row| {
         if !head_written {
             head(out, &row.as_ref().column_names().collect::<Vec<_>>())?;
             head_written = true;
@@ -596,6 +597,56 @@ impl LineSender {
             }
         }
     }
+
+    /// Sends what is batched and the last `lines` from an async task, so that a client slow
+    /// to read the end of its stream holds no blocking thread (they are few: one per read
+    /// connection and four more). Gives up at `deadline`.
+    fn finish(self, lines: Vec<Vec<u8>>, deadline: tokio::time::Instant) {
+        let LineSender {
+            tx,
+            handle,
+            answers,
+            window,
+            window_bytes,
+            batch,
+        } = self;
+        // Pieces no larger than the window (the last lines are short; the batch is within
+        // it already).
+        let mut pieces = vec![batch];
+        for line in lines {
+            let last = pieces.last_mut().expect("there is a first piece");
+            if last.len() + line.len() <= window_bytes {
+                last.extend_from_slice(&line);
+            } else {
+                pieces.push(line);
+            }
+        }
+        handle.spawn(async move {
+            for piece in pieces.into_iter().filter(|p| !p.is_empty()) {
+                let Ok(n) = u32::try_from(piece.len()) else {
+                    return;
+                };
+                let room = async {
+                    let window = Arc::clone(&window).acquire_many_owned(n).await.ok()?;
+                    let global = Arc::clone(&answers).acquire_many_owned(n).await.ok()?;
+                    Some(vec![window, global])
+                };
+                let Ok(Some(budget)) = tokio::time::timeout_at(deadline, room).await else {
+                    return;
+                };
+                let bytes = Bytes::from_owner(Held {
+                    bytes: piece,
+                    _budget: budget,
+                });
+                if !matches!(
+                    tokio::time::timeout_at(deadline, tx.send(bytes)).await,
+                    Ok(Ok(()))
+                ) {
+                    return;
+                }
+            }
+        });
+    }
 }
 
 /// The body of an NDJSON answer: what the query thread sends; stops the statement when the
@@ -615,8 +666,8 @@ impl tokio_stream::Stream for Lines {
 
 /// NDJSON: `{"columns": [...]}`, then one JSON array per row, then
 /// `{"rows": n, "truncated": false, "elapsed_ms": x}` (or `{"error": ...}` if it failed
-/// midway). The status is decided at the first row (or the end), so errors found before any
-/// row is sent get their status code as in JSON mode.
+/// midway). Errors found before the statement runs (syntax, denied, bad parameters) get their
+/// status code as in JSON mode.
 async fn stream_query(
     app: Arc<App>,
     mut lease: Lease,
@@ -644,16 +695,25 @@ async fn stream_query(
     let app_for_stream = Arc::clone(&app);
     tokio::task::spawn_blocking(move || {
         let mut head_tx = Some(head_tx);
-        let columns_line = |columns: &[&str]| {
-            let mut line = json!({ "columns": columns }).to_string().into_bytes();
-            line.push(b'\n');
-            line
-        };
+        // Both callbacks send; one at a time.
+        let sending = RefCell::new(&mut sender);
         let mut line = Vec::new();
         let result = lease.db().query(
             &sql,
             &params,
             limit,
+            // The status goes out once the statement is prepared: from then on a stream's
+            // errors (its time limit, a row too large) arrive as its last line.
+            &mut |columns| {
+                let mut text = json!({ "columns": columns }).to_string().into_bytes();
+                text.push(b'\n');
+                let mut sender = sending.borrow_mut();
+                sender.fits(&text)?;
+                if let Some(head) = head_tx.take() {
+                    let _ = head.send(Ok(()));
+                }
+                sender.push(&text, deadline, limit)
+            },
             &mut |row| {
                 line.clear();
                 let n = row.as_ref().column_count();
@@ -664,17 +724,7 @@ async fn stream_query(
                     ),
                 })?;
                 line.push(b'\n');
-                if head_tx.is_some() {
-                    let names: Vec<&str> = row.as_ref().column_names().collect();
-                    let columns = columns_line(&names);
-                    // Checked before the status goes out, so it can still be a 400.
-                    sender.fits(&columns)?;
-                    if let Some(head) = head_tx.take() {
-                        let _ = head.send(Ok(()));
-                    }
-                    sender.push(&columns, deadline, limit)?;
-                }
-                sender.push(&line, deadline, limit)?;
+                sending.borrow_mut().push(&line, deadline, limit)?;
                 Ok(true)
             },
         );
@@ -682,15 +732,6 @@ async fn stream_query(
         // The last line may wait for the client as long as any write may.
         let last_deadline = tokio::time::Instant::now() + client_timeout;
         let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
-        // A statement without rows still has its column names to send first.
-        let result = result.and_then(|outcome| {
-            if head_tx.is_none() {
-                return Ok((outcome, None));
-            }
-            let names: Vec<&str> = outcome.columns.iter().map(String::as_str).collect();
-            let columns = columns_line(&names);
-            sender.fits(&columns).map(|()| (outcome, Some(columns)))
-        });
         match result {
             Err(e) => {
                 app_for_stream.count(&e);
@@ -700,32 +741,24 @@ async fn stream_query(
                     }
                     None if matches!(e, QueryError::ClientGone) => {}
                     None => {
-                        // The 200 and the first rows are already out: the last line carries
-                        // the error.
+                        // The 200 and the column names are already out: the last line
+                        // carries the error.
                         let (_, _, mut body) = describe(&e);
                         body["elapsed_ms"] = json!(elapsed_ms);
                         let mut text = body.to_string().into_bytes();
                         text.push(b'\n');
-                        let _ = sender
-                            .push(&text, last_deadline, limit)
-                            .and_then(|()| sender.flush(last_deadline, limit));
+                        sender.finish(vec![text], last_deadline);
                     }
                 }
             }
-            Ok((outcome, columns)) => {
-                if let (Some(head), Some(columns)) = (head_tx.take(), columns) {
-                    let _ = head.send(Ok(()));
-                    let _ = sender.push(&columns, last_deadline, limit);
-                }
+            Ok(outcome) => {
                 let mut text = json!({
                     "rows": outcome.rows, "truncated": outcome.truncated, "elapsed_ms": elapsed_ms,
                 })
                 .to_string()
                 .into_bytes();
                 text.push(b'\n');
-                let _ = sender
-                    .push(&text, last_deadline, limit)
-                    .and_then(|()| sender.flush(last_deadline, limit));
+                sender.finish(vec![text], last_deadline);
             }
         }
     });

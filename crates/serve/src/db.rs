@@ -364,8 +364,8 @@ fn to_sql(value: &Value, which: &str) -> Result<SqlValue, QueryError> {
     })
 }
 
-/// What a query produced, after `on_row` was called per row until it returned Ok(false) (the
-/// consumer has enough) or an error.
+/// What a query produced, after `on_prepared` was called once and `on_row` per row until it
+/// returned Ok(false) (the consumer has enough) or an error.
 pub struct Outcome {
     /// The statement's column names (also `row.as_ref().column_names()` on each row).
     pub columns: Vec<String>,
@@ -376,6 +376,8 @@ pub struct Outcome {
 
 /// Called with each row; Ok(false) ends the statement early (the answer is full).
 pub type OnRow<'a> = &'a mut dyn FnMut(&rusqlite::Row<'_>) -> Result<bool, QueryError>;
+/// Called once the statement is prepared and bound, with its column names, before it runs.
+pub type OnPrepared<'a> = &'a mut dyn FnMut(&[String]) -> Result<(), QueryError>;
 
 impl Db {
     fn log(&self) -> std::sync::MutexGuard<'_, authorizer::Log> {
@@ -481,13 +483,14 @@ impl Db {
         sql: &str,
         params: &Params,
         limit: Duration,
+        on_prepared: OnPrepared<'_>,
         on_row: OnRow<'_>,
     ) -> Result<Outcome, QueryError> {
         *self.log() = authorizer::Log::default();
         self.control
             .deadline
             .store(nanos_since_epoch(Instant::now() + limit), Ordering::Relaxed);
-        let result = self.query_inner(sql, params, limit, on_row);
+        let result = self.query_inner(sql, params, limit, on_prepared, on_row);
         self.control.deadline.store(u64::MAX, Ordering::Relaxed);
         result
     }
@@ -497,6 +500,7 @@ impl Db {
         sql: &str,
         params: &Params,
         limit: Duration,
+        on_prepared: OnPrepared<'_>,
         on_row: OnRow<'_>,
     ) -> Result<Outcome, QueryError> {
         // A job stopped while it waited (its client left, the drain ended) runs nothing.
@@ -576,6 +580,7 @@ impl Db {
         };
         bind(&mut stmt)?;
         let columns: Vec<String> = stmt.column_names().map(str::to_owned).collect();
+        on_prepared(&columns)?;
         let mut rows = stmt.raw_query();
         let mut count = 0;
         let failure = loop {
@@ -621,7 +626,7 @@ impl Db {
         limit: Duration,
         on_row: &mut dyn FnMut(Vec<Value>) -> bool,
     ) -> Result<Outcome, QueryError> {
-        self.query(sql, params, limit, &mut |row| {
+        self.query(sql, params, limit, &mut |_| Ok(()), &mut |row| {
             let n = row.as_ref().column_count();
             let values = (0..n)
                 .map(|i| row.get_ref(i).map_or(Value::Null, encode::to_json))
