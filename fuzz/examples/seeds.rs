@@ -89,4 +89,31 @@ fn main() {
 }
 "#;
     put("init_image_json", "seed-sqlite", image_json);
+
+    // serve_request: [method][content type][target NUL body]
+    let requests: [(u8, u8, &str, &str); 6] = [
+        (0, 0, "healthz", ""),
+        (0, 0, "v1/schema", ""),
+        (
+            0,
+            0,
+            "v1/query?sql=SELECT+id,name+FROM+items+WHERE+id+%3D+%3F1&params=%5B3%5D",
+            "",
+        ),
+        (
+            2,
+            0,
+            "v1/query",
+            r#"{"sql": "SELECT * FROM items WHERE price < :max", "params": {"max": 2}}"#,
+        ),
+        (2, 4, "v1/query", r#"{"sql": "SELECT data FROM items"}"#),
+        (0, 0, "metrics", ""),
+    ];
+    for (i, (method, content, target, body)) in requests.iter().enumerate() {
+        let mut bytes = vec![*method, *content];
+        bytes.extend_from_slice(target.as_bytes());
+        bytes.push(0);
+        bytes.extend_from_slice(body.as_bytes());
+        put("serve_request", &format!("seed-{i}"), &bytes);
+    }
 }

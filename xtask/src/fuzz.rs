@@ -13,7 +13,7 @@ use anyhow::{Result, bail};
 use crate::{project_root, run};
 
 /// Every target in fuzz/Cargo.toml.
-pub const TARGETS: [&str; 7] = [
+pub const TARGETS: [&str; 8] = [
     "oci_index",
     "oci_manifest",
     "oci_config",
@@ -21,6 +21,7 @@ pub const TARGETS: [&str; 7] = [
     "archive",
     "reference",
     "init_image_json",
+    "serve_request",
 ];
 
 pub struct FuzzOptions {

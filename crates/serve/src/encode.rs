@@ -52,6 +52,10 @@ impl<'a> Capped<'a> {
         self.out.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.out.is_empty()
+    }
+
     pub fn cap(&self) -> usize {
         self.cap
     }

@@ -4,13 +4,7 @@
 //! Exit codes: 0 after a drain on SIGTERM/SIGINT, 1 when serving fails (e.g. the port is
 //! taken), 2 for bad settings, 4 when the database cannot be opened.
 
-mod api;
-mod authorizer;
-mod config;
-mod db;
-mod encode;
-mod metrics;
-mod server;
+use bakedb_serve::{api, config, db, server};
 
 use std::process::ExitCode;
 
