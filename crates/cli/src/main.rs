@@ -96,6 +96,16 @@ pub struct BuildArgs {
         long_help = "Image to build on: oci:DIR[:TAG], oci-archive:FILE[:TAG] or docker-archive:FILE[:NAME:TAG]. Its layers are reused as they are, their digests checked while copied. Without --base the image is FROM scratch."
     )]
     base: Option<String>,
+    /// Re-bake onto this previous bakedb image: only what changed ships, as a patch layer.
+    #[arg(
+        long,
+        value_name = "REF",
+        long_help = "The previous bakedb image of this database (oci:DIR:TAG, oci-archive:FILE:TAG or docker-archive:FILE:NAME:TAG). The new image keeps all its layers, shared by digest, and adds one patch layer with only what changed (new files whole, changed files as their changed pages, deleted files as whiteouts) and a new image.json layer; what changed is found from REF's page index, without reading its data. After --max-patches patch generations, or when the patches outgrow half of the data they patch, the build writes a fresh base instead and says so. See docs/patch-format.md."
+    )]
+    from: Option<String>,
+    /// With --from: patch generations on one base before a fresh base is written.
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    max_patches: u64,
     /// Layer compression.
     #[arg(
         long,

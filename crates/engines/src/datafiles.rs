@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
+use crate::delta::{FilePages, page_hash};
 use crate::{DataFile, Error, Result};
 
 pub const CHUNK_SIZE: u64 = 16 << 20;
@@ -32,6 +33,27 @@ pub struct FileDigest {
     /// sha256 of each CHUNK_SIZE piece, the last one shorter; only for larger files.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub chunks: Vec<String>,
+    /// The generation whose layer holds the file as stored (absent: 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
+    /// A patched file: the file as its layer stores it, before the patches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<StoredFile>,
+    /// A patched file: its patch files (data file paths), oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub patches: Vec<String>,
+}
+
+/// A file as a layer stores it: its size and digests (docs/image-json.md, `base`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredFile {
+    #[serde(default)]
+    pub generation: u64,
+    pub size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chunks: Vec<String>,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -43,34 +65,57 @@ fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Io { op, path, source }
 }
 
+/// A chunk's sha256 (hex) and the hashes of its pages.
+type Hashes = (String, Vec<u128>);
+
 /// Hash one file: a small one whole, a large one chunk by chunk on `threads` threads, each
 /// reading its own ranges with pread.
 pub fn digest_file(file: &DataFile, threads: usize) -> Result<FileDigest> {
+    Ok(digest_and_pages(file, threads)?.0)
+}
+
+/// As `digest_file`, and the page hashes of the delta index (docs/patch-format.md) from the
+/// same reads: a page never straddles a chunk (CHUNK_SIZE is a multiple of every page size).
+pub fn digest_and_pages(file: &DataFile, threads: usize) -> Result<(FileDigest, FilePages)> {
     let path = &file.host_path;
     let f = File::open(path).map_err(io("opening", path))?;
     let size = f.metadata().map_err(io("reading metadata of", path))?.len();
+    // A file that is not a whole number of pages is one unit.
+    let page_size = match file.page_size {
+        p if p > 0 && size > 0 && size % u64::from(p) == 0 => p,
+        _ => 0,
+    };
     let n_chunks = size.div_ceil(CHUNK_SIZE).max(1);
     let next = AtomicU64::new(0);
-    let hash_range = |buf: &mut [u8], start: u64, end: u64| -> Result<String> {
+    let hash_range = |buf: &mut [u8], start: u64, end: u64| -> Result<Hashes> {
         let mut hasher = Sha256::new();
+        let mut pages = Vec::new();
         let mut off = start;
         while off < end {
+            // Whole buffers (a multiple of the page size) up to the range's end.
             let want = buf.len().min((end - off) as usize);
-            let n = f
-                .read_at(&mut buf[..want], off)
-                .map_err(io("reading", path))?;
-            if n == 0 {
-                return Err(Error::Source {
-                    path: path.clone(),
-                    reason: "file shrank while being hashed".into(),
-                });
+            let mut got = 0;
+            while got < want {
+                let n = f
+                    .read_at(&mut buf[got..want], off + got as u64)
+                    .map_err(io("reading", path))?;
+                if n == 0 {
+                    return Err(Error::Source {
+                        path: path.clone(),
+                        reason: "file shrank while being hashed".into(),
+                    });
+                }
+                got += n;
             }
-            hasher.update(&buf[..n]);
-            off += n as u64;
+            hasher.update(&buf[..want]);
+            if page_size > 0 {
+                pages.extend(buf[..want].chunks(page_size as usize).map(page_hash));
+            }
+            off += want as u64;
         }
-        Ok(hex(&hasher.finalize()))
+        Ok((hex(&hasher.finalize()), pages))
     };
-    let worker = || -> Result<Vec<(usize, String)>> {
+    let worker = || -> Result<Vec<(usize, Hashes)>> {
         let mut out = Vec::new();
         let mut buf = vec![0u8; 1 << 20];
         loop {
@@ -86,6 +131,7 @@ pub fn digest_file(file: &DataFile, threads: usize) -> Result<FileDigest> {
         }
     };
     let mut chunks = vec![String::new(); n_chunks as usize];
+    let mut chunk_pages = vec![Vec::new(); n_chunks as usize];
     std::thread::scope(|scope| -> Result<()> {
         let helpers: Vec<_> = (1..threads.min(n_chunks as usize))
             .map(|_| scope.spawn(worker))
@@ -94,8 +140,9 @@ pub fn digest_file(file: &DataFile, threads: usize) -> Result<FileDigest> {
         for h in helpers {
             results.extend(h.join().expect("hash worker panicked")?);
         }
-        for (i, digest) in results {
+        for (i, (digest, pages)) in results {
             chunks[i] = digest;
+            chunk_pages[i] = pages;
         }
         Ok(())
     })?;
@@ -109,18 +156,45 @@ pub fn digest_file(file: &DataFile, threads: usize) -> Result<FileDigest> {
             reason: "file changed size while being hashed".into(),
         });
     }
+    let hashes = if page_size > 0 {
+        chunk_pages.concat()
+    } else {
+        // A small unpaged file (or an odd one): one more read of it.
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut off = 0;
+        while off < size {
+            let n = f.read_at(&mut buf, off).map_err(io("reading", path))?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+            off += n as u64;
+        }
+        vec![h.digest128()]
+    };
     let (sha256, chunks) = if n_chunks == 1 {
         (chunks.pop(), Vec::new())
     } else {
         (None, chunks)
     };
-    Ok(FileDigest {
-        path: file.rel_path.clone(),
-        size,
-        mode: format!("{:04o}", file.mode),
-        sha256,
-        chunks,
-    })
+    Ok((
+        FileDigest {
+            path: file.rel_path.clone(),
+            size,
+            mode: format!("{:04o}", file.mode),
+            sha256,
+            chunks,
+            generation: None,
+            base: None,
+            patches: Vec::new(),
+        },
+        FilePages {
+            page_size,
+            length: size,
+            hashes,
+        },
+    ))
 }
 
 #[cfg(test)]
@@ -137,6 +211,7 @@ mod tests {
             rel_path: "f".into(),
             host_path: path.clone(),
             mode: 0o644,
+            page_size: 4096,
         };
         let d = digest_file(&df, 2).unwrap();
         assert_eq!(d.size, data.len() as u64);

@@ -43,6 +43,51 @@ pub struct ImageJson {
     /// credentials, settings not carried).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notes: Option<Vec<String>>,
+    /// 0 for a full build, one more than the previous image's for `--from`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub generation: u64,
+    /// The page index files whose fold is this image's index, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub page_index: Vec<IndexFile>,
+    /// What each generation since the last base added, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chain: Vec<ChainLink>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// One generation's page index file (docs/patch-format.md).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexFile {
+    pub generation: u64,
+    /// Absolute, e.g. /etc/bakedb/pages/3.idx.
+    pub path: String,
+    pub size: u64,
+    pub sha256: String,
+    /// The layer that holds it; None: this image.json's own layer.
+    pub layer: Option<String>,
+}
+
+/// What one generation added to the chain.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainLink {
+    pub generation: u64,
+    /// "base" (the data written whole) or "patch".
+    pub kind: String,
+    /// Its data or patch layer.
+    pub layer: Option<String>,
+    /// Files shipped whole, as patches, and deleted.
+    pub whole: u64,
+    pub patched: u64,
+    pub deleted: u64,
+    /// Pages in its patch files.
+    pub pages: u64,
+    /// Uncompressed bytes of what it shipped (files and patches).
+    pub raw_bytes: u64,
+    /// The layer's size, compressed.
+    pub bytes: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,6 +118,10 @@ pub struct Profile {
     /// init stays PID 1 and supervises the engine instead of exec'ing it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub supervise: Option<bool>,
+    /// How patched files reach the engine: "apply" (init composes them) or "in-place" (the
+    /// engine reads base and patches). Absent when no file is patched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patches: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -155,9 +204,15 @@ mod tests {
                 mode: "0644".into(),
                 sha256: Some("ab".repeat(32)),
                 chunks: Vec::new(),
+                generation: None,
+                base: None,
+                patches: Vec::new(),
             }],
             dirs: Vec::new(),
             notes: None,
+            generation: 0,
+            page_index: Vec::new(),
+            chain: Vec::new(),
         }
     }
 

@@ -10,6 +10,7 @@
 //! This crate never writes an image layout; `bakedb-oci` never learns about databases.
 
 pub mod datafiles;
+pub mod delta;
 pub mod image_json;
 pub mod postgres;
 pub mod sqlite;
@@ -85,6 +86,9 @@ pub struct DataFile {
     pub rel_path: String,
     pub host_path: PathBuf,
     pub mode: u32,
+    /// The engine's page size for this file (delta re-bakes ship changed pages); 0: the
+    /// whole file is one unit.
+    pub page_size: u32,
 }
 
 /// A directory of a snapshot that must exist in the image even when empty (PostgreSQL's
@@ -243,9 +247,22 @@ pub struct ImageSpec {
     /// How bakedb-init starts the engine read-only.
     pub profile: image_json::Profile,
     pub bundled: Vec<Bundled>,
+    /// How patched files of a delta re-bake reach the engine.
+    pub patch_mode: PatchMode,
     /// What the build lost or left out: printed as warnings and kept in image.json. None: the
     /// engine keeps no notes (image.json has no "notes").
     pub notes: Option<Vec<String>>,
+}
+
+/// How the files of a delta re-bake (docs/patch-format.md) reach the engine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PatchMode {
+    /// bakedb-init composes them in place before the engine starts (engines that read their
+    /// files themselves).
+    Apply,
+    /// The engine reads base and patches itself; this variable of its profile lists the
+    /// patch files of its data file, oldest first, separated by ':'.
+    InPlace { env: &'static str },
 }
 
 /// Every engine bakedb can bake, in `--engine`'s order.

@@ -196,6 +196,38 @@ impl Output {
         Ok(out)
     }
 
+    /// Reuse the layers of a previous image of the same chain (`bakedb build --from`) as they
+    /// are. A layer the output already has is not read at all (blobs enter a store only
+    /// after their digest was checked); another is copied with its digest and size checked,
+    /// not decompressed: the data layers of a chain are large, and a re-bake must not pay
+    /// for reading them.
+    pub fn reuse_layers(
+        &self,
+        source: &ImageSource,
+        image: &ResolvedImage,
+    ) -> Result<Vec<LayerInfo>> {
+        let store = self.writer.store();
+        let location = source.location();
+        let mut out = Vec::new();
+        for layer in &image.layers {
+            if !store.contains(&layer.digest, layer.size) {
+                let mut blob = source.open_blob(&layer.digest, "layer")?;
+                let mut writer = store.writer()?;
+                let tmp = writer.temp_path().to_owned();
+                std::io::copy(&mut blob, &mut writer)
+                    .map_err(Error::io("copying a layer to", &tmp))?;
+                writer.commit(Some((&layer.digest, layer.size, "layer", &location)))?;
+            }
+            out.push(LayerInfo {
+                digest: layer.digest,
+                size: layer.size,
+                diff_id: layer.diff_id,
+                media_type: layer.compression.media_type().to_owned(),
+            });
+        }
+        Ok(out)
+    }
+
     /// Write config and manifest, then make the image visible: update index.json, or write
     /// the archive and rename it over the output file.
     pub fn finish(

@@ -61,7 +61,8 @@ impl Drop for ScratchDir {
 pub struct Data {
     pub snapshot: Snapshot,
     pub spec: ImageSpec,
-    _scratch: ScratchDir,
+    /// Private to this build: the snapshot (when taken live) and the patch files.
+    pub scratch: ScratchDir,
 }
 
 /// Print what a snapshot lost or left out: loudly, --quiet or not (it is also in image.json).
@@ -97,6 +98,6 @@ pub fn take(plan: &mut Plan, progress: &mut Progress) -> Result<Data> {
     Ok(Data {
         snapshot,
         spec,
-        _scratch: scratch,
+        scratch,
     })
 }

@@ -46,6 +46,32 @@ fn init_command(
 
 fn config_changes(plan: &Plan, data: &Data, layers: &Layers) -> ConfigChanges {
     let spec = &data.spec;
+    if layers.on_previous {
+        // A re-bake on the previous image keeps its config (init in front, the command, the
+        // user, the engine's settings) but for the flags given again and the new data digest.
+        return ConfigChanges {
+            env: vec![format!("BAKEDB_DATA_DIGEST={}", layers.data_digest)],
+            labels: {
+                let mut labels = plan.labels.clone();
+                labels.insert(
+                    "io.bakedb.data-digest".into(),
+                    layers.data_digest.to_string(),
+                );
+                labels
+            },
+            entrypoint: plan.entrypoint.clone().map(|e| {
+                let mut full = vec![INIT_PATH.to_owned()];
+                if !plan.no_init {
+                    full.extend(e);
+                    full
+                } else {
+                    e
+                }
+            }),
+            cmd: plan.cmd.clone(),
+            ..Default::default()
+        };
+    }
     let from_scratch = plan.base.is_none();
     let cmd = match &plan.cmd {
         None if plan.entrypoint.is_none() => spec.cmd.clone(),
@@ -101,8 +127,12 @@ fn config_changes(plan: &Plan, data: &Data, layers: &Layers) -> ConfigChanges {
 
 pub fn finish(plan: Plan, data: &Data, layers: Layers, progress: &mut Progress) -> Result<Written> {
     let created = plan.time.created();
+    let on = match &plan.previous {
+        Some(previous) if layers.on_previous => Some(&previous.image.config),
+        _ => plan.base.as_ref().map(|(_, image)| &image.config),
+    };
     let config = derive_config(
-        plan.base.as_ref().map(|(_, image)| &image.config),
+        on,
         &config_changes(&plan, data, &layers),
         &layers.new,
         &created,

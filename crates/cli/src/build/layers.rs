@@ -1,9 +1,19 @@
-//! Phase 3, layers, bottom to top: the base image's layers (copied as stored, checked),
-//! bakedb's own (init, and what the engine's image needs), the data, and image.json.
+//! Phase 3, layers, bottom to top. A full build: the base image's layers (copied as stored,
+//! checked), bakedb's own (init, and what the engine's image needs), the data, and the
+//! image.json layer with the page index. A delta re-bake (`--from`): the previous image's
+//! layers as they are, one patch layer with what changed (docs/patch-format.md), and the
+//! image.json layer.
 
-use anyhow::Result;
-use bakedb_engines::image_json::{ImageJson, Owner, SCHEMA};
-use bakedb_engines::{DATA_DIR, IMAGE_JSON, datafiles};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Result, anyhow};
+use bakedb_engines::datafiles::{self, FileDigest, StoredFile};
+use bakedb_engines::delta::{
+    self, Change, FilePages, IndexEntry, PAGE_INDEX_DIR, PATCH_DIR, PageIndex,
+};
+use bakedb_engines::image_json::{ChainLink, ImageJson, IndexFile, Owner, SCHEMA};
+use bakedb_engines::{DATA_DIR, IMAGE_JSON, PatchMode};
 use bakedb_oci::Digest;
 use bakedb_oci::image::NewLayer;
 use bakedb_oci::layer::LayerInfo;
@@ -12,16 +22,50 @@ use bakedb_oci::tarball::TarEntry;
 use super::bundled::{self, BundledLayer};
 use super::data::Data;
 use super::plan::{Plan, threads};
+use super::previous::Previous;
 use crate::exit::{Code, StageExt};
 use crate::progress::{Progress, human_bytes};
 
-/// Every layer of the image, and the digest of its image.json.
+/// A patch that is more than this share of its file's pages ships the file whole instead.
+const MAX_PATCH_SHARE: f64 = 0.5;
+/// Patches on one base, together, may be this share of the base's data before a fresh base.
+const MAX_CHAIN_SHARE: f64 = 0.5;
+
+/// Every layer of the image, and what image.json says of them.
 pub struct Layers {
     /// All of them, base first: the manifest's list.
     pub all: Vec<LayerInfo>,
-    /// The ones bakedb wrote, with their history entries.
+    /// The ones this build wrote, with their history entries.
     pub new: Vec<NewLayer>,
     pub data_digest: Digest,
+    /// A delta re-bake that kept the previous image's layers: its config is the previous
+    /// image's, extended.
+    pub on_previous: bool,
+}
+
+/// A data file hashed: its digests for image.json, its pages for the index.
+struct Hashed {
+    digest: FileDigest,
+    pages: FilePages,
+    host_path: PathBuf,
+    mode: u32,
+}
+
+fn hash_all(data: &Data, threads: usize) -> Result<Vec<Hashed>> {
+    data.snapshot
+        .files
+        .iter()
+        .map(|f| {
+            let (digest, pages) = datafiles::digest_and_pages(f, threads)?;
+            Ok(Hashed {
+                digest,
+                pages,
+                host_path: f.host_path.clone(),
+                mode: f.mode,
+            })
+        })
+        .collect::<Result<Vec<_>, bakedb_engines::Error>>()
+        .stage(Code::Source, || "hashing the snapshot files".into())
 }
 
 fn base_layers(plan: &Plan, progress: &mut Progress) -> Result<Vec<LayerInfo>> {
@@ -73,13 +117,31 @@ fn bundled_layer(plan: &Plan, layer: BundledLayer, progress: &mut Progress) -> R
     })
 }
 
-/// The data layer, and image.json's file digests: both read the same files, so both at
-/// once, leaving the layer writer's thread a core of its own.
+/// Directories of the data, with their modes: the snapshot's own, and the others 0755.
+fn dir_entry(path: &str, data: &Data, owner: (u32, u32)) -> TarEntry {
+    let mode = data
+        .snapshot
+        .dirs
+        .iter()
+        .find(|d| d.rel_path == path)
+        .map_or(0o755, |d| d.mode);
+    TarEntry::dir(&format!("{DATA_DIR}/{path}"), mode, owner.0, owner.1)
+}
+
+/// Every ancestor directory of `path` (relative), nearest last.
+fn ancestors(path: &str) -> impl Iterator<Item = &str> {
+    path.match_indices('/').map(move |(i, _)| &path[..i])
+}
+
+/// The full data layer. When the files are already hashed (a re-bake that turned into a
+/// fresh base), it is written alone; otherwise the hashing runs beside it, as both read the
+/// same files, leaving the layer writer's thread a core of its own.
 fn data_layer(
     plan: &Plan,
     data: &Data,
+    hashed: Option<Vec<Hashed>>,
     progress: &mut Progress,
-) -> Result<(NewLayer, Vec<datafiles::FileDigest>)> {
+) -> Result<(NewLayer, Vec<Hashed>)> {
     let snapshot = &data.snapshot;
     let (uid, gid) = plan.owner;
     let data_total: u64 = snapshot
@@ -112,21 +174,21 @@ fn data_layer(
     }
     progress.phase("data layer", data_total);
     let threads = threads();
-    let (layer, digests) = std::thread::scope(|scope| {
-        let digests = scope.spawn(|| {
-            snapshot
-                .files
-                .iter()
-                .map(|f| datafiles::digest_file(f, (threads - 1).max(1)))
-                .collect::<Result<Vec<_>, _>>()
-        });
-        let layer = plan.output.write_layer(entries, &mut |n| progress.inc(n));
-        (layer, digests.join().expect("digest thread panicked"))
-    });
+    let (layer, hashed) = match hashed {
+        Some(hashed) => (
+            plan.output.write_layer(entries, &mut |n| progress.inc(n)),
+            Ok(hashed),
+        ),
+        None => std::thread::scope(|scope| {
+            let hashing = scope.spawn(|| hash_all(data, (threads - 1).max(1)));
+            let layer = plan.output.write_layer(entries, &mut |n| progress.inc(n));
+            (layer, hashing.join().expect("hashing thread panicked"))
+        }),
+    };
+    let hashed = hashed?;
     let layer = layer.stage(Code::Output, || {
         format!("writing the data layer to {}", plan.output_ref)
     })?;
-    let digests = digests.stage(Code::Source, || "hashing the snapshot files".into())?;
     progress.done(&format!(
         "data layer {} ({} → {} {})",
         layer.digest,
@@ -138,17 +200,277 @@ fn data_layer(
         layer,
         created_by: format!("bakedb build: {} data under /{DATA_DIR}", snapshot.engine),
     };
-    Ok((new, digests))
+    Ok((new, hashed))
 }
 
-/// image.json, in its own small layer: its sha256 is the image's BAKEDB_DATA_DIGEST.
-fn image_json_layer(
+/// The patch layer of a re-bake: files shipped whole at their paths, patch files under
+/// `.patches/<generation>/`, whiteouts for what is gone; every directory it touches restated
+/// with the data's owner and mode.
+struct PatchLayer {
+    entries: Vec<TarEntry>,
+    files: Vec<FileDigest>,
+    index: BTreeMap<String, IndexEntry>,
+    link: ChainLink,
+}
+
+/// Everything under the data directory an image.json describes: its files (patch files
+/// included), their ancestors, and its listed directories.
+fn tree(files: &[FileDigest], dirs: &[String]) -> BTreeSet<String> {
+    let mut out: BTreeSet<String> = dirs.iter().cloned().collect();
+    for f in files {
+        out.insert(f.path.clone());
+        out.extend(ancestors(&f.path).map(str::to_owned));
+    }
+    out
+}
+
+/// What a re-bake found: the new files hashed, and how each reaches the image.
+struct Delta<'a> {
+    previous: &'a Previous,
+    hashed: &'a [Hashed],
+    changes: &'a BTreeMap<String, Change>,
+    deleted: &'a [String],
+    generation: u64,
+}
+
+fn patch_layer(plan: &Plan, data: &Data, delta: &Delta, scratch: &Path) -> Result<PatchLayer> {
+    let (uid, gid) = plan.owner;
+    let generation = delta.generation;
+    let old: BTreeMap<&str, &FileDigest> = delta
+        .previous
+        .image_json
+        .files
+        .iter()
+        .map(|f| (f.path.as_str(), f))
+        .collect();
+    let mut entries = vec![TarEntry::dir(DATA_DIR, 0o755, uid, gid)];
+    let mut files = Vec::new();
+    let mut index = BTreeMap::new();
+    let mut touched_dirs = BTreeSet::new();
+    let mut link = ChainLink {
+        generation,
+        kind: "patch".into(),
+        layer: None,
+        whole: 0,
+        patched: 0,
+        deleted: delta.deleted.len() as u64,
+        pages: 0,
+        raw_bytes: 0,
+        bytes: 0,
+    };
+    let previous_entry = |path: &str| -> Result<&FileDigest> {
+        old.get(path).copied().ok_or_else(|| {
+            anyhow!("REF's image.json has no entry for {path}, which its page index lists")
+        })
+    };
+    for h in delta.hashed {
+        let path = &h.digest.path;
+        match &delta.changes[path] {
+            Change::Unchanged => {
+                // The same file: its entry as REF had it (base, patches, generation), and the
+                // entries of its patch files.
+                let before = previous_entry(path).stage(Code::Base, || "reading --from".into())?;
+                files.push(before.clone());
+                for p in &before.patches {
+                    files.push(
+                        previous_entry(p)
+                            .stage(Code::Base, || "reading --from".into())?
+                            .clone(),
+                    );
+                }
+            }
+            Change::Whole => {
+                entries.push(
+                    TarEntry::file(
+                        &format!("{DATA_DIR}/{path}"),
+                        h.host_path.clone(),
+                        h.mode,
+                        uid,
+                        gid,
+                    )
+                    .stage(Code::Source, || format!("reading snapshot file {path}"))?,
+                );
+                touched_dirs.extend(ancestors(path).map(str::to_owned));
+                let mut digest = h.digest.clone();
+                digest.generation = Some(generation);
+                files.push(digest);
+                index.insert(path.clone(), IndexEntry::All(h.pages.clone()));
+                link.whole += 1;
+                link.raw_bytes += h.pages.length;
+            }
+            Change::Patch(pages) => {
+                let before = previous_entry(path).stage(Code::Base, || "reading --from".into())?;
+                let patch_rel = format!("{PATCH_DIR}/{generation}/{path}");
+                let out = scratch.join(&patch_rel);
+                std::fs::create_dir_all(out.parent().expect("a patch has a directory"))
+                    .stage(Code::Output, || format!("creating {}", out.display()))?;
+                let (size, sha256) = delta::write_patch(
+                    &h.host_path,
+                    h.pages.page_size,
+                    h.pages.length,
+                    pages,
+                    delta::composed_digest(&h.digest),
+                    &out,
+                )
+                .stage(Code::Output, || format!("writing patch {}", out.display()))?;
+                entries.push(
+                    TarEntry::file(&format!("{DATA_DIR}/{patch_rel}"), out, h.mode, uid, gid)
+                        .stage(Code::Output, || format!("reading patch {patch_rel}"))?,
+                );
+                touched_dirs.extend(ancestors(&patch_rel).map(str::to_owned));
+                let mut digest = h.digest.clone();
+                digest.generation = before.generation;
+                digest.base = Some(before.base.clone().unwrap_or_else(|| StoredFile {
+                    generation: before.generation.unwrap_or(0),
+                    size: before.size,
+                    sha256: before.sha256.clone(),
+                    chunks: before.chunks.clone(),
+                }));
+                digest.patches = before.patches.clone();
+                digest.patches.push(patch_rel.clone());
+                for p in &before.patches {
+                    files.push(
+                        previous_entry(p)
+                            .stage(Code::Base, || "reading --from".into())?
+                            .clone(),
+                    );
+                }
+                files.push(FileDigest {
+                    path: patch_rel,
+                    size,
+                    mode: format!("{:04o}", h.mode),
+                    sha256: Some(sha256),
+                    chunks: Vec::new(),
+                    generation: Some(generation),
+                    base: None,
+                    patches: Vec::new(),
+                });
+                files.push(digest);
+                index.insert(
+                    path.clone(),
+                    IndexEntry::Changed {
+                        page_size: h.pages.page_size,
+                        length: h.pages.length,
+                        pages: pages
+                            .iter()
+                            .map(|&n| (n, h.pages.hashes[n as usize]))
+                            .collect(),
+                    },
+                );
+                link.patched += 1;
+                link.pages += pages.len() as u64;
+                link.raw_bytes += size;
+            }
+        }
+    }
+    for path in delta.deleted {
+        index.insert(path.clone(), IndexEntry::Deleted);
+    }
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    // What REF's tree has and the new one does not: a whiteout at the top of each gone part
+    // (a dropped database's directory, a file, the patches of a file now whole or deleted).
+    let dirs: Vec<String> = data
+        .snapshot
+        .dirs
+        .iter()
+        .map(|d| d.rel_path.clone())
+        .collect();
+    let before = tree(
+        &delta.previous.image_json.files,
+        &delta.previous.image_json.dirs,
+    );
+    let now = tree(&files, &dirs);
+    for gone in before.difference(&now) {
+        if ancestors(gone).any(|a| !now.contains(a)) {
+            continue;
+        }
+        let whiteout = match gone.rsplit_once('/') {
+            Some((dir, name)) => {
+                touched_dirs.insert(dir.to_owned());
+                touched_dirs.extend(ancestors(dir).map(str::to_owned));
+                format!("{dir}/.wh.{name}")
+            }
+            None => format!(".wh.{gone}"),
+        };
+        entries.push(TarEntry::bytes(
+            &format!("{DATA_DIR}/{whiteout}"),
+            Vec::new(),
+            0o644,
+            0,
+            0,
+        ));
+    }
+    for d in &touched_dirs {
+        entries.push(dir_entry(d, data, plan.owner));
+    }
+    Ok(PatchLayer {
+        entries,
+        files,
+        index,
+        link,
+    })
+}
+
+/// image.json and this generation's page index file, in their own small layer: image.json's
+/// sha256 is the image's BAKEDB_DATA_DIGEST.
+fn meta_layer(
     plan: &Plan,
     data: &Data,
-    files: Vec<datafiles::FileDigest>,
+    mut image_json: ImageJson,
+    index: Option<&BTreeMap<String, IndexEntry>>,
 ) -> Result<(NewLayer, Digest)> {
+    let mut entries = Vec::new();
+    if let Some(index) = index {
+        let bytes = delta::encode_index(index);
+        let path = format!("{PAGE_INDEX_DIR}/{}.idx", image_json.generation);
+        image_json.page_index.push(IndexFile {
+            generation: image_json.generation,
+            path: format!("/{path}"),
+            size: bytes.len() as u64,
+            sha256: Digest::of(&bytes).hex(),
+            layer: None,
+        });
+        entries.push(TarEntry::bytes(&path, bytes, 0o644, 0, 0));
+    }
+    // The profile says how patched files reach the engine; in-place engines read the patches
+    // of their data file from a variable of their profile.
+    let patches: Vec<String> = image_json
+        .files
+        .iter()
+        .flat_map(|f| f.patches.iter())
+        .map(|p| format!("{{data_dir}}/{p}"))
+        .collect();
+    if !patches.is_empty() {
+        match &data.spec.patch_mode {
+            PatchMode::Apply => image_json.profile.patches = Some("apply".into()),
+            PatchMode::InPlace { env } => {
+                image_json.profile.patches = Some("in-place".into());
+                image_json
+                    .profile
+                    .env
+                    .insert((*env).to_owned(), patches.join(":"));
+            }
+        }
+    }
+    let bytes = image_json.to_bytes();
+    let digest = Digest::of(&bytes);
+    entries.push(TarEntry::bytes(IMAGE_JSON, bytes, 0o644, 0, 0));
+    let layer = plan
+        .output
+        .write_layer(entries, &mut |_| {})
+        .stage(Code::Output, || {
+            format!("writing the image.json layer to {}", plan.output_ref)
+        })?;
+    let new = NewLayer {
+        layer,
+        created_by: format!("bakedb build: /{IMAGE_JSON}"),
+    };
+    Ok((new, digest))
+}
+
+fn image_json(plan: &Plan, data: &Data, files: Vec<FileDigest>, generation: u64) -> ImageJson {
     let (uid, gid) = plan.owner;
-    let image_json = ImageJson {
+    ImageJson {
         schema: SCHEMA,
         engine: data.snapshot.engine.to_owned(),
         profile: data.spec.profile.clone(),
@@ -166,26 +488,66 @@ fn image_json_layer(
             .map(|d| d.rel_path.clone())
             .collect(),
         notes: data.spec.notes.clone(),
-    };
-    let bytes = image_json.to_bytes();
-    let digest = Digest::of(&bytes);
-    let layer = plan
-        .output
-        .write_layer(
-            vec![TarEntry::bytes(IMAGE_JSON, bytes, 0o644, 0, 0)],
-            &mut |_| {},
-        )
-        .stage(Code::Output, || {
-            format!("writing the image.json layer to {}", plan.output_ref)
-        })?;
-    let new = NewLayer {
-        layer,
-        created_by: format!("bakedb build: /{IMAGE_JSON}"),
-    };
-    Ok((new, digest))
+        generation,
+        page_index: Vec::new(),
+        chain: Vec::new(),
+    }
 }
 
-pub fn write(plan: &Plan, data: &Data, progress: &mut Progress) -> Result<Layers> {
+/// Why a re-bake writes a fresh base instead of a patch, if it should.
+fn fresh_base_reason(plan: &Plan, previous: &Previous, patch_raw: u64) -> Option<String> {
+    if super::previous::same_base(previous, plan.base.as_ref().map(|(_, i)| i)).is_err() {
+        return Some("the base image is not the one REF was built on".into());
+    }
+    let (patches, raw, base_raw) = previous.patches_since_base();
+    if patches >= plan.max_patches {
+        return Some(format!(
+            "REF has {patches} patch generation(s) on its base (--max-patches {})",
+            plan.max_patches
+        ));
+    }
+    if (raw + patch_raw) as f64 > MAX_CHAIN_SHARE * base_raw as f64 {
+        return Some(format!(
+            "its patches would be {} against a base of {} (more than half)",
+            human_bytes(raw + patch_raw),
+            human_bytes(base_raw)
+        ));
+    }
+    None
+}
+
+pub fn write(plan: &Plan, data: &Data, scratch: &Path, progress: &mut Progress) -> Result<Layers> {
+    let mut hashed = None;
+    let mut generation = 0;
+    if let Some(previous) = &plan.previous {
+        generation = previous.image_json.generation + 1;
+        progress.phase("page hashes", 0);
+        let all = hash_all(data, threads())?;
+        let new: PageIndex = all
+            .iter()
+            .map(|h| (h.digest.path.clone(), h.pages.clone()))
+            .collect();
+        let (changes, deleted) = delta::changes(&previous.index, &new, MAX_PATCH_SHARE);
+        let delta = Delta {
+            previous,
+            hashed: &all,
+            changes: &changes,
+            deleted: &deleted,
+            generation,
+        };
+        let patch = patch_layer(plan, data, &delta, scratch)?;
+        match fresh_base_reason(plan, previous, patch.link.raw_bytes) {
+            Some(reason) => {
+                progress.done(&format!(
+                    "generation {generation}: a fresh base, not a patch: {reason}"
+                ));
+                hashed = Some(all);
+            }
+            None => return write_patch_generation(plan, data, previous, patch, progress),
+        }
+    }
+
+    // A full build: base, bakedb's own, all the data, image.json with the full index.
     let mut all = base_layers(plan, progress)?;
     let mut new = Vec::new();
     let own = (!plan.no_init)
@@ -195,14 +557,122 @@ pub fn write(plan: &Plan, data: &Data, progress: &mut Progress) -> Result<Layers
     for layer in own {
         new.push(bundled_layer(plan, layer, progress)?);
     }
-    let (data_layer, files) = data_layer(plan, data, progress)?;
-    new.push(data_layer);
-    let (meta_layer, data_digest) = image_json_layer(plan, data, files)?;
-    new.push(meta_layer);
+    let (data_new, hashed) = data_layer(plan, data, hashed, progress)?;
+    let index: BTreeMap<String, IndexEntry> = hashed
+        .iter()
+        .map(|h| (h.digest.path.clone(), IndexEntry::All(h.pages.clone())))
+        .collect();
+    let mut files: Vec<FileDigest> = hashed.into_iter().map(|h| h.digest).collect();
+    if generation > 0 {
+        for f in &mut files {
+            f.generation = Some(generation);
+        }
+    }
+    let mut ij = image_json(plan, data, files, generation);
+    ij.chain.push(ChainLink {
+        generation,
+        kind: "base".into(),
+        layer: Some(data_new.layer.digest.to_string()),
+        whole: ij.files.len() as u64,
+        patched: 0,
+        deleted: 0,
+        pages: 0,
+        raw_bytes: ij.files.iter().map(|f| f.size).sum(),
+        bytes: data_new.layer.size,
+    });
+    new.push(data_new);
+    let (meta, data_digest) = meta_layer(plan, data, ij, Some(&index))?;
+    new.push(meta);
     all.extend(new.iter().map(|n| n.layer.clone()));
     Ok(Layers {
         all,
         new,
         data_digest,
+        on_previous: false,
+    })
+}
+
+/// REF's layers as they are, the patch layer (none when nothing changed), the image.json
+/// layer.
+fn write_patch_generation(
+    plan: &Plan,
+    data: &Data,
+    previous: &Previous,
+    patch: PatchLayer,
+    progress: &mut Progress,
+) -> Result<Layers> {
+    let mut all = plan
+        .output
+        .reuse_layers(&previous.source, &previous.image)
+        .stage(Code::Base, || {
+            format!("copying the layers of {}", previous.reference)
+        })?;
+    progress.done(&format!(
+        "{} layers of {} reused (generation {})",
+        all.len(),
+        previous.reference,
+        previous.image_json.generation
+    ));
+    let PatchLayer {
+        entries,
+        files,
+        index,
+        mut link,
+    } = patch;
+    let generation = link.generation;
+    let mut ij = image_json(plan, data, files, generation);
+    ij.page_index = previous
+        .image_json
+        .page_index
+        .iter()
+        .map(|f| IndexFile {
+            layer: Some(previous.layer_of(f.layer.as_ref())),
+            ..f.clone()
+        })
+        .collect();
+    ij.chain = previous.image_json.chain.clone();
+    let mut new = Vec::new();
+    let nothing = link.whole == 0 && link.patched == 0 && link.deleted == 0;
+    let (meta, data_digest) = if nothing {
+        progress.done(&format!(
+            "generation {generation}: nothing changed since {}: the data is identical",
+            previous.reference
+        ));
+        meta_layer(plan, data, ij, None)?
+    } else {
+        progress.phase("patch layer", link.raw_bytes);
+        let layer = plan
+            .output
+            .write_layer(entries, &mut |n| progress.inc(n))
+            .stage(Code::Output, || {
+                format!("writing the patch layer to {}", plan.output_ref)
+            })?;
+        progress.done(&format!(
+            "generation {generation}: patch layer {} ({} whole, {} patched in {} pages, {} deleted: {} → {} {})",
+            layer.digest,
+            link.whole,
+            link.patched,
+            link.pages,
+            link.deleted,
+            human_bytes(link.raw_bytes),
+            human_bytes(layer.size),
+            plan.output.compression().name()
+        ));
+        link.layer = Some(layer.digest.to_string());
+        link.bytes = layer.size;
+        ij.chain.push(link);
+        new.push(NewLayer {
+            layer,
+            created_by: format!("bakedb build: patch layer, generation {generation}"),
+        });
+        meta_layer(plan, data, ij, Some(&index))?
+    };
+    new.push(meta);
+    all.extend(new.iter().map(|n| n.layer.clone()));
+    Ok(Layers {
+        all,
+        new,
+        data_digest,
+        on_previous: true,
     })
 }

@@ -13,6 +13,7 @@ mod data;
 mod image;
 mod layers;
 mod plan;
+mod previous;
 
 use std::io::Write;
 
@@ -29,7 +30,8 @@ pub fn run(args: BuildArgs, quiet: bool) -> Result<()> {
     let mut progress = Progress::new(quiet);
     let mut plan = plan::plan(&args)?;
     let data = data::take(&mut plan, &mut progress)?;
-    let layers = layers::write(&plan, &data, &mut progress)?;
+    let patches = data.scratch.0.join("patches");
+    let layers = layers::write(&plan, &data, &patches, &mut progress)?;
     let data_digest = layers.data_digest;
     let written = image::finish(plan, &data, layers, &mut progress)?;
     let total: u64 = written.layers.iter().map(|l| l.size).sum::<u64>() + written.manifest_size;

@@ -13,6 +13,7 @@ use bakedb_oci::source::{ImageSource, ResolvedImage};
 use bakedb_oci::time::BuildTime;
 
 use super::bundled::INIT_PATH;
+use super::previous::Previous;
 use crate::exit::{Code, StageExt, engine_error};
 use crate::{BuildArgs, CompressionArg};
 
@@ -20,6 +21,9 @@ use crate::{BuildArgs, CompressionArg};
 pub struct Plan {
     pub engine_plan: Box<dyn engines::Plan>,
     pub base: Option<(ImageSource, ResolvedImage)>,
+    /// `--from`: the previous image of a delta re-bake.
+    pub previous: Option<Previous>,
+    pub max_patches: u64,
     pub output: Output,
     pub output_ref: ImageRef,
     pub time: BuildTime,
@@ -205,6 +209,11 @@ pub fn plan(args: &BuildArgs) -> Result<Plan> {
     let user = args.user.as_deref().map(parse_user).transpose()?;
 
     let base = args.base.as_deref().map(read_base).transpose()?;
+    let previous = args
+        .from
+        .as_deref()
+        .map(|text| super::previous::read(text, engine.name()))
+        .transpose()?;
     let view = base
         .as_ref()
         .map(|(source, image)| engine_view(engine, source, image))
@@ -237,6 +246,8 @@ pub fn plan(args: &BuildArgs) -> Result<Plan> {
     Ok(Plan {
         engine_plan,
         base,
+        previous,
+        max_patches: args.max_patches,
         output,
         output_ref,
         time,

@@ -10,8 +10,8 @@ use super::source::{Accept, SourceInfo, probe_source};
 use super::tools::Tools;
 use super::{PGDATA, redact};
 use crate::{
-    BaseImage, Bundled, COPYUP_SHIM_PATH, DATA_DIR, Engine, Error, ImageSpec, Options, Plan,
-    Result, Snapshot, notes_of,
+    BaseImage, Bundled, COPYUP_SHIM_PATH, DATA_DIR, Engine, Error, ImageSpec, Options, PatchMode,
+    Plan, Result, Snapshot, notes_of,
 };
 
 pub struct Postgres;
@@ -285,6 +285,8 @@ impl Plan for PostgresPlan {
             } else {
                 Vec::new()
             },
+            // postgres reads its relation files itself: init composes them.
+            patch_mode: PatchMode::Apply,
             notes: Some(notes),
         })
     }

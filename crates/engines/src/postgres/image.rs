@@ -446,6 +446,7 @@ pub fn profile(carried: &BTreeMap<String, String>, preload: Option<&str>) -> Pro
             file("pg_ident.conf", String::new()),
         ],
         supervise: None,
+        patches: None,
     }
 }
 

@@ -21,6 +21,9 @@ use super::tools::{Tools, checked};
 use super::{PGDATA, err, io};
 use crate::{DataDir, DataFile, Result, Snapshot};
 
+/// PostgreSQL's block size (BLCKSZ), the page of its relation files.
+const PAGE_SIZE: u64 = 8192;
+
 /// What a data directory holds of PostgreSQL's own. Anything else at its top (the source's
 /// postgresql.conf, pg_hba.conf and pg_ident.conf, TLS keys and certificates,
 /// standby.signal and recovery.signal, a log/ directory, a DBA's copies of config files)
@@ -171,10 +174,18 @@ pub fn collect(pgdata: &Path) -> Result<(Vec<DataDir>, Vec<DataFile>)> {
             if meta.is_dir() {
                 stack.push((path, child_rel));
             } else if meta.is_file() {
+                // Relation files, SLRUs and WAL are 8 KiB pages; anything else (PG_VERSION,
+                // pg_filenode.map) is one unit.
+                let page_size = if meta.len() > 0 && meta.len() % PAGE_SIZE == 0 {
+                    PAGE_SIZE as u32
+                } else {
+                    0
+                };
                 files.push(DataFile {
                     rel_path: child_rel,
                     host_path: path,
                     mode: meta.permissions().mode() & 0o7777,
+                    page_size,
                 });
             } else {
                 return Err(err(

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::{DEFAULT_BUSY_TIMEOUT, check_source, load_snapshot_dir, profile, write_snapshot_meta};
-use crate::{Bundled, Engine, Error, ImageSpec, Options, Plan, Result, Snapshot};
+use crate::{Bundled, Engine, Error, ImageSpec, Options, PatchMode, Plan, Result, Snapshot};
 
 pub struct Sqlite;
 
@@ -130,6 +130,15 @@ impl Plan for SqlitePlan {
                 vec![Bundled::Serve]
             } else {
                 Vec::new()
+            },
+            // bakedb-serve reads patches through its VFS; a command of a base image (sqlite3,
+            // datasette) reads the file itself.
+            patch_mode: if from_scratch {
+                PatchMode::InPlace {
+                    env: "BAKEDB_SQLITE_PATCHES",
+                }
+            } else {
+                PatchMode::Apply
             },
             notes: None,
         })

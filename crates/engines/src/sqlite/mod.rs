@@ -262,6 +262,7 @@ pub fn snapshot(
     Ok(Snapshot {
         engine: "sqlite",
         files: vec![DataFile {
+            page_size: page_size_of(&provenance),
             rel_path: name,
             host_path: dest,
             mode: 0o644,
@@ -269,6 +270,14 @@ pub fn snapshot(
         dirs: Vec::new(),
         provenance,
     })
+}
+
+/// The database's page size, as the snapshot recorded it (a delta re-bake ships pages).
+fn page_size_of(provenance: &serde_json::Value) -> u32 {
+    provenance["position"]["page_size"]
+        .as_u64()
+        .and_then(|p| u32::try_from(p).ok())
+        .unwrap_or(0)
 }
 
 /// `PRAGMA quick_check` of the copy: a corrupt source is refused with the first few problems
@@ -400,6 +409,7 @@ pub fn load_snapshot_dir(dir: &Path) -> Result<Snapshot> {
     Ok(Snapshot {
         engine: "sqlite",
         files: vec![DataFile {
+            page_size: page_size_of(&meta["provenance"]),
             rel_path: name.to_owned(),
             host_path,
             mode: 0o644,
