@@ -177,6 +177,31 @@ pub fn run(args: InspectArgs) -> Result<()> {
                 ij.engine, ij.profile.name
             )?;
             writeln!(stdout, "Snapshot:    {}", ij.snapshot)?;
+            if !ij.chain.is_empty() {
+                writeln!(
+                    stdout,
+                    "Chain:       generation {}, {} patch generation(s) on its base",
+                    ij.generation,
+                    ij.chain.iter().filter(|l| l.kind == "patch").count()
+                )?;
+                for link in &ij.chain {
+                    let what = if link.kind == "base" {
+                        format!("base: {} files", link.whole)
+                    } else {
+                        format!(
+                            "patch: {} whole, {} patched ({} pages), {} deleted",
+                            link.whole, link.patched, link.pages, link.deleted
+                        )
+                    };
+                    writeln!(
+                        stdout,
+                        "  {:>4} {} {:>10} {what}",
+                        link.generation,
+                        link.layer.as_deref().unwrap_or("-"),
+                        human_bytes(link.bytes),
+                    )?;
+                }
+            }
             for f in &ij.files {
                 let digest = match &f.sha256 {
                     Some(d) => format!("sha256:{d}"),

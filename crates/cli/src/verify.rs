@@ -5,7 +5,10 @@
 use std::io::Write;
 
 use anyhow::Result;
-use bakedb_engines::IMAGE_JSON;
+use bakedb_engines::datafiles::{self, FileDigest};
+use bakedb_engines::delta;
+use bakedb_engines::image_json::ImageJson;
+use bakedb_engines::{DATA_DIR, DataFile, IMAGE_JSON};
 use bakedb_oci::Digest;
 use bakedb_oci::garbage::Garbage;
 use bakedb_oci::reference::ImageRef;
@@ -80,7 +83,7 @@ fn check_image_json(reference: &ImageRef, image: &ResolvedImage) -> Result<()> {
         return Ok(());
     };
     let source = ImageSource::open(reference)?;
-    let Some((bytes, _)) = crate::inspect::find_image_json(&source, &image.layers)? else {
+    let Some((bytes, parsed)) = crate::inspect::find_image_json(&source, &image.layers)? else {
         anyhow::bail!(
             "the config's Env has BAKEDB_DATA_DIGEST={expected}, but no layer has /{IMAGE_JSON}"
         );
@@ -90,6 +93,88 @@ fn check_image_json(reference: &ImageRef, image: &ResolvedImage) -> Result<()> {
         anyhow::bail!(
             "/{IMAGE_JSON} has digest {actual}, the config's BAKEDB_DATA_DIGEST says {expected}: bakedb-init would refuse to start it"
         );
+    }
+    check_composition(&source, image, &parsed)
+}
+
+/// Every patched file of a delta re-bake, composed from its base and patches as bakedb-init
+/// composes it, must be the file image.json describes; base and patches must be theirs too.
+fn check_composition(source: &ImageSource, image: &ResolvedImage, ij: &ImageJson) -> Result<()> {
+    let patched: Vec<&FileDigest> = ij.files.iter().filter(|f| !f.patches.is_empty()).collect();
+    if patched.is_empty() {
+        return Ok(());
+    }
+    let scratch = crate::build::ScratchDir::new()?;
+    let entry = |path: &str| ij.files.iter().find(|f| f.path == path);
+    let check = |what: &str,
+                 host: &std::path::Path,
+                 want_size: u64,
+                 sha: &Option<String>,
+                 chunks: &[String]|
+     -> Result<()> {
+        let got = datafiles::digest_file(
+            &DataFile {
+                rel_path: what.to_owned(),
+                host_path: host.to_owned(),
+                mode: 0,
+                page_size: 0,
+            },
+            crate::build::threads(),
+        )?;
+        if got.size != want_size || &got.sha256 != sha || got.chunks != chunks {
+            anyhow::bail!("{what} does not match image.json (size or digests)");
+        }
+        Ok(())
+    };
+    for file in patched {
+        let base = file
+            .base
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("{} has patches but no base", file.path))?;
+        let host = scratch.0.join("composed");
+        let in_image = format!("{DATA_DIR}/{}", file.path);
+        if !source.extract_file(&image.layers, &in_image, &host)? {
+            anyhow::bail!("no layer has /{in_image}, the base of a patched file");
+        }
+        check(
+            &format!("/{in_image} (the base)"),
+            &host,
+            base.size,
+            &base.sha256,
+            &base.chunks,
+        )?;
+        let mut patches = Vec::new();
+        for (i, p) in file.patches.iter().enumerate() {
+            let listed = entry(p).ok_or_else(|| {
+                anyhow::anyhow!("{}'s patch {p} is not in image.json's files", file.path)
+            })?;
+            let at = scratch.0.join(format!("patch.{i}"));
+            let in_image = format!("{DATA_DIR}/{p}");
+            if !source.extract_file(&image.layers, &in_image, &at)? {
+                anyhow::bail!("no layer has /{in_image}, a patch image.json lists");
+            }
+            check(
+                &format!("/{in_image}"),
+                &at,
+                listed.size,
+                &listed.sha256,
+                &listed.chunks,
+            )?;
+            patches.push(at);
+        }
+        let refs: Vec<&std::path::Path> = patches.iter().map(|p| p.as_path()).collect();
+        delta::compose_file(&host, &refs).map_err(|why| anyhow::anyhow!(why))?;
+        check(
+            &format!(
+                "/{DATA_DIR}/{} composed from its base and {} patch(es)",
+                file.path,
+                refs.len()
+            ),
+            &host,
+            file.size,
+            &file.sha256,
+            &file.chunks,
+        )?;
     }
     Ok(())
 }

@@ -393,6 +393,63 @@ pub fn compose(base: &[u8], patches: &[&[u8]]) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
+/// Compose a file in place: apply `patches`, in order, to the file at `path` (what
+/// bakedb-init does for "apply", and `bakedb verify` to check a chain), validating each
+/// patch's header against its length.
+pub fn compose_file(path: &Path, patches: &[&Path]) -> Result<(), String> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    for patch in patches {
+        let bytes = std::fs::read(patch).map_err(|e| format!("{}: {e}", patch.display()))?;
+        let bad = |why: &str| format!("{}: {why}", patch.display());
+        let mut c = Cursor {
+            bytes: &bytes,
+            at: 0,
+        };
+        if c.take(8, "magic").map_err(|e| bad(&e))? != PATCH_MAGIC {
+            return Err(bad("not a bakedb patch (bad magic)"));
+        }
+        if c.u32("version").map_err(|e| bad(&e))? != VERSION {
+            return Err(bad("unknown patch version"));
+        }
+        let page_size = u64::from(c.u32("page size").map_err(|e| bad(&e))?);
+        let length = c.u64("length").map_err(|e| bad(&e))?;
+        let count = c.u64("count").map_err(|e| bad(&e))?;
+        if !(512..=65536).contains(&page_size)
+            || !page_size.is_power_of_two()
+            || !length.is_multiple_of(page_size)
+            || Some(bytes.len() as u64)
+                != count
+                    .checked_mul(8 + page_size)
+                    .and_then(|b| b.checked_add(PATCH_HEADER))
+        {
+            return Err(bad("inconsistent header"));
+        }
+        c.take(32, "composed digest").map_err(|e| bad(&e))?;
+        let numbers: Vec<u64> = (0..count)
+            .map(|_| c.u64("page number"))
+            .collect::<Result<_, _>>()
+            .map_err(|e| bad(&e))?;
+        if numbers.windows(2).any(|w| w[0] >= w[1])
+            || numbers.last().is_some_and(|&n| n >= length / page_size)
+        {
+            return Err(bad("page numbers out of order or past the length"));
+        }
+        file.set_len(length).map_err(|e| bad(&e.to_string()))?;
+        for n in numbers {
+            let data = c
+                .take(page_size as usize, "page data")
+                .map_err(|e| bad(&e))?;
+            file.write_all_at(data, n * page_size)
+                .map_err(|e| bad(&e.to_string()))?;
+        }
+    }
+    Ok(())
+}
+
 /// Hash the pages of `bytes` (a whole file) at `page_size` (0: one unit).
 pub fn pages_of(bytes: &[u8], page_size: u32) -> FilePages {
     let hashes = if page_size == 0 {

@@ -578,6 +578,33 @@ impl ImageSource {
         Ok(None)
     }
 
+    /// Copy a regular file's content from the newest layer that has it into `dest`, streamed
+    /// (a data file may be gigabytes). False when no layer has it.
+    pub fn extract_file(&self, layers: &[LayerRef], path: &str, dest: &Path) -> Result<bool> {
+        let location = self.location();
+        for layer in layers.iter().rev() {
+            let blob = self.open_blob(&layer.digest, "layer")?;
+            let corrupt = |e: io::Error| Error::CorruptStream {
+                layer: layer.digest.to_string(),
+                location: location.clone(),
+                media_type: layer.media_type.clone(),
+                source: e,
+            };
+            let mut archive = tar::Archive::new(layer.compression.decoder(blob).map_err(corrupt)?);
+            for entry in archive.entries().map_err(corrupt)? {
+                let mut entry = entry.map_err(corrupt)?;
+                if entry_name(&entry).map_err(corrupt)? == path
+                    && entry.header().entry_type().is_file()
+                {
+                    let mut out = File::create(dest).map_err(Error::io("creating", dest))?;
+                    io::copy(&mut entry, &mut out).map_err(corrupt)?;
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
     /// The image's merged file system, as a container sees it: every path (relative, no
     /// trailing '/') left after applying the layers bottom to top with their whiteouts
     /// (`.wh.NAME` removes NAME, `.wh..wh..opq` empties its directory of what lower layers

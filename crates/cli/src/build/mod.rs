@@ -20,7 +20,8 @@ use std::io::Write;
 use anyhow::Result;
 use serde_json::json;
 
-pub use data::warn_notes;
+pub use data::{ScratchDir, warn_notes};
+pub use plan::threads;
 pub use plan::{engine_named, engine_options};
 
 use crate::BuildArgs;
