@@ -13,6 +13,10 @@ use std::time::Duration;
 #[derive(Clone, Debug)]
 pub struct Config {
     pub database: PathBuf,
+    /// Patch files of the database, oldest first (BAKEDB_SQLITE_PATCHES): when there are
+    /// any, `database` is the base file and the connections read base and patches composed
+    /// through the read-only VFS (vfs.rs).
+    pub patches: Vec<PathBuf>,
     pub listen: SocketAddr,
     /// Longest a query may run before it is interrupted (504).
     pub query_timeout: Duration,
@@ -51,6 +55,9 @@ Serves one SQLite database read-only over HTTP/JSON. Started by bakedb-init in a
 
 Environment (defaults in brackets):
   BAKEDB_DATABASE            the database file [set by the image's profile]
+  BAKEDB_SQLITE_PATCHES      patch files of the database, ':'-separated, oldest first:
+                             BAKEDB_DATABASE is then their base [set by the image's
+                             profile when the database is patched]
   BAKEDB_LISTEN              address to listen on [0.0.0.0:8080]
   BAKEDB_QUERY_TIMEOUT_MS    per-query time limit [5000]
   BAKEDB_MAX_ROWS            rows per JSON answer before `truncated` [10000]
@@ -213,8 +220,37 @@ impl Config {
                 "BAKEDB_CLIENT_TIMEOUT_MS=0: a client needs some time to send its request".into(),
             );
         }
+        // ':' separates paths as in PATH; an empty entry is a mistake, not "no patch".
+        let patches: Vec<PathBuf> = match env("BAKEDB_SQLITE_PATCHES") {
+            Some(v) if !v.is_empty() => {
+                if v.split(':').any(str::is_empty) {
+                    return Err(format!(
+                        "BAKEDB_SQLITE_PATCHES={v:?} has an empty entry: expected patch file paths separated by ':'"
+                    ));
+                }
+                v.split(':').map(PathBuf::from).collect()
+            }
+            _ => Vec::new(),
+        };
+        let default_open = match env("BAKEDB_SQLITE_OPEN").as_deref() {
+            None | Some("" | "immutable") => false,
+            Some("default") => true,
+            Some(other) => {
+                return Err(format!(
+                    "BAKEDB_SQLITE_OPEN={other:?}: expected immutable or default"
+                ));
+            }
+        };
+        if default_open && !patches.is_empty() {
+            return Err(
+                "BAKEDB_SQLITE_OPEN=default cannot read a patched database (BAKEDB_SQLITE_PATCHES is set): \
+                 SQLite's default open would read the base file alone"
+                    .into(),
+            );
+        }
         Ok(Config {
             database,
+            patches,
             listen,
             query_timeout: Duration::from_millis(number(env, "BAKEDB_QUERY_TIMEOUT_MS", 5000)?),
             max_rows: number(env, "BAKEDB_MAX_ROWS", 10_000)?,
@@ -231,15 +267,7 @@ impl Config {
                 _ => None,
             },
             cache_kib,
-            default_open: match env("BAKEDB_SQLITE_OPEN").as_deref() {
-                None | Some("" | "immutable") => false,
-                Some("default") => true,
-                Some(other) => {
-                    return Err(format!(
-                        "BAKEDB_SQLITE_OPEN={other:?}: expected immutable or default"
-                    ));
-                }
-            },
+            default_open,
         })
     }
 }
@@ -343,6 +371,47 @@ mod tests {
         assert!(e.contains("leaves 976 for clients"), "{e}");
         let c = load(&[("BAKEDB_MAX_CONNECTIONS", "10")], &[], 1024).unwrap();
         assert_eq!(c.max_connections, 10);
+    }
+
+    #[test]
+    fn patches_are_a_colon_separated_list_oldest_first() {
+        let c = load(&[], &[], 1024).unwrap();
+        assert!(c.patches.is_empty());
+        let c = load(&[("BAKEDB_SQLITE_PATCHES", "")], &[], 1024).unwrap();
+        assert!(c.patches.is_empty());
+        let c = load(
+            &[(
+                "BAKEDB_SQLITE_PATCHES",
+                "/var/lib/bakedb/.patches/1/app.db:/var/lib/bakedb/.patches/3/app.db",
+            )],
+            &[],
+            1024,
+        )
+        .unwrap();
+        assert_eq!(
+            c.patches,
+            [
+                PathBuf::from("/var/lib/bakedb/.patches/1/app.db"),
+                PathBuf::from("/var/lib/bakedb/.patches/3/app.db")
+            ]
+        );
+        for bad in ["/a:", ":/a", "/a::/b"] {
+            let e = load(&[("BAKEDB_SQLITE_PATCHES", bad)], &[], 1024).unwrap_err();
+            assert!(e.contains("has an empty entry"), "{bad}: {e}");
+        }
+        let e = load(
+            &[
+                ("BAKEDB_SQLITE_PATCHES", "/p/1"),
+                ("BAKEDB_SQLITE_OPEN", "default"),
+            ],
+            &[],
+            1024,
+        )
+        .unwrap_err();
+        assert!(
+            e.starts_with("BAKEDB_SQLITE_OPEN=default cannot read a patched database"),
+            "{e}"
+        );
     }
 
     #[test]

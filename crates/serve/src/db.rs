@@ -5,6 +5,8 @@
 //! (O_RDONLY, no locks, no -wal/-shm: on overlayfs nothing is copied up), `query_only` is on,
 //! and an authorizer (authorizer.rs) denies every action that is not a read, before the
 //! statement exists; the statement must then be read-only by `sqlite3_stmt_readonly`.
+//! A patched database (BAKEDB_SQLITE_PATCHES) is opened the same way through the read-only
+//! VFS of vfs.rs, which composes base and patches in place.
 //!
 //! Bounded, so one statement cannot take the process down: SQLITE_LIMIT_LENGTH caps every
 //! string and blob SQLite builds (randomblob, zeroblob, group_concat, printf, ||), a hard heap
@@ -27,6 +29,7 @@ use serde_json::{Map, Value, json};
 use crate::authorizer::{self, Policy};
 use crate::config::Config;
 use crate::encode;
+use crate::vfs::{self, Patched};
 
 /// What the authorizer noted about the statement being prepared (see authorizer.rs).
 type AuthLog = Arc<Mutex<authorizer::Log>>;
@@ -37,6 +40,9 @@ pub struct Db {
     log: AuthLog,
     /// SQLITE_LIMIT_LENGTH, for the message when a value exceeds it.
     max_value_bytes: usize,
+    /// The composition a patched database is read through, held so the pool's connections
+    /// share one (vfs::Patched::open finds it while it lives).
+    _patched: Option<Patched>,
 }
 
 /// Why a statement was stopped before its deadline.
@@ -155,7 +161,14 @@ impl Db {
         if !meta.is_file() {
             return Err(format!("{} is not a regular file", path.display()));
         }
-        let mut conn = connect(config)?;
+        let patched = match config.patches.as_slice() {
+            [] => None,
+            patches => Some(Patched::open(path, patches)?),
+        };
+        let file_len = patched
+            .as_ref()
+            .map_or(meta.len(), |p| p.composition().len());
+        let mut conn = connect(config, patched.as_ref())?;
         // No string or blob beyond the largest answer: such a value could not be sent anyway,
         // and without the limit `randomblob(1e9)` or a group_concat over a big table builds it
         // in one function call, where neither the deadline nor anything else can stop it.
@@ -175,7 +188,7 @@ impl Db {
         // ran 1.6x faster on 1 GiB than with 256 MiB mapped (docs/benchmarks.md).
         let mmap = config
             .mmap_bytes
-            .unwrap_or(meta.len().next_multiple_of(1 << 20));
+            .unwrap_or(file_len.next_multiple_of(1 << 20));
         let tuning = if config.default_open {
             String::new()
         } else {
@@ -198,7 +211,7 @@ impl Db {
         // statements through, see authorizer.rs), so that every query takes the path the
         // tests exercise rather than one that only a reconnection would reveal.
         let shadow_tables: Vec<(String, String)> = {
-            let probe = connect(config)?;
+            let probe = connect(config, patched.as_ref())?;
             let mut stmt = probe
                 .prepare("SELECT schema, name FROM pragma_table_list WHERE type = 'shadow'")
                 .map_err(|e| format!("listing the tables of {}: {e}", path.display()))?;
@@ -231,6 +244,7 @@ impl Db {
             control,
             log,
             max_value_bytes,
+            _patched: patched,
         })
     }
 
@@ -256,22 +270,31 @@ impl Db {
     }
 }
 
-/// One connection to the configured database: immutable and read-only, or (only to measure
-/// what that is worth) as most programs open it.
-fn connect(config: &Config) -> Result<Connection, String> {
+/// One connection to the configured database: immutable and read-only, through the patched
+/// VFS when there are patches, or (only to measure what that is worth) as most programs open
+/// it.
+fn connect(config: &Config, patched: Option<&Patched>) -> Result<Connection, String> {
     let path = &config.database;
+    let read_only = OpenFlags::SQLITE_OPEN_READ_ONLY
+        | OpenFlags::SQLITE_OPEN_URI
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    if let Some(patched) = patched {
+        let uri = format!("{}&{}", file_uri(path), patched.uri_parameter());
+        return Connection::open_with_flags_and_vfs(uri, read_only, vfs::VFS_NAME).map_err(|e| {
+            format!(
+                "opening {} with its {} patches: {e}",
+                path.display(),
+                patched.composition().patch_count()
+            )
+        });
+    }
     if config.default_open {
         Connection::open_with_flags(
             path,
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
     } else {
-        Connection::open_with_flags(
-            file_uri(path),
-            OpenFlags::SQLITE_OPEN_READ_ONLY
-                | OpenFlags::SQLITE_OPEN_URI
-                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
+        Connection::open_with_flags(file_uri(path), read_only)
     }
     .map_err(|e| format!("opening {}: {e}", path.display()))
 }
@@ -790,6 +813,7 @@ mod tests {
     fn open(path: &Path) -> Db {
         Db::open(&Config {
             database: path.to_owned(),
+            patches: Vec::new(),
             listen: "127.0.0.1:0".parse().unwrap(),
             query_timeout: Duration::from_secs(5),
             max_rows: 1000,

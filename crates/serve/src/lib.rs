@@ -7,4 +7,6 @@ pub mod config;
 pub mod db;
 pub mod encode;
 pub mod metrics;
+pub mod patch;
 pub mod server;
+pub mod vfs;

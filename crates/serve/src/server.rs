@@ -443,8 +443,13 @@ pub async fn serve(app: Arc<App>) -> Result<(), String> {
     tokio::pin!(signal);
     let max = app.config.max_connections;
     eprintln!(
-        "bakedb-serve: serving {} read-only on http://{} ({} connections, queue {}, {} ms per query, {} rows per answer, {} client connections)",
+        "bakedb-serve: serving {}{} read-only on http://{} ({} connections, queue {}, {} ms per query, {} rows per answer, {} client connections)",
         app.config.database.display(),
+        match app.config.patches.len() {
+            0 => String::new(),
+            1 => " with 1 patch".into(),
+            n => format!(" with {n} patches"),
+        },
         listener.local_addr().map_or(app.config.listen, |a| a),
         app.config.pool_size,
         app.config.queue,
