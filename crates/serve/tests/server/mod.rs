@@ -90,10 +90,16 @@ pub fn start_with(
     let dir = temp_dir(name);
     let db = dir.0.join("app.db");
     make(&db);
+    spawn(dir, &db, env, fd_limit)
+}
+
+/// bakedb-serve on `db`, which the caller put in `dir` with whatever else it needs (patches);
+/// `dir` goes when the server does.
+pub fn spawn(dir: TempDir, db: &Path, env: &[(&str, &str)], fd_limit: Option<u64>) -> Server {
     let mut command = Command::new(env!("CARGO_BIN_EXE_bakedb-serve"));
     command
         .env_clear()
-        .env("BAKEDB_DATABASE", &db)
+        .env("BAKEDB_DATABASE", db)
         .env("BAKEDB_LISTEN", "127.0.0.1:0")
         .envs(env.iter().copied())
         .stdout(Stdio::null())
