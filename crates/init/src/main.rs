@@ -10,6 +10,7 @@
 
 mod image;
 mod json;
+mod patch;
 mod profile;
 mod regular;
 mod start;
@@ -19,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use image::Description;
-use profile::Launch;
+use profile::{Launch, PatchMode};
 use start::Identity;
 
 const IMAGE_JSON: &str = "etc/bakedb/image.json";
@@ -35,8 +36,9 @@ Verifies the data under the image's data directory against /etc/bakedb/image.jso
 BAKEDB_DATA_DIGEST in the image config, applies the engine's read-only profile, then execs
 COMMAND (normally the image's CMD).
 
-  --plan         print what would be verified and executed, then exit 0
-  --verify-only  verify, then exit 0 (or 3) without starting anything
+  --plan         print what would be verified, composed and executed, then exit 0
+  --verify-only  verify the image as stored (patched files as their base and patches),
+                 then exit 0 (or 3) without writing or starting anything
   --root DIR     treat DIR as the container's root (tests, benchmarks, unpacked bundles)
 
 Environment: BAKEDB_VERIFY=off, BAKEDB_INIT_SUPERVISE=1, BAKEDB_RUN_AS_ROOT=1,
@@ -139,7 +141,12 @@ fn switch(name: &str, default: bool) -> Result<bool, Failure> {
 }
 
 fn plural(n: usize, what: &str) -> String {
-    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
+    let ending = match (n, what.ends_with("ch")) {
+        (1, _) => "",
+        (_, true) => "es",
+        _ => "s",
+    };
+    format!("{n} {what}{ending}")
 }
 
 fn human(bytes: u64) -> String {
@@ -283,6 +290,20 @@ fn path_of(env: &[(String, String)]) -> Option<&str> {
         .map(|(_, v)| v.as_str())
 }
 
+/// Whether this start composes the patched files in place before the engine starts.
+fn composes(desc: &Description, mode: &Mode) -> bool {
+    *mode == Mode::Run
+        && desc.profile.patches == Some(PatchMode::Apply)
+        && desc.patched().next().is_some()
+}
+
+/// Files and patches for the plan and the messages: "2 files from 3 patches".
+fn patch_counts(desc: &Description) -> (usize, usize) {
+    desc.patched().fold((0, 0), |(files, patches), f| {
+        (files + 1, patches + f.patches.len())
+    })
+}
+
 fn print_plan(
     desc: &Description,
     settings: &Settings,
@@ -292,8 +313,16 @@ fn print_plan(
     supervise: bool,
 ) {
     let data_dir = options.root.join(desc.data_dir.trim_start_matches('/'));
-    let total: u64 = desc.files.iter().map(|f| f.size).sum();
-    let pieces: usize = desc.files.iter().map(|f| f.chunks.len().max(1)).sum();
+    let apply = composes(desc, &Mode::Run);
+    let passes: &[verify::Pass] = if apply {
+        &[verify::Pass::BeforeCompose, verify::Pass::Composed]
+    } else {
+        &[verify::Pass::Stored]
+    };
+    let (files, total, pieces) = passes
+        .iter()
+        .map(|pass| verify::workload(desc, *pass))
+        .fold((0, 0, 0), |a, b| (a.0 + b.0, a.1 + b.1, a.2 + b.2));
     println!("bakedb-init plan ({} engine)", desc.engine);
     if settings.verify {
         println!(
@@ -312,17 +341,40 @@ fn print_plan(
         println!(
             "  verify   {}: {}, {} ({total} bytes), {} of up to {} on {}",
             data_dir.display(),
-            plural(desc.files.len(), "file"),
+            plural(files, "file"),
             human(total),
             plural(pieces, "piece"),
             human(desc.chunk_size),
             plural(threads.min(pieces).max(1), "thread"),
         );
+        if !desc.page_index.is_empty() {
+            let paths: Vec<String> = desc
+                .page_index
+                .iter()
+                .map(|i| {
+                    options
+                        .root
+                        .join(i.path.trim_start_matches('/'))
+                        .display()
+                        .to_string()
+                })
+                .collect();
+            println!(
+                "  verify   {}: {}",
+                plural(paths.len(), "page index file"),
+                paths.join(", ")
+            );
+        }
         if desc.profile.verify_first_start {
             println!(
-                "  verify   at this container's first start only: {} writes into its data; the stamp {} marks a verified start",
+                "  verify   at this container's first start only: {} writes into its data; the stamp {} marks a verified start{}",
                 desc.engine,
-                data_dir.join(profile::VERIFIED_STAMP).display()
+                data_dir.join(profile::VERIFIED_STAMP).display(),
+                if apply {
+                    " whose patches were applied"
+                } else {
+                    ""
+                }
             );
         }
     } else {
@@ -331,6 +383,7 @@ fn print_plan(
             data_dir.display()
         );
     }
+    print_patches_plan(desc, apply, settings.verify);
     let user = match identity {
         Identity::Unchanged => format!("unchanged (uid {})", start::euid()),
         Identity::Drop { uid, gid } => format!("drop root to {uid}:{gid}, the data owner"),
@@ -347,6 +400,56 @@ fn print_plan(
         if supervise { "supervise" } else { "exec    " },
         launch.argv
     );
+}
+
+/// The plan's lines about patch layers: what is composed (or read in place), file by file.
+fn print_patches_plan(desc: &Description, apply: bool, verify: bool) {
+    /// A PostgreSQL generation may patch hundreds of relation files; the plan names a few.
+    const SHOWN: usize = 20;
+    let (n_files, n_patches) = patch_counts(desc);
+    if n_files == 0 {
+        if desc.generation > 0 {
+            println!(
+                "  patches  none: generation {} patches no file",
+                desc.generation
+            );
+        }
+        return;
+    }
+    let how = if apply {
+        format!(
+            "apply: compose {} in place from {} before the engine starts (as the data owner){}",
+            plural(n_files, "file"),
+            plural(n_patches, "patch"),
+            if verify {
+                ", then verify the composed files"
+            } else {
+                ""
+            }
+        )
+    } else {
+        format!(
+            "in place: {} reads {} through their {} itself; init verifies them as stored and writes nothing",
+            desc.engine,
+            plural(n_files, "patched file"),
+            plural(n_patches, "patch")
+        )
+    };
+    println!("  patches  {how} (generation {})", desc.generation);
+    for f in desc.patched().take(SHOWN) {
+        let base = f.base.as_ref().expect("patched");
+        println!(
+            "           {}: base of generation {} ({}) + {} = {}",
+            f.path,
+            base.generation,
+            human(base.content.size),
+            plural(f.patches.len(), "patch"),
+            human(f.content.size)
+        );
+    }
+    if n_files > SHOWN {
+        println!("           and {} more", plural(n_files - SHOWN, "file"));
+    }
 }
 
 /// Write the first-start stamp: a temporary file renamed into place, so a crash leaves either
@@ -382,6 +485,121 @@ fn stamp_matches(stamp: &Path, digest: &str) -> Result<bool, Failure> {
             stamp.display()
         ))),
     }
+}
+
+/// A verification or composition problem as init's failure: a difference is exit 3, what
+/// the container does not allow (permissions, limits, a read-only disk) a setup error.
+fn data_failure(doing: &str) -> impl Fn(verify::Problem) -> Failure + '_ {
+    move |p| match p {
+        verify::Problem::Mismatch(m) => Failure::Verify(m),
+        verify::Problem::Access(m) => Failure::Setup(format!("cannot {doing}: {m}")),
+    }
+}
+
+/// Verify the data (when `check`) and compose the patched files (when `apply`), in the
+/// order that trusts nothing unread: the page index and every file that is not composed
+/// (the patches among them), then every patch header, then composing, then the composed
+/// files. Without `apply` the patched files are verified as stored (their base).
+fn prepare_data(
+    desc: &Description,
+    settings: &Settings,
+    options: &Options,
+    data_dir: &Path,
+    check: bool,
+    apply: bool,
+) -> Result<(), Failure> {
+    let started = Instant::now();
+    let (mut files, mut bytes, mut threads) = (0, 0, 0);
+    let mut hashed = |s: verify::Summary| {
+        files += s.files;
+        bytes += s.bytes;
+        threads = threads.max(s.threads);
+    };
+    let mut index_bytes = 0;
+    if check {
+        index_bytes = verify::check_page_index(desc, &options.root)
+            .map_err(data_failure("verify the data"))?;
+        let pass = if apply {
+            verify::Pass::BeforeCompose
+        } else {
+            verify::Pass::Stored
+        };
+        hashed(
+            verify::check_data(desc, &options.root, settings.threads, pass)
+                .map_err(data_failure("verify the data"))?,
+        );
+    }
+    let (n_patched, n_patches) = patch_counts(desc);
+    // Headers are checked in place mode too: the engine would only find a bad one later.
+    if n_patched > 0 && (check || apply) {
+        patch::check_all(desc, data_dir).map_err(data_failure("verify the data"))?;
+    }
+    let mut composed = None;
+    if apply {
+        let composing = Instant::now();
+        let done = patch::compose_all(desc, data_dir).map_err(data_failure("apply the patches"))?;
+        composed = Some((done, composing.elapsed().as_secs_f64()));
+        if check {
+            hashed(
+                verify::check_data(
+                    desc,
+                    &options.root,
+                    settings.threads,
+                    verify::Pass::Composed,
+                )
+                .map_err(data_failure("verify the data"))?,
+            );
+        }
+    }
+    // Said once the composed files are verified, so a failure stays one line.
+    let compose_seconds = composed.map_or(0.0, |(done, seconds)| {
+        eprintln!(
+            "bakedb-init: composed {} under {} from {} ({}, {} written) in {seconds:.2} s",
+            plural(done.files, "file"),
+            desc.data_dir,
+            plural(done.patches, "patch"),
+            plural(done.pages as usize, "page"),
+            human(done.bytes),
+        );
+        seconds
+    });
+    if !check {
+        return Ok(());
+    }
+    let seconds = started.elapsed().as_secs_f64() - compose_seconds;
+    let index = if desc.page_index.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " and {} ({})",
+            plural(desc.page_index.len(), "page index file"),
+            human(index_bytes)
+        )
+    };
+    let patched = match (n_patched, apply, desc.profile.patches) {
+        (0, _, _) => String::new(),
+        (n, true, _) => format!(", {} of them composed", plural(n, "file")),
+        (n, false, Some(PatchMode::InPlace)) => format!(
+            ", {} as stored ({} reads their {} itself)",
+            plural(n, "patched file"),
+            desc.engine,
+            plural(n_patches, "patch")
+        ),
+        (n, false, _) => format!(
+            ", {} as stored (a start composes them with their {})",
+            plural(n, "patched file"),
+            plural(n_patches, "patch")
+        ),
+    };
+    eprintln!(
+        "bakedb-init: verified {}, {} under {}{patched}{index} in {seconds:.2} s ({:.0} MB/s, {})",
+        plural(files, "file"),
+        human(bytes),
+        desc.data_dir,
+        (bytes + index_bytes) as f64 / seconds.max(1e-9) / 1e6,
+        plural(threads.max(1), "thread"),
+    );
+    Ok(())
 }
 
 fn run(options: Options) -> Result<std::convert::Infallible, Failure> {
@@ -432,44 +650,43 @@ fn run(options: Options) -> Result<std::convert::Infallible, Failure> {
     let data_dir = options.root.join(desc.data_dir.trim_start_matches('/'));
     let stamp = data_dir.join(profile::VERIFIED_STAMP);
     let first_start_only = desc.profile.verify_first_start && options.mode == Mode::Run;
-    let verified_before = match (
-        check && first_start_only,
+    let apply = composes(&desc, &options.mode);
+    // The stamp also means "composed" (it is written after the composed files were
+    // verified), so it is read when verification is off too: composing again over what the
+    // engine has written since would undo its writes.
+    let done_before = match (
+        first_start_only && (check || apply),
         settings.expected_digest.as_deref(),
     ) {
         (true, Some(digest)) => stamp_matches(&stamp, digest)?,
         _ => false,
     };
-    if check && verified_before {
+    if done_before {
         eprintln!(
-            "bakedb-init: {} was verified at this container's first start ({} says so); {} has written to it since, so it is not verified again",
+            "bakedb-init: {} was {} at this container's first start ({} says so); {} has written to it since, so {}",
             desc.data_dir,
+            if apply {
+                "verified and its patches applied"
+            } else {
+                "verified"
+            },
             stamp.display(),
-            desc.engine
+            desc.engine,
+            if apply {
+                "nothing is verified or composed again"
+            } else {
+                "it is not verified again"
+            }
         );
-    } else if check {
-        let started = Instant::now();
-        let summary =
-            verify::check_data(&desc, &options.root, settings.threads).map_err(|p| match p {
-                verify::Problem::Mismatch(m) => Failure::Verify(m),
-                verify::Problem::Access(m) => {
-                    Failure::Setup(format!("cannot verify the data: {m}"))
-                }
-            })?;
-        let seconds = started.elapsed().as_secs_f64();
-        eprintln!(
-            "bakedb-init: verified {}, {} under {} in {seconds:.2} s ({:.0} MB/s, {})",
-            plural(summary.files, "file"),
-            human(summary.bytes),
-            desc.data_dir,
-            summary.bytes as f64 / seconds.max(1e-9) / 1e6,
-            plural(summary.threads, "thread"),
-        );
-        if first_start_only {
+    } else {
+        prepare_data(&desc, &settings, &options, &data_dir, check, apply)?;
+        if check && first_start_only {
             let digest = settings.expected_digest.as_deref().unwrap_or_default();
             if let Err(e) = write_stamp(&stamp, digest) {
                 eprintln!(
-                    "bakedb-init: warning: cannot write {} ({e}): a restart of this container will verify again, and fail once {} has written to its data",
+                    "bakedb-init: warning: cannot write {} ({e}): a restart of this container will verify{} again, and fail once {} has written to its data",
                     stamp.display(),
+                    if apply { " and compose" } else { "" },
                     desc.engine
                 );
             }

@@ -12,7 +12,10 @@
 //!   data directory at run time (PostgreSQL's pg_control, WAL, postmaster.pid): init
 //!   verifies at a container's first start and leaves a stamp (VERIFIED_STAMP) in the data
 //!   directory, which lives and dies with the engine's own writes; a restart of the same
-//!   container finds the stamp and starts without verifying again.
+//!   container finds the stamp and starts without verifying again;
+//! - `patches`: how the patched files of a `--from` build reach the engine: "apply" (init
+//!   composes them in place before the engine starts) or "in-place" (the engine reads base
+//!   and patches itself; init writes nothing). See docs/patch-format.md.
 //!
 //! `{data_dir}` and `{runtime_dir}` in args, env values and file contents are replaced.
 
@@ -33,10 +36,23 @@ pub struct Profile {
     pub files: Vec<ProfileFile>,
     pub supervise: bool,
     pub verify_first_start: bool,
+    /// None: the image has no patch layers, or an image from before them.
+    pub patches: Option<PatchMode>,
+}
+
+/// How patched files reach the engine (profile.patches).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PatchMode {
+    /// The engine reads its files itself (PostgreSQL, any --cmd): init composes each patched
+    /// file in place, then verifies the composed file.
+    Apply,
+    /// bakedb-serve reads base and patches through its VFS: init verifies them as stored.
+    InPlace,
 }
 
 /// The stamp of a first-start verification, at the top of the data directory; it holds the
-/// BAKEDB_DATA_DIGEST that was verified.
+/// BAKEDB_DATA_DIGEST that was verified. With `"patches": "apply"` it also means the patched
+/// files were composed: it is written only after the composed files were verified.
 pub const VERIFIED_STAMP: &str = ".bakedb-verified";
 
 #[derive(Clone, Debug, PartialEq)]
@@ -234,6 +250,7 @@ mod tests {
             }],
             supervise: false,
             verify_first_start: false,
+            patches: None,
         }
     }
 

@@ -4,6 +4,11 @@
 //! trusted before that), then the shape of the data directory with lstat only (missing,
 //! added, symlinked or special files, sizes, modes: cheap, and a clear message), and last the
 //! contents, hashed on every core in chunk-sized pieces with large sequential reads.
+//!
+//! A patched file (docs/patch-format.md) has two forms: as its layer stores it (`base`) and
+//! composed (the entry's own size and digests). A `Pass` says which one a verification
+//! expects: the stored form when the engine reads the patches itself, and for `"patches":
+//! "apply"` the other files before composing, then the composed files after.
 
 use std::collections::BTreeSet;
 use std::fs::{self, File};
@@ -14,9 +19,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use sha2::{Digest, Sha256};
 
-use crate::image::{Description, hex};
+use crate::image::{Content, Description, FileEntry, hex};
 use crate::profile::VERIFIED_STAMP;
-use crate::regular::kind;
+use crate::regular::{self, kind};
 
 /// Bytes per read: large enough for the disk to stream, small enough to stay in cache while
 /// it is hashed.
@@ -36,7 +41,7 @@ impl From<String> for Problem {
     }
 }
 
-fn io_problem(what: String, e: std::io::Error) -> Problem {
+pub fn io_problem(what: String, e: std::io::Error) -> Problem {
     if matches!(
         e.raw_os_error(),
         Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM)
@@ -54,11 +59,134 @@ fn io_problem(what: String, e: std::io::Error) -> Problem {
     }
 }
 
+/// What one verification pass checked: files and bytes hashed.
 #[derive(Debug)]
 pub struct Summary {
     pub files: usize,
     pub bytes: u64,
     pub threads: usize,
+}
+
+/// Which form of the patched files a pass expects. Files without patches are the same in
+/// every pass (and the only kind an image from before patch layers has).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pass {
+    /// Every file as its layer stores it: a patched file against its `base`.
+    Stored,
+    /// Before composing: every file but the patched ones, whose size and contents are not
+    /// looked at (a restart, or a start killed while composing, may have left them at any
+    /// stage: composing again is idempotent, and the composed file is verified next).
+    BeforeCompose,
+    /// After composing: the patched files against their own (composed) size and digests;
+    /// the others, already hashed, only by shape.
+    Composed,
+}
+
+/// How one file is checked in a pass.
+struct Expect<'a> {
+    /// Size and digests to expect; None: the size is not checked (about to be composed).
+    content: Option<&'a Content>,
+    hash: bool,
+    form: Form,
+}
+
+/// Which form of a file a message talks about.
+#[derive(Clone, Copy)]
+enum Form {
+    Plain,
+    /// The stored base of a patched file: its generation and number of patches.
+    Base(u64, usize),
+    /// A patched file after composing, and its number of patches.
+    Composed(usize),
+    /// A page index file, and its generation.
+    Index(u64),
+}
+
+fn expect(f: &FileEntry, pass: Pass) -> Expect<'_> {
+    let Some(base) = &f.base else {
+        return Expect {
+            content: Some(&f.content),
+            hash: pass != Pass::Composed,
+            form: Form::Plain,
+        };
+    };
+    match pass {
+        Pass::Stored => Expect {
+            content: Some(&base.content),
+            hash: true,
+            form: Form::Base(base.generation, f.patches.len()),
+        },
+        Pass::BeforeCompose => Expect {
+            content: None,
+            hash: false,
+            form: Form::Plain,
+        },
+        Pass::Composed => Expect {
+            content: Some(&f.content),
+            hash: true,
+            form: Form::Composed(f.patches.len()),
+        },
+    }
+}
+
+/// Files, bytes and pieces a pass hashes (for --plan).
+pub fn workload(desc: &Description, pass: Pass) -> (usize, u64, usize) {
+    desc.files
+        .iter()
+        .map(|f| expect(f, pass))
+        .filter(|e| e.hash)
+        .filter_map(|e| e.content)
+        .fold((0, 0, 0), |(files, bytes, pieces), c| {
+            (files + 1, bytes + c.size, pieces + c.digests().len())
+        })
+}
+
+/// Check every page index file against image.json: a regular file (opened as image.json is,
+/// never blocking), of the listed size and sha256. Returns how many bytes were hashed.
+pub fn check_page_index(desc: &Description, root: &Path) -> Result<u64, Problem> {
+    let mut buf = vec![0u8; READ_SIZE];
+    let mut bytes = 0;
+    for index in &desc.page_index {
+        let path = root.join(index.path.trim_start_matches('/'));
+        let what = format!("the page index of generation {}", index.generation);
+        let form = Form::Index(index.generation);
+        let file = regular::open(&path, regular::Links::Refuse).map_err(|e| match e {
+            regular::OpenError::Missing(_) => Problem::Mismatch(format!(
+                "{} is missing: image.json lists it as {what}",
+                path.display()
+            )),
+            regular::OpenError::Other(e) => io_problem(format!("opening {}", path.display()), e),
+            refused => Problem::Mismatch(format!(
+                "{} {refused}: image.json lists it as {what}",
+                path.display()
+            )),
+        })?;
+        let size = file
+            .metadata()
+            .map_err(|e| io_problem(path.display().to_string(), e))?
+            .len();
+        if size != index.size {
+            return Err(Problem::Mismatch(format!(
+                "{} has {size} bytes, image.json says {}{}: {}",
+                path.display(),
+                index.size,
+                form.which(),
+                form.cause()
+            )));
+        }
+        let piece = Piece {
+            file: 0,
+            offset: 0,
+            len: size,
+            expected: index.sha256,
+            chunk: 0,
+            of: 1,
+            form,
+        };
+        hash_piece(&piece, &(file, path), &[], &mut buf)?;
+        bytes += size;
+    }
+    Ok(bytes)
 }
 
 /// Check image.json's bytes against BAKEDB_DATA_DIGEST (`sha256:<hex>`).
@@ -83,7 +211,11 @@ pub fn check_image_json(bytes: &[u8], expected: &str, shown_path: &Path) -> Resu
 /// Walk the data directory with lstat and compare it with the description: every entry must
 /// be a listed regular file or a directory that holds listed files (or is listed in `dirs`).
 /// Returns the (device, inode) of every listed file, in desc.files order.
-fn check_shape(desc: &Description, data_dir: &Path) -> Result<Vec<(u64, u64)>, Problem> {
+fn check_shape(
+    desc: &Description,
+    data_dir: &Path,
+    pass: Pass,
+) -> Result<Vec<(u64, u64)>, Problem> {
     let top = fs::symlink_metadata(data_dir)
         .map_err(|e| io_problem(format!("data directory {}", data_dir.display()), e))?;
     if !top.is_dir() {
@@ -180,18 +312,21 @@ fn check_shape(desc: &Description, data_dir: &Path) -> Result<Vec<(u64, u64)>, P
             return Err(Problem::Mismatch(format!(
                 "{} is missing: image.json lists it with {} bytes",
                 path.display(),
-                f.size
+                f.content.size
             )));
         }
         let meta =
             fs::symlink_metadata(&path).map_err(|e| io_problem(path.display().to_string(), e))?;
-        if meta.len() != f.size {
+        let expected = expect(f, pass);
+        if let Some(want) = expected.content.map(|c| c.size)
+            && meta.len() != want
+        {
             return Err(Problem::Mismatch(format!(
-                "{} has {} bytes, image.json says {}: the file was {}",
+                "{} has {} bytes, image.json says {want}{}: the file was {}",
                 path.display(),
                 meta.len(),
-                f.size,
-                if meta.len() < f.size {
+                expected.form.which(),
+                if meta.len() < want {
                     "truncated"
                 } else {
                     "extended"
@@ -219,37 +354,92 @@ struct Piece {
     expected: [u8; 32],
     /// 1-based chunk number, 0 for a whole file.
     chunk: usize,
+    /// Chunks in the file.
+    of: usize,
+    form: Form,
 }
 
-/// Verify every data file; returns what was checked. `threads` 0 means one per core.
-pub fn check_data(desc: &Description, root: &Path, threads: usize) -> Result<Summary, Problem> {
+impl Form {
+    /// What a message adds after "image.json says …" for this form.
+    fn which(self) -> String {
+        match self {
+            Form::Plain => String::new(),
+            Form::Base(generation, n) => format!(
+                " for the file as stored (the base of generation {generation}, before its {})",
+                crate::plural(n, "patch")
+            ),
+            Form::Composed(n) => format!(
+                " for the file composed with its {}",
+                crate::plural(n, "patch")
+            ),
+            Form::Index(generation) => format!(" for the page index of generation {generation}"),
+        }
+    }
+
+    /// Why the contents differ, as far as init can tell.
+    fn cause(self) -> &'static str {
+        match self {
+            Form::Composed(_) => {
+                "the file as stored was altered (its patches were verified before they were applied)"
+            }
+            Form::Index(_) => "the page index was altered",
+            _ => "the contents were altered",
+        }
+    }
+}
+
+/// Verify the data files in the form `pass` expects; returns what was hashed. `threads` 0
+/// means one per core.
+pub fn check_data(
+    desc: &Description,
+    root: &Path,
+    threads: usize,
+    pass: Pass,
+) -> Result<Summary, Problem> {
     let data_dir = root.join(desc.data_dir.trim_start_matches('/'));
-    let identities = check_shape(desc, &data_dir)?;
+    let identities = check_shape(desc, &data_dir, pass)?;
 
     let mut pieces = Vec::new();
+    let (mut files, mut bytes) = (0, 0);
     for (i, f) in desc.files.iter().enumerate() {
-        if let Some(sha) = f.sha256 {
+        let expected = expect(f, pass);
+        let Some(content) = expected.content.filter(|_| expected.hash) else {
+            continue;
+        };
+        files += 1;
+        bytes += content.size;
+        if let Some(sha) = content.sha256 {
             pieces.push(Piece {
                 file: i,
                 offset: 0,
-                len: f.size,
+                len: content.size,
                 expected: sha,
                 chunk: 0,
+                of: 1,
+                form: expected.form,
             });
         } else {
-            for (n, expected) in f.chunks.iter().enumerate() {
+            for (n, digest) in content.chunks.iter().enumerate() {
                 let offset = n as u64 * desc.chunk_size;
-                let len = desc.chunk_size.min(f.size - offset);
+                let len = desc.chunk_size.min(content.size - offset);
                 pieces.push(Piece {
                     file: i,
                     offset,
                     len,
-                    expected: *expected,
+                    expected: *digest,
                     chunk: n + 1,
+                    of: content.chunks.len(),
+                    form: expected.form,
                 });
             }
         }
     }
+    // Sizes per file as this pass expects them (the hashed files all have one).
+    let sizes: Vec<u64> = desc
+        .files
+        .iter()
+        .map(|f| expect(f, pass).content.map_or(0, |c| c.size))
+        .collect();
     let threads = if threads == 0 {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     } else {
@@ -279,7 +469,11 @@ pub fn check_data(desc: &Description, root: &Path, threads: usize) -> Result<Sum
             let piece = &pieces[index];
             if own.as_ref().is_none_or(|(f, _)| *f != piece.file) {
                 let f = &desc.files[piece.file];
-                match open_checked(&data_dir.join(&f.path), f.size, identities[piece.file]) {
+                match open_checked(
+                    &data_dir.join(&f.path),
+                    sizes[piece.file],
+                    identities[piece.file],
+                ) {
                     Ok(handle) => own = Some((piece.file, handle)),
                     Err(problem) => {
                         fail(&stop, &failure, index, problem);
@@ -288,7 +482,7 @@ pub fn check_data(desc: &Description, root: &Path, threads: usize) -> Result<Sum
                 }
             }
             let handle = &own.as_ref().expect("opened above").1;
-            if let Err(problem) = hash_piece(piece, handle, desc, &mut buf) {
+            if let Err(problem) = hash_piece(piece, handle, &sizes, &mut buf) {
                 fail(&stop, &failure, index, problem);
                 return;
             }
@@ -312,9 +506,9 @@ pub fn check_data(desc: &Description, root: &Path, threads: usize) -> Result<Sum
         return Err(message);
     }
     Ok(Summary {
-        files: desc.files.len(),
-        bytes: desc.files.iter().map(|f| f.size).sum(),
-        threads,
+        files,
+        bytes,
+        threads: if pieces.is_empty() { 0 } else { threads },
     })
 }
 
@@ -398,10 +592,12 @@ fn open_checked(
     Ok((again, path.to_owned()))
 }
 
+/// Hash one piece and compare; `sizes` are the expected sizes of the files, by index (for
+/// the message when a file ends early), and `chunks` in a message is taken from them.
 fn hash_piece(
     piece: &Piece,
     (file, path): &(File, PathBuf),
-    desc: &Description,
+    sizes: &[u64],
     buf: &mut [u8],
 ) -> Result<(), Problem> {
     let mut hasher = Sha256::new();
@@ -414,7 +610,10 @@ fn hash_piece(
                 return Err(Problem::Mismatch(format!(
                     "{} ended at byte {offset} while being read, image.json says {} bytes",
                     path.display(),
-                    desc.files[piece.file].size
+                    sizes
+                        .get(piece.file)
+                        .copied()
+                        .unwrap_or(piece.offset + piece.len)
                 )));
             }
             Ok(n) => n,
@@ -433,22 +632,22 @@ fn hash_piece(
     if got == piece.expected {
         return Ok(());
     }
-    let f = &desc.files[piece.file];
+    let (which, cause) = (piece.form.which(), piece.form.cause());
     Err(Problem::Mismatch(if piece.chunk == 0 {
         format!(
-            "{}: sha256 is {}, image.json says {}: the contents were altered",
+            "{}: sha256 is {}, image.json says {}{which}: {cause}",
             path.display(),
             hex(&got),
             hex(&piece.expected)
         )
     } else {
         format!(
-            "{}: bytes {}..{} (chunk {} of {}) have sha256 {}, image.json says {}: the contents were altered",
+            "{}: bytes {}..{} (chunk {} of {}) have sha256 {}, image.json says {}{which}: {cause}",
             path.display(),
             piece.offset,
             end,
             piece.chunk,
-            f.chunks.len(),
+            piece.of,
             hex(&got),
             hex(&piece.expected)
         )
@@ -507,7 +706,7 @@ mod tests {
     }
 
     fn check(fx: &Fixture, desc: &Description) -> Result<Summary, String> {
-        check_data(desc, &fx.root, 3).map_err(|p| match p {
+        check_data(desc, &fx.root, 3, Pass::Stored).map_err(|p| match p {
             Problem::Mismatch(m) => m,
             Problem::Access(m) => panic!("not a mismatch: {m}"),
         })
@@ -517,7 +716,7 @@ mod tests {
     fn untouched_data_passes_on_any_thread_count() {
         let (fx, desc) = fixture("ok");
         for threads in [1, 2, 8] {
-            let s = check_data(&desc, &fx.root, threads).unwrap();
+            let s = check_data(&desc, &fx.root, threads, Pass::Stored).unwrap();
             assert_eq!((s.files, s.bytes), (2, 5200));
             assert!(s.threads <= 6);
         }
@@ -531,6 +730,8 @@ mod tests {
             len,
             expected: [0; 32],
             chunk: 0,
+            of: 1,
+            form: Form::Plain,
         };
         // Many small files first, then the big ones: an even split by count would give
         // worker 0 almost nothing.
