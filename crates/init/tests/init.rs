@@ -586,3 +586,578 @@ fn an_etc_passwd_that_is_not_a_regular_file_is_refused_without_blocking() {
     );
     assert_eq!(text(&o.stdout), "/home/bakedb\n", "{}", text(&o.stderr));
 }
+
+// Patch layers (docs/patch-format.md). The fixture is what `bakedb build --from` writes for
+// generation 2 of a chain: app.db's base of generation 0 as its layer stores it, a patch
+// per generation (the first grows the file, the second changes page 0 and shrinks it), an
+// unpatched file, a page index per generation, and image.json tying them together. The
+// patches are written here from the document, independently of init's reader.
+
+const PAGE: usize = 1024;
+const CHUNK: usize = 4096;
+
+/// The chunk digests of `bytes` as image.json lists them: one sha256 up to a chunk, else
+/// one per chunk.
+fn content_json(bytes: &[u8]) -> String {
+    if bytes.len() <= CHUNK {
+        format!(
+            r#""size": {}, "sha256": "{}""#,
+            bytes.len(),
+            hex(&Sha256::digest(bytes))
+        )
+    } else {
+        let chunks: Vec<String> = bytes
+            .chunks(CHUNK)
+            .map(|c| format!("\"{}\"", hex(&Sha256::digest(c))))
+            .collect();
+        format!(
+            r#""size": {}, "chunks": [{}]"#,
+            bytes.len(),
+            chunks.join(", ")
+        )
+    }
+}
+
+/// The patch that turns `old` into `new`, as a builder writes it: every page of `new` that
+/// differs from `old` or lies past its end, `new`'s length, and the digest of the composed
+/// file (sha256 of the concatenated chunk digests).
+fn patch_file(old: &[u8], new: &[u8]) -> Vec<u8> {
+    assert_eq!(new.len() % PAGE, 0);
+    let pages: Vec<(u64, &[u8])> = new
+        .chunks(PAGE)
+        .enumerate()
+        .filter(|(n, page)| old.get(n * PAGE..(n + 1) * PAGE) != Some(*page))
+        .map(|(n, page)| (n as u64, page))
+        .collect();
+    let chunk_digests: Vec<u8> = new
+        .chunks(CHUNK)
+        .flat_map(|c| Sha256::digest(c).to_vec())
+        .collect();
+    let mut out = b"BKDBPTCH".to_vec();
+    out.extend_from_slice(&1u32.to_le_bytes());
+    out.extend_from_slice(&(PAGE as u32).to_le_bytes());
+    out.extend_from_slice(&(new.len() as u64).to_le_bytes());
+    out.extend_from_slice(&(pages.len() as u64).to_le_bytes());
+    out.extend_from_slice(&Sha256::digest(&chunk_digests));
+    for (n, _) in &pages {
+        out.extend_from_slice(&n.to_le_bytes());
+    }
+    for (_, page) in &pages {
+        out.extend_from_slice(page);
+    }
+    out
+}
+
+struct Chain {
+    root: Root,
+    base: Vec<u8>,
+    /// The file after generation 1's patch, and after generation 2's (the image's).
+    after_first: Vec<u8>,
+    composed: Vec<u8>,
+    patches: [Vec<u8>; 2],
+    other: Vec<u8>,
+}
+
+impl Chain {
+    fn data(&self) -> PathBuf {
+        self.root.dir.join("var/lib/bakedb")
+    }
+
+    fn app_db(&self) -> Vec<u8> {
+        fs::read(self.data().join("app.db")).unwrap()
+    }
+
+    /// Every file under the data directory and /etc/bakedb with its bytes.
+    fn snapshot(&self) -> Vec<(PathBuf, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut stack = vec![self.data(), self.root.dir.join("etc/bakedb")];
+        while let Some(dir) = stack.pop() {
+            for e in fs::read_dir(&dir).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    let bytes = fs::read(&p).unwrap();
+                    out.push((p, bytes));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+}
+
+/// `rewrite` lets a test change image.json's text (e.g. list a malformed patch's digest)
+/// before its digest is taken.
+fn patched_chain(name: &str, profile: &str, rewrite: &dyn Fn(&mut Chain)) -> Chain {
+    // SAFETY: getuid/getgid cannot fail.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    patched_chain_owned_by(name, profile, rewrite, uid, gid)
+}
+
+/// The chain with image.json's owner `uid`:`gid`; the files stay the test's (chown them to
+/// test what the owner may do).
+fn patched_chain_owned_by(
+    name: &str,
+    profile: &str,
+    rewrite: &dyn Fn(&mut Chain),
+    uid: u32,
+    gid: u32,
+) -> Chain {
+    let dir = std::env::temp_dir().join(format!("bakedb-init-it-{name}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    let data = dir.join("var/lib/bakedb");
+    fs::create_dir_all(data.join(".patches/1")).unwrap();
+    fs::create_dir_all(data.join(".patches/2")).unwrap();
+    fs::create_dir_all(dir.join("etc/bakedb/pages")).unwrap();
+    // 10 pages, 3 chunks. Generation 1 rewrites pages 2 and 7 and grows to 14 pages;
+    // generation 2 rewrites page 0 and shrinks to 12 pages (pages 12, 13 of generation 1
+    // go, and page 11, new in generation 1, stays).
+    let base: Vec<u8> = (0..10 * PAGE as u32).map(|i| (i % 251) as u8).collect();
+    let mut after_first = base.clone();
+    after_first[2 * PAGE..3 * PAGE].fill(0xa1);
+    after_first[7 * PAGE + 100] ^= 0xff;
+    after_first.extend((0..4 * PAGE as u32).map(|i| (i % 13) as u8 + 1));
+    let mut composed = after_first[..12 * PAGE].to_vec();
+    composed[5] = 0xb2;
+    let patches = [
+        patch_file(&base, &after_first),
+        patch_file(&after_first, &composed),
+    ];
+    let other = b"an unpatched file".to_vec();
+    let mut chain = Chain {
+        root: Root {
+            dir,
+            digest: String::new(),
+        },
+        base,
+        after_first,
+        composed,
+        patches,
+        other,
+    };
+    let mut image_json = String::new();
+    let mut write = |chain: &mut Chain| {
+        let (data, dir) = (chain.data(), chain.root.dir.clone());
+        fs::write(data.join("app.db"), &chain.base).unwrap();
+        fs::write(data.join("other.db"), &chain.other).unwrap();
+        fs::write(data.join(".patches/1/app.db"), &chain.patches[0]).unwrap();
+        fs::write(data.join(".patches/2/app.db"), &chain.patches[1]).unwrap();
+        for f in [
+            "app.db",
+            "other.db",
+            ".patches/1/app.db",
+            ".patches/2/app.db",
+        ] {
+            fs::set_permissions(data.join(f), fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        let index: Vec<(u32, Vec<u8>)> = [0u32, 1, 2]
+            .iter()
+            .map(|g| (*g, format!("BKDBPIDX index of generation {g}").into_bytes()))
+            .collect();
+        let mut index_json = Vec::new();
+        for (g, bytes) in &index {
+            fs::write(dir.join(format!("etc/bakedb/pages/{g}.idx")), bytes).unwrap();
+            index_json.push(format!(
+                r#"{{"generation": {g}, "path": "/etc/bakedb/pages/{g}.idx", "size": {}, "sha256": "{}", "layer": null}}"#,
+                bytes.len(),
+                hex(&Sha256::digest(bytes))
+            ));
+        }
+        image_json = format!(
+            r#"{{"schema": 1, "engine": "sqlite", "data_dir": "/var/lib/bakedb", "chunk_size": {CHUNK},
+  "generation": 2, "owner": {{"uid": {uid}, "gid": {gid}}}, "profile": {profile},
+  "page_index": [{}],
+  "files": [{{"path": "app.db", "mode": "0644", {}, "base": {{"generation": 0, {}}},
+              "patches": [".patches/1/app.db", ".patches/2/app.db"]}},
+            {{"path": "other.db", "mode": "0644", {}}},
+            {{"path": ".patches/1/app.db", "mode": "0644", {}}},
+            {{"path": ".patches/2/app.db", "mode": "0644", {}}}]}}
+"#,
+            index_json.join(", "),
+            content_json(&chain.composed),
+            content_json(&chain.base),
+            content_json(&chain.other),
+            content_json(&chain.patches[0]),
+            content_json(&chain.patches[1]),
+        );
+    };
+    rewrite(&mut chain);
+    write(&mut chain);
+    fs::write(chain.root.dir.join("etc/bakedb/image.json"), &image_json).unwrap();
+    chain.root.digest = format!("sha256:{}", hex(&Sha256::digest(image_json.as_bytes())));
+    chain
+}
+
+const APPLY: &str = r#"{"name": "files-readonly", "patches": "apply"}"#;
+const IN_PLACE: &str = r#"{"name": "sqlite-readonly", "patches": "in-place"}"#;
+
+fn unchanged(_: &mut Chain) {}
+
+#[test]
+fn apply_composes_exactly_the_patched_file_then_runs_the_command() {
+    let c = patched_chain("apply", APPLY, &unchanged);
+    // The fixture is what it says: composing by the document gives the image's file.
+    assert_eq!(c.after_first.len(), 14 * PAGE);
+    assert_eq!(c.composed.len(), 12 * PAGE);
+    let before = c.snapshot();
+    let o = out(init(&c.root).args(["sh", "-c", "echo started; exit 5"]));
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(5), "{err}");
+    assert_eq!(text(&o.stdout), "started\n");
+    assert_eq!(c.app_db(), c.composed, "app.db is not the composed file");
+    // Nothing else changed, nothing was added.
+    let after = c.snapshot();
+    let app_db = c.data().join("app.db");
+    assert_eq!(before.len(), after.len());
+    for ((p, b), (q, a)) in before.iter().zip(&after) {
+        assert_eq!(p, q);
+        if *p != app_db {
+            assert!(a == b, "{} changed", p.display());
+        }
+    }
+    assert!(
+        err.contains(
+            "bakedb-init: composed 1 file under /var/lib/bakedb from 2 patches (7 pages, 7.00 KiB written) in "
+        ),
+        "{err}"
+    );
+    assert!(
+        err.contains(
+            "bakedb-init: verified 4 files, 19.20 KiB under /var/lib/bakedb, 1 file of them composed and 3 page index files (90 B) in "
+        ),
+        "{err}"
+    );
+    // Started again (a restart of an every-start container): the composed file composes to
+    // itself and verifies.
+    let o = out(init(&c.root).arg("true"));
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert_eq!(c.app_db(), c.composed);
+}
+
+#[test]
+fn in_place_leaves_every_byte_as_stored_and_runs_the_command() {
+    let c = patched_chain("inplace", IN_PLACE, &unchanged);
+    let before = c.snapshot();
+    let o = out(init(&c.root).args(["sh", "-c", "echo started"]));
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert_eq!(text(&o.stdout), "started\n");
+    assert!(before == c.snapshot(), "in-place mode changed a file");
+    assert_eq!(c.app_db(), c.base);
+    assert!(!err.contains("composed"), "{err}");
+    assert!(
+        err.contains(
+            "bakedb-init: verified 4 files, 17.20 KiB under /var/lib/bakedb, 1 patched file as stored (sqlite reads their 2 patches itself) and 3 page index files"
+        ),
+        "{err}"
+    );
+}
+
+/// Tamper with the base, a patch or a page index: exit 3, one line naming the file, the
+/// command never runs; in apply mode a bad patch is found before anything is written.
+#[test]
+fn tampering_with_a_base_a_patch_or_a_page_index_exits_3() {
+    type Tamper = fn(&Chain);
+    fn flip(path: &Path, at: usize) {
+        let mut bytes = fs::read(path).unwrap();
+        bytes[at] ^= 1;
+        fs::write(path, bytes).unwrap();
+    }
+    let cases: &[(&str, &str, Tamper, &str)] = &[
+        (
+            "base-apply",
+            APPLY,
+            // Page 9: no patch rewrites it, so it survives into the composed file.
+            |c| flip(&c.data().join("app.db"), 9 * PAGE + 3),
+            "/var/lib/bakedb/app.db: bytes 8192..12288 (chunk 3 of 3) have sha256",
+        ),
+        (
+            "base-inplace",
+            IN_PLACE,
+            |c| flip(&c.data().join("app.db"), 9 * PAGE + 3),
+            "/var/lib/bakedb/app.db: bytes 8192..10240 (chunk 3 of 3) have sha256",
+        ),
+        (
+            "patch-apply",
+            APPLY,
+            |c| flip(&c.data().join(".patches/2/app.db"), 100),
+            "/var/lib/bakedb/.patches/2/app.db: sha256 is",
+        ),
+        (
+            "patch-inplace",
+            IN_PLACE,
+            |c| flip(&c.data().join(".patches/1/app.db"), 70),
+            "/var/lib/bakedb/.patches/1/app.db: bytes 0..4096 (chunk 1 of 2) have sha256",
+        ),
+        (
+            "index",
+            IN_PLACE,
+            |c| flip(&c.root.dir.join("etc/bakedb/pages/1.idx"), 0),
+            "/etc/bakedb/pages/1.idx: sha256 is",
+        ),
+        (
+            "index-apply",
+            APPLY,
+            |c| fs::write(c.root.dir.join("etc/bakedb/pages/2.idx"), b"x").unwrap(),
+            "/etc/bakedb/pages/2.idx has 1 bytes, image.json says 30 for the page index of generation 2: the page index was altered",
+        ),
+        (
+            "index-gone",
+            APPLY,
+            |c| fs::remove_file(c.root.dir.join("etc/bakedb/pages/0.idx")).unwrap(),
+            "/etc/bakedb/pages/0.idx is missing: image.json lists it as the page index of generation 0",
+        ),
+        (
+            "patch-gone",
+            APPLY,
+            |c| fs::remove_file(c.data().join(".patches/1/app.db")).unwrap(),
+            "/var/lib/bakedb/.patches/1/app.db is missing",
+        ),
+    ];
+    for (name, profile, tamper, message) in cases {
+        let c = patched_chain(name, profile, &unchanged);
+        tamper(&c);
+        let stored = c.app_db();
+        let marker = c.root.dir.join("ran");
+        let what = format!("{name}: tampered");
+        let o = out_or_blocked(
+            init(&c.root).args(["sh", "-c", &format!("touch {}", marker.display())]),
+            &what,
+        );
+        assert_refused(&o, message, &what);
+        assert!(!marker.exists(), "{name}: the command ran");
+        if !name.starts_with("base-apply") {
+            assert!(c.app_db() == stored, "{name}: app.db was written");
+        }
+    }
+    // A FIFO in place of a page index is refused at once.
+    let c = patched_chain("index-fifo", APPLY, &unchanged);
+    let index = c.root.dir.join("etc/bakedb/pages/2.idx");
+    fs::remove_file(&index).unwrap();
+    mkfifo(&index);
+    let o = out_or_blocked(init(&c.root).arg("true"), "a FIFO as a page index");
+    assert_refused(
+        &o,
+        "pages/2.idx is a FIFO, not a regular file: image.json lists it as the page index of generation 2",
+        "a FIFO as a page index",
+    );
+}
+
+/// A patch whose digest image.json lists but whose header breaks the format: exit 3 before
+/// anything is written, in both modes.
+#[test]
+fn a_malformed_patch_header_exits_3_and_nothing_is_written() {
+    type Break = fn(&mut Chain);
+    let cases: &[(&str, Break, &str)] = &[
+        (
+            "version",
+            |c| c.patches[0][8] = 2,
+            "it is version 2 of the format, this bakedb-init reads version 1",
+        ),
+        (
+            "pagesize",
+            |c| c.patches[1][12..16].copy_from_slice(&1000u32.to_le_bytes()),
+            "its page size 1000 is not a power of two from 512 to 65536",
+        ),
+        (
+            "pagenumber",
+            // Generation 1's first page number (2) past the 14 pages of its composed file.
+            |c| c.patches[0][64..72].copy_from_slice(&14u64.to_le_bytes()),
+            "page number 14 (entry 0 of 6) is not below the composed file's 14 pages",
+        ),
+        (
+            "order",
+            // 2, 7, 10, ... becomes 7, 7, 10, ...
+            |c| c.patches[0][64..72].copy_from_slice(&7u64.to_le_bytes()),
+            "page number 7 (entry 1 of 6) is not above the one before it",
+        ),
+        (
+            "length",
+            |c| {
+                c.patches[1].truncate(c.patches[1].len() - 1);
+            },
+            "its header says 64 + 8 × 1 + 1 × 1024",
+        ),
+    ];
+    for profile in [APPLY, IN_PLACE] {
+        for (name, damage, message) in cases {
+            let c = patched_chain(&format!("bad-{name}"), profile, damage);
+            let marker = c.root.dir.join("ran");
+            let what = format!("{name} in {profile}");
+            let o = out(init(&c.root).args(["sh", "-c", &format!("touch {}", marker.display())]));
+            assert_refused(
+                &o,
+                "is not a valid patch file (docs/patch-format.md): ",
+                &what,
+            );
+            assert!(
+                text(&o.stderr).contains(message),
+                "{what}: {}",
+                text(&o.stderr)
+            );
+            assert!(!marker.exists(), "{what}: the command ran");
+            assert!(c.app_db() == c.base, "{what}: app.db was written");
+        }
+    }
+}
+
+/// A first-start container (postgres): the stamp written after composing and verifying
+/// means both, so a restart composes nothing, even over what the engine wrote; a start
+/// that died before the stamp (after composing, or half-way) composes again and verifies.
+#[test]
+fn a_restart_after_the_stamp_does_not_compose_again() {
+    let profile = r#"{"name": "postgres-readonly", "verify": "first-start", "patches": "apply"}"#;
+    let c = patched_chain("stamp", profile, &unchanged);
+    let stamp = c.data().join(".bakedb-verified");
+    let o = out(init(&c.root).arg("true"));
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert_eq!(c.app_db(), c.composed);
+    assert_eq!(
+        fs::read_to_string(&stamp).unwrap(),
+        format!("{}\n", c.root.digest)
+    );
+
+    // The engine writes page 2, which generation 1's patch holds: a restart keeps its write.
+    let engine_wrote = {
+        let mut bytes = c.composed.clone();
+        bytes[2 * PAGE..3 * PAGE].fill(0x77);
+        bytes
+    };
+    fs::write(c.data().join("app.db"), &engine_wrote).unwrap();
+    for verify in ["on", "off"] {
+        let o = out(init(&c.root).env("BAKEDB_VERIFY", verify).arg("true"));
+        let err = text(&o.stderr);
+        assert_eq!(o.status.code(), Some(0), "{err}");
+        assert!(!err.contains("composed 1 file"), "verify={verify}: {err}");
+        assert_eq!(c.app_db(), engine_wrote, "verify={verify}: composed again");
+    }
+    let o = out(init(&c.root).arg("true"));
+    assert!(
+        text(&o.stderr)
+            .contains("was verified and its patches applied at this container's first start"),
+        "{}",
+        text(&o.stderr)
+    );
+
+    // Killed after composing, before the stamp: composed again (to the same bytes), verified.
+    fs::write(c.data().join("app.db"), &c.composed).unwrap();
+    fs::remove_file(&stamp).unwrap();
+    let o = out(init(&c.root).arg("true"));
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("composed 1 file") && err.contains("verified 4 files"),
+        "{err}"
+    );
+    assert_eq!(c.app_db(), c.composed);
+    assert!(stamp.exists());
+
+    // Killed half-way: generation 1's patch applied, a page of generation 2's half written.
+    let mut half = c.after_first.clone();
+    half[..PAGE / 2].fill(0);
+    fs::write(c.data().join("app.db"), &half).unwrap();
+    fs::remove_file(&stamp).unwrap();
+    let o = out(init(&c.root).arg("true"));
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert_eq!(c.app_db(), c.composed);
+}
+
+#[test]
+fn plan_and_verify_only_write_nothing() {
+    let c = patched_chain("planpatches", APPLY, &unchanged);
+    let before = c.snapshot();
+    let o = out(init(&c.root).args(["--plan", "true"]));
+    let plan = text(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    for line in [
+        "  verify   3 page index files: ",
+        "/etc/bakedb/pages/0.idx, ",
+        "  patches  apply: compose 1 file in place from 2 patches before the engine starts (as the data owner), then verify the composed files (generation 2)\n",
+        "           app.db: base of generation 0 (10.00 KiB) + 2 patches = 12.00 KiB\n",
+        // The patch files (6256 and 1096 bytes), other.db and the composed app.db.
+        "/var/lib/bakedb: 4 files, 19.20 KiB (19657 bytes), 7 pieces of up to 4.00 KiB on",
+    ] {
+        assert!(plan.contains(line), "plan lacks {line:?}:\n{plan}");
+    }
+    let c2 = patched_chain("planinplace", IN_PLACE, &unchanged);
+    let plan = text(&out(init(&c2.root).args(["--plan", "true"])).stdout);
+    assert!(
+        plan.contains("  patches  in place: sqlite reads 1 patched file through their 2 patches itself; init verifies them as stored and writes nothing (generation 2)"),
+        "{plan}"
+    );
+    assert!(
+        plan.contains("/var/lib/bakedb: 4 files, 17.20 KiB (17609 bytes), 7 pieces"),
+        "{plan}"
+    );
+
+    // --verify-only checks the image as stored, in apply mode too, and writes nothing.
+    let o = out(init(&c.root).arg("--verify-only"));
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("1 patched file as stored (a start composes them with their 2 patches)"),
+        "{err}"
+    );
+    assert!(before == c.snapshot(), "--plan or --verify-only wrote");
+    // A tampered base is found without composing.
+    let mut bytes = c.base.clone();
+    bytes[9 * PAGE] ^= 1;
+    fs::write(c.data().join("app.db"), &bytes).unwrap();
+    let o = out(init(&c.root).arg("--verify-only"));
+    assert_refused(
+        &o,
+        "app.db: bytes 8192..10240 (chunk 3 of 3) have sha256",
+        "--verify-only on a tampered base",
+    );
+    assert!(text(&o.stderr).contains("for the file as stored (the base of generation 0, before its 2 patches): the contents were altered"));
+}
+
+/// BAKEDB_VERIFY=off still composes: the engine must read the composed files.
+#[test]
+fn apply_composes_with_verification_off() {
+    let c = patched_chain("applyoff", APPLY, &unchanged);
+    let o = out(init(&c.root).env("BAKEDB_VERIFY", "off").arg("true"));
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(err.contains("composed 1 file"), "{err}");
+    assert!(!err.contains("verified"), "{err}");
+    assert_eq!(c.app_db(), c.composed);
+}
+
+/// Started as root, init drops to the data owner before it composes: a patched file the
+/// owner may not write is a setup error naming the uid (exit 1), not a write as root; one
+/// the owner owns is composed and keeps its owner.
+#[test]
+fn root_composes_as_the_data_owner() {
+    // SAFETY: getuid cannot fail.
+    if unsafe { libc::getuid() } != 0 {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must run the tests as root"
+        );
+        eprintln!("skipped: needs root to drop privileges");
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let c = patched_chain_owned_by("applyowner", APPLY, &unchanged, 65532, 65532);
+    let app_db = c.data().join("app.db");
+    std::os::unix::fs::chown(&app_db, Some(65534), Some(65534)).unwrap();
+    let o = out(init(&c.root).arg("true"));
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cannot apply the patches: opening ")
+            && err.contains("app.db for writing: Permission denied")
+            && err.contains("as uid 65532; run the container as the data owner"),
+        "{err}"
+    );
+    assert_eq!(c.app_db(), c.base);
+
+    std::os::unix::fs::chown(&app_db, Some(65532), Some(65532)).unwrap();
+    let o = out(init(&c.root).args(["sh", "-c", "id -u"]));
+    assert_eq!(text(&o.stdout), "65532\n", "{}", text(&o.stderr));
+    assert_eq!(c.app_db(), c.composed);
+    let meta = fs::metadata(&app_db).unwrap();
+    assert_eq!((meta.uid(), meta.mode() & 0o7777), (65532, 0o644));
+}
