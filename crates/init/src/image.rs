@@ -459,6 +459,10 @@ pub(crate) mod tests {
                 .iter()
                 .any(|(k, v)| k == "BAKEDB_DATABASE" && v == "{data_dir}/golden.db")
         );
+        // Every image carries its page index, which init verifies like the data.
+        assert_eq!(d.generation, 0);
+        assert_eq!(d.page_index.len(), 1);
+        assert_eq!(d.page_index[0].path, "/etc/bakedb/pages/0.idx");
     }
 
     pub const SAMPLE: &str = r#"{
