@@ -19,7 +19,7 @@ pub fn run(args: SnapshotArgs, quiet: bool) -> Result<()> {
     );
     options.for_snapshot = true;
     let mut plan = engine
-        .plan(&args.source, &options, None)
+        .plan(&args.source, &options, None, None)
         .map_err(|e| engine_error(e, ""))?;
     if args.out.exists()
         && std::fs::read_dir(&args.out)

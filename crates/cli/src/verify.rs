@@ -118,6 +118,7 @@ fn check_composition(source: &ImageSource, image: &ResolvedImage, ij: &ImageJson
                 host_path: host.to_owned(),
                 mode: 0,
                 page_size: 0,
+                page_header: 0,
             },
             crate::build::threads(),
         )?;

@@ -65,8 +65,8 @@ fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Io { op, path, source }
 }
 
-/// A chunk's sha256 (hex) and the hashes of its pages.
-type Hashes = (String, Vec<u128>);
+/// A chunk's sha256 (hex), the hashes of its pages and their headers.
+type Hashes = (String, Vec<u128>, Vec<u8>);
 
 /// Hash one file: a small one whole, a large one chunk by chunk on `threads` threads, each
 /// reading its own ranges with pread.
@@ -82,14 +82,20 @@ pub fn digest_and_pages(file: &DataFile, threads: usize) -> Result<(FileDigest, 
     let size = f.metadata().map_err(io("reading metadata of", path))?.len();
     // A file that is not a whole number of pages is one unit.
     let page_size = match file.page_size {
-        p if p > 0 && size > 0 && size % u64::from(p) == 0 => p,
+        p if p > 0 && size > 0 && size.is_multiple_of(u64::from(p)) => p,
         _ => 0,
+    };
+    let header_len = if page_size > 0 {
+        file.page_header.min(page_size) as usize
+    } else {
+        0
     };
     let n_chunks = size.div_ceil(CHUNK_SIZE).max(1);
     let next = AtomicU64::new(0);
     let hash_range = |buf: &mut [u8], start: u64, end: u64| -> Result<Hashes> {
         let mut hasher = Sha256::new();
         let mut pages = Vec::new();
+        let mut headers = Vec::new();
         let mut off = start;
         while off < end {
             // Whole buffers (a multiple of the page size) up to the range's end.
@@ -109,11 +115,14 @@ pub fn digest_and_pages(file: &DataFile, threads: usize) -> Result<(FileDigest, 
             }
             hasher.update(&buf[..want]);
             if page_size > 0 {
-                pages.extend(buf[..want].chunks(page_size as usize).map(page_hash));
+                for page in buf[..want].chunks(page_size as usize) {
+                    pages.push(page_hash(&page[header_len..]));
+                    headers.extend_from_slice(&page[..header_len]);
+                }
             }
             off += want as u64;
         }
-        Ok((hex(&hasher.finalize()), pages))
+        Ok((hex(&hasher.finalize()), pages, headers))
     };
     let worker = || -> Result<Vec<(usize, Hashes)>> {
         let mut out = Vec::new();
@@ -132,6 +141,7 @@ pub fn digest_and_pages(file: &DataFile, threads: usize) -> Result<(FileDigest, 
     };
     let mut chunks = vec![String::new(); n_chunks as usize];
     let mut chunk_pages = vec![Vec::new(); n_chunks as usize];
+    let mut chunk_headers = vec![Vec::new(); n_chunks as usize];
     std::thread::scope(|scope| -> Result<()> {
         let helpers: Vec<_> = (1..threads.min(n_chunks as usize))
             .map(|_| scope.spawn(worker))
@@ -140,9 +150,10 @@ pub fn digest_and_pages(file: &DataFile, threads: usize) -> Result<(FileDigest, 
         for h in helpers {
             results.extend(h.join().expect("hash worker panicked")?);
         }
-        for (i, (digest, pages)) in results {
+        for (i, (digest, pages, headers)) in results {
             chunks[i] = digest;
             chunk_pages[i] = pages;
+            chunk_headers[i] = headers;
         }
         Ok(())
     })?;
@@ -191,8 +202,10 @@ pub fn digest_and_pages(file: &DataFile, threads: usize) -> Result<(FileDigest, 
         },
         FilePages {
             page_size,
+            header_len: header_len as u32,
             length: size,
             hashes,
+            headers: chunk_headers.concat(),
         },
     ))
 }
@@ -212,6 +225,7 @@ mod tests {
             host_path: path.clone(),
             mode: 0o644,
             page_size: 4096,
+            page_header: 0,
         };
         let d = digest_file(&df, 2).unwrap();
         assert_eq!(d.size, data.len() as u64);

@@ -35,8 +35,21 @@ pub fn page_hash(bytes: &[u8]) -> u128 {
 pub struct FilePages {
     /// 0: the whole file is one unit.
     pub page_size: u32,
+    /// Bytes at the start of each page left out of its hash and kept beside it: PostgreSQL's
+    /// pd_lsn and pd_checksum (10), which a prepared copy rewrites on pages whose tuples did
+    /// not change. 0 for other files.
+    pub header_len: u32,
     pub length: u64,
     pub hashes: Vec<u128>,
+    /// `header_len` bytes per page, in page order.
+    pub headers: Vec<u8>,
+}
+
+impl FilePages {
+    pub fn header(&self, page: usize) -> &[u8] {
+        let h = self.header_len as usize;
+        self.headers.get(page * h..(page + 1) * h).unwrap_or(&[])
+    }
 }
 
 /// Every data file's pages, by path relative to the data directory.
@@ -47,11 +60,12 @@ pub type PageIndex = BTreeMap<String, FilePages>;
 pub enum IndexEntry {
     /// Every page: a new file, or one shipped whole.
     All(FilePages),
-    /// The pages that changed, and the new length.
+    /// The pages that changed (number, hash, header bytes), and the new length.
     Changed {
         page_size: u32,
+        header_len: u32,
         length: u64,
-        pages: Vec<(u64, u128)>,
+        pages: Vec<(u64, u128, Vec<u8>)>,
     },
     Deleted,
 }
@@ -65,29 +79,33 @@ pub fn encode_index(entries: &BTreeMap<String, IndexEntry>) -> Vec<u8> {
     for (path, entry) in entries {
         out.extend_from_slice(&(path.len() as u16).to_le_bytes());
         out.extend_from_slice(path.as_bytes());
-        let (kind, page_size, length, count) = match entry {
-            IndexEntry::All(p) => (0u8, p.page_size, p.length, p.hashes.len()),
+        let (kind, page_size, header_len, length, count) = match entry {
+            IndexEntry::All(p) => (0u8, p.page_size, p.header_len, p.length, p.hashes.len()),
             IndexEntry::Changed {
                 page_size,
+                header_len,
                 length,
                 pages,
-            } => (1, *page_size, *length, pages.len()),
-            IndexEntry::Deleted => (2, 0, 0, 0),
+            } => (1, *page_size, *header_len, *length, pages.len()),
+            IndexEntry::Deleted => (2, 0, 0, 0, 0),
         };
         out.push(kind);
         out.extend_from_slice(&page_size.to_le_bytes());
+        out.extend_from_slice(&header_len.to_le_bytes());
         out.extend_from_slice(&length.to_le_bytes());
         out.extend_from_slice(&(count as u64).to_le_bytes());
         match entry {
             IndexEntry::All(p) => {
-                for h in &p.hashes {
+                for (i, h) in p.hashes.iter().enumerate() {
                     out.extend_from_slice(&h.to_le_bytes());
+                    out.extend_from_slice(p.header(i));
                 }
             }
             IndexEntry::Changed { pages, .. } => {
-                for (n, h) in pages {
+                for (n, h, header) in pages {
                     out.extend_from_slice(&n.to_le_bytes());
                     out.extend_from_slice(&h.to_le_bytes());
+                    out.extend_from_slice(header);
                 }
             }
             IndexEntry::Deleted => {}
@@ -148,6 +166,10 @@ pub fn decode_index(bytes: &[u8]) -> Result<BTreeMap<String, IndexEntry>, String
             .map_err(|_| "a path is not UTF-8".to_owned())?;
         let kind = c.take(1, "kind")?[0];
         let page_size = c.u32("page size")?;
+        let header_len = c.u32("header length")?;
+        if header_len > page_size {
+            return Err(format!("{path}: a page header of {header_len} bytes"));
+        }
         let length = c.u64("length")?;
         let count = c.u64("count")?;
         // Each record is at least 16 bytes: a count that cannot fit is refused before any
@@ -156,18 +178,33 @@ pub fn decode_index(bytes: &[u8]) -> Result<BTreeMap<String, IndexEntry>, String
             return Err(format!("{path}: {count} records cannot fit"));
         }
         let entry = match kind {
-            0 => IndexEntry::All(FilePages {
-                page_size,
-                length,
-                hashes: (0..count)
-                    .map(|_| c.u128("page hash"))
-                    .collect::<Result<_, _>>()?,
-            }),
+            0 => {
+                let mut hashes = Vec::with_capacity(count as usize);
+                let mut headers = Vec::with_capacity(count as usize * header_len as usize);
+                for _ in 0..count {
+                    hashes.push(c.u128("page hash")?);
+                    headers.extend_from_slice(c.take(header_len as usize, "page header")?);
+                }
+                IndexEntry::All(FilePages {
+                    page_size,
+                    header_len,
+                    length,
+                    hashes,
+                    headers,
+                })
+            }
             1 => IndexEntry::Changed {
                 page_size,
+                header_len,
                 length,
                 pages: (0..count)
-                    .map(|_| Ok((c.u64("page number")?, c.u128("page hash")?)))
+                    .map(|_| {
+                        Ok((
+                            c.u64("page number")?,
+                            c.u128("page hash")?,
+                            c.take(header_len as usize, "page header")?.to_vec(),
+                        ))
+                    })
                     .collect::<Result<_, String>>()?,
             },
             2 => IndexEntry::Deleted,
@@ -193,27 +230,32 @@ pub fn fold(index: &mut PageIndex, entries: BTreeMap<String, IndexEntry>) -> Res
             }
             IndexEntry::Changed {
                 page_size,
+                header_len,
                 length,
                 pages,
             } => {
                 let file = index
                     .get_mut(&path)
                     .ok_or_else(|| format!("{path}: changed pages of a file it does not have"))?;
-                if page_size == 0 || file.page_size != page_size {
+                if page_size == 0 || file.page_size != page_size || file.header_len != header_len {
                     return Err(format!(
-                        "{path}: page size {page_size} in a patch of a file of page size {}",
-                        file.page_size
+                        "{path}: pages of {page_size} bytes ({header_len} of header) in a patch of a file of pages of {} ({})",
+                        file.page_size, file.header_len
                     ));
                 }
                 let count = length.div_ceil(u64::from(page_size)) as usize;
+                let h = header_len as usize;
                 file.hashes.resize(count, 0);
+                file.headers.resize(count * h, 0);
                 file.length = length;
-                for (n, h) in pages {
+                for (n, hash, header) in pages {
+                    let n = n as usize;
                     let slot = file
                         .hashes
-                        .get_mut(n as usize)
+                        .get_mut(n)
                         .ok_or_else(|| format!("{path}: page {n} past the length {length}"))?;
-                    *slot = h;
+                    *slot = hash;
+                    file.headers[n * h..(n + 1) * h].copy_from_slice(&header);
                 }
             }
         }
@@ -231,19 +273,53 @@ pub enum Change {
     Patch(Vec<u64>),
 }
 
-/// What changed between `old` and `new`: every file of `new`, and the files of `old` that
-/// are gone. A file whose changed pages would be more than `max_patch_share` of it ships
+/// Pages whose content (but for their header) did not change while their header did:
+/// writing the previous header back makes the page the previous page again (page number,
+/// header bytes).
+pub type Restores = Vec<(u64, Vec<u8>)>;
+
+/// What changed between `old` and `new`: every file of `new`, the files of `old` that are
+/// gone, and the headers to write back (see `Restores`) before the new files are hashed
+/// and shipped. A file whose changed pages would be more than `max_patch_share` of it ships
 /// whole (the patch would save little and cost a longer chain).
+#[allow(clippy::type_complexity)]
 pub fn changes(
     old: &PageIndex,
     new: &PageIndex,
     max_patch_share: f64,
-) -> (BTreeMap<String, Change>, Vec<String>) {
+) -> (
+    BTreeMap<String, Change>,
+    Vec<String>,
+    BTreeMap<String, Restores>,
+) {
+    let mut restores = BTreeMap::new();
     let mut out = BTreeMap::new();
     for (path, now) in new {
+        if let Some(before) = old.get(path)
+            && now.header_len > 0
+            && before.header_len == now.header_len
+            && before.page_size == now.page_size
+        {
+            let r: Restores = now
+                .hashes
+                .iter()
+                .enumerate()
+                .filter(|(i, h)| {
+                    before.hashes.get(*i) == Some(*h) && before.header(*i) != now.header(*i)
+                })
+                .map(|(i, _)| (i as u64, before.header(i).to_vec()))
+                .collect();
+            if !r.is_empty() {
+                restores.insert(path.clone(), r);
+            }
+        }
         let change = match old.get(path) {
             None => Change::Whole,
-            Some(before) if before.page_size != now.page_size || now.page_size == 0 => {
+            Some(before)
+                if before.page_size != now.page_size
+                    || before.header_len != now.header_len
+                    || now.page_size == 0 =>
+            {
                 if before == now {
                     Change::Unchanged
                 } else {
@@ -274,7 +350,16 @@ pub fn changes(
         .filter(|p| !new.contains_key(*p))
         .cloned()
         .collect();
-    (out, deleted)
+    (out, deleted, restores)
+}
+
+/// Write headers back into a file (see `Restores`).
+pub fn restore_headers(path: &Path, page_size: u32, restores: &Restores) -> io::Result<()> {
+    let file = std::fs::OpenOptions::new().write(true).open(path)?;
+    for (page, header) in restores {
+        file.write_all_at(header, page * u64::from(page_size))?;
+    }
+    Ok(())
 }
 
 /// A file's composed digest, as a patch header records it: SHA-256 of the concatenated
@@ -450,18 +535,27 @@ pub fn compose_file(path: &Path, patches: &[&Path]) -> Result<(), String> {
     Ok(())
 }
 
-/// Hash the pages of `bytes` (a whole file) at `page_size` (0: one unit).
-pub fn pages_of(bytes: &[u8], page_size: u32) -> FilePages {
-    let hashes = if page_size == 0 {
-        vec![page_hash(bytes)]
-    } else {
-        bytes.chunks(page_size as usize).map(page_hash).collect()
-    };
-    FilePages {
+/// Hash the pages of `bytes` (a whole file) at `page_size` (0: one unit), each page's first
+/// `header_len` bytes kept beside its hash, not in it.
+pub fn pages_of(bytes: &[u8], page_size: u32, header_len: u32) -> FilePages {
+    let mut out = FilePages {
         page_size,
+        header_len,
         length: bytes.len() as u64,
-        hashes,
+        hashes: Vec::new(),
+        headers: Vec::new(),
+    };
+    if page_size == 0 {
+        out.header_len = 0;
+        out.hashes.push(page_hash(bytes));
+    } else {
+        for page in bytes.chunks(page_size as usize) {
+            let h = (header_len as usize).min(page.len());
+            out.hashes.push(page_hash(&page[h..]));
+            out.headers.extend_from_slice(&page[..h]);
+        }
     }
+    out
 }
 
 /// CHUNK_SIZE is a multiple of every page size: page hashes can be taken chunk by chunk.
@@ -480,8 +574,8 @@ mod tests {
 
     #[test]
     fn index_round_trips_and_folds() {
-        let a = pages_of(&file(512, &[1, 2, 3]), 512);
-        let b = pages_of(b"PG_VERSION 15", 0);
+        let a = pages_of(&file(512, &[1, 2, 3]), 512, 0);
+        let b = pages_of(b"PG_VERSION 15", 0, 0);
         let gen0 = BTreeMap::from([
             ("a".to_owned(), IndexEntry::All(a.clone())),
             ("b".to_owned(), IndexEntry::All(b)),
@@ -491,14 +585,15 @@ mod tests {
         let mut index = PageIndex::new();
         fold(&mut index, gen0).unwrap();
 
-        let grown = pages_of(&file(512, &[1, 9, 3, 4]), 512);
+        let grown = pages_of(&file(512, &[1, 9, 3, 4]), 512, 0);
         let gen1 = BTreeMap::from([
             (
                 "a".to_owned(),
                 IndexEntry::Changed {
                     page_size: 512,
+                    header_len: 0,
                     length: 2048,
-                    pages: vec![(1, grown.hashes[1]), (3, grown.hashes[3])],
+                    pages: vec![(1, grown.hashes[1], vec![]), (3, grown.hashes[3], vec![])],
                 },
             ),
             ("b".to_owned(), IndexEntry::Deleted),
@@ -516,9 +611,41 @@ mod tests {
         huge.push(b'x');
         huge.push(0);
         huge.extend_from_slice(&512u32.to_le_bytes());
+        huge.extend_from_slice(&0u32.to_le_bytes());
         huge.extend_from_slice(&0u64.to_le_bytes());
         huge.extend_from_slice(&u64::MAX.to_le_bytes());
         assert!(decode_index(&huge).unwrap_err().contains("cannot fit"));
+    }
+
+    /// A page whose header alone changed (PostgreSQL's LSN after the copy's VACUUM) is not a
+    /// change: the previous header is written back, and the file is the previous file.
+    #[test]
+    fn header_only_changes_are_restored() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut old_bytes = file(512, &[1, 2, 3, 4]);
+        old_bytes[512] = 0xAA; // page 1's header differs below
+        let mut new_bytes = old_bytes.clone();
+        new_bytes[512] = 0xBB;
+        new_bytes[2 * 512 + 100] = 9; // page 2's content changes
+        let old = PageIndex::from([("db".to_owned(), pages_of(&old_bytes, 512, 10))]);
+        let new = PageIndex::from([("db".to_owned(), pages_of(&new_bytes, 512, 10))]);
+        let (c, _, restores) = changes(&old, &new, 0.9);
+        assert_eq!(c["db"], Change::Patch(vec![2]));
+        assert_eq!(restores["db"], vec![(1, old_bytes[512..522].to_vec())]);
+        let path = dir.path().join("db");
+        std::fs::write(&path, &new_bytes).unwrap();
+        restore_headers(&path, 512, &restores["db"]).unwrap();
+        let restored = std::fs::read(&path).unwrap();
+        assert_eq!(&restored[512..1024], &old_bytes[512..1024]);
+        assert_eq!(&restored[1024..1536], &new_bytes[1024..1536]);
+        let round = encode_index(&BTreeMap::from([(
+            "db".to_owned(),
+            IndexEntry::All(new["db"].clone()),
+        )]));
+        assert_eq!(
+            decode_index(&round).unwrap()["db"],
+            IndexEntry::All(new["db"].clone())
+        );
     }
 
     #[test]
@@ -527,21 +654,22 @@ mod tests {
         let old_bytes = file(512, &[1, 2, 3, 4, 5, 6, 7, 8]);
         let new_bytes = file(512, &[1, 2, 9, 4, 5, 6, 7, 8, 10]);
         let old = PageIndex::from([
-            ("db".to_owned(), pages_of(&old_bytes, 512)),
-            ("gone".to_owned(), pages_of(b"x", 0)),
-            ("same".to_owned(), pages_of(b"y", 0)),
+            ("db".to_owned(), pages_of(&old_bytes, 512, 0)),
+            ("gone".to_owned(), pages_of(b"x", 0, 0)),
+            ("same".to_owned(), pages_of(b"y", 0, 0)),
         ]);
         let new = PageIndex::from([
-            ("db".to_owned(), pages_of(&new_bytes, 512)),
-            ("same".to_owned(), pages_of(b"y", 0)),
-            ("fresh".to_owned(), pages_of(b"z", 0)),
+            ("db".to_owned(), pages_of(&new_bytes, 512, 0)),
+            ("same".to_owned(), pages_of(b"y", 0, 0)),
+            ("fresh".to_owned(), pages_of(b"z", 0, 0)),
         ]);
-        let (c, deleted) = changes(&old, &new, 0.5);
+        let (c, deleted, restores) = changes(&old, &new, 0.5);
+        assert!(restores.is_empty());
         assert_eq!(c["db"], Change::Patch(vec![2, 8]));
         assert_eq!(c["same"], Change::Unchanged);
         assert_eq!(c["fresh"], Change::Whole);
         assert_eq!(deleted, ["gone"]);
-        let (c, _) = changes(&old, &new, 0.1);
+        let (c, _, _) = changes(&old, &new, 0.1);
         assert_eq!(
             c["db"],
             Change::Whole,

@@ -89,6 +89,10 @@ pub struct DataFile {
     /// The engine's page size for this file (delta re-bakes ship changed pages); 0: the
     /// whole file is one unit.
     pub page_size: u32,
+    /// Bytes at the start of each page that a prepared copy may rewrite without changing
+    /// the page (PostgreSQL's pd_lsn and pd_checksum: 10): the page index keeps them beside
+    /// the page's hash, and a re-bake writes the previous ones back (docs/patch-format.md).
+    pub page_header: u32,
 }
 
 /// A directory of a snapshot that must exist in the image even when empty (PostgreSQL's
@@ -174,11 +178,13 @@ pub trait Engine: Sync {
 
     /// Check the flags, the source and the base image, before any work: nothing is copied
     /// or written. `source` is a live database or a directory written by `bakedb snapshot`.
+    /// `previous`: the image.json of the image a delta re-bake (`--from`) builds on.
     fn plan(
         &self,
         source: &Path,
         options: &Options,
         base: Option<&BaseImage>,
+        previous: Option<&image_json::ImageJson>,
     ) -> Result<Box<dyn Plan>>;
 }
 

@@ -163,6 +163,27 @@ pub fn write_fixed_layer(
     write_canonical(store, compression, &entries, mtime, threads, &mut |_| {})
 }
 
+/// The diff_id (digest of the uncompressed tar) the layer of `entries` has: to know whether
+/// an image carries this layer, whatever its compression, without writing it.
+pub fn diff_id_of(entries: Vec<TarEntry>, mtime: u64) -> Result<Digest> {
+    let entries = tarball::canonicalize(entries)?;
+    let sink = HashSink {
+        hasher: Sha256::new(),
+        size: 0,
+    };
+    let shown = std::path::Path::new("(digest only)");
+    let (sink, _) = compress_into(
+        sink,
+        shown,
+        Compression::None,
+        &entries,
+        mtime,
+        1,
+        &mut |_| {},
+    )?;
+    Ok(Digest::from_hasher(sink.hasher))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

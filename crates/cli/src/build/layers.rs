@@ -350,10 +350,17 @@ fn patch_layer(plan: &Plan, data: &Data, delta: &Delta, scratch: &Path) -> Resul
                     path.clone(),
                     IndexEntry::Changed {
                         page_size: h.pages.page_size,
+                        header_len: h.pages.header_len,
                         length: h.pages.length,
                         pages: pages
                             .iter()
-                            .map(|&n| (n, h.pages.hashes[n as usize]))
+                            .map(|&n| {
+                                (
+                                    n,
+                                    h.pages.hashes[n as usize],
+                                    h.pages.header(n as usize).to_vec(),
+                                )
+                            })
                             .collect(),
                     },
                 );
@@ -494,11 +501,90 @@ fn image_json(plan: &Plan, data: &Data, files: Vec<FileDigest>, generation: u64)
     }
 }
 
-/// Why a re-bake writes a fresh base instead of a patch, if it should.
-fn fresh_base_reason(plan: &Plan, previous: &Previous, patch_raw: u64) -> Option<String> {
-    if super::previous::same_base(previous, plan.base.as_ref().map(|(_, i)| i)).is_err() {
-        return Some("the base image is not the one REF was built on".into());
+/// Pages whose header alone differs from REF's (PostgreSQL's LSN and checksum, rewritten by
+/// the copy's VACUUM on pages whose tuples did not change) get REF's header back, so that
+/// they are REF's pages again and need not ship; the files are hashed again. Only in this
+/// build's own copy: a snapshot directory of the user's is never written, and such pages
+/// ship as changed pages instead.
+fn restore_headers(
+    data: &Data,
+    hashed: &mut [Hashed],
+    changes: &mut BTreeMap<String, Change>,
+    restores: &BTreeMap<String, delta::Restores>,
+) -> Result<()> {
+    for h in hashed.iter_mut() {
+        let Some(r) = restores.get(&h.digest.path) else {
+            continue;
+        };
+        let change = changes
+            .get_mut(&h.digest.path)
+            .expect("every file has a change");
+        if !h.host_path.starts_with(&data.scratch.0) {
+            let mut pages: BTreeSet<u64> = r.iter().map(|(p, _)| *p).collect();
+            match change {
+                Change::Whole => {}
+                Change::Unchanged => *change = Change::Patch(pages.into_iter().collect()),
+                Change::Patch(p) => {
+                    pages.extend(p.iter().copied());
+                    *p = pages.into_iter().collect();
+                }
+            }
+            continue;
+        }
+        delta::restore_headers(&h.host_path, h.pages.page_size, r).stage(Code::Output, || {
+            format!("writing REF's page headers into {}", h.host_path.display())
+        })?;
+        let hl = h.pages.header_len as usize;
+        for (page, header) in r {
+            let at = *page as usize * hl;
+            h.pages.headers[at..at + hl].copy_from_slice(header);
+        }
+        let file = bakedb_engines::DataFile {
+            rel_path: h.digest.path.clone(),
+            host_path: h.host_path.clone(),
+            mode: h.mode,
+            page_size: h.pages.page_size,
+            page_header: h.pages.header_len,
+        };
+        let (digest, _) = datafiles::digest_and_pages(&file, threads())
+            .stage(Code::Source, || "hashing the snapshot files".into())?;
+        h.digest = digest;
     }
+    Ok(())
+}
+
+/// Why a re-bake writes a fresh base instead of a patch, if it should.
+fn fresh_base_reason(
+    plan: &Plan,
+    data: &Data,
+    previous: &Previous,
+    patch_raw: u64,
+) -> Result<Option<String>> {
+    if super::previous::same_base(previous, plan.base.as_ref().map(|(_, i)| i)).is_err() {
+        return Ok(Some(
+            "the base image is not the one REF was built on".into(),
+        ));
+    }
+    // A patch keeps REF's layers: its bakedb-init and bakedb-serve must be this bakedb's,
+    // which know patches (an older init refuses a patched file).
+    let own = (!plan.no_init)
+        .then(bundled::init)
+        .into_iter()
+        .chain(data.spec.bundled.iter().map(|b| bundled::layer(*b)));
+    for layer in own {
+        let diff_id = bakedb_oci::layer::diff_id_of(layer.entries, 0)
+            .stage(Code::Output, || format!("hashing the {} layer", layer.name))?;
+        if !previous.image.layers.iter().any(|l| l.diff_id == diff_id) {
+            return Ok(Some(format!(
+                "REF carries another {} than this bakedb's",
+                layer.name
+            )));
+        }
+    }
+    Ok(fresh_base_by_size(plan, previous, patch_raw))
+}
+
+fn fresh_base_by_size(plan: &Plan, previous: &Previous, patch_raw: u64) -> Option<String> {
     let (patches, raw, base_raw) = previous.patches_since_base();
     if patches >= plan.max_patches {
         return Some(format!(
@@ -522,12 +608,14 @@ pub fn write(plan: &Plan, data: &Data, scratch: &Path, progress: &mut Progress) 
     if let Some(previous) = &plan.previous {
         generation = previous.image_json.generation + 1;
         progress.phase("page hashes", 0);
-        let all = hash_all(data, threads())?;
+        let mut all = hash_all(data, threads())?;
         let new: PageIndex = all
             .iter()
             .map(|h| (h.digest.path.clone(), h.pages.clone()))
             .collect();
-        let (changes, deleted) = delta::changes(&previous.index, &new, MAX_PATCH_SHARE);
+        let (mut changes, deleted, restores) =
+            delta::changes(&previous.index, &new, MAX_PATCH_SHARE);
+        restore_headers(data, &mut all, &mut changes, &restores)?;
         let delta = Delta {
             previous,
             hashed: &all,
@@ -536,7 +624,7 @@ pub fn write(plan: &Plan, data: &Data, scratch: &Path, progress: &mut Progress) 
             generation,
         };
         let patch = patch_layer(plan, data, &delta, scratch)?;
-        match fresh_base_reason(plan, previous, patch.link.raw_bytes) {
+        match fresh_base_reason(plan, data, previous, patch.link.raw_bytes)? {
             Some(reason) => {
                 progress.done(&format!(
                     "generation {generation}: a fresh base, not a patch: {reason}"

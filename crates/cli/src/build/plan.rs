@@ -226,7 +226,12 @@ pub fn plan(args: &BuildArgs) -> Result<Plan> {
     );
     // The engine's errors say what was being done; its blame picks the exit code.
     let engine_plan = engine
-        .plan(&args.source, &options, view.as_ref())
+        .plan(
+            &args.source,
+            &options,
+            view.as_ref(),
+            previous.as_ref().map(|p| &p.image_json),
+        )
         .map_err(|e| engine_error(e, ""))?;
     let owner = match user {
         Some(user) => user,

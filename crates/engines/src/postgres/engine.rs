@@ -52,7 +52,13 @@ impl Engine for Postgres {
         source: &Path,
         options: &Options,
         base: Option<&BaseImage>,
+        previous: Option<&crate::image_json::ImageJson>,
     ) -> Result<Box<dyn Plan>> {
+        // A re-bake keeps pages of REF whose LSNs come from REF's WAL: this copy's WAL must
+        // start after REF's, so that no page is ahead of it.
+        let wal_after = previous
+            .and_then(|p| p.snapshot["position"]["checkpoint_lsn"].as_str())
+            .map(str::to_owned);
         if options.busy_timeout.is_some() {
             return Err(usage(
                 "checking --busy-timeout",
@@ -75,6 +81,7 @@ impl Engine for Postgres {
                     info: Box::new(info),
                     accept,
                     fit: Fit::default(),
+                    wal_after: None,
                 },
                 lazy_copyup: false,
             }));
@@ -120,6 +127,7 @@ impl Engine for Postgres {
                 info: Box::new(info),
                 accept,
                 fit: Fit::default(),
+                wal_after,
             }
         };
         Ok(Box::new(PostgresPlan {
@@ -139,6 +147,8 @@ enum Kind {
         accept: Accept,
         /// Set from the copy, the authoritative look at what the data needs.
         fit: Fit,
+        /// `--from`: REF's checkpoint LSN, which the copy's new WAL must start after.
+        wal_after: Option<String>,
     },
     Directory {
         dir: PathBuf,
@@ -212,6 +222,7 @@ impl Plan for PostgresPlan {
                 info,
                 accept,
                 fit,
+                wal_after,
             } => {
                 let request = Request {
                     tools,
@@ -221,6 +232,7 @@ impl Plan for PostgresPlan {
                     out_dir,
                     taken_at,
                     durable,
+                    wal_after: wal_after.as_deref(),
                 };
                 let snap = snapshot(&request, progress)?;
                 if let Some(base) = &self.base {

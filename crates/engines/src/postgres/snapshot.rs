@@ -23,6 +23,32 @@ use crate::{DataDir, DataFile, Result, Snapshot};
 
 /// PostgreSQL's block size (BLCKSZ), the page of its relation files.
 const PAGE_SIZE: u64 = 8192;
+/// pd_lsn (8 bytes) and pd_checksum (2) at the start of every relation page.
+const PAGE_HEADER: u32 = 10;
+
+/// A relation file: `<relfilenode>[_fsm|_vm|_init][.<segment>]` in a database directory
+/// (base/<oid>/, global/, pg_tblspc/<oid>/<version>/<oid>/). SLRU pages (pg_xact...) and WAL
+/// pages have other headers.
+fn is_relation_file(rel: &str) -> bool {
+    let mut parts = rel.split('/');
+    let in_db = matches!(
+        (parts.next(), parts.next()),
+        (Some(PGDATA), Some("base" | "global" | "pg_tblspc"))
+    );
+    let name = rel.rsplit('/').next().unwrap_or("");
+    let name = name.split_once('.').map_or(name, |(n, seg)| {
+        if seg.chars().all(|c| c.is_ascii_digit()) {
+            n
+        } else {
+            ""
+        }
+    });
+    let name = ["_fsm", "_vm", "_init"]
+        .iter()
+        .find_map(|fork| name.strip_suffix(fork))
+        .unwrap_or(name);
+    in_db && !name.is_empty() && name.chars().all(|c| c.is_ascii_digit())
+}
 
 /// What a data directory holds of PostgreSQL's own. Anything else at its top (the source's
 /// postgresql.conf, pg_hba.conf and pg_ident.conf, TLS keys and certificates,
@@ -176,8 +202,15 @@ pub fn collect(pgdata: &Path) -> Result<(Vec<DataDir>, Vec<DataFile>)> {
             } else if meta.is_file() {
                 // Relation files, SLRUs and WAL are 8 KiB pages; anything else (PG_VERSION,
                 // pg_filenode.map) is one unit.
-                let page_size = if meta.len() > 0 && meta.len() % PAGE_SIZE == 0 {
+                let page_size = if meta.len() > 0 && meta.len().is_multiple_of(PAGE_SIZE) {
                     PAGE_SIZE as u32
+                } else {
+                    0
+                };
+                // Relation pages start with pd_lsn and pd_checksum, which the copy's VACUUM
+                // rewrites on every page it touches, changed tuples or not.
+                let page_header = if page_size > 0 && is_relation_file(&child_rel) {
+                    PAGE_HEADER
                 } else {
                     0
                 };
@@ -186,6 +219,7 @@ pub fn collect(pgdata: &Path) -> Result<(Vec<DataDir>, Vec<DataFile>)> {
                     host_path: path,
                     mode: meta.permissions().mode() & 0o7777,
                     page_size,
+                    page_header,
                 });
             } else {
                 return Err(err(
@@ -231,6 +265,9 @@ pub struct Request<'a> {
     pub taken_at: &'a str,
     /// fsync the copy: wanted for a snapshot directory that outlives the command.
     pub durable: bool,
+    /// A re-bake's REF checkpoint LSN ("X/Y"): the copy's new WAL starts after it, because
+    /// the re-bake writes REF's page headers (LSNs of REF's WAL) back into unchanged pages.
+    pub wal_after: Option<&'a str>,
 }
 
 /// Snapshot the live server into `out_dir/pgdata`, ready to bake.
@@ -243,6 +280,7 @@ pub fn snapshot(req: &Request, progress: &mut dyn FnMut(&str)) -> Result<Snapsho
         out_dir,
         taken_at,
         durable,
+        wal_after,
     } = *req;
     // pg_basebackup maps tablespaces to absolute directories only.
     let out_dir = &fs::canonicalize(out_dir).map_err(io("resolving", out_dir))?;
@@ -506,11 +544,16 @@ pub fn snapshot(req: &Request, progress: &mut dyn FnMut(&str)) -> Result<Snapsho
         // connection string, a removed user mapping). pg_resetwal on a cleanly shut down
         // cluster needs nothing from the old WAL.
         progress("pg_resetwal --wal-segsize=1");
+        let mut resetwal = server.as_user(tools.cmd("pg_resetwal"));
+        resetwal.args(["--wal-segsize=1"]);
+        if let Some(name) = wal_after.and_then(wal_file_after) {
+            // pg_resetwal starts at the later of this and what the copy needs.
+            resetwal.arg("-l").arg(name);
+        }
         checked(
             "writing fresh WAL for the copy",
-            server
-                .as_user(tools.cmd("pg_resetwal"))
-                .args(["--wal-segsize=1", "-D"])
+            resetwal
+                .arg("-D")
                 .arg(&partial)
                 .stdin(Stdio::null())
                 .output(),
@@ -628,6 +671,21 @@ pub(crate) fn needs(
         json!({"locales": locales, "extensions": extensions}),
     );
     map
+}
+
+/// The name of the 1 MiB WAL segment after the one holding `lsn` ("X/Y"), on timeline 1
+/// (pg_resetwal takes its segment number; the copy keeps its own timeline).
+fn wal_file_after(lsn: &str) -> Option<String> {
+    let (hi, lo) = lsn.split_once('/')?;
+    let lsn = (u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?;
+    let segment = (lsn >> 20) + 1;
+    // 4096 segments of 1 MiB per "xlogid" (4 GiB).
+    Some(format!(
+        "{:08X}{:08X}{:08X}",
+        1,
+        segment >> 12,
+        segment & 0xfff
+    ))
 }
 
 fn sync_tree(path: &Path) -> Result<()> {
@@ -763,6 +821,43 @@ mod tests {
                 "postgresql.auto.conf"
             ]
         );
+    }
+
+    #[test]
+    fn the_wal_starts_after_refs() {
+        assert_eq!(
+            wal_file_after("0/370001E8").unwrap(),
+            "000000010000000000000371"
+        );
+        assert_eq!(
+            wal_file_after("1/FFF00000").unwrap(),
+            "000000010000000200000000"
+        );
+        assert!(wal_file_after("nonsense").is_none());
+    }
+
+    #[test]
+    fn relation_files() {
+        for yes in [
+            "pgdata/base/5/1259",
+            "pgdata/base/16384/16385_fsm",
+            "pgdata/base/16384/16385_vm",
+            "pgdata/base/16384/16385.1",
+            "pgdata/global/1262",
+            "pgdata/pg_tblspc/16390/PG_15_202209061/5/16391",
+        ] {
+            assert!(is_relation_file(yes), "{yes}");
+        }
+        for no in [
+            "pgdata/global/pg_control",
+            "pgdata/global/pg_filenode.map",
+            "pgdata/pg_xact/0000",
+            "pgdata/pg_wal/000000010000000000000003",
+            "pgdata/base/5/PG_VERSION",
+            "pgdata/base/5/1259.x",
+        ] {
+            assert!(!is_relation_file(no), "{no}");
+        }
     }
 
     #[test]

@@ -30,6 +30,7 @@ impl Engine for Sqlite {
         source: &Path,
         options: &Options,
         _base: Option<&crate::BaseImage>,
+        _previous: Option<&crate::image_json::ImageJson>,
     ) -> Result<Box<dyn Plan>> {
         if let Some(what) = options.accept.first() {
             return Err(Error::Usage {

@@ -263,6 +263,7 @@ pub fn snapshot(
         engine: "sqlite",
         files: vec![DataFile {
             page_size: page_size_of(&provenance),
+            page_header: 0,
             rel_path: name,
             host_path: dest,
             mode: 0o644,
@@ -410,6 +411,7 @@ pub fn load_snapshot_dir(dir: &Path) -> Result<Snapshot> {
         engine: "sqlite",
         files: vec![DataFile {
             page_size: page_size_of(&meta["provenance"]),
+            page_header: 0,
             rel_path: name.to_owned(),
             host_path,
             mode: 0o644,
