@@ -4,6 +4,7 @@
 
 mod consumers;
 mod crash;
+mod delta;
 mod errors;
 mod golden;
 // The same tiny HTTP client as bakedb-serve's own tests: one copy, included by path.
