@@ -107,13 +107,39 @@ struct PatchFile {
     header: Header,
 }
 
-/// A base file and its patches, checked, mapped, and composed into a page map.
+/// A base file and its patches, checked, mapped, and composed: where every page of the
+/// composed file is in memory.
+///
+/// Looking up a page costs one bit when it is the base's: `elsewhere` has a bit per page, clear
+/// for a whole page of the base (at `base + page * page_size`), and only a set bit reads
+/// `pages`. The bitmap (32 KiB for a GiB of 4 KiB pages) stays in the CPU's cache; a table
+/// entry per page does not, and a cache miss on every page SQLite fetches (about 400 for a
+/// 100-row range scan) made range scans on 8 patches 0.8x as fast as on the plain file, with
+/// patch.rs's u32 per page and with a pointer per page alike (measured through SQLite alone).
 pub struct Composition {
-    map: PageMap,
-    base: Mapping,
+    /// Bit `page` set: the page is not a whole page of the base (a patch has it, it is zeros,
+    /// or the base ends inside it); look in `pages`.
+    elsewhere: Vec<u64>,
+    /// For a page whose `elsewhere` bit is set: its bytes in the mappings below, or null for
+    /// zeros. (Also filled for the base's pages, which are never looked up here.)
+    pages: Vec<*const u8>,
+    base: *const u8,
+    page_size: usize,
+    len: u64,
+    /// A base whose end falls inside a page (never a SQLite file): that page and how many of
+    /// its bytes the base has; the rest are zeros.
+    partial_base_page: Option<(u64, usize)>,
+    /// What `base` and `pages` point into, kept mapped as long as the composition lives.
+    _base: Mapping,
     patches: Vec<PatchFile>,
     paths: (PathBuf, Vec<PathBuf>),
 }
+
+// SAFETY: `base` and `pages` point into the read-only mappings the composition owns, which
+// live until it is dropped; nothing writes through them, so any thread may read them.
+unsafe impl Send for Composition {}
+// SAFETY: as above.
+unsafe impl Sync for Composition {}
 
 impl Composition {
     /// Opens `base` and `patches` (oldest first), checks every patch's header and that the
@@ -156,9 +182,52 @@ impl Composition {
             map.apply(file.header.composed_len(), numbers)
                 .map_err(|e| format!("{}: {e}", name(i)))?;
         }
+        let page_size = page_size as usize;
+        let page_count = (map.len() / page_size as u64) as usize;
+        let mut pages = Vec::new();
+        pages.try_reserve_exact(page_count).map_err(|_| {
+            format!(
+                "no memory for the page table of {} with its patches ({page_count} pages)",
+                base.display()
+            )
+        })?;
+        let base_bytes = base_mapping.bytes();
+        let mut partial_base_page = None;
+        let mut elsewhere = vec![0u64; page_count.div_ceil(64)];
+        for page in 0..page_count {
+            let (start, whole_base) = match map.source(page as u64) {
+                Source::Zero => (ptr::null(), false),
+                Source::Base => {
+                    let start = page * page_size;
+                    let stored = (base_bytes.len() - start).min(page_size);
+                    if stored < page_size {
+                        partial_base_page = Some((page as u64, stored));
+                    }
+                    (base_bytes[start..].as_ptr(), stored == page_size)
+                }
+                Source::Patch { patch, slot } => {
+                    let file = &files[patch];
+                    let start = file.header.page_offset(slot) as usize;
+                    // In range: Header::parse checked the file holds every page it lists.
+                    (
+                        file.mapping.bytes()[start..start + page_size].as_ptr(),
+                        false,
+                    )
+                }
+            };
+            pages.push(start);
+            if !whole_base {
+                elsewhere[page / 64] |= 1 << (page % 64);
+            }
+        }
         let composition = Composition {
-            map,
-            base: base_mapping,
+            elsewhere,
+            pages,
+            base: base_bytes.as_ptr(),
+            page_size,
+            len: map.len(),
+            partial_base_page,
+            _base: base_mapping,
             patches: files,
             paths: (base.to_owned(), patches.to_vec()),
         };
@@ -187,11 +256,11 @@ impl Composition {
             1 => 65536,
             n => u32::from(n),
         };
-        if database_page_size != self.map.page_size() {
+        if database_page_size as usize != self.page_size {
             return Err(format!(
                 "{}: the database's page size is {database_page_size}, the patches' {}: the patches were not made for this database",
                 described(),
-                self.map.page_size()
+                self.page_size
             ));
         }
         Ok(())
@@ -199,43 +268,59 @@ impl Composition {
 
     /// The composed file's length.
     pub fn len(&self) -> u64 {
-        self.map.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.len == 0
     }
 
     pub fn patch_count(&self) -> usize {
         self.patches.len()
     }
 
+    /// Where page `page` starts in memory and how many of its bytes are stored there (fewer
+    /// than a page where the base ends inside it); None for zeros and past the end.
+    #[inline]
+    fn locate(&self, page: u64) -> Option<(*const u8, usize)> {
+        let index = usize::try_from(page).ok()?;
+        let bits = *self.elsewhere.get(index / 64)?;
+        if bits >> (index % 64) & 1 == 0 {
+            if index >= self.pages.len() {
+                return None;
+            }
+            // SAFETY: a clear bit below the page count is a whole page of the base mapping.
+            return Some((
+                unsafe { self.base.add(index * self.page_size) },
+                self.page_size,
+            ));
+        }
+        let start = *self.pages.get(index)?;
+        if start.is_null() {
+            return None;
+        }
+        match self.partial_base_page {
+            Some((partial, stored)) if partial == page => Some((start, stored)),
+            _ => Some((start, self.page_size)),
+        }
+    }
+
     /// The bytes of page `page` where they are stored: shorter than a page where the base
-    /// ends inside it, empty for zeros.
+    /// ends inside it, empty for zeros and past the end.
     fn page(&self, page: u64) -> &[u8] {
-        let page_size = u64::from(self.map.page_size());
-        match self.map.source(page) {
-            Source::Zero => &[],
-            Source::Base => {
-                let bytes = self.base.bytes();
-                let start = (page * page_size).min(bytes.len() as u64) as usize;
-                let end = (page * page_size + page_size).min(bytes.len() as u64) as usize;
-                &bytes[start..end]
-            }
-            Source::Patch { patch, slot } => {
-                let file = &self.patches[patch];
-                let start = file.header.page_offset(slot) as usize;
-                // In range: Header::parse checked the file holds every page it lists.
-                &file.mapping.bytes()[start..start + page_size as usize]
-            }
+        match self.locate(page) {
+            // SAFETY: `locate` returns `stored` bytes inside a mapping this composition owns
+            // (every pointer was taken from a bounds-checked slice in `open`).
+            Some((start, stored)) => unsafe { std::slice::from_raw_parts(start, stored) },
+            None => &[],
         }
     }
 
     /// Fills `buf` from the composed file at `offset`; false, with the rest zeros (as SQLite
     /// wants a short read), if the file ends first.
     pub fn read(&self, buf: &mut [u8], offset: u64) -> bool {
-        let page_size = u64::from(self.map.page_size());
-        let len = self.map.len();
+        let page_size = self.page_size as u64;
+        let len = self.len;
         let mut done = 0usize;
         while done < buf.len() {
             let at = offset.saturating_add(done as u64);
@@ -245,7 +330,7 @@ impl Composition {
             }
             let within = (at % page_size) as usize;
             let n = (buf.len() - done)
-                .min(page_size as usize - within)
+                .min(self.page_size - within)
                 .min((len - at).min(usize::MAX as u64) as usize);
             let stored = self.page(at / page_size);
             let from_stored = stored.len().saturating_sub(within).min(n);
@@ -260,15 +345,11 @@ impl Composition {
     /// A whole stored page in place, for xFetch: `amount` bytes at `offset` if they are
     /// exactly one page that is stored whole (not zeros, not cut by the base's end).
     fn page_in_place(&self, offset: u64, amount: usize) -> Option<*const u8> {
-        let page_size = self.map.page_size() as usize;
-        if amount != page_size
-            || !offset.is_multiple_of(page_size as u64)
-            || offset >= self.map.len()
-        {
+        if amount != self.page_size || !offset.is_multiple_of(self.page_size as u64) {
             return None;
         }
-        let stored = self.page(offset / page_size as u64);
-        (stored.len() == page_size).then_some(stored.as_ptr())
+        let (start, stored) = self.locate(offset / self.page_size as u64)?;
+        (stored == self.page_size).then_some(start)
     }
 }
 
@@ -1006,6 +1087,43 @@ mod tests {
         assert!(composition.page_in_place(1024, 100).is_none());
         assert!(composition.page_in_place(1000, 1024).is_none());
         assert!(composition.page_in_place(end as u64, 1024).is_none());
+    }
+
+    #[test]
+    fn a_base_cut_inside_a_page_and_pages_of_zeros_read_as_the_format_composes() {
+        // Not what a builder writes (a SQLite file is whole pages, and every page past the
+        // old length is in the patch), but what the format composes to, read without
+        // reading past the base.
+        let chain = chain();
+        let database = &chain.generations[1];
+        let page = |p: usize| &database[p * 1024..(p + 1) * 1024];
+        let base = chain.dir.path().join("cut.db");
+        std::fs::write(&base, &database[..3 * 1024 + 500]).unwrap();
+        let patch = chain.dir.path().join("cut.patch");
+        std::fs::write(
+            &patch,
+            patch_bytes(
+                1024,
+                6 * 1024,
+                &[(0, page(0).to_vec()), (5, page(5).to_vec())],
+            ),
+        )
+        .unwrap();
+        let patched = Patched::open(&base, &[patch]).unwrap();
+        let composition = patched.composition();
+        let mut expected = database[..3 * 1024 + 500].to_vec();
+        expected.resize(5 * 1024, 0);
+        expected.extend_from_slice(page(5));
+        let mut whole = vec![0xee; 6 * 1024];
+        assert!(composition.read(&mut whole, 0));
+        assert!(whole == expected);
+        for (page, in_place) in [(0, true), (1, true), (3, false), (4, false), (5, true)] {
+            assert_eq!(
+                composition.page_in_place(page * 1024, 1024).is_some(),
+                in_place,
+                "page {page}"
+            );
+        }
     }
 
     #[test]
