@@ -2,7 +2,8 @@
 //! FROM-scratch image: bakedb-init verifies the data, sets BAKEDB_DATABASE and execs this.
 //!
 //! Exit codes: 0 after a drain on SIGTERM/SIGINT, 1 when serving fails (e.g. the port is
-//! taken), 2 for bad settings, 4 when the database cannot be opened.
+//! taken), 2 for bad settings, 4 when the database cannot be opened (a missing or damaged
+//! patch of BAKEDB_SQLITE_PATCHES included).
 
 use bakedb_serve::{api, config, db, server};
 
