@@ -223,6 +223,14 @@ fn questions(real: &Path) -> Vec<String> {
             "SELECT * FROM expensive",
             "SELECT name, path, pageno, pagetype, ncell, payload, unused, mx_payload FROM dbstat ORDER BY name, path",
             "PRAGMA integrity_check",
+            "PRAGMA quick_check",
+            "PRAGMA foreign_key_check",
+            "PRAGMA journal_mode",
+            "PRAGMA page_size",
+            "PRAGMA encoding",
+            "PRAGMA auto_vacuum",
+            "PRAGMA application_id",
+            "PRAGMA index_list(items)",
             "PRAGMA page_count",
             "PRAGMA freelist_count",
             "PRAGMA schema_version",
@@ -333,6 +341,12 @@ fn every_generation_served_through_its_patches_answers_as_its_real_file() {
             None,
         );
         assert_same_answers(&unmapped, &real, &questions, &format!("{what} unmapped"));
+        // SQLite's mmap_size reads back through the VFS: the whole composed file by default
+        // as for the real file, 0 when it is off.
+        let mmap_size =
+            |s: &Server| query(s.addr, "PRAGMA mmap_size", json!([])).json()["rows"][0][0].clone();
+        assert_eq!(mmap_size(&served), mmap_size(&real), "{what}");
+        assert_eq!(mmap_size(&unmapped), json!(0), "{what}");
 
         // Base and patches are mapped, then closed: no descriptor holds them.
         let (fds, maps) = open_and_mapped(&served);
