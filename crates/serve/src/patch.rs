@@ -255,8 +255,9 @@ pub enum Source {
 }
 
 /// The composed file's pages, one u32 each: 0 zeros, 1 the base, 2 + n the n-th page of all
-/// patches counted together (oldest patch first). Four bytes a page (0.1 % of a database of
-/// 4 KiB pages) buys a lookup without a search, which every page SQLite reads goes through.
+/// patches counted together (oldest patch first). Built once at start, while the patches are
+/// applied in order; vfs.rs turns it into what SQLite's reads look up (a bit per page and a
+/// pointer for the pages that are not the base's) and drops it.
 #[derive(Debug, Clone)]
 pub struct PageMap {
     page_size: u32,
