@@ -9,6 +9,8 @@ use std::process::Command;
 
 use serde_json::Value;
 
+use bakedb_testkit::containers::{DockerImage, Runc, podman_in};
+
 use crate::require;
 use crate::util::{
     self, bakedb, build_json, busybox_base, make_big_db, make_db, run, run_ok, sha256_hex, stderr,
@@ -596,20 +598,6 @@ fn umoci_unpacks_the_bytes_image_json_promises() {
     );
 }
 
-/// A docker image loaded for one test, removed when the test ends, however it ends.
-struct LoadedImage<'a> {
-    docker: &'a Path,
-    name: String,
-}
-
-impl Drop for LoadedImage<'_> {
-    fn drop(&mut self) {
-        let _ = Command::new(self.docker)
-            .args(["rmi", "--force", &self.name])
-            .output();
-    }
-}
-
 #[test]
 fn docker_runs_the_image_from_skopeo_and_bakedb_docker_archives() {
     let skopeo = require!("skopeo");
@@ -633,8 +621,8 @@ fn docker_runs_the_image_from_skopeo_and_bakedb_docker_archives() {
     assert_eq!(own["config_digest"], built["config_digest"]);
 
     for (archive, name) in [("skopeo.tar", via_skopeo), ("own.tar", via_bakedb)] {
-        let image = LoadedImage {
-            docker: &docker,
+        let image = DockerImage {
+            docker: docker.clone(),
             name,
         };
         let loaded = run_ok(
@@ -686,10 +674,6 @@ fn docker_runs_the_image_from_skopeo_and_bakedb_docker_archives() {
     }
 }
 
-fn podman(podman: &Path, dir: &Path) -> Command {
-    crate::util::podman_in(podman, dir)
-}
-
 /// `podman run` of an oci: layout or oci-archive:, named relative to `dir`: podman names the
 /// image after the path and rejects upper-case letters, which temp dirs have.
 fn podman_run(podman_bin: &Path, dir: &Path, image: &str, args: &[&str]) -> String {
@@ -698,7 +682,7 @@ fn podman_run(podman_bin: &Path, dir: &Path, image: &str, args: &[&str]) -> Stri
         "{image}"
     );
     let out = run_ok(
-        podman(podman_bin, dir)
+        podman_in(podman_bin, dir)
             .args([
                 "run",
                 "--rm",
@@ -803,19 +787,15 @@ fn runc_runs_a_bundle_umoci_unpacked_with_real_ownership() {
         "{}",
         config["process"]
     );
-    let state = d.join("runc-state");
+    let runc = Runc::new(&runc, &d.join("runc-state"));
     let run_in_bundle = |args: &[&str]| {
         let mut config = config.clone();
         config["process"]["terminal"] = Value::Bool(false);
         config["process"]["args"] = args.iter().map(|a| Value::from(*a)).collect();
         std::fs::write(&config_path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
         let out = run_ok(
-            Command::new(&runc)
-                .current_dir(d)
-                .arg("--root")
-                .arg(&state)
-                .args(["run", "--bundle", "bundle", &unique_name("bakedb-e2e")])
-                .stdin(std::process::Stdio::null()),
+            runc.cmd(&["run", "--bundle", "bundle", &unique_name("bakedb-e2e")])
+                .current_dir(d),
         );
         stdout(&out)
     };

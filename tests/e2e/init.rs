@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use bakedb_testkit::containers::{Container, Runc, docker_cli, podman_cli};
+
 use crate::require;
 use crate::util::{
     self, bakedb, build_json, busybox_base, make_db, run, run_ok, sha256_hex, stderr, stdout,
@@ -207,12 +209,6 @@ fn assert_no_failures(failures: Vec<String>) {
 // ---------------------------------------------------------------------------------------
 // runc
 
-/// `runc run` of a bundle umoci unpacked, with its config.json changed for one run.
-struct Runc {
-    runc: PathBuf,
-    state: PathBuf,
-}
-
 /// How one runc run differs from the image's config: process.args become /bakedb/init and
 /// `command`; `user` replaces uid, gid and additionalGids and gives the process Docker's
 /// default capabilities (umoci's config has only three, without CAP_SETUID and
@@ -247,7 +243,12 @@ const DOCKER_CAPS: [&str; 14] = [
     "CAP_AUDIT_WRITE",
 ];
 
-impl Runc {
+/// `runc run` of a bundle umoci unpacked, with its config.json changed for one run.
+trait RunBundle {
+    fn run(&self, bundle: &Path, spec: &RunSpec) -> Output;
+}
+
+impl RunBundle for Runc {
     fn run(&self, bundle: &Path, spec: &RunSpec) -> Output {
         // Every run starts from the config umoci wrote, not from the last run's changes.
         let config_path = bundle.join("config.json");
@@ -285,13 +286,8 @@ impl Runc {
         }
         process["env"] = env.into();
         std::fs::write(&config_path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
-        let mut cmd = Command::new(&self.runc);
-        cmd.arg("--root")
-            .arg(&self.state)
-            .arg("run")
-            .arg("--bundle")
-            .arg(bundle)
-            .stdin(Stdio::null());
+        let mut cmd = self.cmd(&["run", "--bundle"]);
+        cmd.arg(bundle);
         if let Some(fd) = spec.fd3 {
             cmd.args(["--preserve-fds", "1"]);
             // SAFETY: between fork and exec, only dup2/fcntl on descriptors this process owns.
@@ -374,10 +370,7 @@ impl RuncFixture {
         );
         assert_eq!(config["process"]["args"][0], INIT, "{}", config["process"]);
         Some(RuncFixture {
-            runc: Runc {
-                runc,
-                state: dir.join("runc-state"),
-            },
+            runc: Runc::new(&runc, &dir.join("runc-state")),
             dir,
             _tmp: tmp,
             pristine,
@@ -665,10 +658,7 @@ fn runc_refuses_a_flipped_byte_in_one_chunk_of_a_large_file() {
     util::make_big_db(&d.join("app.db"), 36);
     build(d, "app.db", "oci:img:v1", &sh(PROBE));
     let pristine = unpack(&umoci, d, "img:v1", "pristine");
-    let runc = Runc {
-        runc,
-        state: d.join("runc-state"),
-    };
+    let runc = Runc::new(&runc, &d.join("runc-state"));
     let image_json: Value = serde_json::from_slice(
         &std::fs::read(inside(&pristine.join("rootfs"), IMAGE_JSON)).unwrap(),
     )
@@ -1110,82 +1100,23 @@ fn init_verify_only_and_plan_judge_an_unpacked_rootfs_from_the_host() {
 // ---------------------------------------------------------------------------------------
 // docker
 
-/// A container, removed (killed if need be) when dropped.
-struct Container {
-    /// `docker`, or podman with its flags.
-    cli: Box<dyn Fn() -> Command>,
-    name: String,
-}
-
-impl Drop for Container {
-    fn drop(&mut self) {
-        let _ = (self.cli)().args(["rm", "--force", &self.name]).output();
-    }
-}
-
-impl Container {
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut cmd = (self.cli)();
-        cmd.args(args);
-        cmd
-    }
-
-    /// `cp` a host file into the (created, not started) container.
-    fn copy_in(&self, host: &Path, path: &str) {
-        run_ok(
-            self.cmd(&["cp"])
-                .arg(host)
-                .arg(format!("{}:{path}", self.name)),
-        );
-    }
-
-    fn copy_out(&self, path: &str, host: &Path) {
-        run_ok(
-            self.cmd(&["cp", &format!("{}:{path}", self.name)])
-                .arg(host),
-        );
-    }
-
-    /// `start --attach`: the container's output and exit code.
-    fn start_attached(&self) -> Output {
-        run(self
-            .cmd(&["start", "--attach", &self.name])
-            .stdin(Stdio::null()))
-    }
-
-    fn exit_code(&self) -> i64 {
-        let out =
-            run_ok(&mut self.cmd(&["inspect", "--format", "{{.State.ExitCode}}", &self.name]));
-        stdout(&out)
-            .trim()
-            .parse()
-            .unwrap_or_else(|e| panic!("exit code {:?}: {e}", stdout(&out)))
-    }
-
-    fn logs(&self) -> Output {
-        run_ok(&mut self.cmd(&["logs", &self.name]))
-    }
-
-    /// Wait until the container's stdout has the line `line`; fails the test if it exits
-    /// first or PATIENCE runs out.
-    fn wait_for_line(&self, line: &str) {
-        let started = Instant::now();
-        loop {
-            let logs = self.logs();
-            if stdout(&logs).lines().any(|l| l == line) {
-                return;
-            }
-            let running =
-                run_ok(&mut self.cmd(&["inspect", "--format", "{{.State.Running}}", &self.name]));
-            assert!(
-                stdout(&running).trim() == "true" && started.elapsed() < PATIENCE,
-                "{} never printed {line:?} (running: {}): {}",
-                self.name,
-                stdout(&running).trim(),
-                describe(&logs)
-            );
-            std::thread::sleep(Duration::from_millis(50));
+/// Wait until the container's stdout has the line `line`; fails the test if it exits first
+/// or PATIENCE runs out.
+fn wait_for_line(container: &Container, line: &str) {
+    let started = Instant::now();
+    loop {
+        let logs = container.logs_output();
+        if stdout(&logs).lines().any(|l| l == line) {
+            return;
         }
+        let running = container.running();
+        assert!(
+            running && started.elapsed() < PATIENCE,
+            "{} never printed {line:?} (running: {running}): {}",
+            container.name,
+            describe(&logs)
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -1220,18 +1151,10 @@ fn docker_image(docker: &Path, dir: &Path, cmd: &[String]) -> crate::util::Docke
     image
 }
 
-fn docker_cli(docker: &Path) -> Box<dyn Fn() -> Command> {
-    let docker = docker.to_owned();
-    Box::new(move || Command::new(&docker))
-}
-
 /// `docker create` (no network) of `image` with `-e` for each of `env` and `args` as the
 /// command (none: the image's CMD).
 fn docker_create(docker: &Path, image: &str, env: &[&str], args: &[String]) -> Container {
-    let container = Container {
-        cli: docker_cli(docker),
-        name: unique_name("bakedb-e2e-init"),
-    };
+    let container = Container::new(docker_cli(docker), unique_name("bakedb-e2e-init"));
     let mut cmd = container.cmd(&["create", "--network", "none", "--name", &container.name]);
     for e in env {
         cmd.args(["--env", e]);
@@ -1447,10 +1370,7 @@ fn docker_stop_ends_a_cooperative_child_with_its_exit_code_and_signals_are_forwa
     let dir = test_dir();
     let image = docker_image(&docker, dir.path(), &sh(COOPERATIVE));
     for supervise in ["0", "1"] {
-        let container = Container {
-            cli: docker_cli(&docker),
-            name: unique_name("bakedb-e2e-init"),
-        };
+        let container = Container::new(docker_cli(&docker), unique_name("bakedb-e2e-init"));
         run_ok(&mut container.cmd(&[
             "run",
             "--detach",
@@ -1462,11 +1382,11 @@ fn docker_stop_ends_a_cooperative_child_with_its_exit_code_and_signals_are_forwa
             &format!("BAKEDB_INIT_SUPERVISE={supervise}"),
             &image.name,
         ]));
-        container.wait_for_line("ready");
+        wait_for_line(&container, "ready");
         // Each forwarded signal reaches the child's trap (PID 1 itself in exec mode).
         for sig in FORWARDED {
             run_ok(&mut container.cmd(&["kill", "--signal", sig, &container.name]));
-            container.wait_for_line(&format!("got-{sig}"));
+            wait_for_line(&container, &format!("got-{sig}"));
         }
         // The child exits 42 on SIGTERM; had it not got SIGTERM, docker would SIGKILL it
         // after 2 s and report 137.
@@ -1476,7 +1396,7 @@ fn docker_stop_ends_a_cooperative_child_with_its_exit_code_and_signals_are_forwa
             code,
             42,
             "BAKEDB_INIT_SUPERVISE={supervise}: docker stop: {}",
-            describe(&container.logs())
+            describe(&container.logs_output())
         );
     }
 }
@@ -1562,10 +1482,7 @@ fn docker_exit_codes_propagate() {
         failures.push(format!("an image with an empty CMD: {f}"));
     }
     // Supervise mode reports a signal from outside as the child's 128+N too.
-    let container = Container {
-        cli: docker_cli(&docker),
-        name: unique_name("bakedb-e2e-init"),
-    };
+    let container = Container::new(docker_cli(&docker), unique_name("bakedb-e2e-init"));
     run_ok(&mut container.cmd(&[
         "run",
         "--detach",
@@ -1580,14 +1497,14 @@ fn docker_exit_codes_propagate() {
         "-c",
         "echo ready; while :; do sleep 0.1; done",
     ]));
-    container.wait_for_line("ready");
+    wait_for_line(&container, "ready");
     run_ok(&mut container.cmd(&["kill", "--signal", "USR2", &container.name]));
     run_ok(&mut container.cmd(&["wait", &container.name]));
     let code = container.exit_code();
     if code != 128 + 12 {
         failures.push(format!(
             "SIGUSR2 to a supervised sh: exit code {code}, not 140: {}",
-            describe(&container.logs())
+            describe(&container.logs_output())
         ));
     }
     assert_no_failures(failures);
@@ -1678,21 +1595,10 @@ fn docker_started_as_root_runs_the_command_as_the_data_owner() {
 // ---------------------------------------------------------------------------------------
 // podman
 
-/// podman in its own storage under `dir`, with the flags that work as root on this kind of
-/// machine (as in consumers.rs).
-fn podman_cli(podman: &Path, dir: &Path) -> Box<dyn Fn() -> Command> {
-    let podman = podman.to_owned();
-    let dir = dir.to_owned();
-    Box::new(move || util::podman_in(&podman, &dir))
-}
-
 /// `podman create` of the layout `img:v1` in `dir` (podman names it after the path, so the
 /// path is relative and lower-case), `extra` flags before the image, `args` after.
 fn podman_create(podman: &Path, dir: &Path, extra: &[&str], args: &[String]) -> Container {
-    let container = Container {
-        cli: podman_cli(podman, dir),
-        name: unique_name("bakedb-e2e-init"),
-    };
+    let container = Container::new(podman_cli(podman, dir), unique_name("bakedb-e2e-init"));
     run_ok(
         container
             .cmd(&[
@@ -1764,15 +1670,15 @@ fn podman_stop_ends_a_cooperative_child_with_its_exit_code() {
             &[],
         );
         run_ok(&mut container.cmd(&["start", &container.name]));
-        container.wait_for_line("ready");
+        wait_for_line(&container, "ready");
         run_ok(&mut container.cmd(&["kill", "--signal", "USR1", &container.name]));
-        container.wait_for_line("got-USR1");
+        wait_for_line(&container, "got-USR1");
         run_ok(&mut container.cmd(&["stop", "--time", "2", &container.name]));
         assert_eq!(
             container.exit_code(),
             42,
             "BAKEDB_INIT_SUPERVISE={supervise}: podman stop: {}",
-            describe(&container.logs())
+            describe(&container.logs_output())
         );
     }
 }

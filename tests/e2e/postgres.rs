@@ -11,56 +11,34 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use bakedb_testkit::containers::{Container, docker_cli, podman_cli};
+use bakedb_testkit::ports::free_port;
+
 use crate::pg::{self, PgServer, READER, READER_PASSWORD, SEED_ITEMS_MD5};
 use crate::require;
 use crate::util::{self, bakedb, run, run_ok, stderr, stdout, test_dir, unique_name};
 
 /// Where the cluster lives in every postgres image bakedb builds.
 pub(crate) const PGDATA: &str = "/var/lib/bakedb/pgdata";
+/// psql's arguments for an answer: no psqlrc, unaligned tuples only, stop at the first error.
+const PSQL_ANSWER: [&str; 5] = ["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1"];
 
 /// A replica container, removed (killed if need be) when dropped.
 pub(crate) struct Replica {
-    /// `docker`, or podman with its flags.
-    pub cli: Box<dyn Fn() -> Command>,
-    pub name: String,
+    pub container: Container<Box<dyn Fn() -> Command>>,
     pub port: u16,
     pub pg_bin: PathBuf,
 }
 
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = (self.cli)()
-            .args(["rm", "--force", "--volumes", &self.name])
-            .output();
+impl std::ops::Deref for Replica {
+    type Target = Container<Box<dyn Fn() -> Command>>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.container
     }
 }
 
 impl Replica {
-    pub(crate) fn cmd(&self, args: &[&str]) -> Command {
-        let mut cmd = (self.cli)();
-        cmd.args(args).stdin(Stdio::null());
-        cmd
-    }
-
-    pub(crate) fn inspect(&self, format: &str) -> String {
-        stdout(&run_ok(
-            &mut self.cmd(&["inspect", "--format", format, &self.name]),
-        ))
-        .trim()
-        .to_owned()
-    }
-
-    pub(crate) fn logs(&self) -> String {
-        let out = run(&mut self.cmd(&["logs", &self.name]));
-        format!("{}{}", stdout(&out), stderr(&out))
-    }
-
-    pub(crate) fn exit_code(&self) -> i64 {
-        let code = self.inspect("{{.State.ExitCode}}");
-        code.parse()
-            .unwrap_or_else(|e| panic!("exit code {code:?}: {e}"))
-    }
-
     /// `run --detach --network host --env PGPORT=PORT IMAGE`: the image's own command. PGPORT
     /// is the port postgres listens on and the one psql and pg_isready (the healthcheck) use
     /// inside the container.
@@ -71,9 +49,8 @@ impl Replica {
         pg_bin: &Path,
     ) -> Self {
         let replica = Replica {
-            cli,
-            name: unique_name("bakedb-e2e-pg"),
-            port: pg::free_port(),
+            container: Container::new(cli, unique_name("bakedb-e2e-pg")),
+            port: free_port(),
             pg_bin: pg_bin.to_owned(),
         };
         let port = format!("PGPORT={}", replica.port);
@@ -117,15 +94,8 @@ impl Replica {
     /// psql over TCP as the seeded read-only role, with its password (scram-sha-256).
     pub(crate) fn reader(&self, db: &str, sql: &str) -> Output {
         run(Command::new(self.pg_bin.join("psql"))
-            .args([
-                "-X",
-                "-A",
-                "-t",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-v",
-                "VERBOSITY=verbose",
-            ])
+            .args(PSQL_ANSWER)
+            .args(["-v", "VERBOSITY=verbose"])
             .arg(format!(
                 "postgresql://{READER}:{READER_PASSWORD}@127.0.0.1:{}/{db}",
                 self.port
@@ -136,14 +106,7 @@ impl Replica {
     }
 
     pub(crate) fn read(&self, db: &str, sql: &str) -> String {
-        let out = self.reader(db, sql);
-        assert!(
-            out.status.success(),
-            "{sql}: {}\n{}",
-            stderr(&out),
-            self.logs()
-        );
-        stdout(&out).trim().to_owned()
+        self.answer(sql, &self.reader(db, sql))
     }
 
     /// psql inside the container over the local socket as the superuser (trusted there).
@@ -167,29 +130,21 @@ impl Replica {
     /// psql inside the container as the superuser, unaligned and tuples only: the answer,
     /// trimmed; panics with psql's stderr and the container's log on failure.
     pub(crate) fn su(&self, db: &str, sql: &str) -> String {
-        let out = run(&mut self.cmd(&[
-            "exec",
-            &self.name,
-            "psql",
-            "-X",
-            "-A",
-            "-t",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-U",
-            "postgres",
-            "-d",
-            db,
-            "-c",
-            sql,
-        ]));
+        let mut cmd = self.cmd(&["exec", &self.name, "psql"]);
+        cmd.args(PSQL_ANSWER)
+            .args(["-U", "postgres", "-d", db, "-c", sql]);
+        self.answer(sql, &run(&mut cmd))
+    }
+
+    /// psql's answer to `sql`, trimmed; a failure panics with psql's stderr and the log.
+    fn answer(&self, sql: &str, out: &Output) -> String {
         assert!(
             out.status.success(),
             "{sql}: {}\n{}",
-            stderr(&out),
+            stderr(out),
             self.logs()
         );
-        stdout(&out).trim().to_owned()
+        stdout(out).trim().to_owned()
     }
 
     /// `stop -t 5`: the image's STOPSIGNAL (SIGINT, fast shutdown) and SIGKILL after 5 s.
@@ -349,11 +304,7 @@ fn docker_replica_of_a_live_server_under_write_load() {
     assert_eq!(config["Cmd"], serde_json::json!(["postgres"]));
     assert_eq!(config["User"], "999:999");
 
-    let docker_cli = {
-        let docker = docker.clone();
-        move || Command::new(&docker)
-    };
-    let replica = Replica::start(Box::new(docker_cli.clone()), &image.name, &[], &pg_bin);
+    let replica = Replica::start(docker_cli(&docker), &image.name, &[], &pg_bin);
     let rows = check_replica(&replica, before, after);
     let logs = replica.logs();
     assert!(logs.contains("bakedb-init: verified"), "{logs}");
@@ -393,7 +344,7 @@ fn docker_replica_of_a_live_server_under_write_load() {
     // The control: the same image with the library switched off copies items up on reading
     // it, so the check above can tell.
     let control = Replica::start(
-        Box::new(docker_cli.clone()),
+        docker_cli(&docker),
         &image.name,
         &["--env", "BAKEDB_COPYUP_SHIM=off"],
         &pg_bin,
@@ -408,12 +359,7 @@ fn docker_replica_of_a_live_server_under_write_load() {
 
     // A new container of the same image with one byte of a relation file changed: init
     // names the file and exits 3; PostgreSQL never starts.
-    let tampered = Replica {
-        cli: Box::new(docker_cli),
-        name: unique_name("bakedb-e2e-pg-tampered"),
-        port: pg::free_port(),
-        pg_bin: pg_bin.clone(),
-    };
+    let tampered = Container::new(docker_cli(&docker), unique_name("bakedb-e2e-pg-tampered"));
     run_ok(&mut tampered.cmd(&[
         "create",
         "--network",
@@ -424,11 +370,7 @@ fn docker_replica_of_a_live_server_under_write_load() {
     ]));
     let in_image = items_in_image;
     let local = d.join("relation");
-    run_ok(
-        tampered
-            .cmd(&["cp", &format!("{}:{in_image}", tampered.name)])
-            .arg(&local),
-    );
+    tampered.copy_out(&in_image, &local);
     let mut bytes = std::fs::read(&local).unwrap();
     let at = bytes.len() / 2;
     bytes[at] ^= 0x01;
@@ -548,12 +490,8 @@ fn podman_replica_from_a_snapshot_directory_and_reproducible_builds() {
         "inspect does not show the LSN:\n{image_json}"
     );
 
-    let cli = {
-        let (podman, d) = (podman.clone(), d.to_owned());
-        move || util::podman_in(&podman, &d)
-    };
     let replica = Replica::start(
-        Box::new(cli),
+        podman_cli(&podman, d),
         "oci:img:v1",
         &[
             "--ulimit",
@@ -579,10 +517,7 @@ fn postgres_build_errors_are_clear_and_leave_no_output() {
     let d = dir.path();
     let base = base_ref();
     let busybox = format!("oci:{}:latest", util::busybox_base().display());
-    let closed = format!(
-        "postgresql://postgres@127.0.0.1:{}/postgres",
-        pg::free_port()
-    );
+    let closed = format!("postgresql://postgres@127.0.0.1:{}/postgres", free_port());
 
     // A tools directory that says it is PostgreSQL 99.
     let fake = d.join("fake-bin");

@@ -15,19 +15,20 @@
 //! data layers as the FROM-scratch image of the same database, the user's CMD, and no serve
 //! layer. bakedb-serve as a host process is tested in crates/serve/tests/api.rs.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use bakedb_testkit::containers::{Cli, Container, Runc, RuncContainer, docker_cli, podman_cli};
+use bakedb_testkit::fixtures::items_db;
+use bakedb_testkit::ports::free_addr;
+
 use crate::http;
 use crate::require;
-use crate::util::{
-    self, bakedb, build_json, busybox_base, run, run_ok, stderr, stdout, test_dir, unique_name,
-};
+use crate::util::{self, bakedb, build_json, busybox_base, run_ok, stdout, test_dir, unique_name};
 
 const INIT: &str = "/bakedb/init";
 const DATA_DIR: &str = "/var/lib/bakedb";
@@ -64,35 +65,6 @@ const PATIENCE: Duration = Duration::from_secs(90);
 const DRAINING: &str = "bakedb-serve: draining: no new connections, ";
 const STOPPED: &str = "bakedb-serve: stopped";
 
-/// items(id, name, price, data): `rows` rows, an index on name, a view (as in
-/// crates/serve/tests/api.rs, so both suites expect the same answers).
-fn make_items_db(path: &Path, rows: i64) {
-    let c = rusqlite::Connection::open(path).unwrap();
-    c.execute_batch(
-        "PRAGMA journal_mode=WAL;
-         CREATE TABLE items(id INTEGER PRIMARY KEY, name TEXT NOT NULL, price REAL, data BLOB);
-         CREATE INDEX items_name ON items(name);
-         CREATE VIEW cheap AS SELECT id, name FROM items WHERE price < 10;",
-    )
-    .unwrap();
-    let tx = c.unchecked_transaction().unwrap();
-    {
-        let mut stmt = tx
-            .prepare("INSERT INTO items VALUES (?1, ?2, ?3, ?4)")
-            .unwrap();
-        for i in 1..=rows {
-            stmt.execute(rusqlite::params![
-                i,
-                format!("item-{i:05}"),
-                i as f64 / 4.0,
-                vec![i as u8, 0xff]
-            ])
-            .unwrap();
-        }
-    }
-    tx.commit().unwrap();
-}
-
 /// `bakedb build --json` of app.db in `dir` (FROM scratch unless `extra` says otherwise).
 fn build(dir: &Path, output: &str, extra: &[&str]) -> Value {
     let out = run_ok(
@@ -103,36 +75,6 @@ fn build(dir: &Path, output: &str, extra: &[&str]) -> Value {
             .args(extra),
     );
     build_json(&out)
-}
-
-/// An address on 127.0.0.1 nothing listens on right now, for a server on the host network
-/// to take. It is below the kernel's ephemeral range, so that the outgoing connections of
-/// tests running meanwhile (the load test makes thousands) cannot take it before the server
-/// binds it; and never handed out twice by this process.
-fn free_addr() -> SocketAddr {
-    use std::hash::BuildHasher;
-    static HANDED_OUT: Mutex<Vec<u16>> = Mutex::new(Vec::new());
-    let ephemeral_low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|r| r.split_whitespace().next()?.parse().ok())
-        .unwrap_or(32768);
-    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
-    if ephemeral_low > 11_000 {
-        let random = std::collections::hash_map::RandomState::new();
-        for attempt in 0..1000u32 {
-            let port =
-                10_000 + (random.hash_one(attempt) % u64::from(ephemeral_low - 10_000)) as u16;
-            if handed_out.contains(&port) {
-                continue;
-            }
-            if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
-                handed_out.push(port);
-                return listener.local_addr().unwrap();
-            }
-        }
-    }
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap()
 }
 
 fn query(addr: SocketAddr, sql: &str, params: Value) -> http::Response {
@@ -453,51 +395,25 @@ fn check_server_process(pid: u32) {
 // Containers of docker and podman
 
 /// A container serving on `addr`, removed (killed if need be) when dropped.
-struct Container {
-    /// `docker`, or podman with its flags.
-    cli: Box<dyn Fn() -> Command + Send + Sync>,
-    name: String,
+struct Served {
+    container: Container,
     addr: SocketAddr,
 }
 
-impl Drop for Container {
-    fn drop(&mut self) {
-        let _ = (self.cli)().args(["rm", "--force", &self.name]).output();
+impl std::ops::Deref for Served {
+    type Target = Container;
+
+    fn deref(&self) -> &Container {
+        &self.container
     }
 }
 
-impl Container {
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut cmd = (self.cli)();
-        cmd.args(args);
-        cmd
-    }
-
-    fn inspect(&self, format: &str) -> String {
-        let out = run_ok(&mut self.cmd(&["inspect", "--format", format, &self.name]));
-        stdout(&out).trim().to_owned()
-    }
-
-    fn running(&self) -> bool {
-        self.inspect("{{.State.Running}}") == "true"
-    }
-
-    /// Both streams of the container's output (bakedb-init and bakedb-serve log on stderr).
-    fn logs(&self) -> String {
-        let out = run(&mut self.cmd(&["logs", &self.name]));
-        format!("{}{}", stdout(&out), stderr(&out))
-    }
-
-    fn exit_code(&self) -> i64 {
-        let code = self.inspect("{{.State.ExitCode}}");
-        code.parse()
-            .unwrap_or_else(|e| panic!("exit code {code:?}: {e}"))
-    }
-
-    /// The host PID of the container's first process.
-    fn pid(&self) -> u32 {
-        let pid = self.inspect("{{.State.Pid}}");
-        pid.parse().unwrap_or_else(|e| panic!("pid {pid:?}: {e}"))
+impl Served {
+    fn new(cli: Cli) -> Served {
+        Served {
+            container: Container::new(cli, unique_name("bakedb-e2e-serve")),
+            addr: free_addr(),
+        }
     }
 
     fn wait_ready(&self) -> Value {
@@ -508,18 +424,11 @@ impl Container {
     fn stop(&self) {
         run_ok(&mut self.cmd(&["stop", "--time", "120", &self.name]));
     }
-
-    /// What `docker diff` lists: every path added, changed or deleted in the container's
-    /// writable layer.
-    fn diff(&self) -> Vec<String> {
-        let out = run_ok(&mut self.cmd(&["diff", &self.name]));
-        stdout(&out).lines().map(str::to_owned).collect()
-    }
 }
 
 /// `bakedb build` of a ROWS-row items database into a docker-archive, loaded into docker.
 fn docker_image(docker: &Path, dir: &Path) -> (crate::util::DockerImage, Value) {
-    make_items_db(&dir.join("app.db"), ROWS);
+    items_db(&dir.join("app.db"), ROWS, true);
     let name = format!("bakedb-e2e/{}:v1", unique_name("serve"));
     let built = build(dir, &format!("docker-archive:serve.docker.tar:{name}"), &[]);
     let image = crate::util::DockerImage {
@@ -542,13 +451,8 @@ fn docker_image(docker: &Path, dir: &Path) -> (crate::util::DockerImage, Value) 
 
 /// `docker run --detach --network host` of the image with its own command, listening on a
 /// free port of 127.0.0.1, plus `env`.
-fn docker_serve(docker: &Path, image: &str, env: &[(&str, &str)]) -> Container {
-    let docker = docker.to_owned();
-    let container = Container {
-        cli: Box::new(move || Command::new(&docker)),
-        name: unique_name("bakedb-e2e-serve"),
-        addr: free_addr(),
-    };
+fn docker_serve(docker: &Path, image: &str, env: &[(&str, &str)]) -> Served {
+    let container = Served::new(docker_cli(docker));
     let mut cmd = container.cmd(&[
         "run",
         "--detach",
@@ -1021,27 +925,15 @@ fn docker_bounded_load_many_connections_only_200_and_503_and_bounded_memory() {
 // ---------------------------------------------------------------------------------------
 // podman
 
-/// podman in its own storage under `dir` (nothing shared with other tests or the machine's
-/// images), with the flags that work as root on this kind of machine (as in consumers.rs).
-fn podman_cli(podman: &Path, dir: &Path) -> Box<dyn Fn() -> Command + Send + Sync> {
-    let podman = podman.to_owned();
-    let dir = dir.to_owned();
-    Box::new(move || util::podman_in(&podman, &dir))
-}
-
 #[test]
 fn podman_serves_the_oci_layout_on_the_host_network_and_drains_on_sigterm() {
     let podman = require!("podman");
     require!("runc");
     let dir = test_dir();
     let d = dir.path();
-    make_items_db(&d.join("app.db"), ROWS);
+    items_db(&d.join("app.db"), ROWS, true);
     let built = build(d, "oci:img:v1", &[]);
-    let c = Container {
-        cli: podman_cli(&podman, d),
-        name: unique_name("bakedb-e2e-serve"),
-        addr: free_addr(),
-    };
+    let c = Served::new(podman_cli(&podman, d));
     let mut cmd = c.cmd(&[
         "run",
         "--detach",
@@ -1077,108 +969,6 @@ fn podman_serves_the_oci_layout_on_the_host_network_and_drains_on_sigterm() {
 // ---------------------------------------------------------------------------------------
 // runc
 
-/// `runc run` of a bundle in the foreground, as a child of the test: its exit status is the
-/// container's. Killed and deleted when dropped, however the test ends.
-struct RuncContainer {
-    runc: PathBuf,
-    state: PathBuf,
-    name: String,
-    child: Mutex<Child>,
-    log: Arc<Mutex<String>>,
-}
-
-impl Drop for RuncContainer {
-    fn drop(&mut self) {
-        let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());
-        if child.try_wait().ok().flatten().is_none() {
-            let _ = self.runc_cmd(&["kill", &self.name, "KILL"]).output();
-            let _ = child.wait();
-        }
-        drop(child);
-        let _ = self.runc_cmd(&["delete", "--force", &self.name]).output();
-    }
-}
-
-impl RuncContainer {
-    fn start(runc: &Path, dir: &Path, bundle: &Path) -> RuncContainer {
-        let state = dir.join("runc-state");
-        let name = unique_name("bakedb-e2e-serve");
-        let mut child = Command::new(runc)
-            .arg("--root")
-            .arg(&state)
-            .args(["run", "--bundle"])
-            .arg(bundle)
-            .arg(&name)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("runc run: {e}"));
-        let log = Arc::new(Mutex::new(String::new()));
-        for stream in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let sink = Arc::clone(&log);
-            std::thread::spawn(move || {
-                use std::io::BufRead;
-                for line in std::io::BufReader::new(stream).lines() {
-                    let Ok(line) = line else { break };
-                    let mut log = sink.lock().unwrap();
-                    log.push_str(&line);
-                    log.push('\n');
-                }
-            });
-        }
-        RuncContainer {
-            runc: runc.to_owned(),
-            state,
-            name,
-            child: Mutex::new(child),
-            log,
-        }
-    }
-
-    fn runc_cmd(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(&self.runc);
-        cmd.arg("--root").arg(&self.state).args(args);
-        cmd
-    }
-
-    fn running(&self) -> bool {
-        self.child.lock().unwrap().try_wait().unwrap().is_none()
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    /// The host PID of the container's first process, from `runc state`.
-    fn pid(&self) -> u32 {
-        let out = run_ok(&mut self.runc_cmd(&["state", &self.name]));
-        let state: Value = serde_json::from_slice(&out.stdout).unwrap();
-        state["pid"]
-            .as_u64()
-            .unwrap_or_else(|| panic!("runc state: {state}")) as u32
-    }
-
-    /// Wait for `runc run` to end (PATIENCE at most): the container's exit status.
-    fn wait(&self) -> ExitStatus {
-        let started = Instant::now();
-        loop {
-            if let Some(status) = self.child.lock().unwrap().try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                started.elapsed() < PATIENCE,
-                "the container has not exited {PATIENCE:?} after SIGTERM:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
 #[test]
 fn runc_serves_a_umoci_bundle_on_the_host_network_and_drains_on_sigterm() {
     let runc = require!("runc");
@@ -1188,7 +978,7 @@ fn runc_serves_a_umoci_bundle_on_the_host_network_and_drains_on_sigterm() {
     }
     let dir = test_dir();
     let d = dir.path();
-    make_items_db(&d.join("app.db"), ROWS);
+    items_db(&d.join("app.db"), ROWS, true);
     let built = build(d, "oci:img:v1", &[]);
     // As root, umoci applies the tar headers' ownership for real.
     run_ok(
@@ -1230,7 +1020,11 @@ fn runc_serves_a_umoci_bundle_on_the_host_network_and_drains_on_sigterm() {
     }
     std::fs::write(&config_path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
 
-    let c = RuncContainer::start(&runc, d, &d.join("bundle"));
+    let c = RuncContainer::start(
+        Runc::new(&runc, &d.join("runc-state")),
+        &d.join("bundle"),
+        unique_name("bakedb-e2e-serve"),
+    );
     check_health(&wait_ready(addr, &|| c.running(), &|| c.log()), &built);
     check_server_process(c.pid());
     check_parameterised_queries(addr);
@@ -1238,9 +1032,9 @@ fn runc_serves_a_umoci_bundle_on_the_host_network_and_drains_on_sigterm() {
     check_ndjson(addr);
 
     check_drain(addr, &|| {
-        run_ok(&mut c.runc_cmd(&["kill", &c.name, "TERM"]));
+        run_ok(&mut c.cmd(&["kill", &c.name, "TERM"]));
     });
-    let status = c.wait();
+    let status = c.wait(PATIENCE);
     let log = c.log();
     assert_eq!(status.code(), Some(0), "runc kill TERM: {status}:\n{log}");
     check_drained(addr, &log);
@@ -1282,7 +1076,7 @@ fn with_base_the_image_has_the_same_init_and_data_layers_the_users_cmd_and_no_se
     require!("umoci");
     let dir = test_dir();
     let d = dir.path();
-    make_items_db(&d.join("app.db"), ROWS);
+    items_db(&d.join("app.db"), ROWS, true);
     let scratch = build(d, "oci:scratch:v1", &[]);
     let cmd = r#"["sh","-c","echo user command"]"#;
     let base_ref = format!("oci:{}:latest", busybox_base().display());

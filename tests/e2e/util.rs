@@ -1,10 +1,18 @@
-//! Shared helpers for the end-to-end tests (ripgrep: tests/util.rs).
+//! Helpers of the end-to-end tests that drive the `bakedb` binary (ripgrep: tests/util.rs).
+//! Everything else comes from bakedb-testkit, re-exported here so that a test names one
+//! place.
 
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+pub use bakedb_testkit::containers::{DockerImage, docker, podman_in};
+pub use bakedb_testkit::dirs::{test_dir, unique_name};
+pub use bakedb_testkit::fixtures::{busybox_base, postgres_base};
+pub use bakedb_testkit::process::{run, run_ok, stderr, stdout};
+pub use bakedb_testkit::tools::{registry, require_root, tool};
 
 pub fn bakedb_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_bakedb"))
@@ -17,64 +25,6 @@ pub fn bakedb(dir: &Path) -> Command {
         .env("SOURCE_DATE_EPOCH", "1700000000")
         .env("CI", "true");
     cmd
-}
-
-pub fn under_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
-
-/// The path of a tool, or None (test skipped) locally; a missing tool fails under CI.
-pub fn tool(name: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .map(|d| d.join(name))
-        .find(|p| p.is_file());
-    if found.is_none() {
-        assert!(
-            !under_ci(),
-            "{name} is not installed, and CI=true: .ci/run must install it"
-        );
-        eprintln!("skipping: {name} is not installed");
-    }
-    found
-}
-
-/// Return early from a test when a tool is missing (only possible outside CI).
-#[macro_export]
-macro_rules! require {
-    ($name:expr) => {
-        match $crate::util::tool($name) {
-            Some(p) => p,
-            None => return,
-        }
-    };
-}
-
-pub fn run(cmd: &mut Command) -> Output {
-    cmd.output()
-        .unwrap_or_else(|e| panic!("could not run {cmd:?}: {e}"))
-}
-
-/// Run and require success; the panic message carries both output streams.
-pub fn run_ok(cmd: &mut Command) -> Output {
-    let out = run(cmd);
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed with {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-pub fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-pub fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// A SQLite database with `rows` rows in table `t(id, v)`, in WAL mode like a live app's.
@@ -136,26 +86,10 @@ pub fn tree(dir: &Path) -> BTreeMap<PathBuf, (u32, Vec<u8>)> {
     out
 }
 
-/// A fresh directory per test, removed at the end.
-pub fn test_dir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("bakedb-e2e.")
-        .tempdir()
-        .unwrap()
-}
-
 /// The manifest digest `bakedb build --json` reports.
 pub fn build_json(out: &Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("build --json printed no JSON ({e}): {}", stdout(out)))
-}
-
-/// The workspace root (crates/cli/../..), where xtask/ and target/ live.
-pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
 }
 
 /// Lower-case hex sha256 of some bytes, as image.json records it.
@@ -165,118 +99,6 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
-}
-
-/// A name nothing else on this machine uses: lower-case, so docker, podman and registries
-/// accept it; unique per process and call, since tests run in parallel threads and processes.
-pub fn unique_name(prefix: &str) -> String {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    format!(
-        "{prefix}-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-/// The busybox base image fixture (an OCI layout, tag `latest`) at target/fixtures/busybox,
-/// built once by xtask/scripts/busybox-base.sh, the same script `cargo xtask fixtures` runs.
-/// Callers `require!("umoci")` first: the script uses it.
-pub fn busybox_base() -> PathBuf {
-    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BUILT.get_or_init(|| fixture("busybox")).clone()
-}
-
-/// The PostgreSQL base image fixture (tags `latest` and the major version) at
-/// target/fixtures/postgres, built from Debian's postgresql packages by
-/// xtask/scripts/postgres-base.sh: the stand-in for the official postgres image.
-pub fn postgres_base() -> PathBuf {
-    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BUILT.get_or_init(|| fixture("postgres")).clone()
-}
-
-/// Build target/fixtures/NAME with xtask/scripts/NAME-base.sh unless it is there.
-fn fixture(name: &str) -> PathBuf {
-    let root = workspace_root();
-    let fixtures = root.join("target/fixtures");
-    std::fs::create_dir_all(&fixtures).unwrap();
-    let out = fixtures.join(name);
-    // OnceLock orders the threads of this process; the file lock orders test processes
-    // running at once. The script builds beside OUTDIR and renames at the end, and is a
-    // no-op once the layout has its tag.
-    let lock = std::fs::File::create(fixtures.join(format!("{name}.lock"))).unwrap();
-    lock.lock().unwrap();
-    run_ok(
-        Command::new("bash")
-            .arg(root.join(format!("xtask/scripts/{name}-base.sh")))
-            .arg(&out)
-            // As xtask runs it, so whichever builds first builds the same bytes.
-            .env_remove("SOURCE_DATE_EPOCH")
-            .current_dir(&root),
-    );
-    drop(lock);
-    out
-}
-
-/// Debian's docker client (BAKEDB_TEST_DOCKER, else /usr/bin/docker: /usr/local/bin/docker may
-/// be a newer client than the daemon speaks) when a daemon answers it. No daemon skips locally
-/// and fails under CI, like a missing tool: .ci/run starts one.
-pub fn docker() -> Option<PathBuf> {
-    let docker = std::env::var_os("BAKEDB_TEST_DOCKER")
-        .map_or_else(|| PathBuf::from("/usr/bin/docker"), PathBuf::from);
-    if !docker.is_file() {
-        assert!(
-            !under_ci(),
-            "{} is not installed, and CI=true: .ci/run must install docker.io",
-            docker.display()
-        );
-        eprintln!("skipping: {} is not installed", docker.display());
-        return None;
-    }
-    // `docker version` fails when no daemon answers; `docker info` exits 0 on some versions.
-    let out = run(Command::new(&docker).args(["version", "--format", "{{.Server.Version}}"]));
-    if !out.status.success() {
-        assert!(
-            !under_ci(),
-            "no Docker daemon answers {}, and CI=true: .ci/run must start dockerd\n{}",
-            docker.display(),
-            stderr(&out)
-        );
-        eprintln!("skipping: no Docker daemon answers {}", docker.display());
-        return None;
-    }
-    Some(docker)
-}
-
-/// The test registry's HOST:PORT from BAKEDB_TEST_REGISTRY (.ci/run starts one). Unset skips
-/// locally and fails under CI.
-pub fn registry() -> Option<String> {
-    match std::env::var("BAKEDB_TEST_REGISTRY") {
-        Ok(r) if !r.is_empty() => Some(r),
-        _ => {
-            assert!(
-                !under_ci(),
-                "BAKEDB_TEST_REGISTRY is not set, and CI=true: .ci/run must start a registry"
-            );
-            eprintln!("skipping: BAKEDB_TEST_REGISTRY is not set");
-            None
-        }
-    }
-}
-
-/// Whether this process runs as root (real ownership in unpacked layers, runc without
-/// rootless mode). Not root skips locally and fails under CI, which runs as root by contract.
-pub fn require_root() -> bool {
-    use std::os::unix::fs::MetadataExt;
-    let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
-    if !root {
-        assert!(
-            !under_ci(),
-            "this test needs root, and CI=true: .ci/run runs as root"
-        );
-        eprintln!("skipping: not running as root");
-    }
-    root
 }
 
 /// A SQLite database of `mib` MiB: one table of 1 MiB blobs, pseudo-random over a small
@@ -371,45 +193,6 @@ pub fn bakedb_as_nobody(setpriv: &Path, dir: &Path, scratch: &Path) -> Command {
         .env("HOME", scratch)
         .env("TMPDIR", scratch);
     cmd
-}
-
-/// podman in its own storage under `dir` (nothing shared with other tests or the machine's
-/// images), with the flags that work as root on this kind of machine.
-pub fn podman_in(podman: &Path, dir: &Path) -> Command {
-    let state = dir.join("podman-state");
-    let mut cmd = Command::new(podman);
-    cmd.current_dir(dir)
-        .arg("--root")
-        .arg(state.join("root"))
-        .arg("--runroot")
-        .arg(state.join("run"))
-        .arg("--tmpdir")
-        .arg(state.join("tmp"))
-        .args([
-            "--storage-driver",
-            "vfs",
-            "--runtime",
-            "runc",
-            "--cgroup-manager",
-            "cgroupfs",
-            "--events-backend",
-            "file",
-        ]);
-    cmd
-}
-
-/// A docker image loaded for one test, removed when the test ends, however it ends.
-pub struct DockerImage {
-    pub docker: PathBuf,
-    pub name: String,
-}
-
-impl Drop for DockerImage {
-    fn drop(&mut self) {
-        let _ = Command::new(&self.docker)
-            .args(["rmi", "--force", &self.name])
-            .output();
-    }
 }
 
 /// Make the image `tag` of the layout `layout` look like any other base image: a config

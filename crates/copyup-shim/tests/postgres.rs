@@ -12,242 +12,81 @@
 mod common;
 
 use std::fs;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::os::unix::process::CommandExt;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
+use bakedb_testkit::dirs::files_under;
+use bakedb_testkit::pg::{Launch, PgServer, RunAs, initdb, pg_bin};
+use bakedb_testkit::tools::require_root;
 use common::*;
 
-fn pg_bin() -> Option<PathBuf> {
-    let has_tools = |d: &Path| {
-        ["initdb", "postgres", "psql"]
-            .iter()
-            .all(|t| d.join(t).is_file())
-    };
-    if let Some(dir) = std::env::var_os("BAKEDB_TEST_PG_BIN").filter(|d| !d.is_empty()) {
-        let dir = PathBuf::from(dir);
-        assert!(
-            has_tools(&dir),
-            "BAKEDB_TEST_PG_BIN={} lacks initdb, postgres or psql",
-            dir.display()
-        );
-        return Some(dir);
-    }
-    let found = fs::read_dir("/usr/lib/postgresql")
-        .into_iter()
-        .flatten()
-        .filter_map(|e| {
-            let e = e.ok()?;
-            let major: u32 = e.file_name().to_str()?.parse().ok()?;
-            let bin = e.path().join("bin");
-            has_tools(&bin).then_some((major, bin))
-        })
-        .max_by_key(|(m, _)| *m)
-        .map(|(_, b)| b);
-    if found.is_none() {
-        assert!(
-            !under_ci(),
-            "PostgreSQL's server tools are not installed, and CI=true"
-        );
-        eprintln!("skipping: PostgreSQL is not installed");
-    }
-    found
-}
+/// The settings of bakedb's read-only postgres profile that change how PostgreSQL writes.
+const READ_ONLY: [&str; 5] = [
+    "default_transaction_read_only=on",
+    "fsync=off",
+    "synchronous_commit=off",
+    "full_page_writes=off",
+    "autovacuum=off",
+];
 
-/// uid and gid of the `postgres` user.
-fn postgres_user() -> Option<(u32, u32)> {
-    let passwd = fs::read_to_string("/etc/passwd").unwrap_or_default();
-    let found = passwd.lines().find_map(|l| {
-        let f: Vec<&str> = l.split(':').collect();
-        (f.len() >= 4 && f[0] == "postgres")
-            .then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))?
-    });
-    if found.is_none() {
-        assert!(!under_ci(), "there is no postgres user, and CI=true");
-        eprintln!("skipping: no postgres user to run PostgreSQL as");
-    }
-    found
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn no_pg_env(cmd: &mut Command) -> &mut Command {
-    for (k, _) in std::env::vars_os() {
-        let k_bytes = k.as_encoded_bytes();
-        if k_bytes.starts_with(b"PG")
-            || k_bytes.starts_with(b"BAKEDB_COPYUP_SHIM")
-            || k_bytes == b"LD_PRELOAD"
-        {
-            cmd.env_remove(k);
-        }
-    }
-    cmd
-}
-
+/// The test's directory (the library, the servers' socket directory and logs, the layers)
+/// and its mounts, unmounted and removed when dropped.
 struct Setup {
     dir: PathBuf,
     bin: PathBuf,
-    uid: u32,
-    gid: u32,
-    port: u16,
+    run_as: RunAs,
     mounts: Vec<PathBuf>,
 }
 
-/// A running postmaster, stopped (fast shutdown) on drop if still running.
-struct Server {
-    child: Child,
-    log: PathBuf,
-}
-
 impl Setup {
-    fn as_postgres(&self, cmd: &mut Command) {
-        cmd.uid(self.uid).gid(self.gid);
-    }
-
     fn mkdir_owned(&self, p: &Path, mode: u32) {
         fs::create_dir_all(p).unwrap();
         fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
-        std::os::unix::fs::chown(p, Some(self.uid), Some(self.gid)).unwrap();
-    }
-
-    fn psql(&self, sql: &str) -> Result<String, String> {
-        let out = no_pg_env(&mut Command::new(self.bin.join("psql")))
-            .args([
-                "-X",
-                "-q",
-                "-A",
-                "-t",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-U",
-                "postgres",
-                "-d",
-                "postgres",
-            ])
-            .arg("-h")
-            .arg(self.dir.join("run"))
-            .args(["-p", &self.port.to_string(), "-c", sql])
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
-    }
-
-    fn sql(&self, sql: &str) -> String {
-        self.psql(sql).unwrap_or_else(|e| panic!("{sql}: {e}"))
+        self.run_as.own(p).unwrap();
     }
 
     /// Start postgres on `data`, with the library preloaded unless `shim` is None (else its
-    /// extra environment), with bakedb's read-only settings unless `read_only` is false.
+    /// extra environment), with bakedb's read-only settings unless `read_only` is false,
+    /// logging into `log`.
     fn start(
         &self,
         data: &Path,
         shim: Option<&[(&str, &str)]>,
         read_only: bool,
         log: &str,
-    ) -> Server {
-        let log = self.dir.join(log);
-        let mut cmd = Command::new(self.bin.join("postgres"));
-        no_pg_env(&mut cmd)
-            .arg("-D")
-            .arg(data)
-            .arg("-k")
-            .arg(self.dir.join("run"))
-            .args(["-p", &self.port.to_string(), "-c", "listen_addresses="])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log).unwrap());
+    ) -> PgServer {
+        let mut launch = Launch {
+            log: Some(log.to_owned()),
+            ..Launch::default()
+        };
         if read_only {
-            for s in [
-                "default_transaction_read_only=on",
-                "fsync=off",
-                "synchronous_commit=off",
-                "full_page_writes=off",
-                "autovacuum=off",
-            ] {
-                cmd.args(["-c", s]);
-            }
+            launch.settings = READ_ONLY.map(String::from).into();
         }
         if let Some(env) = shim {
-            cmd.env("LD_PRELOAD", self.dir.join("copyup.so"));
-            for (k, v) in env {
-                cmd.env(k, v);
-            }
+            let library = self.dir.join("copyup.so").display().to_string();
+            launch.env.push(("LD_PRELOAD".into(), library));
+            launch
+                .env
+                .extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         }
-        self.as_postgres(&mut cmd);
-        let child = cmd.spawn().unwrap();
-        let mut server = Server { child, log };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if self.psql("SELECT 1").is_ok() {
-                return server;
-            }
-            if let Ok(Some(status)) = server.child.try_wait() {
-                panic!("postgres exited with {status}:\n{}", server.log_text());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "postgres did not start:\n{}",
-                server.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        PgServer::launch(&self.bin, self.run_as, &self.dir, data, &launch)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 }
 
-impl Server {
-    fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Fast shutdown; the server must exit 0 having logged a clean shutdown.
-    fn stop(mut self) -> String {
-        // SAFETY: kill on our unreaped child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let status = self.child.wait().unwrap();
-        let log = self.log_text();
-        assert!(status.success(), "postgres exited with {status}:\n{log}");
-        assert!(log.contains("database system is shut down"), "{log}");
-        log
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            // SAFETY: kill on our unreaped child's pid.
-            unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = self.child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+/// Fast shutdown; the server must exit 0 having logged a clean shutdown. Its log.
+fn stop(mut server: PgServer) -> String {
+    let status = server.stop().unwrap_or_else(|e| panic!("{e}"));
+    let log = server.log();
+    assert!(status.success(), "postgres exited with {status}:\n{log}");
+    assert!(log.contains("database system is shut down"), "{log}");
+    log
 }
 
 impl Drop for Setup {
     fn drop(&mut self) {
         for m in self.mounts.iter().rev() {
-            let t = std::ffi::CString::new(m.as_os_str().as_encoded_bytes()).unwrap();
-            // SAFETY: a NUL-terminated path.
-            unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH) };
+            umount(m);
         }
         let _ = fs::remove_dir_all(&self.dir);
     }
@@ -267,46 +106,18 @@ fn overlay(setup: &mut Setup, lower: &Path, name: &str) -> (PathBuf, PathBuf) {
         upper.display(),
         work.display()
     );
-    let c = |s: &str| std::ffi::CString::new(s).unwrap();
-    let target = c(merged.to_str().unwrap());
-    // SAFETY: NUL-terminated strings alive for the call.
-    let r = unsafe {
-        libc::mount(
-            c"overlay".as_ptr(),
-            target.as_ptr(),
-            c"overlay".as_ptr(),
-            0,
-            c(&opts).as_ptr().cast(),
-        )
-    };
-    assert_eq!(
-        r,
-        0,
-        "mount overlay {opts}: {}",
-        std::io::Error::last_os_error()
-    );
+    mount("overlay", &merged, "overlay", &opts)
+        .unwrap_or_else(|e| panic!("mount overlay {opts}: {e}"));
     setup.mounts.push(merged.clone());
     (upper, merged)
 }
 
 /// Regular files under `dir`, relative, with their sizes.
 fn files(dir: &Path) -> Vec<(String, u64)> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let m = fs::symlink_metadata(e.path()).unwrap();
-            if m.is_dir() {
-                stack.push(e.path());
-            } else if m.is_file() {
-                let rel = e.path().strip_prefix(dir).unwrap().display().to_string();
-                out.push((rel, m.size()));
-            }
-        }
-    }
+    let mut out: Vec<(String, u64)> = files_under(dir)
+        .into_iter()
+        .map(|(p, n)| (p.strip_prefix(dir).unwrap().display().to_string(), n))
+        .collect();
     out.sort();
     out
 }
@@ -320,24 +131,20 @@ const READS: &[&str] = &[
     "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace",
 ];
 
-fn run_reads(setup: &Setup) -> Vec<String> {
-    READS.iter().map(|q| setup.sql(q)).collect()
+fn run_reads(server: &PgServer) -> Vec<String> {
+    READS.iter().map(|q| server.psql("postgres", q)).collect()
 }
 
 #[test]
 fn postgres_reads_copy_nothing_up_and_writes_survive_a_restart() {
-    if !is_root() {
-        assert!(
-            !under_ci(),
-            "this test mounts overlayfs and needs root, and CI=true"
-        );
-        eprintln!("skipping: not root");
+    // Mounts need root, and PostgreSQL then runs as the postgres user.
+    if !require_root() {
         return;
     }
     let Some(bin) = pg_bin() else {
         return;
     };
-    let Some((uid, gid)) = postgres_user() else {
+    let Some(run_as) = RunAs::detect() else {
         return;
     };
     let dir = std::env::temp_dir().join(format!("bakedb-copyup-shim-pg-{}", std::process::id()));
@@ -345,9 +152,7 @@ fn postgres_reads_copy_nothing_up_and_writes_survive_a_restart() {
     let mut setup = Setup {
         dir: dir.clone(),
         bin,
-        uid,
-        gid,
-        port: free_port(),
+        run_as,
         mounts: Vec::new(),
     };
     fs::create_dir(&dir).unwrap();
@@ -360,36 +165,18 @@ fn postgres_reads_copy_nothing_up_and_writes_survive_a_restart() {
     let lower = dir.join("lower");
     setup.mkdir_owned(&lower, 0o755);
     let data = lower.join("data");
-    let mut initdb = Command::new(setup.bin.join("initdb"));
-    no_pg_env(&mut initdb)
-        .arg("-D")
-        .arg(&data)
-        .args([
-            "-U",
-            "postgres",
-            "--auth=trust",
-            "--no-sync",
-            "--encoding=UTF8",
-            "--locale=C.UTF-8",
-        ])
-        .stdout(Stdio::null());
-    setup.as_postgres(&mut initdb);
-    let out = initdb.output().unwrap();
-    assert!(
-        out.status.success(),
-        "initdb: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    initdb(&setup.bin, run_as, &data, &[]).unwrap_or_else(|e| panic!("{e}"));
     let big = {
         let server = setup.start(&data, None, false, "seed.log");
-        setup.sql(
+        server.psql(
+            "postgres",
             "CREATE TABLE big AS SELECT i, md5(i::text) AS t FROM generate_series(1, 100000) i; \
              CREATE INDEX big_t ON big (t); CREATE INDEX big_i ON big (i);",
         );
-        setup.sql("VACUUM (FREEZE, ANALYZE)");
-        setup.sql("CHECKPOINT");
-        let big = setup.sql("SELECT pg_relation_filepath('big')");
-        server.stop();
+        server.psql("postgres", "VACUUM (FREEZE, ANALYZE)");
+        server.psql("postgres", "CHECKPOINT");
+        let big = server.psql("postgres", "SELECT pg_relation_filepath('big')");
+        stop(server);
         big
     };
 
@@ -402,8 +189,8 @@ fn postgres_reads_copy_nothing_up_and_writes_survive_a_restart() {
             true,
             "off.log",
         );
-        let results = run_reads(&setup);
-        server.stop();
+        let results = run_reads(&server);
+        stop(server);
         results
     };
     assert!(
@@ -421,7 +208,7 @@ fn postgres_reads_copy_nothing_up_and_writes_survive_a_restart() {
             true,
             "on.log",
         );
-        assert_eq!(run_reads(&setup), without);
+        assert_eq!(run_reads(&server), without);
         eprintln!(
             "copied up by reads with the shim: {:?}",
             files(&upper.join("data"))
@@ -437,15 +224,16 @@ fn postgres_reads_copy_nothing_up_and_writes_survive_a_restart() {
             "relation files copied up by reads: {copied:?}"
         );
         // A superuser may still write: the promotion makes it work, through a checkpoint.
-        setup.sql(
+        server.psql(
+            "postgres",
             "BEGIN READ WRITE; \
              UPDATE big SET t = 'changed' WHERE i = 7; \
              CREATE TABLE x AS SELECT 1 AS one; \
              INSERT INTO x VALUES (2); \
              COMMIT;",
         );
-        setup.sql("CHECKPOINT");
-        server.stop()
+        server.psql("postgres", "CHECKPOINT");
+        stop(server)
     };
     assert!(
         log.contains("reopened read-write: "),
@@ -459,16 +247,19 @@ fn postgres_reads_copy_nothing_up_and_writes_survive_a_restart() {
 
     // A restart (with the shim) sees the writes and the unchanged rest.
     let server = setup.start(&merged_data, Some(&[]), true, "restart.log");
-    assert_eq!(setup.sql("SELECT t FROM big WHERE i = 7"), "changed");
     assert_eq!(
-        setup.sql("SELECT count(*) FROM big WHERE t = 'changed'"),
+        server.psql("postgres", "SELECT t FROM big WHERE i = 7"),
+        "changed"
+    );
+    assert_eq!(
+        server.psql("postgres", "SELECT count(*) FROM big WHERE t = 'changed'"),
         "1"
     );
-    assert_eq!(setup.sql("SELECT sum(one) FROM x"), "3");
-    assert_eq!(setup.sql(READS[1]), without[1]);
+    assert_eq!(server.psql("postgres", "SELECT sum(one) FROM x"), "3");
+    assert_eq!(server.psql("postgres", READS[1]), without[1]);
     assert_eq!(
-        setup.sql("SELECT count(*), sum(i) FROM big"),
+        server.psql("postgres", "SELECT count(*), sum(i) FROM big"),
         without[0].rsplit_once('|').unwrap().0
     );
-    server.stop();
+    stop(server);
 }

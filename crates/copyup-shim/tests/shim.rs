@@ -1007,31 +1007,10 @@ fn every_file_function_postgres_imports_is_interposed() {
     }
 }
 
-/// The newest /usr/lib/postgresql/N/bin/postgres (or BAKEDB_TEST_PG_BIN/postgres); None
-/// skips locally, CI fails.
+/// The postgres of bakedb-testkit's server tools (BAKEDB_TEST_PG_BIN or the newest
+/// /usr/lib/postgresql/N/bin); None skips locally, CI fails.
 pub fn postgres_binary() -> Option<std::path::PathBuf> {
-    if let Some(dir) = std::env::var_os("BAKEDB_TEST_PG_BIN").filter(|d| !d.is_empty()) {
-        return Some(std::path::PathBuf::from(dir).join("postgres"));
-    }
-    let found = std::fs::read_dir("/usr/lib/postgresql")
-        .into_iter()
-        .flatten()
-        .filter_map(|e| {
-            let e = e.ok()?;
-            let major: u32 = e.file_name().to_str()?.parse().ok()?;
-            let p = e.path().join("bin/postgres");
-            p.is_file().then_some((major, p))
-        })
-        .max_by_key(|(m, _)| *m)
-        .map(|(_, p)| p);
-    if found.is_none() {
-        assert!(
-            !under_ci(),
-            "no /usr/lib/postgresql/N/bin/postgres, and CI=true"
-        );
-        eprintln!("skipping: PostgreSQL is not installed");
-    }
-    found
+    bakedb_testkit::pg::pg_bin().map(|bin| bin.join("postgres"))
 }
 
 /// (name, defined?) of every dynamic symbol of a 64-bit little-endian ELF file.

@@ -5,7 +5,6 @@
 //!
 //! No assertion is about speed: every wait is bounded only so that a hang fails the test.
 
-mod http;
 mod server;
 
 use std::io::{Read, Write};
@@ -13,9 +12,11 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use bakedb_testkit::fixtures::items_db;
+use bakedb_testkit::http;
 use serde_json::{Value, json};
 
-use server::{RUNAWAY, make_db, query, query_ndjson, start, start_on, start_with, wait_until};
+use server::{RUNAWAY, query, query_ndjson, start, start_on, start_with, wait_until};
 
 const MIB: u64 = 1 << 20;
 /// Far longer than anything here should take; only turns a hang into a failure.
@@ -239,7 +240,7 @@ fn slow_clients_cannot_take_the_server_off_line() {
     // the client timeout is long so that only the connection cap can keep the server up.
     let s = start_with(
         "slowloris",
-        |db| make_db(db, 10),
+        |db| items_db(db, 10, false),
         &[
             ("BAKEDB_POOL_SIZE", "2"),
             ("BAKEDB_CLIENT_TIMEOUT_MS", "120000"),
@@ -553,7 +554,7 @@ fn sigterm_interrupts_what_still_runs_at_the_drain_limit_and_exits() {
 fn settings_the_machine_cannot_honour_are_refused_by_name() {
     let dir = server::temp_dir("settings");
     let db = dir.0.join("app.db");
-    make_db(&db, 1);
+    items_db(&db, 1, false);
     let run = |env: &[(&str, &str)], args: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_bakedb-serve"))
             .env_clear()

@@ -3,12 +3,12 @@
 //! binary in docker, podman and runc is tested in tests/e2e/serve.rs; what a hostile client
 //! can try is in abuse.rs.
 
-mod http;
 mod server;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use bakedb_testkit::{http, serve};
 use serde_json::{Value, json};
 
 use server::{RUNAWAY, query, start, start_on};
@@ -21,53 +21,10 @@ fn health_schema_and_queries_with_parameters() {
     assert_eq!(h.json()["status"], "ok");
     assert_eq!(h.json()["data_digest"], "sha256:abc");
 
-    let schema = http::get(s.addr, "/v1/schema").json();
-    let tables = schema["tables"].as_array().unwrap();
-    let names: Vec<&str> = tables.iter().map(|t| t["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["cheap", "items"]);
-    let items = &tables[1];
-    assert_eq!(items["type"], "table");
-    let columns: Vec<(&str, &str)> = items["columns"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| (c["name"].as_str().unwrap(), c["type"].as_str().unwrap()))
-        .collect();
-    assert_eq!(
-        columns,
-        [
-            ("id", "INTEGER"),
-            ("name", "TEXT"),
-            ("price", "REAL"),
-            ("data", "BLOB")
-        ]
-    );
-    assert_eq!(items["columns"][1]["notnull"], true);
-    assert_eq!(items["indexes"][0]["name"], "items_name");
-    assert_eq!(items["indexes"][0]["columns"], json!(["name"]));
+    serve::assert_items_schema(&http::get(s.addr, "/v1/schema").json());
 
     // GET with positional parameters, as a JSON array in the query string.
-    let r = http::get(
-        s.addr,
-        &format!(
-            "/v1/query?sql={}&params={}",
-            http::encode(
-                "SELECT id, name, price, data FROM items WHERE id = ?1 OR id = ?2 ORDER BY id"
-            ),
-            http::encode("[3, 4]")
-        ),
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
-    let body = r.json();
-    assert_eq!(body["columns"], json!(["id", "name", "price", "data"]));
-    assert_eq!(
-        body["rows"],
-        json!([
-            [3, "item-00003", 0.75, {"$base64": true, "encoded": "A/8="}],
-            [4, "item-00004", 1.0, {"$base64": true, "encoded": "BP8="}]
-        ])
-    );
-    assert_eq!(body["truncated"], false);
+    let body = serve::assert_items_3_and_4(s.addr);
     assert!(body["elapsed_ms"].as_f64().unwrap() >= 0.0);
 
     // POST with named parameters, with or without the colon.
@@ -138,38 +95,11 @@ fn ndjson_streams_every_row() {
 #[test]
 fn writes_are_refused_with_sqlites_reason_and_bad_sql_with_its_position() {
     let s = start("readonly", 10, &[]);
-    for (sql, reason) in [
-        ("INSERT INTO items(name) VALUES ('x')", "INSERT into items"),
-        ("UPDATE items SET name = 'x'", "UPDATE of items"),
-        ("DELETE FROM items", "DELETE from items"),
+    for (sql, reason) in serve::WRITES.into_iter().chain([
         (
             "DROP TABLE items",
             "changing the schema (sqlite_master) is not allowed: the database is a read-only snapshot",
         ),
-        ("CREATE TABLE t(x)", "changing the schema (sqlite_master)"),
-        (
-            "CREATE TEMP TABLE t(x)",
-            "changing the schema (sqlite_temp_master)",
-        ),
-        (
-            "CREATE INDEX i ON items(price)",
-            "changing the schema (sqlite_master)",
-        ),
-        (
-            "PRAGMA journal_mode = WAL",
-            "PRAGMA journal_mode = WAL is not allowed",
-        ),
-        (
-            "PRAGMA user_version = 7",
-            "PRAGMA user_version = 7 is not allowed",
-        ),
-        ("ATTACH DATABASE '/tmp/x.db' AS x", "ATTACH"),
-        (
-            "SELECT load_extension('/tmp/evil')",
-            "function load_extension() is not allowed",
-        ),
-        ("BEGIN", "transactions are not needed"),
-        ("VACUUM", ""),
         // Every refusal is a sentence, never Rust's Debug text (`Analyze { table_name: .. }`).
         (
             "ANALYZE items",
@@ -183,15 +113,8 @@ fn writes_are_refused_with_sqlites_reason_and_bad_sql_with_its_position() {
             "CREATE VIRTUAL TABLE v USING fts5(x)",
             "changing the schema (sqlite_master) is not allowed",
         ),
-    ] {
-        let r = query(s.addr, sql, json!(null));
-        assert_eq!(r.status, 403, "{sql}: {}", r.text());
-        let body = r.json();
-        assert!(
-            body["reason"].as_str().unwrap_or("").contains(reason),
-            "{sql}: {body}"
-        );
-        assert!(body["error"].is_string(), "{sql}: {body}");
+    ]) {
+        let body = serve::assert_refused(&query(s.addr, sql, json!(null)), sql, reason);
         assert!(
             !body["reason"].as_str().unwrap_or("").contains('{'),
             "{sql}: {body}"

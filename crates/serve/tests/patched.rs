@@ -5,7 +5,6 @@
 //! beside the files is created or changed, a damaged patch stops the start with exit 4 and a
 //! sentence, and without BAKEDB_SQLITE_PATCHES the file is opened as it always was.
 
-mod http;
 mod server;
 
 use std::collections::BTreeMap;
@@ -13,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
+use bakedb_testkit::http;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 

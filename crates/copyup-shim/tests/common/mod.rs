@@ -3,7 +3,7 @@
 //!
 //! Mounting needs root. Without it a test falls back to a plain directory (its overlay
 //! assertions skipped, the descriptor checks through /proc/self/fdinfo kept) locally, and
-//! fails under CI=true, like tests/e2e/util.rs does for a missing tool.
+//! fails under CI=true, like bakedb-testkit does for a missing tool.
 
 #![allow(dead_code)]
 
@@ -13,14 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-pub fn under_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
-
-pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
+pub use bakedb_testkit::tools::{is_root, require_root, tool, under_ci};
 
 /// The library `cargo test` built next to this test binary (target/<profile>/deps/..).
 pub fn shim_path() -> PathBuf {
@@ -41,7 +34,7 @@ fn cpath(p: &Path) -> CString {
     CString::new(p.as_os_str().as_bytes()).unwrap()
 }
 
-fn mount(source: &str, target: &Path, fstype: &str, data: &str) -> std::io::Result<()> {
+pub fn mount(source: &str, target: &Path, fstype: &str, data: &str) -> std::io::Result<()> {
     let (source, fstype, data) = (
         CString::new(source).unwrap(),
         CString::new(fstype).unwrap(),
@@ -65,7 +58,7 @@ fn mount(source: &str, target: &Path, fstype: &str, data: &str) -> std::io::Resu
     }
 }
 
-fn umount(target: &Path) {
+pub fn umount(target: &Path) {
     let t = cpath(target);
     // SAFETY: a NUL-terminated path; a lazy unmount has no other precondition.
     unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH) };
@@ -162,19 +155,10 @@ impl Layers {
     /// overlayfs. None (skip) locally when not root or fuse-overlayfs is not installed; a
     /// failure under CI.
     pub fn fuse(name: &str, fill: impl FnOnce(&Path)) -> Option<Layers> {
-        let tool = std::env::var_os("PATH")
-            .into_iter()
-            .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-            .map(|d| d.join("fuse-overlayfs"))
-            .find(|p| p.is_file());
-        let Some(tool) = tool.filter(|_| is_root()) else {
-            assert!(
-                !under_ci(),
-                "fuse-overlayfs is not installed or not root, and CI=true"
-            );
-            eprintln!("skipping: fuse-overlayfs is not installed or not root");
+        let tool = tool("fuse-overlayfs")?;
+        if !require_root() {
             return None;
-        };
+        }
         let mut layers = Layers::new(name, None, fill);
         let top = layers.root.join("fuse");
         let (upper, work, merged) = (top.join("upper"), top.join("work"), top.join("merged"));

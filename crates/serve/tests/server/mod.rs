@@ -1,5 +1,6 @@
-//! bakedb-serve as a child process on 127.0.0.1 with a generated database, for the crate's
-//! test files: start it, wait for its address, query it, read its metrics and its memory.
+//! bakedb-serve as a child process on 127.0.0.1 with a generated database (bakedb-testkit's
+//! items database, the one the e2e tests of the image query too), for the crate's test
+//! files: start it, wait for its address, query it, read its metrics and its memory.
 
 #![allow(dead_code)]
 
@@ -10,9 +11,15 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
-use crate::http;
+use bakedb_testkit::dirs::test_dir_for;
+use bakedb_testkit::fixtures::items_db;
+use bakedb_testkit::{http, serve};
+
+// What the test files ask through, as they did when it was written here.
+#[allow(unused_imports)]
+pub use bakedb_testkit::serve::{RUNAWAY, query};
 
 pub struct Server {
     pub child: Child,
@@ -21,12 +28,13 @@ pub struct Server {
     pub dir: TempDir,
 }
 
-pub struct TempDir(pub PathBuf);
+/// A directory of one test (bakedb-testkit's), removed when dropped: `.0` is its path.
+pub struct TempDir(pub PathBuf, tempfile::TempDir);
 
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A fresh directory named after the test.
+pub fn temp_dir(name: &str) -> TempDir {
+    let dir = test_dir_for(&format!("serve-{name}"));
+    TempDir(dir.path().to_owned(), dir)
 }
 
 impl Drop for Server {
@@ -36,42 +44,8 @@ impl Drop for Server {
     }
 }
 
-pub fn temp_dir(name: &str) -> TempDir {
-    let dir = std::env::temp_dir().join(format!("bakedb-serve-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    TempDir(dir)
-}
-
-/// items(id, name, price, data): `rows` rows, an index on name, a view.
-pub fn make_db(path: &Path, rows: i64) {
-    let c = rusqlite::Connection::open(path).unwrap();
-    c.execute_batch(
-        "CREATE TABLE items(id INTEGER PRIMARY KEY, name TEXT NOT NULL, price REAL, data BLOB);
-         CREATE INDEX items_name ON items(name);
-         CREATE VIEW cheap AS SELECT id, name FROM items WHERE price < 10;",
-    )
-    .unwrap();
-    let tx = c.unchecked_transaction().unwrap();
-    {
-        let mut stmt = tx
-            .prepare("INSERT INTO items VALUES (?1, ?2, ?3, ?4)")
-            .unwrap();
-        for i in 1..=rows {
-            stmt.execute(rusqlite::params![
-                i,
-                format!("item-{i:05}"),
-                i as f64 / 4.0,
-                vec![i as u8, 0xff]
-            ])
-            .unwrap();
-        }
-    }
-    tx.commit().unwrap();
-}
-
 pub fn start(name: &str, rows: i64, env: &[(&str, &str)]) -> Server {
-    start_on(name, |db| make_db(db, rows), env)
+    start_on(name, |db| items_db(db, rows, false), env)
 }
 
 /// bakedb-serve on the database `make` writes at the path it is given.
@@ -171,10 +145,7 @@ impl Server {
     /// `bakedb_query_errors_total{kind="timeout"}`; 0 when the server has not printed it yet
     /// (Prometheus counters by label appear with their first increment).
     pub fn metric(&self, name: &str) -> u64 {
-        let m = http::get(self.addr, "/metrics").text();
-        m.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .map_or(0, |v| v.parse().unwrap_or_else(|_| panic!("{name}: {v}")))
+        serve::metric(&http::get(self.addr, "/metrics").text(), name)
     }
 
     /// Waits until the process exits, for at most `patience`; its status, or None if it is
@@ -203,34 +174,13 @@ pub fn wait_until(what: &str, patience: Duration, cond: &mut dyn FnMut() -> bool
     }
 }
 
-pub fn query(addr: SocketAddr, sql: &str, params: Value) -> http::Response {
-    http::post_json(addr, "/v1/query", &json!({"sql": sql, "params": params}))
-}
-
-/// The same as NDJSON: status and the parsed lines.
+/// The same as NDJSON: status and the parsed lines (or the error's JSON).
 pub fn query_ndjson(addr: SocketAddr, sql: &str) -> (u16, Vec<Value>) {
-    let r = http::request(
-        addr,
-        "POST",
-        "/v1/query",
-        &[
-            ("Accept", "application/x-ndjson"),
-            ("Content-Type", "application/json"),
-        ],
-        json!({ "sql": sql }).to_string().as_bytes(),
-    )
-    .unwrap();
+    let r = serve::ndjson(addr, sql);
     let lines = if r.status == 200 {
-        r.text()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+        serve::ndjson_lines(&r)
     } else {
         vec![r.json()]
     };
     (r.status, lines)
 }
-
-/// A query that never ends on its own: counts forever.
-pub const RUNAWAY: &str =
-    "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c";
