@@ -20,9 +20,15 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail};
+use bakedb_testkit::tools::is_root;
 use sha2::{Digest, Sha256};
 
-use crate::bench::{self, Rng, Sample, Timer, fmt, median, yes_no};
+use crate::bench::data::Rng;
+use crate::bench::timing::{
+    NOISY, cold_cache, drop_caches, nproc, percentile, sync, until_quiet, wait_until_quiet, warm,
+};
+use crate::bench::tools::{Found, commit_measured, found_text, fresh_dir, target_dir, version};
+use crate::bench::{self, Cache, Sample, Timer, fmt, fmt_pct, median, run_quiet, times, yes_no};
 use crate::project_root;
 
 /// Bump when the generated content or image.json changes, so cached data is regenerated.
@@ -38,9 +44,6 @@ const DATA_FILE: &str = "app.db";
 /// The data of the image whose start-up overhead is measured: small enough not to matter.
 const TINY_BYTES: u64 = 4096;
 const OVERHEAD_WARMUP: usize = 10;
-
-const DOC_START: &str = "<!-- bench:init:start -->";
-const DOC_END: &str = "<!-- bench:init:end -->";
 
 /// Issue 4's targets.
 const TARGET_SPEEDUP_VS_OPENSSL: f64 = 1.8;
@@ -61,42 +64,26 @@ impl InitOptions {
             runs: 5,
             overhead_runs: 200,
         };
-        let positive = |name: &str, text: &str| {
-            text.trim()
-                .parse::<u64>()
-                .ok()
-                .filter(|n| *n > 0)
-                .ok_or_else(|| anyhow!("{name} {text:?}: expected a positive integer"))
-        };
-        let mut flags = flags.iter().copied();
-        while let Some(flag) = flags.next() {
-            let (name, inline) = match flag.split_once('=') {
-                Some((n, v)) => (n, Some(v)),
-                None => (flag, None),
-            };
-            let mut value = |what: &str| -> Result<&str> {
-                inline
-                    .or_else(|| flags.next())
-                    .ok_or_else(|| anyhow!("{name} needs a value ({what})"))
-            };
-            match name {
-                "--sizes-mib" => {
-                    let text = value("comma-separated sizes in MiB, e.g. 1024,8192")?;
-                    options.sizes_mib = text
-                        .split(',')
-                        .map(|s| positive(name, s))
-                        .collect::<Result<_>>()?;
+        bench::flags::parse(
+            "bench init",
+            "--sizes-mib N,N, --runs N, --overhead-runs N",
+            flags,
+            |name, value| {
+                match name {
+                    "--sizes-mib" => {
+                        options.sizes_mib =
+                            value.positive_list("comma-separated sizes in MiB, e.g. 1024,8192")?
+                    }
+                    "--runs" => options.runs = value.count("timed runs per case")?,
+                    "--overhead-runs" => {
+                        options.overhead_runs =
+                            value.count("runs of each command for the overhead")?
+                    }
+                    _ => return Ok(false),
                 }
-                "--runs" => options.runs = positive(name, value("timed runs per case")?)? as usize,
-                "--overhead-runs" => {
-                    options.overhead_runs =
-                        positive(name, value("runs of each command for the overhead")?)? as usize
-                }
-                _ => bail!(
-                    "bench init: unknown flag {flag:?} (expected --sizes-mib N,N, --runs N, --overhead-runs N)"
-                ),
-            }
-        }
+                Ok(true)
+            },
+        )?;
         Ok(options)
     }
 
@@ -113,12 +100,9 @@ impl InitOptions {
 
 pub fn init(options: &InitOptions) -> Result<()> {
     let root = project_root();
-    let bench_dir = bench::target_dir(&root).join("bench/init");
+    let bench_dir = target_dir(&root).join("bench/init");
     let scratch = bench_dir.join("run");
-    if scratch.exists() {
-        fs::remove_dir_all(&scratch).with_context(|| format!("removing {}", scratch.display()))?;
-    }
-    fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    fresh_dir(&scratch)?;
     // bakedb-init reads the data as the owner it drops to: keep our directories traversable.
     set_mode(&bench_dir, 0o755)?;
 
@@ -129,21 +113,11 @@ pub fn init(options: &InitOptions) -> Result<()> {
     fs::copy(&built, &init).with_context(|| format!("copying {}", built.display()))?;
     set_mode(&init, 0o755)?;
     let init_bytes = fs::metadata(&init)?.len();
-    let commit = bench::commit_measured(&root);
+    let commit = commit_measured(&root);
 
-    let tools = Tools::find();
-    let timer = Timer {
-        gnu_time: tools.gnu_time.clone(),
-        report: scratch.join("time.out"),
-    };
-    let euid = effective_uid();
-    let cold = match euid {
-        Some(0) => drop_caches(),
-        Some(uid) => Err(format!(
-            "not measured: dropping the page cache needs root (running as uid {uid})"
-        )),
-        None => Err("not measured: could not tell whether this runs as root".into()),
-    };
+    let timer = Timer::new(scratch.join("time.out"));
+    let tools = Tools::find(&timer);
+    let cold = cold_cache();
     if let Err(why) = &cold {
         eprintln!("xtask: cold page cache {why}");
     }
@@ -155,8 +129,8 @@ pub fn init(options: &InitOptions) -> Result<()> {
     let tiny = tiny_dataset(&bench_dir)?;
     // As root bakedb-init drops to the data owner before it reads a byte, as in a container;
     // that needs every directory above the data to be open to that user.
-    let run_as_root = match euid {
-        Some(0) => datasets
+    let run_as_root = match is_root() {
+        true => datasets
             .iter()
             .chain([&tiny])
             .find_map(|d| closed_ancestor(&d.root.join(DATA_DIR)))
@@ -166,7 +140,7 @@ pub fn init(options: &InitOptions) -> Result<()> {
                     dir.display()
                 )
             }),
-        _ => None,
+        false => None,
     };
     if let Some(why) = &run_as_root {
         eprintln!("xtask: {why}");
@@ -177,7 +151,7 @@ pub fn init(options: &InitOptions) -> Result<()> {
 
     let mut groups = Vec::new();
     for data in &datasets {
-        for cache in [Cache::Cold, Cache::Warm] {
+        for cache in Cache::BOTH {
             let mut group = Group {
                 size_mib: data.size_mib,
                 bytes: data.bytes,
@@ -249,13 +223,7 @@ pub fn init(options: &InitOptions) -> Result<()> {
         groups: &groups,
         overhead: &overhead,
     };
-    let markdown = report.markdown();
-    println!("{markdown}");
-    let doc = root.join("docs/benchmarks.md");
-    bench::write_marked_section(&doc, DOC_START, DOC_END, &markdown)?;
-    eprintln!("xtask: wrote {}", doc.display());
-    let _ = fs::remove_dir_all(&scratch);
-    Ok(())
+    bench::report::publish(&root, "init", report.markdown(), &scratch)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -460,18 +428,6 @@ fn tiny_dataset(bench_dir: &Path) -> Result<DataSet> {
     })
 }
 
-/// The effective uid, from /proc/self/status (xtask has no libc).
-pub(crate) fn effective_uid() -> Option<u32> {
-    fs::read_to_string("/proc/self/status")
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
 /// The first directory from `/` down to `dir` that the data owner cannot search.
 fn closed_ancestor(dir: &Path) -> Option<PathBuf> {
     let dir = fs::canonicalize(dir).ok()?;
@@ -490,21 +446,6 @@ fn closed_ancestor(dir: &Path) -> Option<PathBuf> {
 
 // ---------------------------------------------------------------------------------------------
 // Tools, cache states and timing.
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Cache {
-    Cold,
-    Warm,
-}
-
-impl Cache {
-    fn name(self) -> &'static str {
-        match self {
-            Cache::Cold => "cold",
-            Cache::Warm => "warm",
-        }
-    }
-}
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Tool {
@@ -542,45 +483,22 @@ impl Tool {
     }
 }
 
-/// A tool's version line, or why it cannot be used.
-type Found = Result<String, String>;
-
 struct Tools {
-    gnu_time: Option<PathBuf>,
+    gnu_time: bool,
     sha256sum: Found,
     openssl: Found,
     fincore: bool,
 }
 
 impl Tools {
-    fn find() -> Tools {
-        let version = |program: &str, args: &[&str]| -> Found {
-            let out = Command::new(program)
-                .args(args)
-                .stdin(Stdio::null())
-                .output()
-                .map_err(|e| format!("not available ({e})"))?;
-            if !out.status.success() {
-                return Err(format!(
-                    "not available (`{program} {}` failed)",
-                    args.join(" ")
-                ));
-            }
-            Ok(String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_owned())
-        };
-        let gnu_time = Path::new("/usr/bin/time");
+    fn find(timer: &Timer) -> Tools {
         Tools {
-            gnu_time: gnu_time.is_file().then(|| gnu_time.to_owned()),
-            sha256sum: version("sha256sum", &["--version"]),
+            gnu_time: timer.gnu_time.is_some(),
+            sha256sum: version(Path::new("sha256sum"), &["--version"]),
             // "OpenSSL 3.0.19 27 Jan 2026 (Library: …)" → "OpenSSL 3.0.19"
-            openssl: version("openssl", &["version"])
+            openssl: version(Path::new("openssl"), &["version"])
                 .map(|v| v.split_whitespace().take(2).collect::<Vec<_>>().join(" ")),
-            fincore: version("fincore", &["--version"]).is_ok(),
+            fincore: version(Path::new("fincore"), &["--version"]).is_ok(),
         }
     }
 
@@ -619,13 +537,6 @@ impl InitEnv {
     }
 }
 
-/// `sync; echo 3 > /proc/sys/vm/drop_caches`.
-pub(crate) fn drop_caches() -> Result<(), String> {
-    bench::sync();
-    fs::write("/proc/sys/vm/drop_caches", "3")
-        .map_err(|e| format!("not measured: writing /proc/sys/vm/drop_caches: {e}"))
-}
-
 /// Share of `file` in the page cache, from util-linux fincore.
 fn cached_fraction(file: &Path, bytes: u64) -> Option<f64> {
     let out = Command::new("fincore")
@@ -641,11 +552,11 @@ fn cached_fraction(file: &Path, bytes: u64) -> Option<f64> {
 
 /// Put the file where the cache state wants it; for a cold run, load the program (and its
 /// libraries) again so that only the data comes from the disk.
-fn prepare(tool: Tool, cache: Cache, data: &DataSet, init: &Path, tools: &Tools) -> Result<()> {
+fn prepare(tool: Tool, cache: Cache, data: &DataSet, init: &Path, timer: &Timer) -> Result<()> {
     match cache {
         Cache::Warm => {
-            bench::warm(&data.file)?;
-            bench::sync();
+            warm(&data.file)?;
+            sync();
         }
         Cache::Cold => {
             drop_caches().map_err(|e| anyhow!("dropping the page cache: {e}"))?;
@@ -671,9 +582,9 @@ fn prepare(tool: Tool, cache: Cache, data: &DataSet, init: &Path, tools: &Tools)
                     c
                 }
             };
-            bench::run_quiet(&mut load)?;
-            if let Some(time) = &tools.gnu_time {
-                bench::run_quiet(Command::new(time).args(["-f", "", "-o", "/dev/null", "true"]))?;
+            run_quiet(&mut load)?;
+            if let Some(time) = &timer.gnu_time {
+                run_quiet(Command::new(time).args(["-f", "", "-o", "/dev/null", "true"]))?;
             }
         }
     }
@@ -691,10 +602,9 @@ fn time_case(
     timer: &Timer,
     tools: &Tools,
 ) -> Result<(Sample, Option<f64>, Option<usize>)> {
-    let mut attempt = 0;
-    loop {
-        prepare(tool, cache, data, init, tools)?;
-        bench::wait_until_quiet();
+    let attempt = || -> Result<(Sample, Option<f64>, Option<usize>)> {
+        prepare(tool, cache, data, init, timer)?;
+        wait_until_quiet();
         let cached = if tools.fincore {
             cached_fraction(&data.file, data.bytes)
         } else {
@@ -758,17 +668,9 @@ fn time_case(
             }
             None
         };
-        attempt += 1;
-        match done.sample.other_load {
-            Some(load) if load > bench::NOISY && attempt <= bench::NOISY_RETRIES => {
-                eprintln!(
-                    "xtask:   other processes used {:.0} % of the CPU during the run; timing it again",
-                    load * 100.0
-                );
-            }
-            _ => return Ok((done.sample, cached, threads)),
-        }
-    }
+        Ok((done.sample, cached, threads))
+    };
+    until_quiet(NOISY, attempt, |(sample, _, _)| sample.other_load)
 }
 
 /// The thread count from "bakedb-init: verified 1 file, 1.00 GiB under /var/lib/bakedb in
@@ -797,11 +699,11 @@ struct CaseResult {
 
 impl CaseResult {
     fn secs(&self) -> Option<f64> {
-        median(self.samples.iter().map(|s| s.secs).collect())
+        median(self.samples.iter().map(|s| s.secs))
     }
 
     fn cpu_secs(&self) -> Option<f64> {
-        median(self.samples.iter().filter_map(|s| s.cpu_secs).collect())
+        median(self.samples.iter().filter_map(|s| s.cpu_secs))
     }
 
     fn peak_rss_mib(&self) -> Option<f64> {
@@ -907,7 +809,7 @@ fn overhead(init: &Path, tiny: &DataSet, env: &InitEnv, runs: usize) -> Result<O
         time(&mut with_init)?;
         time(&mut direct)?;
     }
-    bench::wait_until_quiet();
+    wait_until_quiet();
     let mut result = Overhead {
         init_ms: Vec::with_capacity(runs),
         true_ms: Vec::with_capacity(runs),
@@ -926,12 +828,6 @@ fn overhead(init: &Path, tiny: &DataSet, env: &InitEnv, runs: usize) -> Result<O
     Ok(result)
 }
 
-fn percentile(mut values: Vec<f64>, p: f64) -> Option<f64> {
-    values.sort_by(f64::total_cmp);
-    let last = values.len().checked_sub(1)?;
-    Some(values[((last as f64) * p).round() as usize])
-}
-
 // ---------------------------------------------------------------------------------------------
 // The report.
 
@@ -948,35 +844,14 @@ struct Report<'a> {
     overhead: &'a Overhead,
 }
 
-fn fmt_pct(value: Option<f64>) -> String {
-    value.map_or_else(|| "—".into(), |v| format!("{:.0} %", v * 100.0))
-}
-
-fn times(value: Option<f64>) -> String {
-    value.map_or_else(|| "—".into(), |v| format!("{v:.2}×"))
-}
-
 impl Report<'_> {
     fn markdown(&self) -> String {
-        let mut md = String::new();
-        let nproc = std::thread::available_parallelism().map_or(1, usize::from);
-        let tool = |found: &Found| match found {
-            Ok(v) => v.clone(),
-            Err(why) => why.clone(),
-        };
-        let _ = writeln!(md, "{DOC_START}");
-        let _ = writeln!(md, "## init\n");
-        let _ = writeln!(
-            md,
-            "Measured {} on {}; bakedb at {}. Reproduce with:\n",
-            bench::today(),
-            bench::machine(),
-            self.commit,
-        );
-        let _ = writeln!(md, "    {}\n", self.options.command());
+        let nproc = nproc();
+        let tool = found_text;
+        let mut md = bench::report::start("init", &self.commit, &self.options.command());
         let who = match &self.run_as_root {
             Some(why) => format!("as root: {why}"),
-            None if effective_uid() == Some(0) => format!(
+            None if is_root() => format!(
                 "as root, so bakedb-init drops to the data owner {OWNER}:{OWNER} before it reads, as in a container"
             ),
             None => "as a user other than root, so bakedb-init keeps that user".into(),
@@ -1006,12 +881,12 @@ impl Report<'_> {
              case once per round; MB/s is 10^6 bytes over the median wall time, spawn to exit{}. \
              \"× openssl\" is MB/s over `openssl dgst -sha256`'s (one core) in the same size and cache state. {}\n",
             self.options.runs,
-            if self.tools.gnu_time.is_some() {
+            if self.tools.gnu_time {
                 " under GNU time"
             } else {
                 ""
             },
-            if self.tools.gnu_time.is_some() {
+            if self.tools.gnu_time {
                 "Peak RSS is the largest of the runs; CPU s is the median user+sys time; \"others\" is the largest \
                  share of all cores that other processes used during a run."
             } else {
@@ -1059,7 +934,7 @@ impl Report<'_> {
                     case.tool.what(),
                     fmt(case.secs(), 3),
                     fmt(mbs, 0),
-                    times(mbs.zip(openssl).map(|(m, o)| m / o)),
+                    times(mbs.zip(openssl).map(|(m, o)| m / o), 2),
                     fmt(case.cpu_secs(), 2),
                     fmt(case.peak_rss_mib(), 1),
                     fmt_pct(case.other_load()),
@@ -1076,7 +951,7 @@ impl Report<'_> {
             "{} runs of each, alternated, after {OVERHEAD_WARMUP} untimed ones; wall time from spawn to exit. bakedb-init \
              reads and parses a one-file image.json, applies the sqlite-readonly profile, {} and execs /bin/true.\n",
             o.init_ms.len(),
-            if self.run_as_root.is_none() && effective_uid() == Some(0) {
+            if self.run_as_root.is_none() && is_root() {
                 format!("drops root to {OWNER}:{OWNER}")
             } else {
                 "keeps its user".into()
@@ -1115,7 +990,7 @@ impl Report<'_> {
                 md,
                 "| verification ≥ {TARGET_SPEEDUP_VS_OPENSSL}× `openssl dgst -sha256`, {} | {} | {} |",
                 group.label(),
-                times(speedup),
+                times(speedup, 2),
                 yes_no(met)
             );
             if met == Some(false) {
@@ -1171,7 +1046,6 @@ impl Report<'_> {
                 let _ = writeln!(md, "- cold page cache: {why}");
             }
         }
-        let _ = writeln!(md, "{DOC_END}");
         md
     }
 
@@ -1198,8 +1072,8 @@ impl Report<'_> {
             threads.map_or("?".into(), |t| t.to_string()),
             fmt_pct(busy),
             fmt(one, 0),
-            times(one.zip(openssl).map(|(a, b)| a / b)),
-            times(all.zip(one).map(|(a, b)| a / b)),
+            times(one.zip(openssl).map(|(a, b)| a / b), 2),
+            times(all.zip(one).map(|(a, b)| a / b), 2),
         );
         let read = group.mb_per_s(Tool::Read);
         if let Some(read) = read {
@@ -1289,15 +1163,5 @@ mod tests {
         let one = "bakedb-init: verified 1 file, 64.00 MiB under /var/lib/bakedb in 0.12 s (560 MB/s, 1 thread)";
         assert_eq!(verified_threads(one), Some(1));
         assert_eq!(verified_threads("bakedb-init: warning"), None);
-    }
-
-    #[test]
-    fn percentiles() {
-        assert_eq!(percentile(vec![3.0, 1.0, 2.0], 0.5), Some(2.0));
-        assert_eq!(
-            percentile((1..=10).map(f64::from).collect(), 0.9),
-            Some(9.0)
-        );
-        assert_eq!(percentile(vec![], 0.9), None);
     }
 }

@@ -24,23 +24,30 @@
 //! docs/benchmarks.md.
 
 use std::fmt::Write as _;
-use std::fs::{self, File};
-use std::io::Read;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::os::unix::process::CommandExt;
+use std::fs;
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail};
+use bakedb_testkit::containers::{Container, DockerImage, docker_cli};
+use bakedb_testkit::dirs::{files_under, unique_name};
+use bakedb_testkit::pg::{PgOptions, PgServer, RunAs, pg_command};
+use bakedb_testkit::ports::free_port;
 
-use crate::bench::{self, fmt, fmt_pct, median, yes_no};
-use crate::{bench_init, project_root};
-
-const SOURCE_DATE_EPOCH: &str = "1700000000";
-const DOC_START: &str = "<!-- bench:postgres:start -->";
-const DOC_END: &str = "<!-- bench:postgres:end -->";
+use crate::bench::timing::{
+    cold_cache, drop_caches, first_answer, nproc, sync, until_quiet, wait_until_quiet, warm,
+};
+use crate::bench::tools::{
+    build_layers, commit_measured, docker_bin, docker_load, docker_version, fresh_dir, image_size,
+    release_bakedb, skopeo_version, target_dir,
+};
+use crate::bench::{
+    self, Cache, Timer, fmt, fmt_pct, fmt_range, mb, median, range, ratio, run_quiet, times, yes_no,
+};
+use crate::project_root;
 
 const DB: &str = "bench";
 const ROLE: &str = "bench";
@@ -72,7 +79,7 @@ const MIB_PER_SCALE: f64 = 14.7;
 const EMPTY_DB_MIB: f64 = 7.0;
 const PGBENCH_THREADS: usize = 2;
 /// Server and pgbench keep every core busy: another process's share comes straight off the
-/// TPS, so a run is taken again above a smaller share than `bench::NOISY`.
+/// TPS, so a run is taken again above a smaller share than the harness's NOISY.
 const NOISY: f64 = 0.05;
 const WARMUP_S: u64 = 5;
 
@@ -80,7 +87,6 @@ const WARMUP_S: u64 = 5;
 const POLL: Duration = Duration::from_millis(10);
 /// A restore at start of a large dump takes minutes.
 const START_TIMEOUT: Duration = Duration::from_secs(1800);
-const SERVER_START_TIMEOUT: Duration = Duration::from_secs(60);
 const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The issue's target: the baked image answers at least this many times sooner than a restore
@@ -102,31 +108,23 @@ impl PostgresOptions {
             duration_s: 30,
             clients: 8,
         };
-        let mut flags = flags.iter().copied();
-        while let Some(flag) = flags.next() {
-            let (name, inline) = match flag.split_once('=') {
-                Some((n, v)) => (n, Some(v)),
-                None => (flag, None),
-            };
-            let mut value = |what: &str| -> Result<u64> {
-                let text = inline
-                    .or_else(|| flags.next())
-                    .ok_or_else(|| anyhow!("{name} needs a value ({what})"))?;
-                text.parse::<u64>()
-                    .ok()
-                    .filter(|n| *n > 0)
-                    .ok_or_else(|| anyhow!("{name} {text:?}: expected a positive integer"))
-            };
-            match name {
-                "--size-mib" => options.size_mib = value("database size in MiB")?,
-                "--runs" => options.runs = value("builds, starts and pgbench rounds")? as usize,
-                "--duration-s" => options.duration_s = value("seconds of each pgbench run")?,
-                "--clients" => options.clients = value("pgbench clients")? as usize,
-                _ => bail!(
-                    "bench postgres: unknown flag {flag:?} (expected --size-mib N, --runs N, --duration-s N, --clients N)"
-                ),
-            }
-        }
+        bench::flags::parse(
+            "bench postgres",
+            "--size-mib N, --runs N, --duration-s N, --clients N",
+            flags,
+            |name, value| {
+                match name {
+                    "--size-mib" => options.size_mib = value.positive("database size in MiB")?,
+                    "--runs" => options.runs = value.count("builds, starts and pgbench rounds")?,
+                    "--duration-s" => {
+                        options.duration_s = value.positive("seconds of each pgbench run")?
+                    }
+                    "--clients" => options.clients = value.count("pgbench clients")?,
+                    _ => return Ok(false),
+                }
+                Ok(true)
+            },
+        )?;
         if options.clients < PGBENCH_THREADS {
             bail!("--clients must be at least {PGBENCH_THREADS} (one per pgbench thread)");
         }
@@ -148,41 +146,21 @@ impl PostgresOptions {
 
 pub fn postgres(options: &PostgresOptions) -> Result<()> {
     let root = project_root();
-    let target = bench::target_dir(&root);
+    let target = target_dir(&root);
     let pg_dir = target.join("bench/postgres");
     let scratch = pg_dir.join("run");
-    if scratch.exists() {
-        fs::remove_dir_all(&scratch).with_context(|| format!("removing {}", scratch.display()))?;
-    }
-    fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    fresh_dir(&scratch)?;
 
     let docker = docker_bin();
-    let docker_version = match bench::run_quiet(Command::new(&docker).args([
-        "info",
-        "--format",
-        "{{.ServerVersion}}",
-    ])) {
-        Ok(v) if !v.trim().is_empty() => format!("docker {}", v.trim()),
-        Ok(_) => bail!("dockerd reports no version"),
-        Err(e) => return Err(e.context("this benchmark runs containers: is dockerd running?")),
-    };
-    let skopeo = bench::run_quiet(Command::new("skopeo").arg("--version"))
-        .map_err(|e| anyhow!("{e:#}\nskopeo is missing: apt-get install skopeo"))?
-        .trim()
-        .replace(" version ", " ");
-    let cold_unavailable = match bench_init::effective_uid() {
-        Some(0) => None,
-        Some(uid) => Some(format!(
-            "not measured: dropping the page cache needs root (running as uid {uid})"
-        )),
-        None => Some("not measured: could not tell whether this runs as root".into()),
-    };
+    let docker_version =
+        docker_version(&docker).context("this benchmark runs containers: is dockerd running?")?;
+    let skopeo = skopeo_version()?;
+    let cold_unavailable = cold_cache().err();
 
     eprintln!("xtask: the PostgreSQL base image fixture");
     let fixture = crate::fixtures::postgres()?;
     let base_ref = format!("oci:{}:latest", fixture.display());
-    let base_config =
-        bench::run_quiet(Command::new("skopeo").args(["inspect", "--config", &base_ref]))?;
+    let base_config = run_quiet(Command::new("skopeo").args(["inspect", "--config", &base_ref]))?;
     let major = base_config
         .split('"')
         .find_map(|s| s.strip_prefix("PG_MAJOR="))
@@ -215,23 +193,14 @@ pub fn postgres(options: &PostgresOptions) -> Result<()> {
         bin: pg_bin.clone(),
     };
 
-    eprintln!("xtask: building bakedb (release)");
-    crate::run(
-        crate::cargo()
-            .current_dir(&root)
-            .args(["build", "--release", "-p", "bakedb-cli"]),
-    )?;
-    // A private copy: a build running beside the benchmark could replace the binary.
-    let bakedb = scratch.join("bakedb");
-    let built = target.join("release/bakedb");
-    fs::copy(&built, &bakedb).with_context(|| format!("copying {}", built.display()))?;
-    let commit = bench::commit_measured(&root);
+    let bakedb = release_bakedb(&root, &scratch)?;
+    let commit = commit_measured(&root);
 
     // 1. The source, and everything taken from it.
     let scale = options.scale();
     let mut data = DataPart {
         scale,
-        pg_version: bench::run_quiet(Command::new(pg_bin.join("postgres")).arg("--version"))?
+        pg_version: run_quiet(Command::new(pg_bin.join("postgres")).arg("--version"))?
             .trim()
             .to_owned(),
         base_version,
@@ -247,22 +216,26 @@ pub fn postgres(options: &PostgresOptions) -> Result<()> {
     let lazy_name = format!("{BAKED_IMAGE}:{}mib-lazy-copyup", options.size_mib);
     let mut build = BuildPart::default();
     {
-        let run_as = RunAs::detect()?;
-        let source = Source::start(&pg_bin, run_as, &scratch.join("source"))?;
+        // PostgreSQL refuses to run as root: then as the postgres user.
+        let run_as = RunAs::postgres()?;
+        let source_dir = scratch.join("source");
+        fs::create_dir_all(&source_dir)?;
+        eprintln!("xtask: initdb {}", source_dir.join("data").display());
+        let mut source = PgServer::create(&pg_bin, run_as, &source_dir, &PgOptions::default())?;
+        psql(&source, "postgres", &format!("CREATE DATABASE {DB}"))?;
         eprintln!(
             "xtask: pgbench -i -s {scale} (about {} MiB)",
             options.size_mib
         );
         let started = Instant::now();
-        bench::run_quiet(source.client("pgbench").args([
-            "-i",
-            "-q",
-            "-s",
-            &scale.to_string(),
-            DB,
-        ]))?;
+        run_quiet(
+            source
+                .client("pgbench")
+                .args(["-i", "-q", "-s", &scale.to_string(), DB]),
+        )?;
         data.init_secs = started.elapsed().as_secs_f64();
-        source.psql(
+        psql(
+            &source,
             DB,
             &format!(
                 "CREATE ROLE {ROLE} LOGIN PASSWORD '{PASSWORD}';
@@ -271,28 +244,27 @@ pub fn postgres(options: &PostgresOptions) -> Result<()> {
                  GRANT SELECT ON ALL TABLES IN SCHEMA public TO {ROLE};"
             ),
         )?;
-        data.db_bytes = source
-            .psql(DB, &format!("SELECT pg_database_size('{DB}')"))?
+        data.db_bytes = psql(&source, DB, &format!("SELECT pg_database_size('{DB}')"))?
             .parse()
             .context("pg_database_size")?;
-        data.tables = source
-            .psql(
-                DB,
-                "SELECT string_agg(format('%s %s MB', relname, round(pg_total_relation_size(oid) / 1e6)), ', ' ORDER BY relname) \
+        data.tables = psql(
+            &source,
+            DB,
+            "SELECT string_agg(format('%s %s MB', relname, round(pg_total_relation_size(oid) / 1e6)), ', ' ORDER BY relname) \
                  FROM pg_class WHERE relname LIKE 'pgbench_%' AND relkind = 'r'",
-            )?;
+        )?;
         // To name the files that get copied up.
-        data.relations = source
-            .psql(
-                DB,
-                "SELECT pg_relation_filepath(oid) || ' ' || relname FROM pg_class \
+        data.relations = psql(
+            &source,
+            DB,
+            "SELECT pg_relation_filepath(oid) || ' ' || relname FROM pg_class \
                  WHERE pg_relation_filepath(oid) IS NOT NULL",
-            )?
-            .lines()
-            .filter_map(|l| l.split_once(' '))
-            .map(|(path, name)| (path.to_owned(), name.to_owned()))
-            .collect();
-        let branches = source.psql(DB, FIRST_QUERY)?;
+        )?
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(path, name)| (path.to_owned(), name.to_owned()))
+        .collect();
+        let branches = psql(&source, DB, FIRST_QUERY)?;
         if branches != scale.to_string() {
             bail!("{FIRST_QUERY} answers {branches}, expected {scale}");
         }
@@ -303,11 +275,11 @@ pub fn postgres(options: &PostgresOptions) -> Result<()> {
             data.init_secs,
             data.tables
         );
-        let url = format!("postgresql://postgres@127.0.0.1:{}/{DB}", source.port);
+        let url = source.url(DB);
 
         eprintln!("xtask: pg_dump -Fc");
         let started = Instant::now();
-        bench::run_quiet(
+        run_quiet(
             source
                 .client("pg_dump")
                 .args(["-Fc", "-f"])
@@ -320,15 +292,15 @@ pub fn postgres(options: &PostgresOptions) -> Result<()> {
         let build_image =
             |lazy: bool, archive: &Path, name: &str| -> Result<(f64, String, String)> {
                 let _ = fs::remove_file(archive);
-                bench::sync();
-                bench::wait_until_quiet();
+                sync();
+                wait_until_quiet();
                 let mut cmd = Command::new(&bakedb);
                 cmd.args(["build", "--json", "--engine", "postgres", "--source", &url])
                     .arg("--pg-bin")
                     .arg(&pg_bin)
                     .args(["--base", &base_ref, "--output"])
                     .arg(format!("docker-archive:{}:{name}", archive.display()))
-                    .env("SOURCE_DATE_EPOCH", SOURCE_DATE_EPOCH)
+                    .env("SOURCE_DATE_EPOCH", bench::SOURCE_DATE_EPOCH)
                     .env("CI", "true")
                     .stdin(Stdio::null());
                 if lazy {
@@ -352,7 +324,7 @@ pub fn postgres(options: &PostgresOptions) -> Result<()> {
             );
             let (secs, stdout, stderr) = build_image(false, &baked_archive, &baked_name)?;
             build.secs.push(secs);
-            build.layers = layers(&stdout);
+            build.layers = build_layers(&stdout);
             build.lines = stderr
                 .lines()
                 .filter_map(|l| l.strip_prefix("bakedb: "))
@@ -364,12 +336,12 @@ pub fn postgres(options: &PostgresOptions) -> Result<()> {
             );
             let (secs, stdout, _) = build_image(true, &lazy_archive, &lazy_name)?;
             build.lazy_secs.push(secs);
-            build.lazy_layers = layers(&stdout);
+            build.lazy_layers = build_layers(&stdout);
         }
         build.archive_bytes = fs::metadata(&baked_archive)?.len();
 
         eprintln!("xtask: bakedb snapshot (the volume's data)");
-        bench::run_quiet(
+        run_quiet(
             Command::new(&bakedb)
                 .args([
                     "snapshot", "--quiet", "--engine", "postgres", "--source", &url,
@@ -378,7 +350,7 @@ pub fn postgres(options: &PostgresOptions) -> Result<()> {
                 .arg(&pg_bin)
                 .arg("--out")
                 .arg(&snapshot_dir)
-                .env("SOURCE_DATE_EPOCH", SOURCE_DATE_EPOCH),
+                .env("SOURCE_DATE_EPOCH", bench::SOURCE_DATE_EPOCH),
         )?;
         source.stop()?;
     }
@@ -387,7 +359,7 @@ pub fn postgres(options: &PostgresOptions) -> Result<()> {
     // 2. The images, in docker.
     let base_archive = scratch.join("base.tar");
     eprintln!("xtask: skopeo copy {base_ref} to docker as {BASE_IMAGE}");
-    bench::run_quiet(
+    run_quiet(
         Command::new("skopeo")
             .args(["copy", "--quiet", &base_ref])
             .arg(format!(
@@ -395,44 +367,17 @@ pub fn postgres(options: &PostgresOptions) -> Result<()> {
                 base_archive.display()
             )),
     )?;
-    bench::run_quiet(
-        Command::new(&docker)
-            .arg("load")
-            .arg("-i")
-            .arg(&base_archive),
-    )?;
-    let _base_image = Image {
-        docker: &docker,
-        name: BASE_IMAGE.into(),
-    };
+    let _base_image = docker_load(&docker, &base_archive, BASE_IMAGE)?;
     let _ = fs::remove_file(&base_archive);
 
     eprintln!("xtask: docker load {baked_name}");
     let started = Instant::now();
-    bench::run_quiet(
-        Command::new(&docker)
-            .arg("load")
-            .arg("-i")
-            .arg(&baked_archive),
-    )?;
+    let _baked_image = docker_load(&docker, &baked_archive, &baked_name)?;
     build.load_secs = started.elapsed().as_secs_f64();
-    let _baked_image = Image {
-        docker: &docker,
-        name: baked_name.clone(),
-    };
     let _ = fs::remove_file(&baked_archive);
     build.docker_size = image_size(&docker, &baked_name);
     eprintln!("xtask: docker load {lazy_name}");
-    bench::run_quiet(
-        Command::new(&docker)
-            .arg("load")
-            .arg("-i")
-            .arg(&lazy_archive),
-    )?;
-    let _lazy_image = Image {
-        docker: &docker,
-        name: lazy_name.clone(),
-    };
+    let _lazy_image = docker_load(&docker, &lazy_archive, &lazy_name)?;
     let _ = fs::remove_file(&lazy_archive);
 
     let restore_name = format!("{RESTORE_IMAGE}:{}mib", options.size_mib);
@@ -443,10 +388,10 @@ pub fn postgres(options: &PostgresOptions) -> Result<()> {
             "xtask: build {run}/{}: docker build (restore at start)",
             options.runs
         );
-        bench::sync();
-        bench::wait_until_quiet();
+        sync();
+        wait_until_quiet();
         let started = Instant::now();
-        bench::run_quiet(
+        run_quiet(
             Command::new(&docker)
                 .args(["build", "--no-cache", "--force-rm", "-t", &restore_name])
                 .arg(&restore_ctx)
@@ -456,8 +401,8 @@ pub fn postgres(options: &PostgresOptions) -> Result<()> {
         eprintln!("xtask:   {secs:.2} s");
         restore.build_secs.push(secs);
     }
-    let _restore_image = Image {
-        docker: &docker,
+    let _restore_image = DockerImage {
+        docker: docker.clone(),
         name: restore_name.clone(),
     };
     restore.docker_size = image_size(&docker, &restore_name);
@@ -466,7 +411,7 @@ pub fn postgres(options: &PostgresOptions) -> Result<()> {
     let expected = scale.to_string();
     let mut starts = Vec::new();
     for run in 1..=options.runs {
-        for cache in [Cache::Cold, Cache::Warm] {
+        for cache in Cache::BOTH {
             if cache == Cache::Cold && cold_unavailable.is_some() {
                 continue;
             }
@@ -480,8 +425,9 @@ pub fn postgres(options: &PostgresOptions) -> Result<()> {
                     StartKind::Baked { .. } => baked_name.as_str(),
                 };
                 match (cache, kind) {
-                    (Cache::Cold, _) => bench_init::drop_caches()
-                        .map_err(|e| anyhow!("dropping the page cache: {e}"))?,
+                    (Cache::Cold, _) => {
+                        drop_caches().map_err(|e| anyhow!("dropping the page cache: {e}"))?
+                    }
                     // An untimed start with verification reads every byte of the data.
                     (Cache::Warm, StartKind::Baked { .. }) => {
                         let primed = start(&docker, &client, image, &[], &expected)?;
@@ -492,8 +438,8 @@ pub fn postgres(options: &PostgresOptions) -> Result<()> {
                 }
                 // Dirty pages of the previous case (a restore writes a whole cluster) are
                 // written back before, not during, the timed start.
-                bench::sync();
-                bench::wait_until_quiet();
+                sync();
+                wait_until_quiet();
                 let env: &[&str] = match kind {
                     StartKind::Baked { verify: false } => &["BAKEDB_VERIFY=off"],
                     _ => &[],
@@ -525,12 +471,7 @@ pub fn postgres(options: &PostgresOptions) -> Result<()> {
     }
 
     // 5 and 6. pgbench -S on the baked image and on the volume; the copy-up.
-    let timer = bench::Timer {
-        gnu_time: Path::new("/usr/bin/time")
-            .is_file()
-            .then(|| PathBuf::from("/usr/bin/time")),
-        report: scratch.join("time.out"),
-    };
+    let timer = Timer::new(scratch.join("time.out"));
     let mut rounds = Vec::new();
     for round in 1..=options.runs {
         let mut pgbench = Vec::new();
@@ -552,7 +493,7 @@ pub fn postgres(options: &PostgresOptions) -> Result<()> {
                 // a start has verified (read) it.
                 drop(start(&docker, &client, &lazy_name, &[], &expected)?);
             }
-            bench::sync();
+            sync();
             let started = match server {
                 Server::Baked => start(&docker, &client, &baked_name, &[], &expected)?,
                 Server::BakedLazy => start(&docker, &client, &lazy_name, &[], &expected)?,
@@ -584,8 +525,8 @@ pub fn postgres(options: &PostgresOptions) -> Result<()> {
                     ));
                     // A second replica, started beside the first, copies up for itself.
                     eprintln!("xtask:   a fresh replica beside it");
-                    bench::sync();
-                    bench::wait_until_quiet();
+                    sync();
+                    wait_until_quiet();
                     let fresh = start(&docker, &client, &baked_name, &[], &expected)?;
                     copy_ups.push((
                         CopyCase::BakedFirst,
@@ -600,7 +541,7 @@ pub fn postgres(options: &PostgresOptions) -> Result<()> {
                 )),
                 _ => {}
             }
-            started.container.stop()?;
+            stop(&started.container)?;
             match server {
                 Server::Baked => copy_ups.push((
                     CopyCase::BakedStop,
@@ -635,303 +576,17 @@ pub fn postgres(options: &PostgresOptions) -> Result<()> {
         starts: &starts,
         rounds: &rounds,
     };
-    let markdown = report.markdown();
-    println!("{markdown}");
-    let doc = root.join("docs/benchmarks.md");
-    bench::write_marked_section(&doc, DOC_START, DOC_END, &markdown)?;
-    eprintln!("xtask: wrote {}", doc.display());
-    drop(volume);
-    let _ = fs::remove_dir_all(&scratch);
-    Ok(())
+    bench::report::publish(&root, "postgres", report.markdown(), &scratch)
 }
 
 // ---------------------------------------------------------------------------------------------
-// The source server.
+// The source server's clients.
 
-/// Who runs the server tools: this process, or (when it is root, which PostgreSQL refuses)
-/// the `postgres` user of /etc/passwd.
-#[derive(Clone, Copy)]
-enum RunAs {
-    Me,
-    User { uid: u32, gid: u32 },
-}
-
-impl RunAs {
-    fn detect() -> Result<RunAs> {
-        if bench_init::effective_uid() != Some(0) {
-            return Ok(RunAs::Me);
-        }
-        let passwd = fs::read_to_string("/etc/passwd").context("reading /etc/passwd")?;
-        passwd
-            .lines()
-            .find_map(|line| {
-                let f: Vec<&str> = line.split(':').collect();
-                (f.len() >= 4 && f[0] == "postgres").then(|| {
-                    Some(RunAs::User {
-                        uid: f[2].parse().ok()?,
-                        gid: f[3].parse().ok()?,
-                    })
-                })?
-            })
-            .ok_or_else(|| {
-                anyhow!(
-                    "running as root, PostgreSQL refuses to, and /etc/passwd has no postgres user to run it as (apt-get install postgresql-15 creates it)"
-                )
-            })
-    }
-
-    fn apply(self, cmd: &mut Command) {
-        if let RunAs::User { uid, gid } = self {
-            cmd.uid(uid).gid(gid);
-        }
-    }
-
-    fn own(self, path: &Path) -> Result<()> {
-        if let RunAs::User { uid, gid } = self {
-            std::os::unix::fs::chown(path, Some(uid), Some(gid))
-                .with_context(|| format!("chown {}", path.display()))?;
-        }
-        Ok(())
-    }
-
-    /// Make `dir` reachable by the user: o+x on it, and a clear error when an ancestor is not.
-    fn reach(self, dir: &Path) -> Result<()> {
-        let RunAs::User { uid, gid } = self else {
-            return Ok(());
-        };
-        let mode = fs::metadata(dir)?.permissions().mode();
-        fs::set_permissions(dir, fs::Permissions::from_mode((mode | 0o011) & 0o7777))?;
-        for ancestor in dir.ancestors().skip(1) {
-            let m = fs::metadata(ancestor)?;
-            let ok = m.mode() & 0o001 != 0
-                || (m.uid() == uid && m.mode() & 0o100 != 0)
-                || (m.gid() == gid && m.mode() & 0o010 != 0);
-            if !ok {
-                bail!(
-                    "{} (mode {:o}) is not traversable by the postgres user (uid {uid}), so the source server cannot reach {}: set CARGO_TARGET_DIR to a directory it can reach",
-                    ancestor.display(),
-                    m.mode() & 0o7777,
-                    dir.display()
-                );
-            }
-        }
-        Ok(())
-    }
-}
-
-/// A command for a PostgreSQL tool with no PG* variables from the environment (PGHOST,
-/// PGDATABASE, PGSERVICE... would redirect it silently).
-fn pg_command(program: &Path) -> Command {
-    let mut cmd = Command::new(program);
-    for (k, _) in std::env::vars_os() {
-        if k.to_str().is_some_and(|k| k.starts_with("PG")) {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.stdin(Stdio::null());
-    cmd
-}
-
-/// The source server: data in `dir/data`, socket in `dir/run`, log in `dir/postgres.log`,
-/// 127.0.0.1 only, trust for everyone (replication included) since only this machine's
-/// benchmark reaches it. Stopped by `stop` or Drop: SIGINT (fast shutdown), then SIGKILL.
-struct Source {
-    bin: PathBuf,
-    port: u16,
-    log: PathBuf,
-    child: Option<Child>,
-}
-
-impl Source {
-    fn start(bin: &Path, run_as: RunAs, dir: &Path) -> Result<Source> {
-        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let dir = dir.canonicalize()?;
-        run_as.reach(&dir)?;
-        let data = dir.join("data");
-        let socket_dir = dir.join("run");
-        for (d, mode) in [(&data, 0o700), (&socket_dir, 0o755)] {
-            fs::create_dir(d).with_context(|| format!("creating {}", d.display()))?;
-            fs::set_permissions(d, fs::Permissions::from_mode(mode))?;
-            run_as.own(d)?;
-        }
-        if socket_dir.join(".s.PGSQL.65535").as_os_str().len() > 107 {
-            bail!(
-                "{} is too long a path for PostgreSQL's Unix socket: set CARGO_TARGET_DIR to a shorter one",
-                socket_dir.display()
-            );
-        }
-        eprintln!("xtask: initdb {}", data.display());
-        let mut initdb = pg_command(&bin.join("initdb"));
-        initdb
-            .arg("-D")
-            .arg(&data)
-            .args([
-                "--locale=C.UTF-8",
-                "--encoding=UTF8",
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "--no-sync",
-            ])
-            .current_dir(&dir);
-        run_as.apply(&mut initdb);
-        bench::run_quiet(&mut initdb)?;
-        let hba = data.join("pg_hba.conf");
-        fs::write(
-            &hba,
-            "# bakedb bench: the source, reached from this machine only.\n\
-             local   all          all                 trust\n\
-             host    all          all   127.0.0.1/32  trust\n\
-             local   replication  all                 trust\n\
-             host    replication  all   127.0.0.1/32  trust\n",
-        )?;
-        run_as.own(&hba)?;
-
-        let log = dir.join("postgres.log");
-        for attempt in 1.. {
-            let port = free_port()?;
-            let log_file = File::options().create(true).append(true).open(&log)?;
-            let mut cmd = pg_command(&bin.join("postgres"));
-            cmd.arg("-D")
-                .arg(&data)
-                .arg("-k")
-                .arg(&socket_dir)
-                .args(["-p", &port.to_string()])
-                .args([
-                    "-c",
-                    "listen_addresses=127.0.0.1",
-                    "-c",
-                    "wal_level=replica",
-                    "-c",
-                    "max_wal_senders=5",
-                ])
-                .current_dir(&dir)
-                .stdout(log_file.try_clone()?)
-                .stderr(log_file);
-            run_as.apply(&mut cmd);
-            let child = cmd.spawn().context("starting postgres")?;
-            let mut source = Source {
-                bin: bin.to_owned(),
-                port,
-                log: log.clone(),
-                child: Some(child),
-            };
-            match source.wait_ready() {
-                Ok(()) => {
-                    source.psql("postgres", &format!("CREATE DATABASE {DB}"))?;
-                    return Ok(source);
-                }
-                Err(why) => {
-                    let text = fs::read_to_string(&log).unwrap_or_default();
-                    drop(source);
-                    if attempt < 3 && text.contains("Address already in use") {
-                        continue;
-                    }
-                    bail!(
-                        "the source server did not start: {why:#}\n--- {}:\n{text}",
-                        log.display()
-                    );
-                }
-            }
-        }
-        unreachable!()
-    }
-
-    fn wait_ready(&mut self) -> Result<()> {
-        let deadline = Instant::now() + SERVER_START_TIMEOUT;
-        loop {
-            if let Some(status) = self.child.as_mut().expect("running").try_wait()? {
-                bail!("postgres exited with {status}");
-            }
-            let status = self
-                .client("pg_isready")
-                .args(["-q", "-d", "postgres", "-t", "5"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()?;
-            if status.success() {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("not accepting connections after {SERVER_START_TIMEOUT:?}");
-            }
-            std::thread::sleep(Duration::from_millis(25));
-        }
-    }
-
-    /// A client tool run as this process, as postgres over TCP.
-    fn client(&self, tool: &str) -> Command {
-        let mut cmd = pg_command(&self.bin.join(tool));
-        cmd.env("PGHOST", "127.0.0.1")
-            .env("PGPORT", self.port.to_string())
-            .env("PGUSER", "postgres");
-        cmd
-    }
-
-    fn psql(&self, db: &str, sql: &str) -> Result<String> {
-        Ok(bench::run_quiet(self.client("psql").args([
-            "-X",
-            "-q",
-            "-A",
-            "-t",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-d",
-            db,
-            "-c",
-            sql,
-        ]))?
+/// `sql` in `db` of the source, as postgres over TCP: psql's answer, trimmed.
+fn psql(source: &PgServer, db: &str, sql: &str) -> Result<String> {
+    Ok(run_quiet(&mut source.psql_command(db, sql))?
         .trim()
         .to_owned())
-    }
-
-    /// A fast shutdown; an error if it needs a kill.
-    fn stop(mut self) -> Result<()> {
-        if self.terminate() {
-            Ok(())
-        } else {
-            bail!(
-                "the source server ignored a fast shutdown for {STOP_TIMEOUT:?}; killed it ({})",
-                self.log.display()
-            )
-        }
-    }
-
-    /// SIGINT, then SIGKILL after STOP_TIMEOUT; whether it stopped without the kill.
-    fn terminate(&mut self) -> bool {
-        let Some(mut child) = self.child.take() else {
-            return true;
-        };
-        if let Ok(Some(_)) = child.try_wait() {
-            return true;
-        }
-        let _ = Command::new("kill")
-            .args(["-INT", &child.id().to_string()])
-            .stderr(Stdio::null())
-            .status();
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        false
-    }
-}
-
-impl Drop for Source {
-    fn drop(&mut self) {
-        self.terminate();
-    }
-}
-
-/// A port that was free a moment ago.
-fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("finding a free port")?;
-    Ok(listener.local_addr()?.port())
 }
 
 /// psql and pgbench from the host, as the benchmark role over TCP.
@@ -969,113 +624,37 @@ impl Client {
 // ---------------------------------------------------------------------------------------------
 // Docker.
 
-fn docker_bin() -> PathBuf {
-    std::env::var_os("DOCKER")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let distro = PathBuf::from("/usr/bin/docker");
-            if distro.is_file() {
-                distro
-            } else {
-                PathBuf::from("docker")
-            }
+/// `docker stop` (the base image's stop signal, SIGINT: a fast shutdown), which must end in
+/// exit code 0.
+fn stop(container: &Container) -> Result<()> {
+    let name = &container.name;
+    let patience = STOP_TIMEOUT.as_secs().to_string();
+    run_quiet(&mut container.cmd(&["stop", "-t", &patience, name]))?;
+    let code = run_quiet(&mut container.cmd(&["inspect", "-f", "{{.State.ExitCode}}", name]))?;
+    if code.trim() != "0" {
+        bail!(
+            "{name} exited with {} after `docker stop`:\n{}",
+            code.trim(),
+            logs(container)
+        );
+    }
+    Ok(())
+}
+
+/// `docker logs -t`: every line with docker's RFC 3339 timestamp in front.
+fn logs(container: &Container) -> String {
+    container
+        .cmd(&["logs", "-t", &container.name])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
         })
-}
-
-/// `docker rm -f -v` (the restore image's anonymous volume too) when dropped.
-struct Container<'a> {
-    docker: &'a Path,
-    name: String,
-}
-
-impl Container<'_> {
-    /// `docker stop` (the base image's stop signal, SIGINT: a fast shutdown), which must end
-    /// in exit code 0.
-    fn stop(&self) -> Result<()> {
-        bench::run_quiet(Command::new(self.docker).args([
-            "stop",
-            "-t",
-            &STOP_TIMEOUT.as_secs().to_string(),
-            &self.name,
-        ]))?;
-        let code = bench::run_quiet(Command::new(self.docker).args([
-            "inspect",
-            "-f",
-            "{{.State.ExitCode}}",
-            &self.name,
-        ]))?;
-        if code.trim() != "0" {
-            bail!(
-                "{} exited with {} after `docker stop`:\n{}",
-                self.name,
-                code.trim(),
-                self.logs()
-            );
-        }
-        Ok(())
-    }
-
-    /// `docker logs -t`: every line with docker's RFC 3339 timestamp in front.
-    fn logs(&self) -> String {
-        Command::new(self.docker)
-            .args(["logs", "-t", &self.name])
-            .output()
-            .map(|o| {
-                String::from_utf8_lossy(&o.stdout).into_owned()
-                    + &String::from_utf8_lossy(&o.stderr)
-            })
-            .unwrap_or_default()
-    }
-
-    fn status(&self) -> String {
-        bench::run_quiet(Command::new(self.docker).args([
-            "inspect",
-            "-f",
-            "{{.State.Status}}",
-            &self.name,
-        ]))
-        .map(|s| s.trim().to_owned())
         .unwrap_or_default()
-    }
-}
-
-impl Drop for Container<'_> {
-    fn drop(&mut self) {
-        let _ = Command::new(self.docker)
-            .args(["rm", "-f", "-v", &self.name])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
-/// `docker rmi -f` when dropped.
-struct Image<'a> {
-    docker: &'a Path,
-    name: String,
-}
-
-impl Drop for Image<'_> {
-    fn drop(&mut self) {
-        let _ = Command::new(self.docker)
-            .args(["rmi", "-f", &self.name])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
-fn image_size(docker: &Path, name: &str) -> Option<u64> {
-    bench::run_quiet(Command::new(docker).args(["image", "inspect", "--format", "{{.Size}}", name]))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
 }
 
 /// A container that answered its first query.
-struct Started<'a> {
-    container: Container<'a>,
+struct Started {
+    container: Container,
     port: u16,
     /// From spawning `docker run` to the first answer.
     secs: f64,
@@ -1086,126 +665,99 @@ struct Started<'a> {
     spawned_tod: f64,
 }
 
-impl Started<'_> {
+impl Started {
     fn logs(&self) -> String {
-        self.container.logs()
+        logs(&self.container)
     }
-}
-
-fn unique_name(prefix: &str) -> String {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    format!(
-        "{prefix}-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
 }
 
 /// `docker run -d --network host -e PGPORT=p [-e ENV...] IMAGE`, timed to the first answer
 /// to FIRST_QUERY (checked against `expected`), asked every POLL once the port accepts
 /// connections.
-fn start<'a>(
-    docker: &'a Path,
+fn start(
+    docker: &Path,
     client: &Client,
     image: &str,
     env: &[&str],
     expected: &str,
-) -> Result<Started<'a>> {
+) -> Result<Started> {
     run_container(docker, client, image, env, &[], &[], expected)
 }
 
-fn run_container<'a>(
-    docker: &'a Path,
+fn run_container(
+    docker: &Path,
     client: &Client,
     image: &str,
     env: &[&str],
     extra: &[String],
     args: &[String],
     expected: &str,
-) -> Result<Started<'a>> {
-    let port = free_port()?;
-    let container = Container {
-        docker,
-        name: unique_name("bakedb-bench-pg"),
-    };
+) -> Result<Started> {
+    let port = free_port();
+    let container = Container::new(docker_cli(docker), unique_name("bakedb-bench-pg"));
     let mut cmd = Command::new(docker);
     cmd.args(["run", "-d", "--pull", "never", "--name", &container.name])
         .args(["--network", "host", "-e", &format!("PGPORT={port}")]);
     for e in env {
         cmd.args(["-e", e]);
     }
-    cmd.args(extra)
-        .arg(image)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    cmd.args(extra).arg(image).args(args);
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let spawned_tod = time_of_day(SystemTime::now());
-    let started = Instant::now();
-    let mut child = cmd.spawn().context("starting docker run")?;
-    let mut returned = None;
-    let mut last_error = String::new();
+    let last_error = std::cell::RefCell::new(String::new());
     let mut polls = 0u64;
-    let secs = loop {
-        if returned.is_none()
-            && let Some(status) = child.try_wait()?
-        {
-            returned = Some(started.elapsed().as_secs_f64());
-            if !status.success() {
-                let mut stderr = String::new();
-                if let Some(mut e) = child.stderr.take() {
-                    let _ = e.read_to_string(&mut stderr);
+    let spawned_tod = time_of_day(SystemTime::now());
+    let started = first_answer(
+        &mut cmd,
+        image,
+        POLL,
+        START_TIMEOUT,
+        |returned| {
+            if TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok() {
+                match client.first_query(port) {
+                    Ok(answer) => return Ok(Some(answer)),
+                    Err(why) => *last_error.borrow_mut() = why,
                 }
-                bail!("docker run {image} failed ({status}): {}", stderr.trim());
             }
-        }
-        if TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok() {
-            match client.first_query(port) {
-                Ok(answer) => {
-                    let secs = started.elapsed().as_secs_f64();
-                    if answer != expected {
-                        bail!(
-                            "{image} answered {FIRST_QUERY:?} with {answer:?}, expected {expected}"
-                        );
-                    }
-                    break secs;
-                }
-                Err(why) => last_error = why,
+            polls += 1;
+            // About once a second: a container that exited will never answer.
+            if returned && polls.is_multiple_of(50) && status(&container) == "exited" {
+                bail!(
+                    "{image} exited before it answered (last psql error: {}):\n{}",
+                    last_error.borrow(),
+                    logs(&container)
+                );
             }
-        }
-        polls += 1;
-        // About once a second: a container that exited will never answer.
-        if returned.is_some() && polls.is_multiple_of(50) && container.status() == "exited" {
-            bail!(
-                "{image} exited before it answered (last psql error: {last_error}):\n{}",
-                container.logs()
-            );
-        }
-        if started.elapsed() > START_TIMEOUT {
-            bail!(
-                "{image} did not answer within {} s (last psql error: {last_error}):\n{}",
+            Ok(None)
+        },
+        || {
+            anyhow!(
+                "{image} did not answer within {} s (last psql error: {}):\n{}",
                 START_TIMEOUT.as_secs(),
-                container.logs()
-            );
-        }
-        std::thread::sleep(POLL);
-    };
-    if returned.is_none() {
-        let status = child.wait()?;
-        returned = Some(started.elapsed().as_secs_f64());
-        if !status.success() {
-            bail!("docker run exited with {status} after the container answered");
-        }
+                last_error.borrow(),
+                logs(&container)
+            )
+        },
+    )?;
+    if started.answer != expected {
+        bail!(
+            "{image} answered {FIRST_QUERY:?} with {:?}, expected {expected}",
+            started.answer
+        );
     }
     Ok(Started {
         container,
         port,
-        secs,
-        returned,
+        secs: started.secs,
+        returned: started.returned,
         spawned_tod,
     })
+}
+
+/// `running`, `exited`...: docker's state of the container ("" when it cannot tell).
+fn status(container: &Container) -> String {
+    run_quiet(&mut container.cmd(&["inspect", "-f", "{{.State.Status}}", &container.name]))
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
 }
 
 /// The cross-over cases copy the profile's settings: they must be what init applies. A lazy
@@ -1380,7 +932,7 @@ fn prepare_volume(pgdata: &Path) -> Result<Volume> {
         pgdata.join("pg_hba.conf"),
         "local all all trust\nhost all all all scram-sha-256\n",
     )?;
-    bench::run_quiet(
+    run_quiet(
         Command::new("chown")
             .args(["-R", &format!("{IMAGE_UID}:{IMAGE_UID}")])
             .arg(pgdata),
@@ -1395,7 +947,7 @@ impl Volume {
     /// Read every file once, as verification does for the baked image.
     fn warm(&self) -> Result<()> {
         for (path, _) in files_under(&self.dir) {
-            bench::warm(&path)?;
+            warm(&path)?;
         }
         Ok(())
     }
@@ -1403,13 +955,13 @@ impl Volume {
 
 /// The base image on the volume: its own command (`postgres`, PGDATA from its Env), with the
 /// read-only profile's settings added when `tuned`.
-fn start_volume<'a>(
-    docker: &'a Path,
+fn start_volume(
+    docker: &Path,
     client: &Client,
     volume: &Volume,
     tuned: bool,
     expected: &str,
-) -> Result<Started<'a>> {
+) -> Result<Started> {
     let extra = vec![
         "--user".to_owned(),
         format!("{IMAGE_UID}:{IMAGE_UID}"),
@@ -1430,12 +982,12 @@ fn start_volume<'a>(
 /// The baked image with bakedb-init and its profile left out: `postgres -D` on the data in
 /// the image's layers, with the data directory's own postgresql.conf and pg_hba.conf (the
 /// source's: defaults, trust on 127.0.0.1) and every address to listen on.
-fn start_layers_defaults<'a>(
-    docker: &'a Path,
+fn start_layers_defaults(
+    docker: &Path,
     client: &Client,
     image: &str,
     expected: &str,
-) -> Result<Started<'a>> {
+) -> Result<Started> {
     let extra = [
         "--user",
         &format!("{IMAGE_UID}:{IMAGE_UID}"),
@@ -1451,28 +1003,6 @@ fn start_layers_defaults<'a>(
     ]
     .map(str::to_owned);
     run_container(docker, client, image, &[], &extra, &args, expected)
-}
-
-/// Every regular file under `dir` with its size.
-fn files_under(dir: &Path) -> Vec<(PathBuf, u64)> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let Ok(meta) = fs::symlink_metadata(e.path()) else {
-                continue;
-            };
-            if meta.is_dir() {
-                stack.push(e.path());
-            } else if meta.is_file() {
-                out.push((e.path(), meta.len()));
-            }
-        }
-    }
-    out
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1499,7 +1029,7 @@ fn workload(
     client: &Client,
     port: u16,
     options: &PostgresOptions,
-    timer: &bench::Timer,
+    timer: &Timer,
 ) -> Result<Pgbench> {
     let cgroup = container_cpu(container)?;
     let run = |secs: u64| -> Result<Pgbench> {
@@ -1521,7 +1051,7 @@ fn workload(
             .map(|(a, b)| b.saturating_sub(a) as f64 / 1e9);
         let mut result = parse_pgbench(&finished.stdout)
             .ok_or_else(|| anyhow!("pgbench printed no result:\n{}", finished.stdout))?;
-        let nproc = std::thread::available_parallelism().map_or(1, usize::from) as f64;
+        let nproc = nproc() as f64;
         let wall = finished.sample.secs;
         // Timer's share of the cores used by others counts the server as other: take it out.
         result.others = finished
@@ -1544,31 +1074,25 @@ fn workload(
         "xtask:   warm-up: {:.0} tps, {:.3} ms",
         warmup.tps, warmup.latency_ms
     );
-    let mut attempt = 0;
-    let result = loop {
-        bench::wait_until_quiet();
-        let result = run(options.duration_s)?;
-        attempt += 1;
-        eprintln!(
-            "xtask:   {:.0} tps, latency average {:.3} ms, {} transactions, {} failed; server {} ms, pgbench {} ms of CPU per transaction; others {}",
-            result.tps,
-            result.latency_ms,
-            result.transactions,
-            result.failed,
-            fmt(result.server_cpu_ms, 3),
-            fmt(result.client_cpu_ms, 3),
-            fmt_pct(result.others),
-        );
-        match result.others {
-            Some(load) if load > NOISY && attempt <= bench::NOISY_RETRIES => {
-                eprintln!(
-                    "xtask:   other processes used {:.0} % of the CPU during the run; timing it again",
-                    load * 100.0
-                );
-            }
-            _ => break result,
-        }
-    };
+    let result = until_quiet(
+        NOISY,
+        || {
+            wait_until_quiet();
+            let result = run(options.duration_s)?;
+            eprintln!(
+                "xtask:   {:.0} tps, latency average {:.3} ms, {} transactions, {} failed; server {} ms, pgbench {} ms of CPU per transaction; others {}",
+                result.tps,
+                result.latency_ms,
+                result.transactions,
+                result.failed,
+                fmt(result.server_cpu_ms, 3),
+                fmt(result.client_cpu_ms, 3),
+                fmt_pct(result.others),
+            );
+            Ok(result)
+        },
+        |result| result.others,
+    )?;
     if result.failed > 0 {
         bail!("pgbench: {} transactions failed", result.failed);
     }
@@ -1600,12 +1124,7 @@ impl ContainerCpu {
 }
 
 fn container_cpu(container: &Container) -> Result<ContainerCpu> {
-    let id = bench::run_quiet(Command::new(container.docker).args([
-        "inspect",
-        "-f",
-        "{{.Id}}",
-        &container.name,
-    ]))?;
+    let id = run_quiet(&mut container.cmd(&["inspect", "-f", "{{.Id}}", &container.name]))?;
     let id = id.trim();
     let path = [
         format!("/sys/fs/cgroup/cpuacct/docker/{id}/cpuacct.usage"),
@@ -1657,7 +1176,7 @@ struct CopyUp {
 }
 
 fn copy_up(docker: &Path, container: &str) -> Result<CopyUp> {
-    let upper = bench::run_quiet(Command::new(docker).args([
+    let upper = run_quiet(Command::new(docker).args([
         "inspect",
         "-f",
         "{{.GraphDriver.Data.UpperDir}}",
@@ -1710,29 +1229,6 @@ fn manifest_layers(layout: &Path) -> Result<Vec<String>> {
         .collect())
 }
 
-/// (digest, compressed size) of every layer in `bakedb build --json`'s output.
-fn layers(json: &str) -> Vec<(String, u64)> {
-    let Some(start) = json.find("\"layers\"") else {
-        return Vec::new();
-    };
-    let layers = &json[start..];
-    let layers = &layers[..layers.find(']').unwrap_or(layers.len())];
-    layers
-        .split('{')
-        .skip(1)
-        .filter_map(|entry| {
-            let after = &entry[entry.find("\"digest\"")? + 8..];
-            let digest = after.split('"').nth(1)?.to_owned();
-            let after = &entry[entry.find("\"size\"")? + 6..];
-            let after = after.trim_start().strip_prefix(':')?.trim_start();
-            let end = after
-                .find(|c: char| !c.is_ascii_digit())
-                .unwrap_or(after.len());
-            Some((digest, after[..end].parse().ok()?))
-        })
-        .collect()
-}
-
 // ---------------------------------------------------------------------------------------------
 // Results and the report.
 
@@ -1767,21 +1263,6 @@ struct BuildPart {
 struct RestorePart {
     build_secs: Vec<f64>,
     docker_size: Option<u64>,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Cache {
-    Cold,
-    Warm,
-}
-
-impl Cache {
-    fn name(self) -> &'static str {
-        match self {
-            Cache::Cold => "cold",
-            Cache::Warm => "warm",
-        }
-    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -1900,66 +1381,36 @@ struct Report<'a> {
     rounds: &'a [Round],
 }
 
-fn mb(bytes: u64) -> String {
-    format!("{:.1}", bytes as f64 / 1e6)
-}
-
-fn times(value: Option<f64>) -> String {
-    value.map_or_else(|| "—".into(), |v| format!("{v:.1}×"))
-}
-
-fn times_exact(value: Option<f64>) -> String {
-    value.map_or_else(|| "—".into(), |v| format!("{v:.3}×"))
-}
-
 impl Report<'_> {
+    fn starts(&self, kind: StartKind, cache: Cache) -> impl Iterator<Item = &StartSample> {
+        self.starts
+            .iter()
+            .filter(move |s| s.kind == kind && s.cache == cache)
+    }
+
     fn start_median(
         &self,
         kind: StartKind,
         cache: Cache,
         f: impl Fn(&StartSample) -> Option<f64>,
     ) -> Option<f64> {
-        median(
-            self.starts
-                .iter()
-                .filter(|s| s.kind == kind && s.cache == cache)
-                .filter_map(f)
-                .collect(),
-        )
+        median(self.starts(kind, cache).filter_map(f))
     }
 
     fn start_range(&self, kind: StartKind, cache: Cache) -> Option<(f64, f64)> {
-        let secs = || {
-            self.starts
-                .iter()
-                .filter(move |s| s.kind == kind && s.cache == cache)
-                .map(|s| s.secs)
-        };
-        secs()
-            .min_by(f64::total_cmp)
-            .zip(secs().max_by(f64::total_cmp))
+        range(self.starts(kind, cache).map(|s| s.secs))
     }
 
     fn round_median(&self, f: impl Fn(&Round) -> Option<f64>) -> Option<f64> {
-        median(self.rounds.iter().filter_map(f).collect())
+        median(self.rounds.iter().filter_map(f))
     }
 
     fn markdown(&self) -> String {
-        let mut md = String::new();
         let o = self.options;
         let d = self.data;
         let b = self.build;
-        let nproc = std::thread::available_parallelism().map_or(1, usize::from);
-        let _ = writeln!(md, "{DOC_START}");
-        let _ = writeln!(md, "## postgres\n");
-        let _ = writeln!(
-            md,
-            "Measured {} on {}; bakedb at {}. Reproduce with:\n",
-            bench::today(),
-            bench::machine(),
-            self.commit,
-        );
-        let _ = writeln!(md, "    {}\n", o.command());
+        let nproc = nproc();
+        let mut md = bench::report::start("postgres", &self.commit, &o.command());
         let _ = writeln!(
             md,
             "Source: {} on 127.0.0.1, `pgbench -i -s {}` (in {:.0} s), database `{DB}` of {} bytes ({:.0} MiB by \
@@ -2000,7 +1451,7 @@ impl Report<'_> {
         let _ = writeln!(
             md,
             "| baked | `bakedb build --engine postgres --source postgresql://postgres@127.0.0.1:PORT/{DB} --pg-bin … --base oci:target/fixtures/postgres:latest --output docker-archive:…` (gzip; pg_basebackup, ANALYZE, VACUUM (FREEZE), clean shutdown, data layer, image.json) | {} | base {} MB + {} layers bakedb wrote: {} MB (data layer {} MB) | {} |",
-            fmt(median(b.secs.clone()), 2),
+            fmt(median(b.secs.iter().copied()), 2),
             mb(base_bytes),
             added.len(),
             added
@@ -2020,7 +1471,7 @@ impl Report<'_> {
         let _ = writeln!(
             md,
             "| baked, lazy copy-up | the same with `--pg-lazy-copyup` | {} | base + {} layers bakedb wrote: {} MB | |",
-            fmt(median(b.lazy_secs.clone()), 2),
+            fmt(median(b.lazy_secs.iter().copied()), 2),
             lazy_added.len(),
             lazy_added
                 .iter()
@@ -2033,7 +1484,7 @@ impl Report<'_> {
             "| restore at start | `pg_dump -Fc` ({:.1} s, {} MB), then `docker build` (classic builder, `--no-cache`) FROM the base image with the dump and an entrypoint script | {} (the build only) | base + dump + script | {} |",
             d.dump_secs,
             mb(d.dump_bytes),
-            fmt(median(self.restore.build_secs.clone()), 2),
+            fmt(median(self.restore.build_secs.iter().copied()), 2),
             self.restore.docker_size.map_or("—".into(), mb),
         );
         let _ = writeln!(
@@ -2053,7 +1504,6 @@ impl Report<'_> {
         self.pgbench_markdown(&mut md, nproc);
         self.copy_up_markdown(&mut md);
         self.targets_markdown(&mut md);
-        let _ = writeln!(md, "{DOC_END}");
         md
     }
 
@@ -2090,7 +1540,7 @@ impl Report<'_> {
             StartKind::Baked { verify: false },
             StartKind::Restore,
         ];
-        for cache in [Cache::Cold, Cache::Warm] {
+        for cache in Cache::BOTH {
             for kind in kinds {
                 if cache == Cache::Cold
                     && let Some(why) = &self.cold_unavailable
@@ -2104,8 +1554,7 @@ impl Report<'_> {
                     kind.label(),
                     cache.name(),
                     fmt(self.start_median(kind, cache, |s| Some(s.secs)), 3),
-                    self.start_range(kind, cache)
-                        .map_or("—".into(), |(a, b)| format!("{a:.3}–{b:.3}")),
+                    fmt_range(self.start_range(kind, cache), 3),
                     fmt(self.start_median(kind, cache, |s| s.returned), 3),
                 );
             }
@@ -2116,7 +1565,7 @@ impl Report<'_> {
         );
         let _ = writeln!(md, "| image | cache | steps |");
         let _ = writeln!(md, "|---|---|---|");
-        for cache in [Cache::Cold, Cache::Warm] {
+        for cache in Cache::BOTH {
             for kind in kinds {
                 let samples: Vec<&StartSample> = self
                     .starts
@@ -2134,8 +1583,7 @@ impl Report<'_> {
                             samples
                                 .iter()
                                 .filter_map(|s| s.marks.iter().find(|(l, _)| l == label))
-                                .map(|(_, at)| *at)
-                                .collect(),
+                                .map(|(_, at)| *at),
                         );
                         format!("{label} {}", fmt(at, 3))
                     })
@@ -2153,7 +1601,7 @@ impl Report<'_> {
                 );
             }
         }
-        for cache in [Cache::Cold, Cache::Warm] {
+        for cache in Cache::BOTH {
             if let Some(line) = self
                 .starts
                 .iter()
@@ -2294,7 +1742,7 @@ impl Report<'_> {
             let _ = writeln!(
                 md,
                 "- {what}: {} TPS ({} ÷ {})",
-                times_exact(ratio(tps(a), tps(b))),
+                times(ratio(tps(a), tps(b)), 3),
                 a.label(),
                 b.label()
             );
@@ -2375,7 +1823,7 @@ impl Report<'_> {
         let _ = writeln!(md, "\n### Targets\n");
         let _ = writeln!(md, "| target | measured | met |");
         let _ = writeln!(md, "|---|---:|---|");
-        for cache in [Cache::Cold, Cache::Warm] {
+        for cache in Cache::BOTH {
             let baked =
                 self.start_median(StartKind::Baked { verify: true }, cache, |s| Some(s.secs));
             let restore = self.start_median(StartKind::Restore, cache, |s| Some(s.secs));
@@ -2384,7 +1832,7 @@ impl Report<'_> {
                 (Some(why), Cache::Cold) => why.clone(),
                 _ => format!(
                     "{} ({} s vs {} s)",
-                    times(r),
+                    times(r, 1),
                     fmt(baked, 3),
                     fmt(restore, 3)
                 ),
@@ -2420,10 +1868,6 @@ fn catalog_name(relations: &[(String, String)], path: &str) -> Option<String> {
         .iter()
         .find(|(p, _)| p.starts_with("base/") && p.rsplit_once('/').map(|(_, f)| f) == Some(file))
         .map(|(_, rel)| format!("{rel} (database {})", &dir["base/".len()..]))
-}
-
-fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
-    a.zip(b).filter(|(_, b)| *b > 0.0).map(|(a, b)| a / b)
 }
 
 #[cfg(test)]
@@ -2513,15 +1957,6 @@ mod tests {
         assert_eq!(
             catalog_name(&relations, "pg_wal/000000010000000000000001"),
             None
-        );
-    }
-
-    #[test]
-    fn reads_build_json() {
-        let json = "{\n  \"layers\": [\n    {\n      \"diff_id\": \"sha256:d1\",\n      \"digest\": \"sha256:a\",\n      \"media_type\": \"x\",\n      \"size\": 1200\n    },\n    {\n      \"digest\": \"sha256:b\",\n      \"size\": 34\n    }\n  ],\n  \"size\": 2134\n}";
-        assert_eq!(
-            layers(json),
-            vec![("sha256:a".to_owned(), 1200), ("sha256:b".to_owned(), 34)]
         );
     }
 }

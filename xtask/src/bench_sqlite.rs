@@ -22,24 +22,34 @@
 
 use std::fmt::Write as _;
 use std::fs::{self, File};
-use std::io::{self, Read, Write as _};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+use bakedb_testkit::containers::{Container, docker_cli};
+use bakedb_testkit::ports::free_port;
+use bakedb_testkit::{http, process};
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OpenFlags, ToSql};
 
-use crate::bench::{self, Timer, fmt, fmt_pct, median, yes_no};
-use crate::{bench_init, project_root};
+use crate::bench::data::bench_database;
+use crate::bench::timing::{
+    NOISY, cold_cache, drop_caches, first_answer, nproc, sync, until_quiet, wait_until_quiet, warm,
+};
+use crate::bench::tools::{
+    build_layers, commit_measured, docker_bin, docker_load, docker_version, fresh_dir, image_size,
+    json_u64, release_bakedb, skopeo_version, target_dir,
+};
+use crate::bench::{
+    self, Cache, Sample, Timer, fmt, fmt_pct, fmt_range, mb, median, range, ratio, run_quiet,
+    times, yes_no,
+};
+use crate::project_root;
 
 /// Bump when the snapshot taken from the generated database changes.
 const SNAPSHOT_VERSION: u32 = 1;
-const SOURCE_DATE_EPOCH: &str = "1700000000";
-const DOC_START: &str = "<!-- bench:sqlite:start -->";
-const DOC_END: &str = "<!-- bench:sqlite:end -->";
 
 const WRK_THREADS: usize = 2;
 /// wrk's own per-request timeout: long enough that a slow answer is latency, not an error.
@@ -78,32 +88,26 @@ impl SqliteOptions {
             rounds: 3,
             runs: 5,
         };
-        let mut flags = flags.iter().copied();
-        while let Some(flag) = flags.next() {
-            let (name, inline) = match flag.split_once('=') {
-                Some((n, v)) => (n, Some(v)),
-                None => (flag, None),
-            };
-            let mut value = |what: &str| -> Result<u64> {
-                let text = inline
-                    .or_else(|| flags.next())
-                    .ok_or_else(|| anyhow!("{name} needs a value ({what})"))?;
-                text.parse::<u64>()
-                    .ok()
-                    .filter(|n| *n > 0)
-                    .ok_or_else(|| anyhow!("{name} {text:?}: expected a positive integer"))
-            };
-            match name {
-                "--size-mib" => options.size_mib = value("database size in MiB")?,
-                "--duration-s" => options.duration_s = value("seconds of load per case")?,
-                "--connections" => options.connections = value("open connections of wrk")? as usize,
-                "--rounds" => options.rounds = value("rounds of every load case")? as usize,
-                "--runs" => options.runs = value("image builds and container starts")? as usize,
-                _ => bail!(
-                    "bench sqlite: unknown flag {flag:?} (expected --size-mib N, --duration-s N, --connections N, --rounds N, --runs N)"
-                ),
-            }
-        }
+        bench::flags::parse(
+            "bench sqlite",
+            "--size-mib N, --duration-s N, --connections N, --rounds N, --runs N",
+            flags,
+            |name, value| {
+                match name {
+                    "--size-mib" => options.size_mib = value.positive("database size in MiB")?,
+                    "--duration-s" => {
+                        options.duration_s = value.positive("seconds of load per case")?
+                    }
+                    "--connections" => {
+                        options.connections = value.count("open connections of wrk")?
+                    }
+                    "--rounds" => options.rounds = value.count("rounds of every load case")?,
+                    "--runs" => options.runs = value.count("image builds and container starts")?,
+                    _ => return Ok(false),
+                }
+                Ok(true)
+            },
+        )?;
         if options.connections < WRK_THREADS {
             bail!("--connections must be at least {WRK_THREADS} (one per wrk thread)");
         }
@@ -120,37 +124,26 @@ impl SqliteOptions {
 
 pub fn sqlite(options: &SqliteOptions) -> Result<()> {
     let root = project_root();
-    let target = bench::target_dir(&root);
+    let target = target_dir(&root);
     let bench_dir = target.join("bench");
     let sqlite_dir = bench_dir.join("sqlite");
     let scratch = sqlite_dir.join("run");
-    if scratch.exists() {
-        fs::remove_dir_all(&scratch).with_context(|| format!("removing {}", scratch.display()))?;
-    }
-    fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    fresh_dir(&scratch)?;
 
     let wrk = wrk_version()?;
     let datasette = Datasette::install(&bench_dir)?;
 
-    eprintln!("xtask: building bakedb (release)");
-    crate::run(
-        crate::cargo()
-            .current_dir(&root)
-            .args(["build", "--release", "-p", "bakedb-cli"]),
-    )?;
-    // Private copies: a build running beside the benchmark could replace the binaries.
-    let bakedb = scratch.join("bakedb");
-    let built = target.join("release/bakedb");
-    fs::copy(&built, &bakedb).with_context(|| format!("copying {}", built.display()))?;
+    let bakedb = release_bakedb(&root, &scratch)?;
+    // A private copy, as of bakedb: a build running beside the benchmark could replace it.
     let serve = scratch.join("bakedb-serve");
     let built_serve = target
         .join("static-init")
         .join(format!("{}-unknown-linux-gnu", std::env::consts::ARCH))
         .join("release-serve/bakedb-serve");
     fs::copy(&built_serve, &serve).with_context(|| format!("copying {}", built_serve.display()))?;
-    let commit = bench::commit_measured(&root);
+    let commit = commit_measured(&root);
 
-    let source = bench::bench_database(&bench_dir, options.size_mib)?;
+    let source = bench_database(&bench_dir, options.size_mib)?;
     let snapshot = snapshot(&bakedb, &source, &sqlite_dir, options.size_mib)?;
     let db = snapshot.db.clone();
     let workload = Workload::read(&db)?;
@@ -166,12 +159,7 @@ pub fn sqlite(options: &SqliteOptions) -> Result<()> {
         .or_else(|_| std::os::unix::fs::symlink(&db, &datasette_db))
         .with_context(|| format!("linking {}", datasette_db.display()))?;
 
-    let timer = Timer {
-        gnu_time: Path::new("/usr/bin/time")
-            .is_file()
-            .then(|| PathBuf::from("/usr/bin/time")),
-        report: scratch.join("time.out"),
-    };
+    let timer = Timer::new(scratch.join("time.out"));
 
     let start = match start_part(options, &bakedb, &snapshot, &workload, &scratch) {
         Ok(start) => start,
@@ -209,43 +197,37 @@ pub fn sqlite(options: &SqliteOptions) -> Result<()> {
                     config.label,
                     query.name()
                 );
-                let mut attempt = 0;
-                let sample = loop {
-                    bench::warm(&db)?;
-                    bench::sync();
-                    let server = if config.datasette {
-                        datasette.start(&datasette_db, &scratch, config.id)?
-                    } else {
-                        start_serve(&serve, &db, config, &scratch)?
-                    };
-                    server_lines[c] = server.first_line();
-                    check_sample(&server, config.datasette, query, &workload)?;
-                    let sample = load(
-                        &LoadRun {
-                            server: &server,
-                            datasette: config.datasette,
-                            query,
-                            workload: &workload,
-                            options,
-                            round,
-                            clk_tck,
-                        },
-                        &timer,
-                        &scratch,
-                    )?;
-                    server.stop();
-                    attempt += 1;
-                    match sample.other_load {
-                        // Another process took the cores during the run: take it again.
-                        Some(load) if load > bench::NOISY && attempt <= bench::NOISY_RETRIES => {
-                            eprintln!(
-                                "xtask:   other processes used {:.0} % of the CPU during the run; timing it again",
-                                load * 100.0
-                            );
-                        }
-                        _ => break sample,
-                    }
-                };
+                // Another process took the cores during the run: take it again.
+                let sample = until_quiet(
+                    NOISY,
+                    || {
+                        warm(&db)?;
+                        sync();
+                        let server = if config.datasette {
+                            datasette.start(&datasette_db, &scratch, config.id)?
+                        } else {
+                            start_serve(&serve, &db, config, &scratch)?
+                        };
+                        server_lines[c] = server.first_line();
+                        check_sample(&server, config.datasette, query, &workload)?;
+                        let sample = load(
+                            &LoadRun {
+                                server: &server,
+                                datasette: config.datasette,
+                                query,
+                                workload: &workload,
+                                options,
+                                round,
+                                clk_tck,
+                            },
+                            &timer,
+                            &scratch,
+                        )?;
+                        server.stop();
+                        Ok(sample)
+                    },
+                    |sample| sample.other_load,
+                )?;
                 eprintln!(
                     "xtask:   {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms{}",
                     sample.rps,
@@ -279,13 +261,7 @@ pub fn sqlite(options: &SqliteOptions) -> Result<()> {
         start: &start,
         gnu_time: timer.gnu_time.is_some(),
     };
-    let markdown = report.markdown();
-    println!("{markdown}");
-    let doc = root.join("docs/benchmarks.md");
-    bench::write_marked_section(&doc, DOC_START, DOC_END, &markdown)?;
-    eprintln!("xtask: wrote {}", doc.display());
-    let _ = fs::remove_dir_all(&scratch);
-    Ok(())
+    bench::report::publish(&root, "sqlite", report.markdown(), &scratch)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -333,18 +309,14 @@ impl Datasette {
                 venv.display()
             );
             fs::create_dir_all(bench_dir)?;
-            bench::run_quiet(Command::new("python3").args(["-m", "venv"]).arg(&venv)).map_err(
+            run_quiet(Command::new("python3").args(["-m", "venv"]).arg(&venv)).map_err(
                 |e| anyhow!("{e:#}\ncreating a Python venv needs python3 and its venv module: apt-get install python3-venv"),
             )?;
-            bench::run_quiet(Command::new(venv.join("bin/pip")).args([
-                "install",
-                "--quiet",
-                "datasette",
-            ]))
-            .context("pip install datasette")?;
+            run_quiet(Command::new(venv.join("bin/pip")).args(["install", "--quiet", "datasette"]))
+                .context("pip install datasette")?;
         }
         // "datasette, version 0.65.5"
-        let version = bench::run_quiet(Command::new(&program).arg("--version"))?
+        let version = run_quiet(Command::new(&program).arg("--version"))?
             .trim()
             .replace(", version", "")
             .to_owned();
@@ -352,7 +324,7 @@ impl Datasette {
     }
 
     fn start(&self, db: &Path, scratch: &Path, id: &str) -> Result<Server> {
-        let port = free_port()?;
+        let port = free_port();
         let mut cmd = Command::new(&self.program);
         cmd.args(["serve", "-i"])
             .arg(db)
@@ -409,13 +381,13 @@ fn snapshot(bakedb: &Path, source: &Path, sqlite_dir: &Path, size_mib: u64) -> R
         source.display(),
         dir.display()
     );
-    bench::run_quiet(
+    run_quiet(
         Command::new(bakedb)
             .args(["snapshot", "--quiet", "--engine", "sqlite", "--source"])
             .arg(source)
             .arg("--out")
             .arg(&partial)
-            .env("SOURCE_DATE_EPOCH", SOURCE_DATE_EPOCH),
+            .env("SOURCE_DATE_EPOCH", bench::SOURCE_DATE_EPOCH),
     )?;
     fs::rename(&partial, &dir).with_context(|| format!("renaming to {}", dir.display()))?;
     let bytes = fs::metadata(&snap.db)
@@ -616,24 +588,11 @@ fn compact_json(s: &str) -> String {
     out
 }
 
-/// Percent-encoding of a query-string value.
-fn url_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() * 2);
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-            out.push(b as char);
-        } else {
-            let _ = write!(out, "%{b:02X}");
-        }
-    }
-    out
-}
-
 /// The request path around the parameter's value: bakedb-serve takes named parameters as a
 /// JSON object, datasette as query-string fields (bound as text; SQLite applies the column's
 /// integer affinity, so the plans and rows are the same).
 fn request_path(datasette: bool, query: Query) -> (String, &'static str) {
-    let sql = url_encode(&query.sql());
+    let sql = http::encode(&query.sql());
     if datasette {
         (
             format!("/app.json?sql={sql}&_shape=arrays&{}=", query.param()),
@@ -680,7 +639,7 @@ impl Server {
         };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Ok((200, _)) = http_get(server.addr, ready_path, Duration::from_secs(5)) {
+            if get(server.addr, ready_path, Duration::from_secs(5)).is_ok_and(|r| r.status == 200) {
                 return Ok(server);
             }
             let child = server.child.as_mut().expect("running");
@@ -720,22 +679,9 @@ impl Server {
     }
 
     fn terminate(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .stderr(Stdio::null())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if let Some(mut child) = self.child.take() {
+            process::stop(&mut child, process::SIGTERM, Duration::from_secs(15));
         }
-        let _ = child.kill();
-        let _ = child.wait();
     }
 }
 
@@ -746,7 +692,7 @@ impl Drop for Server {
 }
 
 fn start_serve(serve: &Path, db: &Path, config: &Config, scratch: &Path) -> Result<Server> {
-    let port = free_port()?;
+    let port = free_port();
     let mut cmd = Command::new(serve);
     // Only the settings of the configuration: nothing inherited changes what is measured.
     for (key, _) in std::env::vars_os() {
@@ -760,62 +706,15 @@ fn start_serve(serve: &Path, db: &Path, config: &Config, scratch: &Path) -> Resu
     Server::spawn(cmd, config.id, port, "/healthz", scratch)
 }
 
-/// A port that was free a moment ago.
-fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("finding a free port")?;
-    Ok(listener.local_addr()?.port())
-}
-
-/// One GET on a fresh connection: the status and the body (de-chunked).
-fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> io::Result<(u16, String)> {
-    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
-    stream.write_all(
-        format!(
-            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: application/json\r\nConnection: close\r\n\r\n"
-        )
-        .as_bytes(),
-    )?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_owned());
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| bad("no end of the HTTP header"))?;
-    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let body = &raw[split + 4..];
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| bad("no HTTP status"))?;
-    let chunked = head.lines().any(|l| {
-        let l = l.to_ascii_lowercase();
-        l.starts_with("transfer-encoding:") && l.contains("chunked")
-    });
-    let body = if chunked {
-        dechunk(body).ok_or_else(|| bad("a malformed chunked body"))?
-    } else {
-        body.to_vec()
-    };
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
-}
-
-fn dechunk(mut rest: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let eol = rest.windows(2).position(|w| w == b"\r\n")?;
-        let size_text = std::str::from_utf8(&rest[..eol]).ok()?;
-        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
-        rest = &rest[eol + 2..];
-        if size == 0 {
-            return Some(out);
-        }
-        out.extend_from_slice(rest.get(..size)?);
-        rest = rest.get(size + 2..)?;
-    }
+/// One GET on a fresh connection, asking for JSON.
+fn get(addr: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<http::Response> {
+    http::request_within(
+        addr,
+        "GET",
+        path,
+        &[("Accept", "application/json")],
+        timeout,
+    )
 }
 
 /// The sample answer holds exactly the rows rusqlite returns.
@@ -840,12 +739,13 @@ fn expected_for(workload: &Workload, query: Query) -> (i64, &str) {
 fn check_sample(server: &Server, datasette: bool, query: Query, workload: &Workload) -> Result<()> {
     let (value, expected) = expected_for(workload, query);
     let (prefix, suffix) = request_path(datasette, query);
-    let (status, body) = http_get(
+    let answer = get(
         server.addr,
         &format!("{prefix}{value}{suffix}"),
         Duration::from_secs(30),
     )
     .with_context(|| format!("asking {} for a {}", server.addr, query.name()))?;
+    let (status, body) = (answer.status, answer.text());
     let who = if datasette {
         "datasette"
     } else {
@@ -951,7 +851,7 @@ struct Cell {
 
 impl Cell {
     fn median(&self, f: impl Fn(&LoadSample) -> Option<f64>) -> Option<f64> {
-        median(self.samples.iter().filter_map(f).collect())
+        median(self.samples.iter().filter_map(f))
     }
 
     fn rps(&self) -> Option<f64> {
@@ -1001,8 +901,8 @@ fn load(run: &LoadRun<'_>, timer: &Timer, scratch: &Path) -> Result<LoadSample> 
     // The timed run's seed depends on the round only: every server gets the same requests.
     let timed = script("timed.lua", run.round as u64 * 1000)?;
     let warmup = script("warmup.lua", 1_000_000 + run.round as u64 * 1000)?;
-    let nproc = std::thread::available_parallelism().map_or(1, usize::from) as f64;
-    bench::wait_until_quiet();
+    let nproc = nproc() as f64;
+    wait_until_quiet();
     wrk(
         timer,
         &warmup,
@@ -1086,7 +986,7 @@ fn wrk(
     addr: SocketAddr,
     duration_s: u64,
     connections: usize,
-) -> Result<(WrkResult, bench::Sample)> {
+) -> Result<(WrkResult, Sample)> {
     let done = timer.run(
         Command::new("wrk")
             .arg(format!("-t{WRK_THREADS}"))
@@ -1134,7 +1034,7 @@ fn process_cpu_ticks(pid: u32) -> Option<u64> {
 }
 
 fn clock_ticks() -> f64 {
-    bench::run_quiet(Command::new("getconf").arg("CLK_TCK"))
+    run_quiet(Command::new("getconf").arg("CLK_TCK"))
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(100.0)
@@ -1142,21 +1042,6 @@ fn clock_ticks() -> f64 {
 
 // ---------------------------------------------------------------------------------------------
 // The image and its start.
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Cache {
-    Cold,
-    Warm,
-}
-
-impl Cache {
-    fn name(self) -> &'static str {
-        match self {
-            Cache::Cold => "cold",
-            Cache::Warm => "warm",
-        }
-    }
-}
 
 struct StartSample {
     cache: Cache,
@@ -1193,77 +1078,24 @@ impl StartPart {
         }
     }
 
+    fn samples(&self, cache: Cache, verify: bool) -> impl Iterator<Item = &StartSample> {
+        self.samples
+            .iter()
+            .filter(move |s| s.cache == cache && s.verify == verify)
+    }
+
     fn median(
         &self,
         cache: Cache,
         verify: bool,
         f: impl Fn(&StartSample) -> Option<f64>,
     ) -> Option<f64> {
-        median(
-            self.samples
-                .iter()
-                .filter(|s| s.cache == cache && s.verify == verify)
-                .filter_map(f)
-                .collect(),
-        )
+        median(self.samples(cache, verify).filter_map(f))
     }
 
     fn range(&self, cache: Cache, verify: bool) -> Option<(f64, f64)> {
-        let secs = || {
-            self.samples
-                .iter()
-                .filter(move |s| s.cache == cache && s.verify == verify)
-                .map(|s| s.secs)
-        };
-        secs()
-            .min_by(f64::total_cmp)
-            .zip(secs().max_by(f64::total_cmp))
+        range(self.samples(cache, verify).map(|s| s.secs))
     }
-}
-
-/// `docker rm -f` when dropped.
-struct Container<'a> {
-    docker: &'a Path,
-    name: String,
-}
-
-impl Drop for Container<'_> {
-    fn drop(&mut self) {
-        let _ = Command::new(self.docker)
-            .args(["rm", "-f", &self.name])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
-/// `docker rmi -f` when dropped.
-struct LoadedImage<'a> {
-    docker: &'a Path,
-    name: String,
-}
-
-impl Drop for LoadedImage<'_> {
-    fn drop(&mut self) {
-        let _ = Command::new(self.docker)
-            .args(["rmi", "-f", &self.name])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
-fn docker_bin() -> PathBuf {
-    std::env::var_os("DOCKER")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let distro = PathBuf::from("/usr/bin/docker");
-            if distro.is_file() {
-                distro
-            } else {
-                PathBuf::from("docker")
-            }
-        })
 }
 
 fn start_part(
@@ -1275,13 +1107,8 @@ fn start_part(
 ) -> Result<StartPart> {
     let docker = docker_bin();
     let mut part = StartPart::default();
-    match bench::run_quiet(Command::new(&docker).args(["info", "--format", "{{.ServerVersion}}"])) {
-        Ok(v) if !v.trim().is_empty() => part.docker = format!("docker {}", v.trim()),
-        Ok(_) => {
-            return Ok(StartPart::unavailable(
-                "not measured: dockerd reports no version".into(),
-            ));
-        }
+    match docker_version(&docker) {
+        Ok(v) => part.docker = v,
         Err(e) => {
             let first = format!("{e:#}").lines().next().unwrap_or("").to_owned();
             return Ok(StartPart::unavailable(format!(
@@ -1289,21 +1116,15 @@ fn start_part(
             )));
         }
     }
-    match bench::run_quiet(Command::new("skopeo").arg("--version")) {
-        Ok(v) => part.skopeo = v.trim().replace(" version ", " "),
+    match skopeo_version() {
+        Ok(v) => part.skopeo = v,
         Err(_) => {
             return Ok(StartPart::unavailable(
                 "not measured: skopeo is missing (apt-get install skopeo)".into(),
             ));
         }
     }
-    part.cold_unavailable = match bench_init::effective_uid() {
-        Some(0) => None,
-        Some(uid) => Some(format!(
-            "not measured: dropping the page cache needs root (running as uid {uid})"
-        )),
-        None => Some("not measured: could not tell whether this runs as root".into()),
-    };
+    part.cold_unavailable = cold_cache().err();
 
     // Build the image (timed), then hand it to docker.
     let layout = scratch.join("image");
@@ -1316,29 +1137,29 @@ fn start_part(
         if layout.exists() {
             fs::remove_dir_all(&layout)?;
         }
-        bench::warm(&snapshot.db)?;
-        bench::sync();
-        bench::wait_until_quiet();
+        warm(&snapshot.db)?;
+        sync();
+        wait_until_quiet();
         let started = Instant::now();
-        let json = bench::run_quiet(
+        let json = run_quiet(
             Command::new(bakedb)
                 .args(["build", "--json", "--engine", "sqlite", "--source"])
                 .arg(&snapshot.dir)
                 .args(["--output", &reference])
-                .env("SOURCE_DATE_EPOCH", SOURCE_DATE_EPOCH)
+                .env("SOURCE_DATE_EPOCH", bench::SOURCE_DATE_EPOCH)
                 .env("CI", "true"),
         )?;
         let secs = started.elapsed().as_secs_f64();
         eprintln!("xtask:   {secs:.2} s");
         part.build_secs.push(secs);
-        part.layers = layer_sizes(&json);
+        part.layers = build_layers(&json).into_iter().map(|(_, n)| n).collect();
         part.manifest_bytes = json_u64(&json, "manifest_size");
-        bench::sync();
+        sync();
     }
     let name = format!("{IMAGE}:{}mib", options.size_mib);
     let archive = scratch.join("image.tar");
     eprintln!("xtask: skopeo copy {reference} docker-archive, docker load");
-    bench::run_quiet(
+    run_quiet(
         Command::new("skopeo")
             .arg("copy")
             .arg("--quiet")
@@ -1346,41 +1167,29 @@ fn start_part(
             .arg(format!("docker-archive:{}:{name}", archive.display())),
     )?;
     let started = Instant::now();
-    bench::run_quiet(Command::new(&docker).arg("load").arg("-i").arg(&archive))?;
+    let _image = docker_load(&docker, &archive, &name)?;
     part.load_secs = Some(started.elapsed().as_secs_f64());
-    let _image = LoadedImage {
-        docker: &docker,
-        name: name.clone(),
-    };
     let _ = fs::remove_file(&archive);
-    part.docker_size = bench::run_quiet(Command::new(&docker).args([
-        "image",
-        "inspect",
-        "--format",
-        "{{.Size}}",
-        &name,
-    ]))?
-    .trim()
-    .parse()
-    .ok();
+    part.docker_size = image_size(&docker, &name);
 
     let mut n = 0;
     for run in 1..=options.runs {
-        for cache in [Cache::Cold, Cache::Warm] {
+        for cache in Cache::BOTH {
             if cache == Cache::Cold && part.cold_unavailable.is_some() {
                 continue;
             }
             for verify in [true, false] {
                 n += 1;
                 match cache {
-                    Cache::Cold => bench_init::drop_caches()
-                        .map_err(|e| anyhow!("dropping the page cache: {e}"))?,
+                    Cache::Cold => {
+                        drop_caches().map_err(|e| anyhow!("dropping the page cache: {e}"))?
+                    }
                     // The previous start read every byte of the data (verification does).
                     Cache::Warm => {
                         start_once(&docker, &name, true, workload, &format!("prime-{n}"))?;
                     }
                 }
-                bench::wait_until_quiet();
+                wait_until_quiet();
                 let (secs, returned_secs, logs) =
                     start_once(&docker, &name, verify, workload, &n.to_string())?;
                 eprintln!(
@@ -1421,12 +1230,11 @@ fn start_once(
     workload: &Workload,
     tag: &str,
 ) -> Result<(f64, Option<f64>, String)> {
-    let port = free_port()?;
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let container = Container {
-        docker,
-        name: format!("{IMAGE}-{}-{tag}", std::process::id()),
-    };
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+    let container = Container::new(
+        docker_cli(docker),
+        format!("{IMAGE}-{}-{tag}", std::process::id()),
+    );
     let (value, expected) = expected_for(workload, Query::Point);
     let (prefix, suffix) = request_path(false, Query::Point);
     let path = format!("{prefix}{value}{suffix}");
@@ -1437,92 +1245,34 @@ fn start_once(
     if !verify {
         cmd.args(["-e", "BAKEDB_VERIFY=off"]);
     }
-    cmd.arg(image)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let started = Instant::now();
-    let mut child = cmd.spawn().context("starting docker run")?;
-    let mut returned = None;
-    let logs = |container: &Container| {
-        Command::new(docker)
-            .args(["logs", &container.name])
-            .output()
-            .map(|o| {
-                String::from_utf8_lossy(&o.stdout).into_owned()
-                    + &String::from_utf8_lossy(&o.stderr)
-            })
-            .unwrap_or_default()
-    };
-    let secs = loop {
-        if returned.is_none()
-            && let Some(status) = child.try_wait()?
-        {
-            returned = Some(started.elapsed().as_secs_f64());
-            if !status.success() {
-                let mut stderr = String::new();
-                if let Some(mut e) = child.stderr.take() {
-                    let _ = e.read_to_string(&mut stderr);
-                }
-                bail!("docker run failed ({status}): {}", stderr.trim());
-            }
-        }
-        match http_get(addr, &path, Duration::from_secs(30)) {
-            Ok((200, body)) => {
-                let secs = started.elapsed().as_secs_f64();
-                check_answer(&body, expected, "the container's first answer")?;
-                break secs;
-            }
-            Ok((status, body)) => {
-                bail!(
-                    "the container answered {status}: {body}\n{}",
-                    logs(&container)
-                )
-            }
-            Err(_) => {}
-        }
-        if started.elapsed() > START_TIMEOUT {
-            bail!(
+    cmd.arg(image);
+    let started = first_answer(
+        &mut cmd,
+        image,
+        POLL,
+        START_TIMEOUT,
+        |_| match get(addr, &path, Duration::from_secs(30)) {
+            Ok(r) if r.status == 200 => Ok(Some(r.text())),
+            Ok(r) => bail!(
+                "the container answered {}: {}\n{}",
+                r.status,
+                r.text(),
+                container.logs()
+            ),
+            Err(_) => Ok(None),
+        },
+        || {
+            anyhow!(
                 "the container did not answer within {} s:\n{}",
                 START_TIMEOUT.as_secs(),
-                logs(&container)
-            );
-        }
-        std::thread::sleep(POLL);
-    };
-    if returned.is_none() {
-        let status = child.wait()?;
-        returned = Some(started.elapsed().as_secs_f64());
-        if !status.success() {
-            bail!("docker run exited with {status} after the container answered");
-        }
-    }
-    let logs = logs(&container);
+                container.logs()
+            )
+        },
+    )?;
+    check_answer(&started.answer, expected, "the container's first answer")?;
+    let logs = container.logs();
     drop(container);
-    Ok((secs, returned, logs))
-}
-
-/// `"size": N` of every entry of `"layers": [...]` in `bakedb build --json`'s output.
-fn layer_sizes(json: &str) -> Vec<u64> {
-    let Some(start) = json.find("\"layers\"") else {
-        return Vec::new();
-    };
-    let layers = &json[start..];
-    let layers = &layers[..layers.find(']').unwrap_or(layers.len())];
-    layers
-        .split('{')
-        .skip(1)
-        .filter_map(|entry| json_u64(entry, "size"))
-        .collect()
-}
-
-fn json_u64(text: &str, key: &str) -> Option<u64> {
-    let after = &text[text.find(&format!("\"{key}\""))? + key.len() + 2..];
-    let after = after.trim_start().strip_prefix(':')?.trim_start();
-    let end = after
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(after.len());
-    after[..end].parse().ok()
+    Ok((started.secs, started.returned, logs))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1541,14 +1291,6 @@ struct Report<'a> {
     gnu_time: bool,
 }
 
-fn times(value: Option<f64>) -> String {
-    value.map_or_else(|| "—".into(), |v| format!("{v:.2}×"))
-}
-
-fn mb(bytes: u64) -> String {
-    format!("{:.1}", bytes as f64 / 1e6)
-}
-
 impl Report<'_> {
     fn cell(&self, config_id: &str, query: Query) -> Option<&Cell> {
         let c = self.configs.iter().position(|c| c.id == config_id)?;
@@ -1558,20 +1300,10 @@ impl Report<'_> {
     }
 
     fn markdown(&self) -> String {
-        let mut md = String::new();
-        let nproc = std::thread::available_parallelism().map_or(1, usize::from);
+        let nproc = nproc();
         let w = self.workload;
         let o = self.options;
-        let _ = writeln!(md, "{DOC_START}");
-        let _ = writeln!(md, "## sqlite\n");
-        let _ = writeln!(
-            md,
-            "Measured {} on {}; bakedb at {}. Reproduce with:\n",
-            bench::today(),
-            bench::machine(),
-            self.commit,
-        );
-        let _ = writeln!(md, "    {}\n", o.command());
+        let mut md = bench::report::start("sqlite", &self.commit, &o.command());
         let _ = writeln!(
             md,
             "Input: `bakedb snapshot` of `bench build`'s generated database ({} bytes, {:.2} GiB, rollback journal): \
@@ -1658,13 +1390,16 @@ impl Report<'_> {
                 md,
                 "| {} | bakedb-serve ÷ datasette | {} | {} | {} | | {} | |",
                 q.name(),
-                times(ratio(serve.and_then(Cell::rps), ds.and_then(Cell::rps))),
-                times(ratio(serve.and_then(Cell::p50), ds.and_then(Cell::p50))),
-                times(ratio(serve.and_then(Cell::p99), ds.and_then(Cell::p99))),
-                times(ratio(
-                    serve.and_then(|c| c.median(|s| s.server_cpu_ms)),
-                    ds.and_then(|c| c.median(|s| s.server_cpu_ms))
-                )),
+                times(ratio(serve.and_then(Cell::rps), ds.and_then(Cell::rps)), 2),
+                times(ratio(serve.and_then(Cell::p50), ds.and_then(Cell::p50)), 2),
+                times(ratio(serve.and_then(Cell::p99), ds.and_then(Cell::p99)), 2),
+                times(
+                    ratio(
+                        serve.and_then(|c| c.median(|s| s.server_cpu_ms)),
+                        ds.and_then(|c| c.median(|s| s.server_cpu_ms))
+                    ),
+                    2
+                ),
             );
         }
 
@@ -1747,7 +1482,6 @@ impl Report<'_> {
 
         self.start_markdown(&mut md);
         self.targets_markdown(&mut md);
-        let _ = writeln!(md, "{DOC_END}");
         md
     }
 
@@ -1775,7 +1509,7 @@ impl Report<'_> {
             s.layers.iter().max().map_or("—".into(), |b| mb(*b)),
             s.manifest_bytes.map_or("—".into(), |b| b.to_string()),
             s.docker_size.map_or("—".into(), mb),
-            fmt(median(s.build_secs.clone()), 2),
+            fmt(median(s.build_secs.iter().copied()), 2),
             s.build_secs.len(),
             s.skopeo,
             fmt(s.load_secs, 2),
@@ -1802,7 +1536,7 @@ impl Report<'_> {
             "| cache | verification | first answer, median s | min–max s | `docker run -d` returned, median s |"
         );
         let _ = writeln!(md, "|---|---|---:|---:|---:|");
-        for cache in [Cache::Cold, Cache::Warm] {
+        for cache in Cache::BOTH {
             for verify in [true, false] {
                 let on = if verify {
                     "on"
@@ -1820,8 +1554,7 @@ impl Report<'_> {
                     "| {} | {on} | {} | {} | {} |",
                     cache.name(),
                     fmt(s.median(cache, verify, |x| Some(x.secs)), 3),
-                    s.range(cache, verify)
-                        .map_or("—".into(), |(a, b)| format!("{a:.3}–{b:.3}")),
+                    fmt_range(s.range(cache, verify), 3),
                     fmt(s.median(cache, verify, |x| x.returned_secs), 3),
                 );
             }
@@ -1930,7 +1663,7 @@ impl Report<'_> {
         }
         let s = self.start;
         let size_mib = self.workload.db_bytes as f64 / (1u64 << 20) as f64;
-        for cache in [Cache::Cold, Cache::Warm] {
+        for cache in Cache::BOTH {
             let value = s.median(cache, true, |x| Some(x.secs));
             let why_not = s.unavailable.as_ref().or(if cache == Cache::Cold {
                 s.cold_unavailable.as_ref()
@@ -1996,17 +1729,13 @@ impl Report<'_> {
     }
 }
 
-fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
-    a.zip(b).filter(|(_, b)| *b > 0.0).map(|(a, b)| a / b)
-}
-
 /// The ratio of the medians of req/s, and with several rounds the lowest and highest ratio
 /// of one round (both cells run in the same rounds): "1.04× (0.98–1.10)".
 fn rps_ratio(a: Option<&Cell>, b: Option<&Cell>) -> String {
     let (Some(a), Some(b)) = (a, b) else {
         return "—".into();
     };
-    let text = times(ratio(a.rps(), b.rps()));
+    let text = times(ratio(a.rps(), b.rps()), 2);
     match round_ratios(a, b) {
         Some((lo, hi)) => format!("{text} ({lo:.2}–{hi:.2})"),
         None => text,
@@ -2024,11 +1753,7 @@ fn round_ratios(a: &Cell, b: &Cell) -> Option<(f64, f64)> {
     if per_round.len() < 2 {
         return None;
     }
-    per_round
-        .iter()
-        .copied()
-        .min_by(f64::total_cmp)
-        .zip(per_round.iter().copied().max_by(f64::total_cmp))
+    range(per_round)
 }
 
 #[cfg(test)]
@@ -2080,27 +1805,10 @@ mod tests {
     }
 
     #[test]
-    fn http_helpers() {
-        assert_eq!(url_encode("a = :id*2"), "a%20%3D%20%3Aid%2A2");
-        assert_eq!(
-            dechunk(b"5\r\nhello\r\n6;x=y\r\n world\r\n0\r\n\r\n").as_deref(),
-            Some(&b"hello world"[..])
-        );
-        assert_eq!(dechunk(b"5\r\nhel"), None);
-    }
-
-    #[test]
-    fn reads_layer_sizes() {
-        let json = "{\n  \"config_digest\": \"sha256:c\",\n  \"layers\": [\n    {\n      \"digest\": \"sha256:a\",\n      \"size\": 1200\n    },\n    {\n      \"digest\": \"sha256:b\",\n      \"size\": 34\n    }\n  ],\n  \"manifest_size\": 900,\n  \"size\": 2134\n}";
-        assert_eq!(layer_sizes(json), vec![1200, 34]);
-        assert_eq!(json_u64(json, "manifest_size"), Some(900));
-    }
-
-    #[test]
     fn datasette_and_serve_get_the_same_sql() {
         let (serve, suffix) = request_path(false, Query::Point);
         let (datasette, none) = request_path(true, Query::Point);
-        let sql = url_encode(&Query::Point.sql());
+        let sql = http::encode(&Query::Point.sql());
         assert!(serve.starts_with("/v1/query?sql=") && serve.contains(&sql));
         assert!(datasette.starts_with("/app.json?sql=") && datasette.contains(&sql));
         assert_eq!((suffix, none), ("%7D", ""));

@@ -2,6 +2,7 @@
 //! xtask). Each subcommand is one function in its own module; this file only dispatches.
 
 mod bench;
+mod bench_build;
 mod bench_init;
 mod bench_postgres;
 mod bench_sqlite;
@@ -55,7 +56,9 @@ fn main() {
 fn dispatch(args: &[String]) -> Result<()> {
     let words: Vec<&str> = args.iter().map(String::as_str).collect();
     match words.as_slice() {
-        ["bench", "build", flags @ ..] => bench::build(&bench::BuildOptions::parse(flags)?),
+        ["bench", "build", flags @ ..] => {
+            bench_build::build(&bench_build::BuildOptions::parse(flags)?)
+        }
         ["bench", "init", flags @ ..] => bench_init::init(&bench_init::InitOptions::parse(flags)?),
         ["bench", "sqlite", flags @ ..] => {
             bench_sqlite::sqlite(&bench_sqlite::SqliteOptions::parse(flags)?)
