@@ -9,12 +9,12 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use bakedb_testkit::containers::{DockerImage, Runc, podman_in};
+use bakedb_testkit::containers::{DockerImage, Runc, podman_in, runc_and_umoci_as_root};
 
 use crate::require;
 use crate::util::{
-    self, bakedb, build_json, busybox_base, make_big_db, make_db, run, run_ok, sha256_hex, stderr,
-    stdout, test_dir, unique_name,
+    self, assert_process_user, bakedb, build_sqlite, busybox_base, dir_with_db, make_big_db,
+    make_db, run, run_ok, sha256_hex, sqlite_build, stderr, stdout, test_dir, unique_name,
 };
 
 /// Where the image keeps the data of a source named app.db.
@@ -26,14 +26,7 @@ const OWNER: &str = "65532:65532";
 
 /// `bakedb build --json` from `source` (relative to `dir`) into `output`, plus `extra` flags.
 fn build(dir: &Path, source: &str, output: &str, extra: &[&str]) -> Value {
-    let out = run_ok(
-        bakedb(dir)
-            .args([
-                "build", "--engine", "sqlite", "--source", source, "--output", output, "--json",
-            ])
-            .args(extra),
-    );
-    build_json(&out)
+    build_sqlite(dir, source, output, extra)
 }
 
 /// A busybox-based image that prints the data file's sha256 when run.
@@ -128,9 +121,8 @@ fn contents(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
 #[test]
 fn skopeo_inspects_every_output_transport() {
     let skopeo = require!("skopeo");
-    let dir = test_dir();
+    let dir = dir_with_db(2000);
     let d = dir.path();
-    make_db(&d.join("app.db"), 2000);
     let oci = build(d, "app.db", "oci:img:v1", &[]);
     let oci_archive = build(d, "app.db", "oci-archive:img.oci.tar:v1", &[]);
     let docker_archive = build(
@@ -206,9 +198,8 @@ fn skopeo_inspects_every_output_transport() {
 #[test]
 fn skopeo_copies_between_all_transports_and_bakedb_verifies_the_copies() {
     let skopeo = require!("skopeo");
-    let dir = test_dir();
+    let dir = dir_with_db(2000);
     let d = dir.path();
-    make_db(&d.join("app.db"), 2000);
     let built = build(d, "app.db", "oci:src:v1", &[]);
     build(d, "app.db", "oci-archive:src.oci.tar:v1", &[]);
     build(
@@ -318,9 +309,8 @@ fn skopeo_copies_between_all_transports_and_bakedb_verifies_the_copies() {
 #[test]
 fn bakedb_reads_a_docker_archive_by_the_name_skopeo_wrote_it_with() {
     let skopeo = require!("skopeo");
-    let dir = test_dir();
+    let dir = dir_with_db(500);
     let d = dir.path();
-    make_db(&d.join("app.db"), 500);
     build(d, "app.db", "oci:img:v1", &[]);
     // As a base it must not be a bakedb image (refused, see errors.rs).
     util::unbake(&d.join("img"), "v1");
@@ -373,9 +363,8 @@ fn registry_round_trip_keeps_the_manifest_digest() {
     let Some(registry) = util::registry() else {
         return;
     };
-    let dir = test_dir();
+    let dir = dir_with_db(2000);
     let d = dir.path();
-    make_db(&d.join("app.db"), 2000);
     let built = build(d, "app.db", "oci:img:v1", &[]);
     let remote = format!(
         "docker://{registry}/bakedb-e2e/{}:v1",
@@ -603,9 +592,8 @@ fn docker_runs_the_image_from_skopeo_and_bakedb_docker_archives() {
     let skopeo = require!("skopeo");
     require!("umoci");
     let Some(docker) = util::docker() else { return };
-    let dir = test_dir();
+    let dir = dir_with_db(3000);
     let d = dir.path();
-    make_db(&d.join("app.db"), 3000);
     let built = build_on_busybox(d, "oci:img:v1", &[]);
     let expected = recorded_sha256(&inspect(d, "oci:img:v1")["image_json"], "app.db");
 
@@ -704,9 +692,8 @@ fn podman_runs_the_oci_layout() {
     let podman_bin = require!("podman");
     require!("runc");
     require!("umoci");
-    let dir = test_dir();
+    let dir = dir_with_db(3000);
     let d = dir.path();
-    make_db(&d.join("app.db"), 3000);
     build_on_busybox(d, "oci:img:v1", &[]);
     let expected = recorded_sha256(&inspect(d, "oci:img:v1")["image_json"], "app.db");
 
@@ -742,14 +729,11 @@ fn podman_runs_the_oci_layout() {
 
 #[test]
 fn runc_runs_a_bundle_umoci_unpacked_with_real_ownership() {
-    let runc = require!("runc");
-    let umoci = require!("umoci");
-    if !util::require_root() {
+    let Some((runc, umoci)) = runc_and_umoci_as_root() else {
         return;
-    }
-    let dir = test_dir();
+    };
+    let dir = dir_with_db(3000);
     let d = dir.path();
-    make_db(&d.join("app.db"), 3000);
     // No --cmd: the base's /bin/sh stays the command, and the test overrides it.
     let base = format!("oci:{}:latest", busybox_base().display());
     build(d, "app.db", "oci:img:v1", &["--base", &base]);
@@ -777,16 +761,7 @@ fn runc_runs_a_bundle_umoci_unpacked_with_real_ownership() {
 
     let config_path = d.join("bundle/config.json");
     let config: Value = serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
-    assert_eq!(
-        config["process"]["user"]["uid"], 65532,
-        "{}",
-        config["process"]
-    );
-    assert_eq!(
-        config["process"]["user"]["gid"], 65532,
-        "{}",
-        config["process"]
-    );
+    assert_process_user(&config, 65532, 65532);
     let runc = Runc::new(&runc, &d.join("runc-state"));
     let run_in_bundle = |args: &[&str]| {
         let mut config = config.clone();
@@ -811,9 +786,8 @@ fn runc_runs_a_bundle_umoci_unpacked_with_real_ownership() {
 fn oci_image_tool_validates_the_layouts() {
     let tool = require!("oci-image-tool");
     require!("umoci");
-    let dir = test_dir();
+    let dir = dir_with_db(1000);
     let d = dir.path();
-    make_db(&d.join("app.db"), 1000);
     // Two images in one layout: FROM scratch, and on busybox (three layers, a base's config).
     let scratch = build(d, "app.db", "oci:layout:scratch", &[]);
     let on_busybox = build_on_busybox(d, "oci:layout:busybox", &[]);
@@ -887,9 +861,8 @@ fn zstd_layers_work_with_skopeo_and_podman_and_docker_archive_refuses_them() {
     let podman_bin = require!("podman");
     require!("runc");
     require!("umoci");
-    let dir = test_dir();
+    let dir = dir_with_db(3000);
     let d = dir.path();
-    make_db(&d.join("app.db"), 3000);
     let built = build_on_busybox(d, "oci:img:v1", &["--compression", "zstd"]);
     verify(d, "oci:img:v1");
 
@@ -922,17 +895,12 @@ fn zstd_layers_work_with_skopeo_and_podman_and_docker_archive_refuses_them() {
 
     // docker load before Docker 23 cannot read zstd: refused as a usage error, nothing written.
     let before = util::tree(d);
-    let refused = run(bakedb(d).args([
-        "build",
-        "--engine",
-        "sqlite",
-        "--source",
-        "app.db",
-        "--compression",
-        "zstd",
-        "--output",
-        "docker-archive:zstd.docker.tar:bakedb-e2e/zstd:v1",
-    ]));
+    let refused = run(bakedb(d)
+        .args(sqlite_build(
+            "app.db",
+            "docker-archive:zstd.docker.tar:bakedb-e2e/zstd:v1",
+        ))
+        .args(["--compression", "zstd"]));
     assert_eq!(
         refused.status.code(),
         Some(2),

@@ -13,14 +13,15 @@ use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::process::{Command, Output};
 
+use bakedb_testkit::fixtures::{break_page_types, indexed_db};
 use serde_json::Value;
 
 use crate::require;
 use crate::util::{
-    assert_tree_unchanged, bakedb, bakedb_as_nobody, copy_dir, make_db, make_rollback_db, run,
-    run_ok, stderr, test_dir, tree, unbake,
+    assert_tree_unchanged, bakedb, bakedb_as_nobody, copy_dir, make_db, make_rollback_db,
+    require_root, run, run_ok, sqlite_build, stderr, test_dir, tool, tree, unbake,
 };
 
 // Exit codes, as documented.
@@ -67,11 +68,57 @@ impl Fixture {
         self.dir.join(rel)
     }
 
+    /// `bakedb build --quiet --engine sqlite --source SOURCE --output OUTPUT EXTRA...` in the
+    /// fixture's directory.
+    fn build(&self, source: &str, output: &str, extra: &[&str]) -> Command {
+        let mut cmd = bakedb(&self.dir);
+        cmd.args(sqlite_build(source, output))
+            .arg("--quiet")
+            .args(extra);
+        cmd
+    }
+
+    /// For a test that runs bakedb as uid 65534 through setpriv (root ignores permissions):
+    /// the fixture, its directory set to `mode`, setpriv's path and `scratch`, writable by
+    /// all (HOME and TMPDIR of `bakedb_as_nobody`). None skips the test (no setpriv, not
+    /// root) locally; under CI that fails.
+    fn for_nobody(mode: u32) -> Option<(Fixture, PathBuf, PathBuf)> {
+        let setpriv = tool("setpriv")?;
+        if !require_root() {
+            return None;
+        }
+        let f = Fixture::new();
+        set_mode(&f.dir, mode);
+        let scratch = f.path("scratch");
+        fs::create_dir(&scratch).unwrap();
+        set_mode(&scratch, 0o777);
+        Some((f, setpriv, scratch))
+    }
+
     /// A copy of the base layout to damage.
     fn base_copy(&self, name: &str) -> PathBuf {
         let copy = self.path(name);
         copy_dir(&self.path("base"), &copy);
         copy
+    }
+
+    /// A copy of the base layout, `bad`, damaged by `damage` (given the copy and the digest of
+    /// its first layer, it returns the digest the message must name): `--base oci:bad:v1`
+    /// must be refused with exit 5, naming the layout, that digest and every needle.
+    fn assert_damaged_base_refused(
+        &self,
+        needles: &[&str],
+        damage: impl FnOnce(&Path, &str) -> String,
+    ) {
+        let bad = self.base_copy("bad");
+        let layer = damage(&bad, &layer_digest(&bad, "v1", 0));
+        let mut all = vec![layer.as_str(), "oci:bad"];
+        all.extend(needles);
+        self.assert_build_fails(
+            &["--source", "app.db", "--base", "oci:bad:v1"],
+            BAD_BASE,
+            &all,
+        );
     }
 
     /// `bakedb build --engine sqlite ARGS --output OUTPUT` must fail with `code` and a message
@@ -84,14 +131,12 @@ impl Fixture {
             ("oci-archive:arch/app.tar:good", "arch"),
             ("oci:fresh:v1", "fresh"),
         ] {
-            let before = tree(&self.path(dir));
             let what = format!("bakedb build {} --output {output}", args.join(" "));
-            let out = run(bakedb(&self.dir)
-                .args(["build", "--quiet", "--engine", "sqlite"])
+            let mut cmd = bakedb(&self.dir);
+            cmd.args(["build", "--quiet", "--engine", "sqlite"])
                 .args(args)
-                .args(["--output", output]));
-            assert_failure(&out, code, needles, &what);
-            assert_tree_unchanged(&self.path(dir), &before, &what);
+                .args(["--output", output]);
+            fails_leaving(&mut cmd, &self.path(dir), code, needles, &what);
             if dir == "fresh" {
                 assert!(
                     !self.path(dir).exists(),
@@ -102,8 +147,18 @@ impl Fixture {
     }
 }
 
-/// Exit `code`, nothing on stdout, and one line on stderr, `bakedb: ...`, containing every needle.
-fn assert_failure(out: &Output, code: i32, needles: &[&str], what: &str) {
+/// Run `cmd`: it must fail as `assert_failure` says and leave `dir` as it was. Its output.
+fn fails_leaving(cmd: &mut Command, dir: &Path, code: i32, needles: &[&str], what: &str) -> Output {
+    let before = tree(dir);
+    let out = run(cmd);
+    assert_failure(&out, code, needles, what);
+    assert_tree_unchanged(dir, &before, what);
+    out
+}
+
+/// Exit `code`, nothing on stdout, and one line on stderr, `bakedb: ...`, containing every
+/// needle: that line.
+fn assert_failure(out: &Output, code: i32, needles: &[&str], what: &str) -> String {
     let err = stderr(out);
     assert_eq!(
         out.status.code(),
@@ -126,6 +181,7 @@ fn assert_failure(out: &Output, code: i32, needles: &[&str], what: &str) {
             "{what}: the message should mention {needle:?}:\n{err}"
         );
     }
+    err
 }
 
 fn sha256_digest(bytes: &[u8]) -> String {
@@ -232,6 +288,14 @@ fn noise(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// XOR the byte in the middle of a file with `mask`.
+fn flip_middle_byte(path: &Path, mask: u8) {
+    let mut bytes = fs::read(path).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= mask;
+    fs::write(path, &bytes).unwrap();
+}
+
 fn set_mode(path: &Path, mode: u32) {
     fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
 }
@@ -296,16 +360,7 @@ fn source_that_is_not_sqlite() {
     // The usual mistake: the directory the database is in.
     fs::create_dir(f.path("data")).unwrap();
     fs::copy(f.path("tiny.db"), f.path("data/tiny.db")).unwrap();
-    let out = run(bakedb(&f.dir).args([
-        "build",
-        "--quiet",
-        "--engine",
-        "sqlite",
-        "--source",
-        "data",
-        "--output",
-        "oci:fresh:v1",
-    ]));
+    let out = run(&mut f.build("data", "oci:fresh:v1", &[]));
     assert_failure(
         &out,
         BAD_SOURCE,
@@ -325,19 +380,7 @@ fn source_that_is_not_sqlite() {
 fn corrupt_source() {
     let f = Fixture::new();
     let path = f.path("bad.db");
-    {
-        let c = rusqlite::Connection::open(&path).unwrap();
-        c.execute_batch("PRAGMA page_size=4096; CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT); CREATE INDEX iv ON t(v);").unwrap();
-        let tx = c.unchecked_transaction().unwrap();
-        for i in 0..2000 {
-            tx.execute(
-                "INSERT INTO t(v) VALUES (?1)",
-                [format!("value {i} {}", "x".repeat(50))],
-            )
-            .unwrap();
-        }
-        tx.commit().unwrap();
-    }
+    indexed_db(&path, 2000);
     // Scribble over two pages in the middle; the header (and page 1) stay intact.
     let mut bytes = fs::read(&path).unwrap();
     let middle = bytes.len() / 2 / 4096 * 4096;
@@ -368,38 +411,24 @@ fn encrypted_source() {
 /// right; blaming encryption or corruption is not: the message must point at the directory.
 #[test]
 fn wal_source_in_a_directory_the_user_cannot_write() {
-    let setpriv = require!("setpriv");
-    if !crate::util::require_root() {
+    let Some((f, setpriv, scratch)) = Fixture::for_nobody(0o755) else {
         return;
-    }
-    let f = Fixture::new();
-    set_mode(&f.dir, 0o755);
-    let scratch = f.path("scratch");
-    fs::create_dir(&scratch).unwrap();
-    set_mode(&scratch, 0o777);
+    };
     make_db(&f.path("wal.db"), 10);
     assert!(
         !f.path("wal.db-shm").exists() && !f.path("wal.db-wal").exists(),
         "the writer closed wal.db cleanly"
     );
-    let out = run(bakedb_as_nobody(&setpriv, &f.dir, &scratch).args([
-        "build",
-        "--quiet",
-        "--engine",
-        "sqlite",
-        "--source",
-        "wal.db",
-        "--output",
-        "oci:scratch/out:v1",
-    ]));
+    let out = run(bakedb_as_nobody(&setpriv, &f.dir, &scratch)
+        .args(sqlite_build("wal.db", "oci:scratch/out:v1"))
+        .arg("--quiet"));
     if !out.status.success() {
-        assert_failure(
+        let err = assert_failure(
             &out,
             BAD_SOURCE,
             &["wal.db"],
             "build of a WAL database in a read-only directory",
         );
-        let err = stderr(&out);
         assert!(
             !err.contains("encrypted") && !err.contains("corrupt"),
             "the database is neither encrypted nor corrupt: its directory is not writable, so SQLite cannot create wal.db-shm; the message should say so:\n{err}"
@@ -414,25 +443,9 @@ fn wal_source_in_a_directory_the_user_cannot_write() {
 fn corrupt_source_with_many_problems() {
     let f = Fixture::new();
     let path = f.path("broken.db");
-    {
-        let c = rusqlite::Connection::open(&path).unwrap();
-        c.execute_batch("PRAGMA page_size=4096; CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT); CREATE INDEX iv ON t(v);").unwrap();
-        let tx = c.unchecked_transaction().unwrap();
-        for i in 0..4000 {
-            tx.execute(
-                "INSERT INTO t(v) VALUES (?1)",
-                [format!("value {i} {}", "x".repeat(50))],
-            )
-            .unwrap();
-        }
-        tx.commit().unwrap();
-    }
+    indexed_db(&path, 4000);
     // Break the page type of every other page after the first few: one problem per page.
-    let mut bytes = fs::read(&path).unwrap();
-    for page in (4..bytes.len() / 4096).step_by(2) {
-        bytes[page * 4096] = 0x42;
-    }
-    fs::write(&path, &bytes).unwrap();
+    break_page_types(&path);
     let needles = [
         "broken.db",
         "is corrupt: PRAGMA quick_check found ",
@@ -440,18 +453,8 @@ fn corrupt_source_with_many_problems() {
         "repair it (e.g. `sqlite3 broken.db .recover | sqlite3 repaired.db`)",
     ];
     f.assert_build_fails(&["--source", "broken.db"], BAD_SOURCE, &needles);
-    let out = run(bakedb(&f.dir).args([
-        "build",
-        "--quiet",
-        "--engine",
-        "sqlite",
-        "--source",
-        "broken.db",
-        "--output",
-        "oci:fresh:v1",
-    ]));
-    assert_failure(&out, BAD_SOURCE, &needles, "build of broken.db");
-    let err = stderr(&out);
+    let out = run(&mut f.build("broken.db", "oci:fresh:v1", &[]));
+    let err = assert_failure(&out, BAD_SOURCE, &needles, "build of broken.db");
     assert!(err.len() < 1000, "{} bytes: {err}", err.len());
     assert_eq!(err.matches("btreeInitPage()").count(), 5, "{err}");
 }
@@ -510,17 +513,9 @@ fn source_locked_by_a_writer_is_busy() {
 #[test]
 fn busy_timeout_needs_a_unit_and_the_sqlite_engine() {
     let f = Fixture::new();
-    let out = run(bakedb(&f.dir).args([
-        "build",
-        "--engine",
-        "sqlite",
-        "--source",
-        "app.db",
-        "--output",
-        "oci:fresh:v1",
-        "--busy-timeout",
-        "30",
-    ]));
+    let out = run(bakedb(&f.dir)
+        .args(sqlite_build("app.db", "oci:fresh:v1"))
+        .args(["--busy-timeout", "30"]));
     assert_eq!(out.status.code(), Some(USAGE), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("add a unit: ms, s, m or h"),
@@ -624,16 +619,7 @@ fn source_with_a_hot_journal_left_by_a_killed_writer() {
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n");
     assert!(!journal.exists());
-    run_ok(bakedb(&f.dir).args([
-        "build",
-        "--quiet",
-        "--engine",
-        "sqlite",
-        "--source",
-        "crashed.db",
-        "--output",
-        "oci:out:v2",
-    ]));
+    run_ok(&mut f.build("crashed.db", "oci:out:v2", &[]));
 }
 
 // --- outputs ------------------------------------------------------------------------------
@@ -642,17 +628,13 @@ fn source_with_a_hot_journal_left_by_a_killed_writer() {
 fn output_under_a_regular_file() {
     let f = Fixture::new();
     fs::write(f.path("plain.txt"), "a file, not a directory\n").unwrap();
-    let before = tree(&f.dir);
     for (output, needle) in [
         ("oci:plain.txt/layout:v1", "plain.txt/layout"),
         ("oci-archive:plain.txt/app.tar:v1", "plain.txt/app.tar"),
     ] {
         let what = format!("build --output {output}");
-        let out = run(bakedb(&f.dir).args([
-            "build", "--quiet", "--engine", "sqlite", "--source", "app.db", "--output", output,
-        ]));
-        assert_failure(&out, OUTPUT_NOT_WRITABLE, &[needle], &what);
-        assert_tree_unchanged(&f.dir, &before, &what);
+        let mut cmd = f.build("app.db", output, &[]);
+        fails_leaving(&mut cmd, &f.dir, OUTPUT_NOT_WRITABLE, &[needle], &what);
     }
 }
 
@@ -666,9 +648,7 @@ fn output_under_proc() {
         (format!("oci-archive:{archive}:v1"), archive.clone()),
     ] {
         let what = format!("build --output {output}");
-        let out = run(bakedb(&f.dir).args([
-            "build", "--quiet", "--engine", "sqlite", "--source", "app.db", "--output", &output,
-        ]));
+        let out = run(&mut f.build("app.db", &output, &[]));
         assert_failure(&out, OUTPUT_NOT_WRITABLE, &[&needle], &what);
     }
     assert!(!Path::new(&layout).exists() && !Path::new(&archive).exists());
@@ -678,17 +658,11 @@ fn output_under_proc() {
 /// existing layout and an existing archive it may read but not write.
 #[test]
 fn output_not_writable_by_the_user() {
-    let setpriv = require!("setpriv");
-    if !crate::util::require_root() {
-        return;
-    }
-    let f = Fixture::new();
     // Writable by all: SQLite needs to create app.db-shm to read a WAL database (see
     // wal_source_in_a_directory_the_user_cannot_write).
-    set_mode(&f.dir, 0o777);
-    let scratch = f.path("scratch");
-    fs::create_dir(&scratch).unwrap();
-    set_mode(&scratch, 0o777);
+    let Some((f, setpriv, scratch)) = Fixture::for_nobody(0o777) else {
+        return;
+    };
     fs::create_dir(f.path("locked")).unwrap();
     set_mode(&f.path("locked"), 0o555);
     set_modes_recursively(&f.path("out"), 0o555, 0o444);
@@ -698,18 +672,13 @@ fn output_not_writable_by_the_user() {
         ("oci:out:v2", "out", "out"),
         ("oci-archive:arch/app.tar:good", "arch", "arch/"),
     ] {
-        let before = tree(&f.path(dir));
         let what = format!("build --output {output} as uid 65534");
-        let out = run(bakedb_as_nobody(&setpriv, &f.dir, &scratch).args([
+        let mut cmd = bakedb_as_nobody(&setpriv, &f.dir, &scratch);
+        cmd.args([
             "build", "--quiet", "--engine", "sqlite", "--source", "app.db", "--output", output,
-        ]));
-        assert_failure(
-            &out,
-            OUTPUT_NOT_WRITABLE,
-            &[needle, "Permission denied"],
-            &what,
-        );
-        assert_tree_unchanged(&f.path(dir), &before, &what);
+        ]);
+        let needles = [needle, "Permission denied"];
+        fails_leaving(&mut cmd, &f.path(dir), OUTPUT_NOT_WRITABLE, &needles, &what);
     }
     // The read-only layout and archive still verify, for the same user.
     for reference in ["oci:out:good", "oci-archive:arch/app.tar:good"] {
@@ -764,15 +733,7 @@ fn output_with_an_invalid_index_json_is_refused_before_any_work() {
         let what = format!("build into a layout whose index.json is {text:?}");
         // Not --quiet: a progress line would show that work was started.
         let out = run(bakedb(&f.dir)
-            .args([
-                "build",
-                "--engine",
-                "sqlite",
-                "--source",
-                "app.db",
-                "--output",
-                "oci:bad:v2",
-            ])
+            .args(sqlite_build("app.db", "oci:bad:v2"))
             .env("TMPDIR", f.path("tmp")));
         assert_failure(
             &out,
@@ -815,32 +776,12 @@ fn fixed_layers_the_layout_has_are_not_written_again() {
             });
         }
     };
-    let mut cmd = bakedb(&f.dir);
-    cmd.args([
-        "build",
-        "--quiet",
-        "--engine",
-        "sqlite",
-        "--source",
-        "tiny.db",
-        "--output",
-        "oci:out:v2",
-    ]);
+    let mut cmd = f.build("tiny.db", "oci:out:v2", &[]);
     tight(&mut cmd);
     run_ok(&mut cmd);
     run_ok(bakedb(&f.dir).args(["verify", "--quiet", "oci:out:v2"]));
 
-    let mut cmd = bakedb(&f.dir);
-    cmd.args([
-        "build",
-        "--quiet",
-        "--engine",
-        "sqlite",
-        "--source",
-        "tiny.db",
-        "--output",
-        "oci:fresh:v1",
-    ]);
+    let mut cmd = f.build("tiny.db", "oci:fresh:v1", &[]);
     tight(&mut cmd);
     let out = run(&mut cmd);
     assert_failure(
@@ -859,33 +800,23 @@ fn fixed_layers_the_layout_has_are_not_written_again() {
 
 #[test]
 fn base_with_a_missing_blob() {
-    let f = Fixture::new();
-    let bad = f.base_copy("bad");
-    let layer = layer_digest(&bad, "v1", 0);
-    fs::remove_file(blob_path(&bad, &layer)).unwrap();
-    f.assert_build_fails(
-        &["--source", "app.db", "--base", "oci:bad:v1"],
-        BAD_BASE,
-        &[&layer, "missing", "oci:bad"],
-    );
+    Fixture::new().assert_damaged_base_refused(&["missing"], |bad, layer| {
+        fs::remove_file(blob_path(bad, layer)).unwrap();
+        layer.to_owned()
+    });
 }
 
 /// A layer blob whose bytes are another valid gzip stream of the same tar: only the digest
 /// tells.
 #[test]
 fn base_blob_content_does_not_match_its_digest() {
-    let f = Fixture::new();
-    let bad = f.base_copy("bad");
-    let layer = layer_digest(&bad, "v1", 0);
-    let original = fs::read(blob_path(&bad, &layer)).unwrap();
-    let recompressed = gzip(&gunzip(&original), 9);
-    assert_ne!(recompressed, original);
-    fs::write(blob_path(&bad, &layer), &recompressed).unwrap();
-    f.assert_build_fails(
-        &["--source", "app.db", "--base", "oci:bad:v1"],
-        BAD_BASE,
-        &[&layer, "oci:bad", "does not match"],
-    );
+    Fixture::new().assert_damaged_base_refused(&["does not match"], |bad, layer| {
+        let original = fs::read(blob_path(bad, layer)).unwrap();
+        let recompressed = gzip(&gunzip(&original), 9);
+        assert_ne!(recompressed, original);
+        fs::write(blob_path(bad, layer), &recompressed).unwrap();
+        layer.to_owned()
+    });
 }
 
 /// One flipped bit in a stored layer blob: the blob is not the one its digest names. That is
@@ -893,85 +824,56 @@ fn base_blob_content_does_not_match_its_digest() {
 /// bytes make the gzip decoder think.
 #[test]
 fn base_blob_with_a_flipped_bit() {
-    let f = Fixture::new();
-    let bad = f.base_copy("bad");
-    let layer = layer_digest(&bad, "v1", 0);
-    let mut bytes = fs::read(blob_path(&bad, &layer)).unwrap();
-    let middle = bytes.len() / 2;
-    bytes[middle] ^= 0x10;
-    fs::write(blob_path(&bad, &layer), &bytes).unwrap();
-    f.assert_build_fails(
-        &["--source", "app.db", "--base", "oci:bad:v1"],
-        BAD_BASE,
-        &[&layer, "oci:bad", "does not match"],
-    );
+    Fixture::new().assert_damaged_base_refused(&["does not match"], |bad, layer| {
+        flip_middle_byte(&blob_path(bad, layer), 0x10);
+        layer.to_owned()
+    });
 }
 
 /// The stored blob is cut short (an interrupted copy); manifest and index still describe the
 /// whole blob, so its size alone shows that it is not the blob the digest names.
 #[test]
 fn base_blob_truncated() {
-    let f = Fixture::new();
-    let bad = f.base_copy("bad");
-    let layer = layer_digest(&bad, "v1", 0);
-    let bytes = fs::read(blob_path(&bad, &layer)).unwrap();
-    fs::write(blob_path(&bad, &layer), &bytes[..bytes.len() / 2]).unwrap();
-    f.assert_build_fails(
-        &["--source", "app.db", "--base", "oci:bad:v1"],
-        BAD_BASE,
-        &[&layer, "oci:bad", "does not match"],
-    );
+    Fixture::new().assert_damaged_base_refused(&["does not match"], |bad, layer| {
+        let bytes = fs::read(blob_path(bad, layer)).unwrap();
+        fs::write(blob_path(bad, layer), &bytes[..bytes.len() / 2]).unwrap();
+        layer.to_owned()
+    });
 }
 
 /// The image itself was made from a truncated gzip stream: blob, manifest and index all agree,
 /// so only decompressing tells.
 #[test]
 fn base_layer_with_a_truncated_gzip_stream() {
-    let f = Fixture::new();
-    let bad = f.base_copy("bad");
-    let bytes = fs::read(blob_path(&bad, &layer_digest(&bad, "v1", 0))).unwrap();
-    let layer = replace_layer_consistently(&bad, "v1", 0, &bytes[..bytes.len() - 20]);
-    f.assert_build_fails(
-        &["--source", "app.db", "--base", "oci:bad:v1"],
-        BAD_BASE,
-        &[&layer, "oci:bad", "truncated"],
-    );
+    Fixture::new().assert_damaged_base_refused(&["truncated"], |bad, layer| {
+        let bytes = fs::read(blob_path(bad, layer)).unwrap();
+        replace_layer_consistently(bad, "v1", 0, &bytes[..bytes.len() - 20])
+    });
 }
 
 /// A multi-member gzip layer cut at a member boundary is a valid, shorter gzip stream: only
 /// the diff_id in the config shows that the tar inside is incomplete.
 #[test]
 fn base_layer_cut_at_a_gzip_member_boundary() {
-    let f = Fixture::new();
-    let bad = f.base_copy("bad");
-    let tar = gunzip(&fs::read(blob_path(&bad, &layer_digest(&bad, "v1", 0))).unwrap());
-    let first_member = gzip(&tar[..tar.len() / 2], 6);
-    let layer = replace_layer_consistently(&bad, "v1", 0, &first_member);
-    f.assert_build_fails(
-        &["--source", "app.db", "--base", "oci:bad:v1"],
-        BAD_BASE,
-        &[&layer, "oci:bad", "diff_id"],
-    );
+    Fixture::new().assert_damaged_base_refused(&["diff_id"], |bad, layer| {
+        let tar = gunzip(&fs::read(blob_path(bad, layer)).unwrap());
+        let first_member = gzip(&tar[..tar.len() / 2], 6);
+        replace_layer_consistently(bad, "v1", 0, &first_member)
+    });
 }
 
 #[test]
 fn base_layer_with_an_unknown_media_type() {
-    let f = Fixture::new();
-    let bad = f.base_copy("bad");
-    let layer = layer_digest(&bad, "v1", 0);
-    edit_manifest(&bad, "v1", |m| {
-        m["layers"][0]["mediaType"] = "application/vnd.example.layer.v1.tar+lz4".into()
+    let needles = [
+        "unsupported media type",
+        "application/vnd.example.layer.v1.tar+lz4",
+    ];
+    Fixture::new().assert_damaged_base_refused(&needles, |bad, layer| {
+        edit_manifest(bad, "v1", |m| {
+            m["layers"][0]["mediaType"] = "application/vnd.example.layer.v1.tar+lz4".into()
+        });
+        layer.to_owned()
     });
-    f.assert_build_fails(
-        &["--source", "app.db", "--base", "oci:bad:v1"],
-        BAD_BASE,
-        &[
-            &layer,
-            "oci:bad",
-            "unsupported media type",
-            "application/vnd.example.layer.v1.tar+lz4",
-        ],
-    );
 }
 
 #[test]
@@ -979,16 +881,7 @@ fn several_images_and_no_tag() {
     let f = Fixture::new();
     let two = f.base_copy("two");
     make_db(&f.path("other.db"), 5);
-    run_ok(bakedb(&f.dir).args([
-        "build",
-        "--quiet",
-        "--engine",
-        "sqlite",
-        "--source",
-        "other.db",
-        "--output",
-        "oci:two:v2",
-    ]));
+    run_ok(&mut f.build("other.db", "oci:two:v2", &[]));
     let needles = ["oci:two", "2 images", "no tag", "v1, v2", ":TAG"];
     f.assert_build_fails(
         &["--source", "app.db", "--base", "oci:two"],
@@ -1043,21 +936,11 @@ fn base_that_bakedb_built_is_refused() {
         BAD_BASE,
         &["it is an image bakedb built", "drop --base"],
     );
-    run_ok(bakedb(&f.dir).args([
-        "build",
-        "--quiet",
-        "--engine",
-        "sqlite",
-        "--source",
+    run_ok(&mut f.build(
         "tiny.db",
-        "--base",
-        "oci:base:v1",
-        "--no-init",
-        "--cmd",
-        "sh",
-        "--output",
         "docker-archive:noinit.tar:noinit:v1",
-    ]));
+        &["--base", "oci:base:v1", "--no-init", "--cmd", "sh"],
+    ));
     f.assert_build_fails(
         &["--source", "app.db", "--base", "docker-archive:noinit.tar:noinit:v1"],
         BAD_BASE,
@@ -1075,16 +958,7 @@ fn base_that_bakedb_built_is_refused() {
 #[test]
 fn archive_that_is_not_a_tar_or_is_truncated() {
     let f = Fixture::new();
-    run_ok(bakedb(&f.dir).args([
-        "build",
-        "--quiet",
-        "--engine",
-        "sqlite",
-        "--source",
-        "app.db",
-        "--output",
-        "docker-archive:whole.tar:app:v1",
-    ]));
+    run_ok(&mut f.build("app.db", "docker-archive:whole.tar:app:v1", &[]));
     let whole = fs::read(f.path("whole.tar")).unwrap();
     // The archive's last entry starts at its last non-zero byte's 512-byte block or before;
     // cutting at half and just before the end-of-archive marker both leave a valid prefix.
@@ -1120,8 +994,7 @@ fn archive_that_is_not_a_tar_or_is_truncated() {
         ] {
             let what = format!("bakedb {}", args.join(" "));
             let out = run(bakedb(&f.dir).args(&args));
-            assert_failure(&out, code, &[&reference, needle], &what);
-            let err = stderr(&out);
+            let err = assert_failure(&out, code, &[&reference, needle], &what);
             assert!(
                 !err.contains("numeric field") && !err.contains("manifest.json is missing"),
                 "{what}: {err}"
@@ -1141,27 +1014,11 @@ fn archive_that_is_not_a_tar_or_is_truncated() {
 fn existing_tag_with_no_overwrite() {
     let f = Fixture::new();
     make_db(&f.path("app2.db"), 300);
-    let before = tree(&f.path("out"));
-    let out = run(bakedb(&f.dir).args([
-        "build",
-        "--quiet",
-        "--engine",
-        "sqlite",
-        "--source",
-        "app2.db",
-        "--output",
-        "oci:out:good",
-        "--no-overwrite",
-    ]));
-    assert_failure(
-        &out,
+    fails_leaving(
+        &mut f.build("app2.db", "oci:out:good", &["--no-overwrite"]),
+        &f.path("out"),
         EXISTS,
         &["oci:out", "\"good\"", "--no-overwrite"],
-        "build --no-overwrite onto tag good",
-    );
-    assert_tree_unchanged(
-        &f.path("out"),
-        &before,
         "build --no-overwrite onto tag good",
     );
 }
@@ -1171,20 +1028,13 @@ fn existing_tag_with_no_overwrite() {
 fn existing_archive_with_no_overwrite() {
     let f = Fixture::new();
     make_db(&f.path("app2.db"), 300);
-    let before = tree(&f.path("arch"));
-    let out = run(bakedb(&f.dir).args([
-        "build",
-        "--quiet",
-        "--engine",
-        "sqlite",
-        "--source",
-        "app2.db",
-        "--output",
-        "oci-archive:arch/app.tar:other",
-        "--no-overwrite",
-    ]));
-    assert_failure(
-        &out,
+    let out = fails_leaving(
+        &mut f.build(
+            "app2.db",
+            "oci-archive:arch/app.tar:other",
+            &["--no-overwrite"],
+        ),
+        &f.path("arch"),
         EXISTS,
         &["arch/app.tar", "--no-overwrite"],
         "build --no-overwrite onto an existing archive",
@@ -1194,26 +1044,12 @@ fn existing_archive_with_no_overwrite() {
         "the archive holds tag good, not other, yet the message says:\n{}",
         stderr(&out)
     );
-    assert_tree_unchanged(
-        &f.path("arch"),
-        &before,
-        "build --no-overwrite onto an existing archive",
-    );
 }
 
 #[test]
 fn existing_tag_is_replaced_and_other_tags_kept() {
     let f = Fixture::new();
-    run_ok(bakedb(&f.dir).args([
-        "build",
-        "--quiet",
-        "--engine",
-        "sqlite",
-        "--source",
-        "tiny.db",
-        "--output",
-        "oci:out:keep",
-    ]));
+    run_ok(&mut f.build("tiny.db", "oci:out:keep", &[]));
     let index_before = read_json(&f.path("out/index.json"));
     let entry = |index: &Value, tag: &str| {
         index["manifests"]
@@ -1224,16 +1060,7 @@ fn existing_tag_is_replaced_and_other_tags_kept() {
             .cloned()
     };
     make_db(&f.path("app2.db"), 300);
-    run_ok(bakedb(&f.dir).args([
-        "build",
-        "--quiet",
-        "--engine",
-        "sqlite",
-        "--source",
-        "app2.db",
-        "--output",
-        "oci:out:good",
-    ]));
+    run_ok(&mut f.build("app2.db", "oci:out:good", &[]));
     let index_after = read_json(&f.path("out/index.json"));
     assert_eq!(
         index_after["manifests"].as_array().unwrap().len(),
@@ -1267,32 +1094,17 @@ fn bad_reference_syntax() {
         ("oci:out", "needs a tag"),
         ("docker-archive:app.tar:Upper:1", "NAME:TAG"),
     ] {
-        let before = tree(&f.dir);
-        let out = run(bakedb(&f.dir).args([
-            "build", "--quiet", "--engine", "sqlite", "--source", "app.db", "--output", output,
-        ]));
-        assert_failure(
-            &out,
+        fails_leaving(
+            &mut f.build("app.db", output, &[]),
+            &f.dir,
             USAGE,
             &[&format!("{output:?}"), needle, "output"],
             &format!("build --output {output}"),
         );
-        assert_tree_unchanged(&f.dir, &before, &format!("build --output {output}"));
     }
     let before = tree(&f.dir);
     for base in ["nonsense", "oci:base:bad/tag"] {
-        let out = run(bakedb(&f.dir).args([
-            "build",
-            "--quiet",
-            "--engine",
-            "sqlite",
-            "--source",
-            "app.db",
-            "--base",
-            base,
-            "--output",
-            "oci:fresh:v1",
-        ]));
+        let out = run(&mut f.build("app.db", "oci:fresh:v1", &["--base", base]));
         assert_failure(
             &out,
             USAGE,
@@ -1322,15 +1134,7 @@ fn source_date_epoch_beyond_what_tar_and_rfc3339_hold() {
     let before = tree(&f.dir);
     for epoch in ["253402300800", "8589934592", "-1", "soon"] {
         for args in [
-            &[
-                "build",
-                "--engine",
-                "sqlite",
-                "--source",
-                "app.db",
-                "--output",
-                "oci:fresh:v1",
-            ][..],
+            &sqlite_build("app.db", "oci:fresh:v1")[..],
             &[
                 "snapshot", "--engine", "sqlite", "--source", "app.db", "--out", "snap",
             ],
@@ -1354,16 +1158,10 @@ fn source_date_epoch_beyond_what_tar_and_rfc3339_hold() {
         }
     }
     let skopeo = require!("skopeo");
-    run_ok(bakedb(&f.dir).env("SOURCE_DATE_EPOCH", "8589934591").args([
-        "build",
-        "--quiet",
-        "--engine",
-        "sqlite",
-        "--source",
-        "app.db",
-        "--output",
-        "oci:last:v1",
-    ]));
+    run_ok(
+        f.build("app.db", "oci:last:v1", &[])
+            .env("SOURCE_DATE_EPOCH", "8589934591"),
+    );
     let out = run_ok(
         std::process::Command::new(&skopeo)
             .current_dir(&f.dir)
@@ -1399,30 +1197,14 @@ fn a_closed_stdout_is_success_not_a_panic() {
         drop(reader);
         writer
     };
+    let build_v3 = [&sqlite_build("tiny.db", "oci:out:v3")[..], &["--json"]].concat();
     for args in [
         &["inspect", "oci:out:good"][..],
         &["inspect", "--json", "oci:out:good"],
         &["inspect", "oci-archive:arch/app.tar:good"],
         &["verify", "--json", "oci:out:good"],
-        &[
-            "build",
-            "--engine",
-            "sqlite",
-            "--source",
-            "tiny.db",
-            "--output",
-            "oci:out:v2",
-        ],
-        &[
-            "build",
-            "--json",
-            "--engine",
-            "sqlite",
-            "--source",
-            "tiny.db",
-            "--output",
-            "oci:out:v3",
-        ],
+        &sqlite_build("tiny.db", "oci:out:v2"),
+        &build_v3,
         &["--help"],
         &["--version"],
     ] {
@@ -1442,15 +1224,7 @@ fn a_closed_stdout_is_success_not_a_panic() {
         run_ok(bakedb(&f.dir).args(["verify", "--quiet", &format!("oci:out:{tag}")]));
     }
     let out = run(bakedb(&f.dir)
-        .args([
-            "build",
-            "--engine",
-            "sqlite",
-            "--source",
-            "tiny.db",
-            "--output",
-            "oci:out:v4",
-        ])
+        .args(sqlite_build("tiny.db", "oci:out:v4"))
         .stdout(closed_pipe())
         .stderr(closed_pipe()));
     assert_eq!(
@@ -1478,11 +1252,7 @@ fn verify_finds_a_tampered_layer() {
         .as_str()
         .unwrap()
         .to_owned();
-    let path = blob_path(&layout, &data);
-    let mut bytes = fs::read(&path).unwrap();
-    let middle = bytes.len() / 2;
-    bytes[middle] ^= 0xff;
-    fs::write(&path, &bytes).unwrap();
+    flip_middle_byte(&blob_path(&layout, &data), 0xff);
     let before = tree(&layout);
     let out = run(bakedb(&f.dir).args(["verify", "--quiet", "oci:out:good"]));
     assert_failure(
@@ -1503,25 +1273,10 @@ fn damaged_base_in_the_output_layout() {
     let layout = f.path("out");
     unbake(&layout, "good");
     let data = layer_digest(&layout, "good", 0);
-    let path = blob_path(&layout, &data);
-    let mut bytes = fs::read(&path).unwrap();
-    let middle = bytes.len() / 2;
-    bytes[middle] ^= 0xff;
-    fs::write(&path, &bytes).unwrap();
+    flip_middle_byte(&blob_path(&layout, &data), 0xff);
     let before = tree(&layout);
     let what = "build --base oci:out:good --output oci:out:v2 with a damaged layer blob";
-    let out = run(bakedb(&f.dir).args([
-        "build",
-        "--quiet",
-        "--engine",
-        "sqlite",
-        "--source",
-        "tiny.db",
-        "--base",
-        "oci:out:good",
-        "--output",
-        "oci:out:v2",
-    ]));
+    let out = run(&mut f.build("tiny.db", "oci:out:v2", &["--base", "oci:out:good"]));
     if out.status.success() {
         let verify = run(bakedb(&f.dir).args(["verify", "--quiet", "oci:out:v2"]));
         panic!(

@@ -20,12 +20,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use bakedb_testkit::containers::{Container, Runc, docker_cli, podman_cli};
+use bakedb_testkit::containers::{Container, Runc, docker_cli, podman_cli, runc_and_umoci_as_root};
 
 use crate::require;
 use crate::util::{
-    self, bakedb, build_json, busybox_base, make_db, run, run_ok, sha256_hex, stderr, stdout,
-    test_dir, unique_name,
+    self, assert_process_user, build_sqlite, busybox_base, dir_with_db, make_db, run, run_ok,
+    sha256_hex, stderr, stdout, test_dir, unique_name,
 };
 
 const INIT: &str = "/bakedb/init";
@@ -83,10 +83,7 @@ fn describe(out: &Output) -> String {
 fn build(dir: &Path, source: &str, output: &str, cmd: &[String]) -> Value {
     let base = format!("oci:{}:latest", busybox_base().display());
     let cmd = serde_json::to_string(cmd).unwrap();
-    build_json(&run_ok(bakedb(dir).args([
-        "build", "--engine", "sqlite", "--source", source, "--base", &base, "--cmd", &cmd,
-        "--output", output, "--json",
-    ])))
+    build_sqlite(dir, source, output, &["--base", &base, "--cmd", &cmd])
 }
 
 /// The bytes of /etc/bakedb/image.json in the image `tag` of the OCI layout `layout`, read
@@ -336,11 +333,7 @@ struct RuncFixture {
 impl RuncFixture {
     /// None when a tool is missing or this is not root (only possible outside CI).
     fn new() -> Option<RuncFixture> {
-        let runc = util::tool("runc")?;
-        let umoci = util::tool("umoci")?;
-        if !util::require_root() {
-            return None;
-        }
+        let (runc, umoci) = runc_and_umoci_as_root()?;
         let tmp = test_dir();
         let dir = tmp.path().to_owned();
         make_db(&dir.join("app.db"), 300);
@@ -349,16 +342,7 @@ impl RuncFixture {
         let config: Value =
             serde_json::from_slice(&std::fs::read(pristine.join("config.json")).unwrap()).unwrap();
         // umoci carries the image's User and Env over; the tests rely on both.
-        assert_eq!(
-            config["process"]["user"]["uid"], 65532,
-            "{}",
-            config["process"]
-        );
-        assert_eq!(
-            config["process"]["user"]["gid"], 65532,
-            "{}",
-            config["process"]
-        );
+        assert_process_user(&config, 65532, 65532);
         let data_digest = built["data_digest"].as_str().unwrap();
         assert!(
             config["process"]["env"]
@@ -449,20 +433,10 @@ fn runc_refuses_every_kind_of_tampering_and_the_command_never_runs() {
     // sqlite profile's environment.
     let bundle = fx.bundle("untouched", &|_| {});
     let out = fx.runc.run(&bundle, &probe());
-    let mut failures: Vec<String> = check_ran(
-        &out,
-        0,
-        &[
-            "uid=65532 gid=65532 groups=65532",
-            "pid=1",
-            "pid1=sh",
-            "db=/var/lib/bakedb/app.db tmp=/tmp",
-        ],
-        &[VERIFIED, PROFILE_LINE],
-    )
-    .map(|f| format!("untouched: {f}"))
-    .into_iter()
-    .collect();
+    let mut failures: Vec<String> = check_ran_untouched(&out)
+        .map(|f| format!("untouched: {f}"))
+        .into_iter()
+        .collect();
     if !inside(&bundle.join("rootfs"), MARKER_FILE).exists() {
         failures.push(format!("untouched: the probe left no {MARKER_FILE}"));
     }
@@ -647,11 +621,9 @@ fn runc_refuses_every_kind_of_tampering_and_the_command_never_runs() {
 /// chunk is found there and named by its range.
 #[test]
 fn runc_refuses_a_flipped_byte_in_one_chunk_of_a_large_file() {
-    let runc = require!("runc");
-    let umoci = require!("umoci");
-    if !util::require_root() {
+    let Some((runc, umoci)) = runc_and_umoci_as_root() else {
         return;
-    }
+    };
     let dir = test_dir();
     let d = dir.path();
     // Three chunks of 16 MiB, the last one short.
@@ -972,51 +944,64 @@ fn runc_supervise_mode_closes_inherited_descriptors() {
 /// mode. A signal that kills the command shows as 128+N only in supervise mode: in exec
 /// mode the command is PID 1, which the kernel does not let signal itself to death.
 fn exit_code_cases() -> Vec<(bool, Vec<String>, i32, Option<&'static str>)> {
-    vec![
-        (false, sh("exit 7"), 7, None),
-        (true, sh("exit 7"), 7, None),
-        (false, sh("exit 0"), 0, None),
-        (true, sh("exit 0"), 0, None),
-        (true, sh("kill -KILL $$"), 137, None),
-        (true, sh("kill -TERM $$"), 143, None),
-        (true, sh("kill -USR1 $$"), 138, None),
+    // Each case with the modes it holds in: exec and supervise, supervise or exec only.
+    type InModes = (&'static [bool], Vec<String>, i32, Option<&'static str>);
+    const BOTH: &[bool] = &[false, true];
+    let cases: [InModes; 9] = [
+        (BOTH, sh("exit 7"), 7, None),
+        (BOTH, sh("exit 0"), 0, None),
+        (&[true], sh("kill -KILL $$"), 137, None),
+        (&[true], sh("kill -TERM $$"), 143, None),
+        (&[true], sh("kill -USR1 $$"), 138, None),
         (
-            false,
+            BOTH,
             vec!["no-such-program".into()],
             127,
             Some("no-such-program: not found in PATH="),
         ),
         (
-            true,
-            vec!["no-such-program".into()],
-            127,
-            Some("no-such-program: not found in PATH="),
-        ),
-        (
-            false,
+            &[false],
             vec!["/no/such/program".into()],
             127,
             Some("/no/such/program: No such file or directory"),
         ),
         (
-            false,
+            BOTH,
             vec!["/etc/passwd".into()],
             126,
             Some("/etc/passwd is not an executable file"),
         ),
         (
-            true,
-            vec!["/etc/passwd".into()],
-            126,
-            Some("/etc/passwd is not an executable file"),
-        ),
-        (
-            false,
+            &[false],
             vec![],
             2,
             Some("bakedb-init: no command to start: the image has no CMD and none was given"),
         ),
-    ]
+    ];
+    cases
+        .into_iter()
+        .flat_map(|(modes, command, code, message)| {
+            modes
+                .iter()
+                .map(move |&supervise| (supervise, command.clone(), code, message))
+        })
+        .collect()
+}
+
+/// What the probe and init print when untouched data verifies and the command runs as the
+/// image's User, as PID 1, with the sqlite profile's environment.
+fn check_ran_untouched(out: &Output) -> Option<String> {
+    check_ran(
+        out,
+        0,
+        &[
+            "uid=65532 gid=65532 groups=65532",
+            "pid=1",
+            "pid1=sh",
+            "db=/var/lib/bakedb/app.db tmp=/tmp",
+        ],
+        &[VERIFIED, PROFILE_LINE],
+    )
 }
 
 fn check_exit(out: &Output, code: i32, message: Option<&str>) -> Option<String> {
@@ -1272,17 +1257,7 @@ fn run_cp_cases(
         let failure = match &refusal {
             Some(fragment) => check_refused(&out, fragment),
             None if verify_off => check_ran(&out, 0, &[], &[VERIFY_OFF_WARNING, PROFILE_LINE]),
-            None => check_ran(
-                &out,
-                0,
-                &[
-                    "uid=65532 gid=65532 groups=65532",
-                    "pid=1",
-                    "pid1=sh",
-                    "db=/var/lib/bakedb/app.db tmp=/tmp",
-                ],
-                &[VERIFIED, PROFILE_LINE],
-            ),
+            None => check_ran_untouched(&out),
         };
         if let Some(f) = failure {
             failures.push(format!("{what}, {name}: {f}"));
@@ -1624,9 +1599,8 @@ fn podman_verifies_the_data_and_refuses_tampered_containers() {
     let podman = require!("podman");
     require!("runc");
     require!("umoci");
-    let dir = test_dir();
+    let dir = dir_with_db(300);
     let d = dir.path();
-    make_db(&d.join("app.db"), 300);
     let built = build(d, "app.db", "oci:img:v1", &sh(PROBE));
     std::fs::create_dir(d.join("other")).unwrap();
     make_db(&d.join("other/app.db"), 301);
@@ -1658,9 +1632,8 @@ fn podman_stop_ends_a_cooperative_child_with_its_exit_code() {
     let podman = require!("podman");
     require!("runc");
     require!("umoci");
-    let dir = test_dir();
+    let dir = dir_with_db(300);
     let d = dir.path();
-    make_db(&d.join("app.db"), 300);
     build(d, "app.db", "oci:img:v1", &sh(COOPERATIVE));
     for supervise in ["0", "1"] {
         let container = podman_create(

@@ -8,7 +8,9 @@ use std::fs;
 
 use serde_json::Value;
 
-use crate::util::{bakedb, build_json, make_db, run, run_ok, stderr, test_dir, with_data_limit};
+use crate::util::{
+    bakedb, build_json, dir_with_db, run, run_ok, sqlite_build, stderr, with_data_limit,
+};
 
 const TAGS: usize = 100_000;
 /// bakedb's data memory cap: a build of a small database needs 16 to 24 MiB (two compression
@@ -17,20 +19,13 @@ const DATA_LIMIT: u64 = 64 << 20;
 
 #[test]
 fn a_layout_of_a_hundred_thousand_tags_is_read_and_written_in_bounded_memory() {
-    let dir = test_dir();
+    let dir = dir_with_db(20);
     let d = dir.path();
-    make_db(&d.join("app.db"), 20);
-    let seed = build_json(&run_ok(bakedb(d).args([
-        "build",
-        "--quiet",
-        "--json",
-        "--engine",
-        "sqlite",
-        "--source",
-        "app.db",
-        "--output",
-        "oci:big:seed",
-    ])));
+    let seed = build_json(&run_ok(
+        bakedb(d)
+            .args(sqlite_build("app.db", "oci:big:seed"))
+            .args(["--quiet", "--json"]),
+    ));
     // As bakedb writes an index (canonical JSON), every tag pointing at the seed image.
     let entry = |tag: &str| {
         format!(
@@ -45,20 +40,12 @@ fn a_layout_of_a_hundred_thousand_tags_is_read_and_written_in_bounded_memory() {
     drop(entries);
     fs::write(d.join("big/index.json"), &index).unwrap();
 
+    let build_new = [&sqlite_build("app.db", "oci:big:new")[..], &["--quiet"]].concat();
     for args in [
         &["verify", "oci:big:tag-099999"][..],
         &["inspect", "oci:big:tag-000001"],
         &["inspect", "--json", "oci:big:tag-050000"],
-        &[
-            "build",
-            "--quiet",
-            "--engine",
-            "sqlite",
-            "--source",
-            "app.db",
-            "--output",
-            "oci:big:new",
-        ],
+        &build_new,
     ] {
         let what = format!("bakedb {}", args.join(" "));
         let out = run(with_data_limit(bakedb(d).args(args), DATA_LIMIT));

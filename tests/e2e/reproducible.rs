@@ -15,15 +15,14 @@ use serde_json::Value;
 use crate::require;
 use crate::util::{
     assert_tree_unchanged, bakedb, bakedb_as_nobody, build_json, make_big_db, make_db, run, run_ok,
-    stderr, test_dir, tree, tree_diff,
+    sqlite_build, stderr, test_dir, tree, tree_diff,
 };
 
 fn build(dir: &Path, source: &str, output: &str, extra: &[&str]) -> Command {
     let mut cmd = bakedb(dir);
-    cmd.args([
-        "build", "--quiet", "--json", "--engine", "sqlite", "--source", source, "--output", output,
-    ])
-    .args(extra);
+    cmd.args(sqlite_build(source, output))
+        .args(["--quiet", "--json"])
+        .args(extra);
     cmd
 }
 
@@ -289,17 +288,9 @@ fn unprivileged_build_without_namespaces_matches_root() {
     );
 
     let mut as_nobody = bakedb_as_nobody(&setpriv, &dir, &scratch);
-    as_nobody.args([
-        "build",
-        "--quiet",
-        "--json",
-        "--engine",
-        "sqlite",
-        "--source",
-        "app.db",
-        "--output",
-        "oci:nobody:v1",
-    ]);
+    as_nobody
+        .args(sqlite_build("app.db", "oci:nobody:v1"))
+        .args(["--quiet", "--json"]);
     forbid_namespaces(&mut as_nobody);
     let out = run(&mut as_nobody);
     assert_ne!(
@@ -413,18 +404,8 @@ fn build_is_independent_of_the_number_of_cpus() {
         let mut one = Command::new(&taskset);
         one.args(["-c", "0"])
             .arg(crate::util::bakedb_bin())
-            .args([
-                "build",
-                "--quiet",
-                "--json",
-                "--engine",
-                "sqlite",
-                "--source",
-                "app.db",
-                "--output",
-                &format!("oci:one-{compression}:v1"),
-            ])
-            .args(["--compression", compression])
+            .args(sqlite_build("app.db", &format!("oci:one-{compression}:v1")))
+            .args(["--quiet", "--json", "--compression", compression])
             .current_dir(dir)
             .env("SOURCE_DATE_EPOCH", "1700000000")
             .env("CI", "true");

@@ -22,13 +22,21 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use bakedb_testkit::containers::{Cli, Container, Runc, RuncContainer, docker_cli, podman_cli};
+use bakedb_testkit::containers::{
+    Cli, Container, Runc, RuncContainer, docker_cli, podman_cli, runc_and_umoci_as_root,
+};
 use bakedb_testkit::fixtures::items_db;
 use bakedb_testkit::ports::free_addr;
+use bakedb_testkit::serve::{
+    RUNAWAY, WRITES, assert_items_3_and_4, assert_items_schema, assert_refused, get_query, metric,
+    ndjson, ndjson_lines, query,
+};
 
 use crate::http;
 use crate::require;
-use crate::util::{self, bakedb, build_json, busybox_base, run_ok, stdout, test_dir, unique_name};
+use crate::util::{
+    self, assert_process_user, build_sqlite, busybox_base, run_ok, stdout, test_dir, unique_name,
+};
 
 const INIT: &str = "/bakedb/init";
 const DATA_DIR: &str = "/var/lib/bakedb";
@@ -39,9 +47,6 @@ const OWNER: (u32, u32) = (65532, 65532);
 /// Rows of `items` in the test database.
 const ROWS: i64 = 5000;
 
-/// A query that never ends on its own: counts forever.
-const RUNAWAY: &str =
-    "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c";
 /// Seconds of work that then answers normally: the query in flight during a drain.
 const SLOW_COUNT: i64 = 6_000_000;
 fn slow_query() -> String {
@@ -67,62 +72,7 @@ const STOPPED: &str = "bakedb-serve: stopped";
 
 /// `bakedb build --json` of app.db in `dir` (FROM scratch unless `extra` says otherwise).
 fn build(dir: &Path, output: &str, extra: &[&str]) -> Value {
-    let out = run_ok(
-        bakedb(dir)
-            .args([
-                "build", "--engine", "sqlite", "--source", "app.db", "--output", output, "--json",
-            ])
-            .args(extra),
-    );
-    build_json(&out)
-}
-
-fn query(addr: SocketAddr, sql: &str, params: Value) -> http::Response {
-    http::post_json(addr, "/v1/query", &json!({"sql": sql, "params": params}))
-}
-
-fn get_query(addr: SocketAddr, sql: &str, params: &str) -> http::Response {
-    http::get(
-        addr,
-        &format!(
-            "/v1/query?sql={}&params={}",
-            http::encode(sql),
-            http::encode(params)
-        ),
-    )
-}
-
-fn ndjson(addr: SocketAddr, sql: &str) -> http::Response {
-    http::request(
-        addr,
-        "POST",
-        "/v1/query",
-        &[
-            ("Accept", "application/x-ndjson"),
-            ("Content-Type", "application/json"),
-        ],
-        json!({ "sql": sql }).to_string().as_bytes(),
-    )
-    .unwrap_or_else(|e| panic!("NDJSON {sql}: {e}"))
-}
-
-fn ndjson_lines(r: &http::Response) -> Vec<Value> {
-    r.text()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}")))
-        .collect()
-}
-
-/// The value of an unlabelled or labelled metric line `name value` (0 when absent: counters
-/// appear at their first increment).
-fn metric(text: &str, name: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .map_or(0, |v| {
-            v.trim()
-                .parse()
-                .unwrap_or_else(|e| panic!("{name} {v:?}: {e}"))
-        })
+    build_sqlite(dir, "app.db", output, extra)
 }
 
 fn metrics(addr: SocketAddr) -> String {
@@ -190,52 +140,13 @@ fn check_schema(addr: SocketAddr) {
     let r = http::get(addr, "/v1/schema");
     assert_eq!(r.status, 200, "{}", r.text());
     let schema = r.json();
-    let tables = schema["tables"].as_array().unwrap();
-    let names: Vec<&str> = tables.iter().map(|t| t["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["cheap", "items"], "{schema}");
+    let tables = assert_items_schema(&schema);
     assert_eq!(tables[0]["type"], "view", "{schema}");
-    let items = &tables[1];
-    assert_eq!(items["type"], "table", "{schema}");
-    let columns: Vec<(&str, &str)> = items["columns"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| (c["name"].as_str().unwrap(), c["type"].as_str().unwrap()))
-        .collect();
-    assert_eq!(
-        columns,
-        [
-            ("id", "INTEGER"),
-            ("name", "TEXT"),
-            ("price", "REAL"),
-            ("data", "BLOB")
-        ],
-        "{schema}"
-    );
-    assert_eq!(items["columns"][1]["notnull"], true, "{schema}");
-    assert_eq!(items["indexes"][0]["name"], "items_name", "{schema}");
-    assert_eq!(items["indexes"][0]["columns"], json!(["name"]), "{schema}");
 }
 
 /// GET with positional parameters, POST with named and positional ones.
 fn check_parameterised_queries(addr: SocketAddr) {
-    let r = get_query(
-        addr,
-        "SELECT id, name, price, data FROM items WHERE id = ?1 OR id = ?2 ORDER BY id",
-        "[3, 4]",
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
-    let body = r.json();
-    assert_eq!(body["columns"], json!(["id", "name", "price", "data"]));
-    assert_eq!(
-        body["rows"],
-        json!([
-            [3, "item-00003", 0.75, {"$base64": true, "encoded": "A/8="}],
-            [4, "item-00004", 1.0, {"$base64": true, "encoded": "BP8="}]
-        ]),
-        "{body}"
-    );
-    assert_eq!(body["truncated"], false, "{body}");
+    let body = assert_items_3_and_4(addr);
     assert!(body["elapsed_ms"].as_f64().is_some(), "{body}");
 
     let r = query(
@@ -278,14 +189,7 @@ fn check_write_refused(addr: SocketAddr) {
         ("INSERT INTO items(name) VALUES ('x')", "INSERT into items"),
         ("DELETE FROM items", "DELETE from items"),
     ] {
-        let r = query(addr, sql, json!(null));
-        assert_eq!(r.status, 403, "{sql}: {}", r.text());
-        let body = r.json();
-        assert!(
-            body["reason"].as_str().unwrap_or("").contains(reason),
-            "{sql}: {body}"
-        );
-        assert!(body["error"].is_string(), "{sql}: {body}");
+        assert_refused(&query(addr, sql, json!(null)), sql, reason);
     }
     let r = query(addr, "SELECT count(*) FROM items", json!(null));
     assert_eq!(r.json()["rows"], json!([[ROWS]]), "{}", r.text());
@@ -528,45 +432,10 @@ fn docker_serves_the_whole_api_on_the_host_network_and_drains_on_sigterm() {
 
     // Writes of every kind, and what would write outside the database (ATTACH creates a
     // file, a temp table needs temporary storage): 403 with the reason.
-    let writes = [
-        ("INSERT INTO items(name) VALUES ('x')", "INSERT into items"),
-        ("UPDATE items SET name = 'x'", "UPDATE of items"),
-        ("DELETE FROM items", "DELETE from items"),
-        ("DROP TABLE items", "changing the schema (sqlite_master)"),
-        ("CREATE TABLE t(x)", "changing the schema (sqlite_master)"),
-        (
-            "CREATE TEMP TABLE t(x)",
-            "changing the schema (sqlite_temp_master)",
-        ),
-        (
-            "CREATE INDEX i ON items(price)",
-            "changing the schema (sqlite_master)",
-        ),
-        (
-            "PRAGMA journal_mode = WAL",
-            "PRAGMA journal_mode = WAL is not allowed",
-        ),
-        (
-            "PRAGMA user_version = 7",
-            "PRAGMA user_version = 7 is not allowed",
-        ),
-        ("ATTACH DATABASE '/tmp/x.db' AS x", "ATTACH"),
-        (
-            "SELECT load_extension('/tmp/evil')",
-            "function load_extension() is not allowed",
-        ),
-        ("BEGIN", "transactions are not needed"),
-        ("VACUUM", ""),
-    ];
-    for (sql, reason) in writes {
-        let r = query(addr, sql, json!(null));
-        assert_eq!(r.status, 403, "{sql}: {}", r.text());
-        let body = r.json();
-        assert!(
-            body["reason"].as_str().unwrap_or("").contains(reason),
-            "{sql}: {body}"
-        );
-        assert!(body["error"].is_string(), "{sql}: {body}");
+    let drop = ("DROP TABLE items", "changing the schema (sqlite_master)");
+    let writes: Vec<(&str, &str)> = WRITES.into_iter().chain([drop]).collect();
+    for (sql, reason) in &writes {
+        assert_refused(&query(addr, sql, json!(null)), sql, reason);
     }
     // By GET too.
     let r = get_query(addr, "DELETE FROM items WHERE id = ?1", "[1]");
@@ -971,11 +840,9 @@ fn podman_serves_the_oci_layout_on_the_host_network_and_drains_on_sigterm() {
 
 #[test]
 fn runc_serves_a_umoci_bundle_on_the_host_network_and_drains_on_sigterm() {
-    let runc = require!("runc");
-    let umoci = require!("umoci");
-    if !util::require_root() {
+    let Some((runc, umoci)) = runc_and_umoci_as_root() else {
         return;
-    }
+    };
     let dir = test_dir();
     let d = dir.path();
     items_db(&d.join("app.db"), ROWS, true);
@@ -995,16 +862,7 @@ fn runc_serves_a_umoci_bundle_on_the_host_network_and_drains_on_sigterm() {
         "{}",
         config["process"]
     );
-    assert_eq!(
-        config["process"]["user"]["uid"], OWNER.0,
-        "{}",
-        config["process"]
-    );
-    assert_eq!(
-        config["process"]["user"]["gid"], OWNER.1,
-        "{}",
-        config["process"]
-    );
+    assert_process_user(&config, OWNER.0, OWNER.1);
     // Host networking: no network namespace of its own.
     let namespaces = config["linux"]["namespaces"].as_array_mut().unwrap();
     let before = namespaces.len();

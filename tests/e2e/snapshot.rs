@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
-use crate::util::{bakedb, make_db, make_rollback_db, run_ok, test_dir};
+use crate::util::{bakedb, make_db, make_rollback_db, run_ok, sqlite_build, test_dir};
 
 const BATCH: i64 = 250;
 
@@ -140,15 +140,7 @@ fn concurrent_builds_into_one_layout_keep_every_tag() {
     let children: Vec<_> = (0..4)
         .map(|i| {
             bakedb(dir.path())
-                .args([
-                    "build",
-                    "--engine",
-                    "sqlite",
-                    "--source",
-                    "app.db",
-                    "--output",
-                    &format!("oci:out:t{i}"),
-                ])
+                .args(sqlite_build("app.db", &format!("oci:out:t{i}")))
                 .args(["--label", &format!("n={i}")])
                 .stderr(std::process::Stdio::piped())
                 .spawn()
@@ -212,18 +204,8 @@ fn build_waits_for_a_writer_within_the_busy_timeout() {
         )
         .unwrap();
     let mut child = bakedb(dir.path())
-        .args([
-            "build",
-            "--quiet",
-            "--engine",
-            "sqlite",
-            "--source",
-            "locked.db",
-            "--output",
-            "oci:out:v1",
-            "--busy-timeout",
-            "5m",
-        ])
+        .args(sqlite_build("locked.db", "oci:out:v1"))
+        .args(["--quiet", "--busy-timeout", "5m"])
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();

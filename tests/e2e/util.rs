@@ -44,6 +44,13 @@ pub fn make_db(path: &Path, rows: i64) {
     tx.commit().unwrap();
 }
 
+/// A fresh test directory holding `app.db`, a `make_db` of `rows` rows.
+pub fn dir_with_db(rows: i64) -> tempfile::TempDir {
+    let dir = test_dir();
+    make_db(&dir.path().join("app.db"), rows);
+    dir
+}
+
 /// Like `make_db`, in rollback-journal mode (SQLite's default): a writer's commit, or a
 /// `BEGIN EXCLUSIVE`, locks readers out, and a crash mid-transaction leaves a hot journal.
 pub fn make_rollback_db(path: &Path, rows: i64) {
@@ -84,6 +91,35 @@ pub fn tree(dir: &Path) -> BTreeMap<PathBuf, (u32, Vec<u8>)> {
         }
     }
     out
+}
+
+/// `bakedb build`'s arguments for a SQLite source and an output; more flags go after them.
+pub fn sqlite_build<'a>(source: &'a str, output: &'a str) -> [&'a str; 7] {
+    [
+        "build", "--engine", "sqlite", "--source", source, "--output", output,
+    ]
+}
+
+/// `bakedb build --engine sqlite --source SOURCE --output OUTPUT --json EXTRA...` in `dir`,
+/// which must succeed: what it printed.
+pub fn build_sqlite(dir: &Path, source: &str, output: &str, extra: &[&str]) -> serde_json::Value {
+    build_json(&run_ok(
+        bakedb(dir)
+            .args(sqlite_build(source, output))
+            .arg("--json")
+            .args(extra),
+    ))
+}
+
+/// The user a bundle's config.json (umoci's, from the image's User) runs its process as.
+pub fn assert_process_user(config: &serde_json::Value, uid: u32, gid: u32) {
+    let user = &config["process"]["user"];
+    assert_eq!(
+        (&user["uid"], &user["gid"]),
+        (&uid.into(), &gid.into()),
+        "{}",
+        config["process"]
+    );
 }
 
 /// The manifest digest `bakedb build --json` reports.

@@ -80,6 +80,21 @@ fn init(root: &Root) -> Command {
     cmd
 }
 
+/// Whether the test runs as root, which it needs to drop privileges. CI runs as root by
+/// contract, where a skip would hide the privilege drop: there it fails instead.
+fn as_root() -> bool {
+    // SAFETY: getuid cannot fail.
+    let root = unsafe { libc::getuid() } == 0;
+    if !root {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must run the tests as root"
+        );
+        eprintln!("skipped: needs root to drop privileges");
+    }
+    root
+}
+
 fn out(cmd: &mut Command) -> Output {
     cmd.output().unwrap()
 }
@@ -348,14 +363,7 @@ impl InheritFd for Command {
 
 #[test]
 fn root_becomes_the_data_owner_with_a_usable_home() {
-    // SAFETY: getuid cannot fail.
-    if unsafe { libc::getuid() } != 0 {
-        // CI runs as root by contract; there a skip would hide the privilege drop.
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must run the tests as root"
-        );
-        eprintln!("skipped: needs root to drop privileges");
+    if !as_root() {
         return;
     }
     let r = root_owned_by("drop", SQLITE_PROFILE, 65532, 65533);
@@ -549,13 +557,7 @@ fn a_stamp_that_is_not_a_regular_file_is_refused_without_blocking() {
 /// FIFO there is refused instead of blocking the start; a link to a real file is followed.
 #[test]
 fn an_etc_passwd_that_is_not_a_regular_file_is_refused_without_blocking() {
-    // SAFETY: getuid cannot fail.
-    if unsafe { libc::getuid() } != 0 {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must run the tests as root"
-        );
-        eprintln!("skipped: needs root to drop privileges");
+    if !as_root() {
         return;
     }
     let r = root_owned_by("passwdfifo", SQLITE_PROFILE, 65532, 65533);
@@ -1130,13 +1132,7 @@ fn apply_composes_with_verification_off() {
 /// the owner owns is composed and keeps its owner.
 #[test]
 fn root_composes_as_the_data_owner() {
-    // SAFETY: getuid cannot fail.
-    if unsafe { libc::getuid() } != 0 {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must run the tests as root"
-        );
-        eprintln!("skipped: needs root to drop privileges");
+    if !as_root() {
         return;
     }
     use std::os::unix::fs::MetadataExt;
