@@ -363,7 +363,7 @@ fn cases<'a>(
                 role,
                 what: match role {
                     Role::Writer => "bakedb build --source snapshot dir (writer path)".into(),
-                    _ => "bakedb build --source live file (with online backup)".into(),
+                    _ => "bakedb build --source live file (snapshot read in)".into(),
                 },
                 compression,
                 unavailable: None,
@@ -408,7 +408,7 @@ fn cases<'a>(
     let snap_out = out.join("snapshot");
     cases.push(Case {
         role: Role::Snapshot,
-        what: "bakedb snapshot (online backup only)".into(),
+        what: "bakedb snapshot (snapshot read only)".into(),
         compression: "—",
         unavailable: None,
         samples: Vec::new(),
@@ -961,7 +961,7 @@ mod tests {
 
     #[test]
     fn reads_bakedb_output() {
-        let log = "bakedb: snapshot of a.db taken with the SQLite online backup API (1.50 s)\n\
+        let log = "bakedb: snapshot of a.db read page by page in one read transaction (sqlite_dbpage) (1.50 s)\n\
                    bakedb: data layer sha256:ff (1.0 GiB → 512.0 MiB gzip) (2.25 s)\n\
                    bakedb: wrote oci:x:bench sha256:aa (0.01 s)\n";
         assert_eq!(

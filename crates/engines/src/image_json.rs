@@ -196,7 +196,7 @@ mod tests {
                 uid: 65532,
                 gid: 65532,
             },
-            snapshot: serde_json::json!({"source": "app.db", "method": "sqlite online backup"}),
+            snapshot: serde_json::json!({"source": "app.db", "method": "sqlite_dbpage"}),
             chunk_size: 16 << 20,
             files: vec![FileDigest {
                 path: "app.db".into(),

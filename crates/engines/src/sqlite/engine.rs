@@ -100,7 +100,7 @@ impl Plan for SqlitePlan {
     fn describe(&self, _snapshot: &Snapshot) -> Option<String> {
         (!self.snapshot_dir).then(|| {
             format!(
-                "snapshot of {} taken with the SQLite online backup API",
+                "snapshot of {} read page by page in one read transaction (sqlite_dbpage)",
                 self.source.display()
             )
         })

@@ -1,14 +1,17 @@
-//! SQLite: a consistent snapshot with the online backup API.
+//! SQLite: a consistent snapshot read page by page through `sqlite_dbpage`.
 //!
-//! The backup copies every page in a single step, inside one read transaction on the source,
-//! so a database that another process keeps writing (WAL or rollback journal) is captured at
-//! exactly one committed point. The copy is switched to the rollback journal so the image
-//! never needs -wal/-shm files, and checked with `PRAGMA quick_check` so a corrupt source is
-//! refused instead of baked. The source is opened read-only: bakedb never writes it, so a
-//! source that needs a write before it can be read (a hot journal) is refused with advice.
+//! Every page is read inside one read transaction on the source, through SQLite's own pager
+//! (so a WAL source's committed frames are seen as any reader sees them) and written straight
+//! into the copy: a database that another process keeps writing (WAL or rollback journal) is
+//! captured at exactly one committed point, with one pass over the source and no second pager
+//! on the copy's side. The copy's header says rollback journal, so the image never needs -wal/-shm files, and the copy
+//! is checked with `PRAGMA quick_check` after the source's lock is released, so a corrupt
+//! source is refused instead of baked without holding off its writer. The source is opened
+//! read-only: bakedb never writes it, so a source that needs a write before it can be read (a
+//! hot journal) is refused with advice.
 
 use std::fs::{self, File};
-use std::io::Read;
+use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -180,43 +183,22 @@ pub fn snapshot(
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(sql("opening"))?;
-        // The busy handler also runs while the backup waits for its read lock on the source.
+        // The busy handler also runs while the read transaction waits for its lock.
         src.busy_timeout(busy_timeout)
             .map_err(sql("setting the busy timeout"))?;
-        // Fail early, with SQLite's own words, on a file SQLite cannot read (e.g. encrypted).
+        src.execute_batch("BEGIN")
+            .map_err(sql("starting a read transaction"))?;
+        // The first read takes the transaction's lock (or WAL snapshot): every page after it
+        // is of this one committed point. It fails early, with SQLite's own words, on a file
+        // SQLite cannot read (e.g. encrypted).
         let (page_size, schema_version): (i64, i64) = src
             .query_row("SELECT (SELECT page_size FROM pragma_page_size), (SELECT schema_version FROM pragma_schema_version)", [], |r| Ok((r.get(0)?, r.get(1)?)))
             .map_err(sql("reading the schema (is it encrypted or corrupt?)"))?;
-        let mut dst = Connection::open(&tmp).map_err(sql("creating the snapshot file"))?;
-        // The copy is private until it is renamed into place: no journal and no syncs while
-        // the backup writes it (it is synced once at the end when it must be durable).
-        dst.execute_batch("PRAGMA synchronous=OFF; PRAGMA journal_mode=OFF;")
-            .map_err(sql("preparing the snapshot file"))?;
-        {
-            let backup = rusqlite::backup::Backup::new(&src, &mut dst)
-                .map_err(sql("starting the online backup"))?;
-            // All pages in one step (-1): one read transaction, one committed point. A writer
-            // holding a lock makes the step wait in the source's busy handler, then report
-            // busy.
-            loop {
-                match backup
-                    .step(-1)
-                    .map_err(sql("copying with the online backup API"))?
-                {
-                    rusqlite::backup::StepResult::Done => break,
-                    rusqlite::backup::StepResult::More => {}
-                    // Busy, Locked: the busy timeout ran out.
-                    _ => {
-                        return Err(sql("copying with the online backup API")(
-                            rusqlite::Error::SqliteFailure(
-                                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
-                                None,
-                            ),
-                        ));
-                    }
-                }
-            }
-        }
+        copy_pages(&src, page_size, &tmp, source, &sql)?;
+        src.execute_batch("COMMIT")
+            .map_err(sql("ending the read transaction"))?;
+        drop(src);
+        let dst = Connection::open(&tmp).map_err(sql("opening the snapshot file"))?;
         let mode: String = dst
             .query_row("PRAGMA journal_mode=DELETE", [], |r| r.get(0))
             .map_err(sql("switching the copy to rollback journal"))?;
@@ -248,7 +230,7 @@ pub fn snapshot(
         Ok(json!({
             "source": source.to_string_lossy(),
             "taken_at": taken_at,
-            "method": "sqlite online backup",
+            "method": "sqlite_dbpage",
             "position": {"page_size": page_size, "page_count": page_count, "schema_version": schema_version, "user_version": user_version},
         }))
     })();
@@ -271,6 +253,76 @@ pub fn snapshot(
         dirs: Vec::new(),
         provenance,
     })
+}
+
+/// Every page of the source's read transaction, in order, into a new file at `dest`; the
+/// header's read and write versions set to 1 (rollback journal) as `PRAGMA journal_mode =
+/// DELETE` would set them, so the copy is a database of its own without -wal/-shm files.
+fn copy_pages<F, E>(
+    src: &Connection,
+    page_size: i64,
+    dest: &Path,
+    source: &Path,
+    sql: &F,
+) -> Result<()>
+where
+    F: Fn(&str) -> E,
+    E: FnOnce(rusqlite::Error) -> Error,
+{
+    let io = |op: &'static str| {
+        let path = dest.to_owned();
+        move |e: std::io::Error| Error::Io {
+            op,
+            path,
+            source: e,
+        }
+    };
+    let file = File::create(dest).map_err(io("creating"))?;
+    let mut out = BufWriter::with_capacity(1 << 20, file);
+    let mut stmt = src
+        .prepare("SELECT pgno, data FROM sqlite_dbpage")
+        .map_err(|e| {
+            if e.to_string().contains("no such table") {
+                // A build of bakedb whose bundled SQLite lacks the table: not the source's
+                // fault, and not something a user can fix with flags.
+                source_err(
+                    source,
+                    "this bakedb's SQLite was built without SQLITE_ENABLE_DBPAGE_VTAB (build bakedb inside its workspace: .cargo/config.toml sets LIBSQLITE3_FLAGS)",
+                )
+            } else {
+                sql("reading the pages")(e)
+            }
+        })?;
+    let mut rows = stmt.query([]).map_err(sql("reading the pages"))?;
+    let mut expected: i64 = 1;
+    while let Some(row) = rows.next().map_err(sql("reading the pages"))? {
+        let pgno: i64 = row.get(0).map_err(sql("reading the pages"))?;
+        let data = row
+            .get_ref(1)
+            .and_then(|v| v.as_blob().map_err(Into::into))
+            .map_err(sql("reading the pages"))?;
+        if pgno != expected || data.len() as i64 != page_size {
+            return Err(source_err(
+                source,
+                format!(
+                    "sqlite_dbpage gave page {pgno} of {} bytes where page {expected} of {page_size} was due",
+                    data.len()
+                ),
+            ));
+        }
+        if pgno == 1 && data.len() >= 20 {
+            let mut first = data.to_vec();
+            first[18] = 1;
+            first[19] = 1;
+            out.write_all(&first).map_err(io("writing"))?;
+        } else {
+            out.write_all(data).map_err(io("writing"))?;
+        }
+        expected += 1;
+    }
+    out.into_inner()
+        .map_err(|e| io("writing")(e.into_error()))?;
+    Ok(())
 }
 
 /// The database's page size, as the snapshot recorded it (a delta re-bake ships pages).
@@ -513,6 +565,100 @@ mod tests {
             .unwrap();
         assert_ne!(mode.to_lowercase(), "wal");
         assert!(!dir.path().join("out/app.db-wal").exists());
+    }
+
+    fn take(src: &Path, out: &Path) -> PathBuf {
+        snapshot(src, out, "t", false, DEFAULT_BUSY_TIMEOUT)
+            .unwrap()
+            .files
+            .remove(0)
+            .host_path
+    }
+
+    #[test]
+    fn a_rollback_journal_source_is_copied_byte_for_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("app.db");
+        make_rollback_db(&src, 3000);
+        let copy = take(&src, &dir.path().join("out"));
+        assert!(fs::read(&copy).unwrap() == fs::read(&src).unwrap());
+    }
+
+    #[test]
+    fn a_wal_source_is_copied_as_its_checkpointed_file_in_rollback_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("app.db");
+        make_db(&src, 2000);
+        // Every row is in the WAL's frames while this connection stays open.
+        let keep_open = Connection::open(&src).unwrap();
+        keep_open
+            .execute_batch(
+                "PRAGMA wal_autocheckpoint=0; UPDATE t SET v = v || '!' WHERE id % 7 = 0;",
+            )
+            .unwrap();
+        let copy = fs::read(take(&src, &dir.path().join("out"))).unwrap();
+        keep_open
+            .execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
+            .unwrap();
+        let mut checkpointed = fs::read(&src).unwrap();
+        assert_eq!(&checkpointed[18..20], &[2, 2], "the source is in WAL mode");
+        checkpointed[18] = 1;
+        checkpointed[19] = 1;
+        assert_eq!(copy.len(), checkpointed.len());
+        assert!(
+            copy == checkpointed,
+            "the copy differs from the checkpointed source"
+        );
+    }
+
+    #[test]
+    fn a_writers_uncommitted_pages_stay_out_even_when_they_spill_into_the_wal() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("app.db");
+        make_db(&src, 500);
+        let writer = Connection::open(&src).unwrap();
+        // A tiny cache makes the open transaction write its pages into the WAL before it
+        // commits; a reader must still see only the last commit.
+        writer
+            .execute_batch(
+                "PRAGMA cache_size=5; BEGIN; \
+                 INSERT INTO t(v) SELECT printf('%.2000c', 'y') FROM t; \
+                 UPDATE t SET v = 'changed' WHERE id <= 500;",
+            )
+            .unwrap();
+        let wal = fs::metadata(dir.path().join("app.db-wal")).unwrap().len();
+        assert!(
+            wal > 200_000,
+            "the open transaction did not spill ({wal} bytes of WAL)"
+        );
+        let copy = take(&src, &dir.path().join("out"));
+        writer.execute_batch("COMMIT").unwrap();
+        let c = Connection::open_with_flags(
+            format!("file:{}?immutable=1", copy.display()),
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI,
+        )
+        .unwrap();
+        let (n, changed): (i64, i64) = c
+            .query_row(
+                "SELECT count(*), count(*) FILTER (WHERE v = 'changed') FROM t",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((n, changed), (500, 0));
+        let check: String = c
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(check, "ok");
+    }
+
+    #[test]
+    fn bundled_sqlite_has_the_dbpage_table() {
+        let c = Connection::open_in_memory().unwrap();
+        let n: i64 = c
+            .query_row("SELECT count(*) FROM sqlite_dbpage", [], |r| r.get(0))
+            .unwrap();
+        assert!(n >= 0);
     }
 
     #[test]
