@@ -308,11 +308,7 @@ impl Case<'_> {
     }
 
     fn peak_rss_mib(&self) -> Option<f64> {
-        self.samples
-            .iter()
-            .filter_map(|s| s.peak_rss_kib)
-            .max()
-            .map(|k| k as f64 / 1024.0)
+        Sample::peak_rss_mib(&self.samples)
     }
 
     /// "yes", "no" or why it is not known; None where it does not apply.
@@ -696,12 +692,7 @@ impl Report<'_> {
                 fmt(output.map(|b| b / 1e6), 0),
                 fmt(case.peak_rss_mib(), 1),
                 fmt(case.median(|s| s.cpu_secs), 2),
-                fmt_pct(
-                    case.samples
-                        .iter()
-                        .filter_map(|s| s.other_load)
-                        .max_by(f64::total_cmp)
-                ),
+                fmt_pct(Sample::most_other_load(&case.samples)),
                 case.reproducible().unwrap_or_else(|| "—".into()),
             );
         }

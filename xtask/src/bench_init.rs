@@ -707,18 +707,11 @@ impl CaseResult {
     }
 
     fn peak_rss_mib(&self) -> Option<f64> {
-        self.samples
-            .iter()
-            .filter_map(|s| s.peak_rss_kib)
-            .max()
-            .map(|k| k as f64 / 1024.0)
+        Sample::peak_rss_mib(&self.samples)
     }
 
     fn other_load(&self) -> Option<f64> {
-        self.samples
-            .iter()
-            .filter_map(|s| s.other_load)
-            .max_by(f64::total_cmp)
+        Sample::most_other_load(&self.samples)
     }
 }
 

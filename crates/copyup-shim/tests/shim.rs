@@ -248,22 +248,12 @@ const OPS: &[Op] = &[
     ),
     (
         "fcntl F_SETLK write lock",
-        |fd| unsafe {
-            let mut l: libc::flock = std::mem::zeroed();
-            l.l_type = libc::F_WRLCK as i16;
-            l.l_whence = libc::SEEK_SET as i16;
-            libc::fcntl(fd, libc::F_SETLK, &l) == 0
-        },
+        |fd| write_lock(fd, libc::F_SETLK),
         Expect::Same,
     ),
     (
         "fcntl F_OFD_SETLK write lock",
-        |fd| unsafe {
-            let mut l: libc::flock = std::mem::zeroed();
-            l.l_type = libc::F_WRLCK as i16;
-            l.l_whence = libc::SEEK_SET as i16;
-            libc::fcntl(fd, libc::F_OFD_SETLK, &l) == 0
-        },
+        |fd| write_lock(fd, libc::F_OFD_SETLK),
         Expect::Same,
     ),
     (
@@ -1063,4 +1053,16 @@ fn elf_defined_symbols(elf: &[u8]) -> Vec<String> {
         .filter(|(_, d)| *d)
         .map(|(n, _)| n)
         .collect()
+}
+
+/// A write lock on the whole file through fcntl `cmd` (F_SETLK, F_OFD_SETLK): whether it was
+/// granted.
+fn write_lock(fd: c_int, cmd: c_int) -> bool {
+    // SAFETY: a zeroed flock is a valid argument; fcntl reads it.
+    unsafe {
+        let mut l: libc::flock = std::mem::zeroed();
+        l.l_type = libc::F_WRLCK as i16;
+        l.l_whence = libc::SEEK_SET as i16;
+        libc::fcntl(fd, cmd, &l) == 0
+    }
 }

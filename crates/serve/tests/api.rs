@@ -150,17 +150,7 @@ fn writes_are_refused_with_sqlites_reason_and_bad_sql_with_its_position() {
     assert_eq!(r.json()["error"], "the query has no parameter named :b");
     let r = query(s.addr, "SELECT ?1", json!([[1, 2]]));
     assert_eq!(r.status, 400);
-    let r = http::request(
-        s.addr,
-        "POST",
-        "/v1/query",
-        &[("Content-Type", "application/json")],
-        b"{not json",
-    )
-    .unwrap();
-    assert_eq!(r.status, 400, "{}", r.text());
-    let r = http::get(s.addr, "/v1/query");
-    assert_eq!(r.status, 400);
+    serve::assert_malformed_requests_refused(s.addr);
 }
 
 /// R*Tree and FTS5 tables (whose modules prepare INSERTs on their shadow tables when first

@@ -24,6 +24,14 @@ pub fn podman_cli(podman: &Path, dir: &Path) -> Cli {
     Box::new(move || podman_in(&podman, &dir))
 }
 
+/// podman and runc, the runtime `podman_in` gives it: podman's path, or None (the test is
+/// skipped) locally; under CI a missing one fails the test.
+pub fn podman() -> Option<PathBuf> {
+    let podman = tool("podman")?;
+    tool("runc")?;
+    Some(podman)
+}
+
 /// podman in its own storage under `dir` (nothing shared with other tests or the machine's
 /// images), with the flags that work as root on this kind of machine.
 pub fn podman_in(podman: &Path, dir: &Path) -> Command {

@@ -102,6 +102,21 @@ pub fn assert_items_3_and_4(addr: SocketAddr) -> Value {
     body
 }
 
+/// Requests that are no query: a body that is not JSON, a GET without `sql`. Both 400.
+pub fn assert_malformed_requests_refused(addr: SocketAddr) {
+    let r = http::request(
+        addr,
+        "POST",
+        "/v1/query",
+        &[("Content-Type", "application/json")],
+        b"{not json",
+    )
+    .unwrap();
+    assert_eq!(r.status, 400, "{}", r.text());
+    let r = http::get(addr, "/v1/query");
+    assert_eq!(r.status, 400, "{}", r.text());
+}
+
 /// `POST /v1/query` with a JSON body.
 pub fn query(addr: SocketAddr, sql: &str, params: Value) -> Response {
     http::post_json(addr, "/v1/query", &json!({"sql": sql, "params": params}))

@@ -28,6 +28,25 @@ pub struct Sample {
     pub other_load: Option<f64>,
 }
 
+impl Sample {
+    /// The largest peak RSS of `samples`, in MiB.
+    pub fn peak_rss_mib(samples: &[Sample]) -> Option<f64> {
+        samples
+            .iter()
+            .filter_map(|s| s.peak_rss_kib)
+            .max()
+            .map(|k| k as f64 / 1024.0)
+    }
+
+    /// The largest share of the cores other processes took during one of `samples`.
+    pub fn most_other_load(samples: &[Sample]) -> Option<f64> {
+        samples
+            .iter()
+            .filter_map(|s| s.other_load)
+            .max_by(f64::total_cmp)
+    }
+}
+
 pub struct Timer {
     pub gnu_time: Option<PathBuf>,
     /// Where GNU time writes its report.

@@ -523,6 +523,26 @@ pub fn write_snapshot_meta(dir: &Path, snapshot: &Snapshot) -> Result<()> {
 mod tests {
     use super::*;
 
+    /// A snapshot with the default busy timeout; `quick_check` as the CLI's flag.
+    fn snap(src: &Path, out: &Path, quick_check: bool) -> Result<Snapshot, Error> {
+        snapshot(src, out, "t", quick_check, DEFAULT_BUSY_TIMEOUT)
+    }
+
+    /// 2000 rows with an index on 4 KiB pages: enough pages to break some in the middle.
+    fn make_indexed_db(path: &Path) {
+        let c = Connection::open(path).unwrap();
+        c.execute_batch("PRAGMA page_size = 4096; CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT); CREATE INDEX iv ON t(v);").unwrap();
+        let tx = c.unchecked_transaction().unwrap();
+        for i in 0..2000 {
+            tx.execute(
+                "INSERT INTO t(v) VALUES (?1)",
+                [format!("value {i} {}", "x".repeat(50))],
+            )
+            .unwrap();
+        }
+        tx.commit().unwrap();
+    }
+
     fn make_db(path: &Path, rows: i64) {
         let c = Connection::open(path).unwrap();
         c.execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);")
@@ -539,14 +559,7 @@ mod tests {
         let src = dir.path().join("app.db");
         make_db(&src, 100);
         let keep_open = Connection::open(&src).unwrap(); // keeps the WAL un-checkpointed
-        let snap = snapshot(
-            &src,
-            &dir.path().join("out"),
-            "t",
-            true,
-            DEFAULT_BUSY_TIMEOUT,
-        )
-        .unwrap();
+        let snap = snap(&src, &dir.path().join("out"), true).unwrap();
         drop(keep_open);
         let f = &snap.files[0];
         assert_eq!(f.rel_path, "app.db");
@@ -568,11 +581,7 @@ mod tests {
     }
 
     fn take(src: &Path, out: &Path) -> PathBuf {
-        snapshot(src, out, "t", false, DEFAULT_BUSY_TIMEOUT)
-            .unwrap()
-            .files
-            .remove(0)
-            .host_path
+        snap(src, out, false).unwrap().files.remove(0).host_path
     }
 
     #[test]
@@ -665,37 +674,19 @@ mod tests {
     fn refuses_missing_empty_and_non_sqlite_sources() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("out");
-        let e = snapshot(
-            &dir.path().join("nope.db"),
-            &out,
-            "t",
-            false,
-            DEFAULT_BUSY_TIMEOUT,
-        )
-        .unwrap_err()
-        .to_string();
+        let e = snap(&dir.path().join("nope.db"), &out, false)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("cannot be read"), "{e}");
         std::fs::write(dir.path().join("empty.db"), b"").unwrap();
-        let e = snapshot(
-            &dir.path().join("empty.db"),
-            &out,
-            "t",
-            false,
-            DEFAULT_BUSY_TIMEOUT,
-        )
-        .unwrap_err()
-        .to_string();
+        let e = snap(&dir.path().join("empty.db"), &out, false)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("empty"), "{e}");
         std::fs::write(dir.path().join("text.db"), vec![b'x'; 4096]).unwrap();
-        let e = snapshot(
-            &dir.path().join("text.db"),
-            &out,
-            "t",
-            false,
-            DEFAULT_BUSY_TIMEOUT,
-        )
-        .unwrap_err()
-        .to_string();
+        let e = snap(&dir.path().join("text.db"), &out, false)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not a SQLite database"), "{e}");
     }
 
@@ -703,19 +694,7 @@ mod tests {
     fn refuses_corrupt_database() {
         let dir = tempfile::tempdir().unwrap();
         let src = dir.path().join("bad.db");
-        {
-            let c = Connection::open(&src).unwrap();
-            c.execute_batch("PRAGMA page_size=4096; CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT); CREATE INDEX iv ON t(v);").unwrap();
-            let tx = c.unchecked_transaction().unwrap();
-            for i in 0..2000 {
-                tx.execute(
-                    "INSERT INTO t(v) VALUES (?1)",
-                    [format!("value {i} {}", "x".repeat(50))],
-                )
-                .unwrap();
-            }
-            tx.commit().unwrap();
-        }
+        make_indexed_db(&src);
         // Scribble over the middle of the file, leaving the header intact.
         let mut bytes = std::fs::read(&src).unwrap();
         let mid = bytes.len() / 2;
@@ -723,14 +702,7 @@ mod tests {
             *b = 0xA5;
         }
         std::fs::write(&src, &bytes).unwrap();
-        let e = snapshot(
-            &src,
-            &dir.path().join("out"),
-            "t",
-            true,
-            DEFAULT_BUSY_TIMEOUT,
-        )
-        .unwrap_err();
+        let e = snap(&src, &dir.path().join("out"), true).unwrap_err();
         let msg = format!(
             "{e}: {:?}",
             std::error::Error::source(&e).map(|s| s.to_string())
@@ -812,15 +784,9 @@ mod tests {
         drop(writer);
         let before = (fs::read(&src).unwrap(), fs::read(&journal).unwrap());
 
-        let e = snapshot(
-            &src,
-            &dir.path().join("out"),
-            "t",
-            false,
-            DEFAULT_BUSY_TIMEOUT,
-        )
-        .unwrap_err()
-        .to_string();
+        let e = snap(&src, &dir.path().join("out"), false)
+            .unwrap_err()
+            .to_string();
         for needle in [
             "has a hot rollback journal beside it",
             &journal.display().to_string(),
@@ -843,14 +809,7 @@ mod tests {
             .unwrap();
         assert_eq!(check, "ok");
         assert!(!journal.exists());
-        let snap = snapshot(
-            &src,
-            &dir.path().join("out"),
-            "t",
-            false,
-            DEFAULT_BUSY_TIMEOUT,
-        )
-        .unwrap();
+        let snap = snap(&src, &dir.path().join("out"), false).unwrap();
         let changed: i64 = Connection::open(&snap.files[0].host_path)
             .unwrap()
             .query_row("SELECT count(*) FROM t WHERE v LIKE '% changed'", [], |r| {
@@ -864,34 +823,16 @@ mod tests {
     fn a_long_corruption_report_is_cut_to_its_first_problems_and_a_count() {
         let dir = tempfile::tempdir().unwrap();
         let src = dir.path().join("bad.db");
-        {
-            let c = Connection::open(&src).unwrap();
-            c.execute_batch("PRAGMA page_size = 4096; CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT); CREATE INDEX iv ON t(v);").unwrap();
-            let tx = c.unchecked_transaction().unwrap();
-            for i in 0..2000 {
-                tx.execute(
-                    "INSERT INTO t(v) VALUES (?1)",
-                    [format!("value {i} {}", "x".repeat(50))],
-                )
-                .unwrap();
-            }
-            tx.commit().unwrap();
-        }
+        make_indexed_db(&src);
         // Break the page type of every other page: one problem per page, dozens in all.
         let mut bytes = fs::read(&src).unwrap();
         for page in (4..bytes.len() / 4096).step_by(2) {
             bytes[page * 4096] = 0x42;
         }
         fs::write(&src, &bytes).unwrap();
-        let e = snapshot(
-            &src,
-            &dir.path().join("out"),
-            "t",
-            false,
-            DEFAULT_BUSY_TIMEOUT,
-        )
-        .unwrap_err()
-        .to_string();
+        let e = snap(&src, &dir.path().join("out"), false)
+            .unwrap_err()
+            .to_string();
         assert!(!e.contains('\n'), "not one line: {e}");
         assert!(e.len() < 1000, "{} bytes: {e}", e.len());
         let found: usize = e
