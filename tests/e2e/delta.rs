@@ -58,13 +58,13 @@ fn image_file(layout: &Path, tag: &str, path: &str) -> Option<Vec<u8>> {
     None
 }
 
-fn inspect(dir: &Path, reference: &str) -> Value {
+pub(crate) fn inspect(dir: &Path, reference: &str) -> Value {
     let out = run_ok(bakedb(dir).args(["inspect", "--json", reference]));
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// The database of generation `tag`, composed from its base and patches as the docs say.
-fn composed(layout: &Path, tag: &str, image_json: &Value) -> Vec<u8> {
+pub(crate) fn composed(layout: &Path, tag: &str, image_json: &Value) -> Vec<u8> {
     let entry = image_json["files"]
         .as_array()
         .unwrap()
@@ -101,14 +101,14 @@ fn table_sum(db: &rusqlite::Connection, table: &str) -> String {
 }
 
 /// A writer that keeps committing rows into `writes` from its own connection.
-struct Writer {
+pub(crate) struct Writer {
     stop: Arc<AtomicBool>,
     committed: Arc<AtomicU64>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Writer {
-    fn start(path: &Path) -> Writer {
+    pub(crate) fn start(path: &Path) -> Writer {
         let stop = Arc::new(AtomicBool::new(false));
         let committed = Arc::new(AtomicU64::new(0));
         let db = rusqlite::Connection::open(path).unwrap();
@@ -277,7 +277,7 @@ fn repository() -> &'static str {
     NAME.get_or_init(|| unique_name("bakedb-e2e-delta").to_lowercase())
 }
 
-fn to_docker(docker: &Path, dir: &Path, reference: &str) -> util::DockerImage {
+pub(crate) fn to_docker(docker: &Path, dir: &Path, reference: &str) -> util::DockerImage {
     let name = format!("bakedb-e2e/{}:v1", unique_name("delta"));
     run_ok(
         Command::new(util::tool("skopeo").unwrap())

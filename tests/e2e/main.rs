@@ -19,3 +19,4 @@ mod reproducible;
 mod serve;
 mod snapshot;
 mod util;
+mod watch;

@@ -50,6 +50,12 @@ pub fn engine_error(err: bakedb_engines::Error, what: &str) -> anyhow::Error {
     anyhow::Error::new(err).context(Stage(code, what.to_owned()))
 }
 
+/// A usage error (exit 2): `detail` says what is wrong and what to do, `step` what was
+/// being checked.
+pub fn usage_error(step: &str, detail: String) -> anyhow::Error {
+    anyhow::Error::msg(detail).context(Stage(Code::Usage, step.to_owned()))
+}
+
 pub fn code_of(err: &anyhow::Error) -> Code {
     use bakedb_oci::Error as E;
     let stage = err.downcast_ref::<Stage>().map(|s| s.0);

@@ -7,6 +7,7 @@ mod inspect;
 mod progress;
 mod snapshot;
 mod verify;
+mod watch;
 
 use std::path::PathBuf;
 
@@ -36,6 +37,8 @@ enum Command {
     Verify(VerifyArgs),
     /// Show tags, digests, sizes, layers, config and the baked data's provenance.
     Inspect(InspectArgs),
+    /// Follow a live database: re-bake onto the previous image after each commit and move the tag.
+    Watch(watch::WatchArgs),
 }
 
 /// `--engine`: the names bakedb_engines registers; no engine is named here.
@@ -50,7 +53,7 @@ pub enum CompressionArg {
     None,
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 pub struct BuildArgs {
     /// Database engine of the source.
     #[arg(long, value_name = "ENGINE", value_parser = engine_parser())]
@@ -206,6 +209,7 @@ fn main() {
         Command::Snapshot(args) => snapshot::run(args, quiet),
         Command::Verify(args) => verify::run(args, quiet),
         Command::Inspect(args) => inspect::run(args),
+        Command::Watch(args) => watch::run(args, quiet),
     };
     if let Err(err) = result {
         exit::report_and_exit(err);

@@ -186,6 +186,26 @@ pub trait Engine: Sync {
         base: Option<&BaseImage>,
         previous: Option<&image_json::ImageJson>,
     ) -> Result<Box<dyn Plan>>;
+
+    /// Follow a live source for `bakedb watch`: something that tells where it stands now.
+    fn follow(&self, source: &Path, _options: &Options) -> Result<Box<dyn Follow>> {
+        Err(Error::Usage {
+            step: "following the source".into(),
+            detail: format!(
+                "bakedb watch cannot follow {} sources yet ({}); re-bake with `bakedb build --from`",
+                self.name(),
+                source.display()
+            ),
+        })
+    }
+}
+
+/// A live source that `bakedb watch` follows.
+pub trait Follow: Send {
+    /// Where the source stands now, as an opaque text that is different after any
+    /// transaction committed since the last call (it may also differ without one). A bake
+    /// started after this call holds every transaction committed before it.
+    fn position(&mut self) -> Result<String>;
 }
 
 /// A build or snapshot an engine has checked and is ready to do.

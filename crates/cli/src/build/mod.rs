@@ -27,14 +27,32 @@ pub use plan::{engine_named, engine_options};
 use crate::BuildArgs;
 use crate::progress::Progress;
 
+/// What a build wrote, and the digest of its data (image.json's, BAKEDB_DATA_DIGEST).
+pub struct Built {
+    pub written: bakedb_oci::output::Written,
+    pub data_digest: bakedb_oci::Digest,
+}
+
+/// Run every phase of a build.
+pub fn build(args: &BuildArgs, progress: &mut Progress) -> Result<Built> {
+    let mut plan = plan::plan(args)?;
+    let data = data::take(&mut plan, progress)?;
+    let patches = data.scratch.0.join("patches");
+    let layers = layers::write(&plan, &data, &patches, progress)?;
+    let data_digest = layers.data_digest;
+    let written = image::finish(plan, &data, layers, progress)?;
+    Ok(Built {
+        written,
+        data_digest,
+    })
+}
+
 pub fn run(args: BuildArgs, quiet: bool) -> Result<()> {
     let mut progress = Progress::new(quiet);
-    let mut plan = plan::plan(&args)?;
-    let data = data::take(&mut plan, &mut progress)?;
-    let patches = data.scratch.0.join("patches");
-    let layers = layers::write(&plan, &data, &patches, &mut progress)?;
-    let data_digest = layers.data_digest;
-    let written = image::finish(plan, &data, layers, &mut progress)?;
+    let Built {
+        written,
+        data_digest,
+    } = build(&args, &mut progress)?;
     let total: u64 = written.layers.iter().map(|l| l.size).sum::<u64>() + written.manifest_size;
     if args.json {
         let out = json!({

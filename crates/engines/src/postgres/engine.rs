@@ -47,6 +47,21 @@ impl Engine for Postgres {
         super::image::wants_base_file(path)
     }
 
+    fn follow(&self, source: &Path, options: &Options) -> Result<Box<dyn crate::Follow>> {
+        if source.is_dir() {
+            return Err(usage(
+                "checking --source",
+                format!(
+                    "{} is a snapshot directory, which never changes; bakedb watch follows a live server (postgresql://…)",
+                    source.display()
+                ),
+            ));
+        }
+        let tools = Tools::find(options.pg_bin.as_deref(), None)?;
+        let conn = live_source(source)?;
+        Ok(Box::new(Follower { tools, conn }))
+    }
+
     fn plan(
         &self,
         source: &Path,
@@ -159,6 +174,18 @@ enum Kind {
 }
 
 /// `--source` as a live server, its password moved out of the command line.
+/// A live PostgreSQL source followed by `bakedb watch` (see `source::position`).
+struct Follower {
+    tools: Tools,
+    conn: Source,
+}
+
+impl crate::Follow for Follower {
+    fn position(&mut self) -> Result<String> {
+        super::source::position(&self.tools, &self.conn)
+    }
+}
+
 fn live_source(source: &Path) -> Result<Source> {
     let text = source.to_string_lossy();
     Source::new(&text)?.ok_or_else(|| Error::Postgres {

@@ -321,6 +321,28 @@ impl SourceInfo {
     }
 }
 
+/// Where the source stands, for `bakedb watch`: its current snapshot (`xmin:xmax:xip…`). A
+/// transaction that writes takes a new transaction id (xmax moves) and its commit or abort
+/// leaves the in-progress list, so any commit changes it; WAL a checkpoint or a base backup
+/// writes does not (`pg_current_wal_lsn` would move after every bake and start another).
+pub(crate) fn position(tools: &Tools, source: &Source) -> Result<String> {
+    let rows = query(
+        tools,
+        source_psql(tools, source, None),
+        &format!("following {}", source.redacted()),
+        "SELECT pg_current_snapshot()::text",
+    )?;
+    rows.into_iter()
+        .next()
+        .and_then(|r| r.into_iter().next())
+        .ok_or_else(|| {
+            err(
+                format!("following {}", source.redacted()),
+                "pg_current_snapshot() returned no row",
+            )
+        })
+}
+
 /// psql connected to `source` (database `db`, or the URI's own).
 fn source_psql(tools: &Tools, source: &Source, db: Option<&str>) -> Command {
     let mut cmd = tools.cmd("psql");

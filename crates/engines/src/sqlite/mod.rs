@@ -519,6 +519,55 @@ pub fn write_snapshot_meta(dir: &Path, snapshot: &Snapshot) -> Result<()> {
     })
 }
 
+/// A live SQLite source followed by `bakedb watch`. SQLite's `PRAGMA data_version` changes on
+/// a connection whenever another connection commits (in rollback and WAL mode alike); a file
+/// replaced under the same name (a new inode) counts as a change too, and is opened anew.
+pub struct Follower {
+    path: PathBuf,
+    busy_timeout: Duration,
+    open: Option<(u64, Connection)>,
+}
+
+impl Follower {
+    pub fn new(path: &Path, busy_timeout: Duration) -> Result<Follower> {
+        check_source(path)?;
+        Ok(Follower {
+            path: path.to_owned(),
+            busy_timeout,
+            open: None,
+        })
+    }
+}
+
+impl crate::Follow for Follower {
+    fn position(&mut self) -> Result<String> {
+        use std::os::unix::fs::MetadataExt;
+        let path = self.path.clone();
+        let sql = |what: &'static str| {
+            let path = path.clone();
+            move |e: rusqlite::Error| source_err(&path, format!("{what}: {e}"))
+        };
+        let inode = fs::metadata(&self.path)
+            .map_err(|e| source_err(&self.path, format!("cannot be read: {e}")))?
+            .ino();
+        if self.open.as_ref().is_none_or(|(ino, _)| *ino != inode) {
+            let conn = Connection::open_with_flags(
+                &self.path,
+                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )
+            .map_err(sql("opening"))?;
+            conn.busy_timeout(self.busy_timeout)
+                .map_err(sql("setting the busy timeout"))?;
+            self.open = Some((inode, conn));
+        }
+        let (_, conn) = self.open.as_ref().expect("opened above");
+        let version: i64 = conn
+            .query_row("PRAGMA data_version", [], |r| r.get(0))
+            .map_err(sql("reading data_version"))?;
+        Ok(format!("{inode}:{version}"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -900,5 +949,56 @@ mod tests {
             )),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_follower_sees_every_commit_of_another_connection_and_a_replaced_file() {
+        use crate::Follow;
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("app.db");
+        for wal in [false, true] {
+            let _ = fs::remove_file(&src);
+            make_rollback_db(&src, 10);
+            let writer = Connection::open(&src).unwrap();
+            if wal {
+                writer.execute_batch("PRAGMA journal_mode = WAL").unwrap();
+            }
+            let mut follow = Follower::new(&src, DEFAULT_BUSY_TIMEOUT).unwrap();
+            let first = follow.position().unwrap();
+            assert_eq!(
+                follow.position().unwrap(),
+                first,
+                "no commit, same position"
+            );
+            writer.execute("INSERT INTO t(v) VALUES ('a')", []).unwrap();
+            let second = follow.position().unwrap();
+            assert_ne!(second, first, "a commit (wal: {wal}) was not seen");
+            // An open transaction is not a commit; its commit is.
+            writer
+                .execute_batch("BEGIN; INSERT INTO t(v) VALUES ('b');")
+                .unwrap();
+            assert_eq!(follow.position().unwrap(), second);
+            writer.execute_batch("COMMIT").unwrap();
+            assert_ne!(follow.position().unwrap(), second);
+            drop(writer);
+        }
+        let before = Follower::new(&src, DEFAULT_BUSY_TIMEOUT)
+            .unwrap()
+            .position()
+            .unwrap();
+        let mut follow = Follower::new(&src, DEFAULT_BUSY_TIMEOUT).unwrap();
+        assert_eq!(
+            follow.position().unwrap().split(':').next(),
+            before.split(':').next()
+        );
+        let other = dir.path().join("new.db");
+        make_rollback_db(&other, 3);
+        fs::rename(&other, &src).unwrap();
+        assert_ne!(
+            follow.position().unwrap(),
+            before,
+            "a replaced file was not seen"
+        );
+        assert!(Follower::new(&dir.path().join("missing.db"), DEFAULT_BUSY_TIMEOUT).is_err());
     }
 }

@@ -1,0 +1,379 @@
+//! `bakedb watch`: a master under write load followed for a bounded time. Every generation's
+//! immutable tag holds one consistent point of the master, the watched tag always names a
+//! complete image, SIGTERM stops it cleanly and a restart with no local state continues the
+//! chain from the tag.
+
+use std::fs::File;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use bakedb_testkit::fixtures::items_db;
+use bakedb_testkit::ports::free_addr;
+use bakedb_testkit::process::{SIGTERM, stop};
+
+use crate::delta::{Writer, composed, inspect};
+use crate::http;
+use crate::util::{bakedb, run, run_ok, stderr, test_dir};
+
+/// One line per generation the `--exec` hook wrote: (generation, digest, immutable reference).
+fn hooks(file: &Path) -> Vec<(u64, String, String)> {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            let mut w = l.split(' ');
+            let g = w.next().unwrap().parse().unwrap();
+            (
+                g,
+                w.next().unwrap().to_owned(),
+                w.next().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+const HOOK: &str = "echo \"$BAKEDB_GENERATION $BAKEDB_DIGEST $BAKEDB_IMAGE\" >> hooks.txt";
+
+fn spawn_watch(d: &Path, args: &[&str], log: &str) -> Child {
+    bakedb(d)
+        .arg("watch")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(File::create(d.join(format!("{log}.out"))).unwrap())
+        .stderr(File::create(d.join(format!("{log}.err"))).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+fn log_of(d: &Path, log: &str) -> String {
+    std::fs::read_to_string(d.join(format!("{log}.err"))).unwrap_or_default()
+}
+
+/// Wait (polling, with a deadline) until `done` holds; `each` runs on every round.
+fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// (rows, max id) of the writer's table in the database generation `reference` holds.
+fn writes_of(d: &Path, layout: &Path, tag: &str) -> (i64, i64) {
+    let image_json = inspect(d, &format!("oci:{}:{tag}", layout.display()))["image_json"].clone();
+    let bytes = composed(layout, tag, &image_json);
+    let file = d.join(format!("composed-{tag}.db"));
+    std::fs::write(&file, bytes).unwrap();
+    let db = rusqlite::Connection::open(&file).unwrap();
+    let counts = db
+        .query_row(
+            "SELECT count(*), coalesce(max(id), 0) FROM writes",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    let items: i64 = db
+        .query_row("SELECT count(*) FROM items", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(items, 2000, "{tag}: the items table");
+    drop(db);
+    std::fs::remove_file(&file).unwrap();
+    counts
+}
+
+fn metric(addr: std::net::SocketAddr, name: &str) -> String {
+    let r = http::get(addr, "/metrics");
+    assert_eq!(r.status, 200);
+    r.text()
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")).map(str::to_owned))
+        .unwrap_or_else(|| panic!("no {name} in\n{}", r.text()))
+}
+
+#[test]
+fn sqlite_master_under_write_load_every_generation_one_point_and_a_restart_continues() {
+    let dir = test_dir();
+    let d = dir.path();
+    let master = d.join("app.db");
+    items_db(&master, 2000, true);
+    rusqlite::Connection::open(&master)
+        .unwrap()
+        .execute_batch("CREATE TABLE writes (id INTEGER PRIMARY KEY, v BLOB)")
+        .unwrap();
+    let layout = d.join("out");
+    let live = format!("oci:{}:live", layout.display());
+    let metrics = free_addr();
+    let writer = Writer::start(&master);
+    let mut watch = spawn_watch(
+        d,
+        &[
+            "--engine",
+            "sqlite",
+            "--source",
+            "app.db",
+            "--output",
+            "oci:out:live",
+            "--metrics-listen",
+            &metrics.to_string(),
+            "--exec",
+            HOOK,
+        ],
+        "watch",
+    );
+    // While the writer runs: every time the tag is looked at, it names a complete image.
+    let mut checked = 0;
+    wait_until(
+        "three generations under load",
+        Duration::from_secs(180),
+        || {
+            if let Ok(Some(status)) = watch.try_wait() {
+                panic!("bakedb watch exited with {status}: {}", log_of(d, "watch"));
+            }
+            if layout.join("index.json").exists() {
+                run_ok(bakedb(d).args(["verify", "--json", &live]));
+                checked += 1;
+            }
+            hooks(&d.join("hooks.txt")).len() >= 3
+        },
+    );
+    assert!(checked > 0);
+    drop(writer);
+    let final_rows: i64 = rusqlite::Connection::open(&master)
+        .unwrap()
+        .query_row("SELECT count(*) FROM writes", [], |r| r.get(0))
+        .unwrap();
+    // The last commits become a generation of their own once the watcher sees them.
+    wait_until(
+        "a generation with every row",
+        Duration::from_secs(120),
+        || {
+            let last = hooks(&d.join("hooks.txt")).last().cloned().unwrap();
+            let tag = last.2.rsplit(':').next().unwrap().to_owned();
+            writes_of(d, &layout, &tag).0 == final_rows
+        },
+    );
+    let seen = hooks(&d.join("hooks.txt"));
+    assert_eq!(
+        metric(metrics, "bakedb_watch_generation"),
+        seen.len().to_string()
+    );
+    assert_eq!(
+        metric(metrics, "bakedb_watch_delay_seconds_count"),
+        seen.len().to_string()
+    );
+    assert!(stop(&mut watch, SIGTERM, Duration::from_secs(60)));
+    let status = watch.wait().unwrap();
+    let log = log_of(d, "watch");
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(log.contains("bakedb watch: stopped"), "{log}");
+    assert_eq!(
+        log.matches("bakedb watch: generation ").count(),
+        seen.len(),
+        "one line per generation:\n{log}"
+    );
+    assert!(!log.contains("failed"), "{log}");
+
+    // Each generation: a complete image of one committed point, never going back.
+    let mut last_rows = 0;
+    for (i, (g, digest, immutable)) in seen.iter().enumerate() {
+        assert_eq!(*g, i as u64 + 1);
+        let tag = immutable.rsplit(':').next().unwrap();
+        assert!(tag.starts_with("live-"), "{immutable}");
+        run_ok(bakedb(d).args(["verify", immutable]));
+        let info = inspect(d, immutable);
+        assert_eq!(info["manifest_digest"], *digest, "{info}");
+        assert_eq!(
+            info["image_json"]["generation"].as_u64().unwrap_or(0),
+            i as u64,
+            "generation {g} is a re-bake onto the one before"
+        );
+        let (rows, max_id) = writes_of(d, &layout, tag);
+        assert_eq!(rows, max_id, "{immutable}: not one consistent point");
+        assert!(
+            rows >= last_rows,
+            "{immutable}: {rows} rows after {last_rows}"
+        );
+        last_rows = rows;
+    }
+    let last = seen.last().unwrap();
+    assert_eq!(inspect(d, &live)["manifest_digest"], last.1);
+
+    // A restart keeps nothing but the tag: one more commit, one more generation on the chain.
+    rusqlite::Connection::open(&master)
+        .unwrap()
+        .execute("INSERT INTO writes (v) VALUES (x'00')", [])
+        .unwrap();
+    let mut again = spawn_watch(
+        d,
+        &[
+            "--engine",
+            "sqlite",
+            "--source",
+            "app.db",
+            "--output",
+            "oci:out:live",
+            "--generations",
+            "1",
+            "--exec",
+            HOOK,
+        ],
+        "again",
+    );
+    wait_until("the restarted watch", Duration::from_secs(120), || {
+        again.try_wait().unwrap().is_some()
+    });
+    let log = log_of(d, "again");
+    assert!(again.wait().unwrap().success(), "{log}");
+    assert!(log.contains("exists; re-baking onto it"), "{log}");
+    let resumed = hooks(&d.join("hooks.txt"));
+    assert_eq!(resumed.len(), seen.len() + 1);
+    let (_, digest, immutable) = resumed.last().unwrap();
+    let info = inspect(d, &live);
+    assert_eq!(info["manifest_digest"], *digest);
+    assert_eq!(
+        info["image_json"]["generation"].as_u64().unwrap(),
+        seen.len() as u64,
+        "the chain goes on from the tag"
+    );
+    let tag = immutable.rsplit(':').next().unwrap();
+    assert_eq!(writes_of(d, &layout, tag).0, final_rows + 1);
+}
+
+#[test]
+fn flags_that_cannot_work_are_refused_before_any_work() {
+    let dir = test_dir();
+    let d = dir.path();
+    items_db(&d.join("app.db"), 10, false);
+    for (args, needle) in [
+        (
+            vec!["--output", "oci-archive:a.tar:live"],
+            "tagged OCI layout",
+        ),
+        (vec!["--output", "oci:out"], "tagged OCI layout"),
+        (
+            vec!["--output", "oci:out:live", "--from", "oci:out:old"],
+            "--from is bakedb watch's own",
+        ),
+        (
+            vec!["--output", "oci:out:live", "--min-interval", "100ms"],
+            "below 1s",
+        ),
+        (
+            vec!["--output", "oci:out:live", "--no-overwrite"],
+            "moves --output's tag",
+        ),
+    ] {
+        let out = run(bakedb(d)
+            .args(["watch", "--engine", "sqlite", "--source", "app.db"])
+            .args(&args));
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(needle), "{args:?}: {}", stderr(&out));
+        assert!(!d.join("out").exists() && !d.join("a.tar").exists());
+    }
+    // A source that is a snapshot directory never changes.
+    std::fs::create_dir(d.join("snap")).unwrap();
+    let out = run(bakedb(d).args([
+        "watch",
+        "--engine",
+        "sqlite",
+        "--source",
+        "snap",
+        "--output",
+        "oci:out:live",
+    ]));
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("never changes"), "{}", stderr(&out));
+}
+
+#[test]
+fn postgres_master_under_write_load_generations_on_one_chain() {
+    use crate::pg::{self, PgServer};
+    use crate::postgres::{Replica, base_ref, writes_in};
+    let Some(pg_bin) = pg::pg_bin() else { return };
+    let Some(docker) = crate::util::docker() else {
+        return;
+    };
+    crate::require!("skopeo");
+    let dir = test_dir();
+    let d = dir.path();
+    std::fs::create_dir(d.join("src")).unwrap();
+    let Some(source) = PgServer::start(&d.join("src")) else {
+        return;
+    };
+    source.seed("app");
+    let load = source.write_load("app", "writes");
+    let committed_at_start = load.committed();
+    let mut watch = spawn_watch(
+        d,
+        &[
+            "--engine",
+            "postgres",
+            "--base",
+            &base_ref(),
+            "--pg-bin",
+            pg_bin.to_str().unwrap(),
+            "--source",
+            &source.url("app"),
+            "--output",
+            "oci:out:live",
+            "--generations",
+            "3",
+            "--exec",
+            HOOK,
+        ],
+        "watch",
+    );
+    wait_until(
+        "three PostgreSQL generations",
+        Duration::from_secs(300),
+        || watch.try_wait().unwrap().is_some(),
+    );
+    let log = log_of(d, "watch");
+    assert!(watch.wait().unwrap().success(), "{log}");
+    load.stop();
+    let seen = hooks(&d.join("hooks.txt"));
+    assert_eq!(seen.len(), 3, "{log}");
+    let mut last_lsn = String::new();
+    for (i, (_, digest, immutable)) in seen.iter().enumerate() {
+        run_ok(bakedb(d).args(["verify", immutable]));
+        let info = inspect(d, immutable);
+        assert_eq!(info["manifest_digest"], *digest);
+        let ij = &info["image_json"];
+        assert_eq!(ij["generation"].as_u64().unwrap_or(0), i as u64, "{log}");
+        let lsn = lsn_key(&ij["snapshot"]["position"]["start_lsn"]);
+        assert!(lsn > last_lsn, "generation {i}: {lsn} after {last_lsn}");
+        last_lsn = lsn;
+    }
+    // The last generation runs and holds one consistent point of the writes, made after the
+    // watch started.
+    let (_, _, last) = seen.last().unwrap();
+    let image = crate::delta::to_docker(&docker, d, last);
+    let replica = Replica::start(
+        Box::new({
+            let docker = docker.clone();
+            move || Command::new(&docker)
+        }),
+        &image.name,
+        &[],
+        &pg_bin,
+    );
+    replica.wait_ready();
+    let (rows, max_id) = writes_in(&replica);
+    assert_eq!(rows, max_id, "not one consistent point");
+    assert!(rows >= committed_at_start, "{rows} < {committed_at_start}");
+    replica.stop_cleanly();
+}
+
+/// An LSN ("16/B374D848") as a key that sorts like the position.
+fn lsn_key(v: &Value) -> String {
+    let text = v.as_str().unwrap_or_else(|| panic!("no LSN: {v}"));
+    let (hi, lo) = text.split_once('/').unwrap();
+    format!(
+        "{:08x}{:08x}",
+        u32::from_str_radix(hi, 16).unwrap(),
+        u32::from_str_radix(lo, 16).unwrap()
+    )
+}
