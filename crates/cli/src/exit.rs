@@ -65,6 +65,18 @@ pub fn code_of(err: &anyhow::Error) -> Code {
         (Some(Code::VerifyFailed), Some(E::TagNotFound { .. } | E::AmbiguousImage { .. })) => {
             Code::NotFound
         }
+        // verify and inspect: an image that cannot be reached at all (no such repository,
+        // no access, no registry there) is not an inconsistent one.
+        (
+            Some(Code::VerifyFailed),
+            Some(E::Registry {
+                failure:
+                    bakedb_oci::RegistryFailure::NotFound
+                    | bakedb_oci::RegistryFailure::Unauthorized
+                    | bakedb_oci::RegistryFailure::Unreachable,
+                ..
+            }),
+        ) => Code::NotFound,
         (Some(code), _) => code,
         (None, _) => Code::Internal,
     }

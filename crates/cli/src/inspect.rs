@@ -34,12 +34,21 @@ pub fn run(args: InspectArgs) -> Result<()> {
         .parse()
         .stage(Code::Usage, || "parsing the image reference".into())?;
     let what = || format!("inspecting {reference}");
-    let source = ImageSource::open(&reference).stage(Code::NotFound, what)?;
-    // A damaged index is an inconsistent image (3); a tag that is not there is 8.
+    let registries = args.registry.registries(Some(&reference))?;
+    let source = ImageSource::open_with(&reference, &registries).stage(Code::NotFound, what)?;
+    // A damaged index, or a registry serving what does not match its digest, is an
+    // inconsistent image (3); a tag that is not there, or no access to it, is 8.
     let resolved = source.resolve();
     let damaged_index = matches!(
         &resolved,
         Err(bakedb_oci::Error::Invalid { what, .. }) if what == "index.json"
+    ) || matches!(
+        &resolved,
+        Err(bakedb_oci::Error::DigestMismatch { .. }
+            | bakedb_oci::Error::Registry {
+                failure: bakedb_oci::RegistryFailure::Corrupt,
+                ..
+            })
     );
     let code = if damaged_index {
         Code::VerifyFailed

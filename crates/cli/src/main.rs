@@ -5,6 +5,7 @@ mod duration;
 mod exit;
 mod inspect;
 mod progress;
+mod registry;
 mod snapshot;
 mod verify;
 mod watch;
@@ -30,7 +31,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Snapshot a database and write it as an OCI image.
-    Build(BuildArgs),
+    Build(Box<BuildArgs>),
     /// Take a consistent, engine-prepared copy of a live database into a directory.
     Snapshot(SnapshotArgs),
     /// Check every blob digest and size, every diff_id, media types and references.
@@ -38,7 +39,7 @@ enum Command {
     /// Show tags, digests, sizes, layers, config and the baked data's provenance.
     Inspect(InspectArgs),
     /// Follow a live database: re-bake onto the previous image after each commit and move the tag.
-    Watch(watch::WatchArgs),
+    Watch(Box<watch::WatchArgs>),
 }
 
 /// `--engine`: the names bakedb_engines registers; no engine is named here.
@@ -89,21 +90,21 @@ pub struct BuildArgs {
     #[arg(
         long,
         value_name = "REF",
-        long_help = "Where to write the image, in skopeo's transport syntax: oci:DIR:TAG (an OCI layout; other tags are kept), oci-archive:FILE:TAG or docker-archive:FILE:NAME:TAG (replaced atomically)."
+        long_help = "Where to write the image, in skopeo's transport syntax: oci:DIR:TAG (an OCI layout; other tags are kept), oci-archive:FILE:TAG or docker-archive:FILE:NAME:TAG (replaced atomically), or docker://HOST[:PORT]/REPO:TAG (pushed: blobs the registry has are not sent, the tag moves once every blob is there)."
     )]
     output: String,
     /// Image to build on (default: FROM scratch).
     #[arg(
         long,
         value_name = "REF",
-        long_help = "Image to build on: oci:DIR[:TAG], oci-archive:FILE[:TAG] or docker-archive:FILE[:NAME:TAG]. Its layers are reused as they are, their digests checked while copied. Without --base the image is FROM scratch."
+        long_help = "Image to build on: oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE[:NAME:TAG] or docker://HOST/REPO[:TAG|@sha256:…] (an index gives its linux image for this machine's architecture). Its layers are reused as they are, their digests checked while copied; into a docker:// output on the same registry they are mounted, not downloaded. Without --base the image is FROM scratch."
     )]
     base: Option<String>,
     /// Re-bake onto this previous bakedb image: only what changed ships, as a patch layer.
     #[arg(
         long,
         value_name = "REF",
-        long_help = "The previous bakedb image of this database (oci:DIR:TAG, oci-archive:FILE:TAG or docker-archive:FILE:NAME:TAG). The new image keeps all its layers, shared by digest, and adds one patch layer with only what changed (new files whole, changed files as their changed pages, deleted files as whiteouts) and a new image.json layer; what changed is found from REF's page index, without reading its data. After --max-patches patch generations, or when the patches outgrow half of the data they patch, the build writes a fresh base instead and says so. See docs/patch-format.md."
+        long_help = "The previous bakedb image of this database (oci:DIR:TAG, oci-archive:FILE:TAG, docker-archive:FILE:NAME:TAG or docker://HOST/REPO:TAG; only its image.json layer is read). The new image keeps all its layers, shared by digest, and adds one patch layer with only what changed (new files whole, changed files as their changed pages, deleted files as whiteouts) and a new image.json layer; what changed is found from REF's page index, without reading its data. After --max-patches patch generations, or when the patches outgrow half of the data they patch, the build writes a fresh base instead and says so. See docs/patch-format.md."
     )]
     from: Option<String>,
     /// With --from: patch generations on one base before a fresh base is written.
@@ -153,6 +154,8 @@ pub struct BuildArgs {
     /// Print the result as JSON on stdout (digest, size, layers).
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    registry: registry::RegistryArgs,
 }
 
 #[derive(Args)]
@@ -183,33 +186,37 @@ const ACCEPT_HELP: &str = "What the source holds that a baked image cannot serve
 
 #[derive(Args)]
 pub struct VerifyArgs {
-    /// Image reference: oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE[:NAME:TAG].
+    /// Image reference: oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE[:NAME:TAG], docker://HOST/REPO:TAG.
     #[arg(value_name = "REF")]
     reference: String,
     /// Print the result as JSON on stdout.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    registry: registry::RegistryArgs,
 }
 
 #[derive(Args)]
 pub struct InspectArgs {
-    /// Image reference: oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE[:NAME:TAG].
+    /// Image reference: oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE[:NAME:TAG], docker://HOST/REPO:TAG.
     #[arg(value_name = "REF")]
     reference: String,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    registry: registry::RegistryArgs,
 }
 
 fn main() {
     let cli = Cli::parse();
     let quiet = cli.quiet;
     let result = match cli.command {
-        Command::Build(args) => build::run(args, quiet),
+        Command::Build(args) => build::run(*args, quiet),
         Command::Snapshot(args) => snapshot::run(args, quiet),
         Command::Verify(args) => verify::run(args, quiet),
         Command::Inspect(args) => inspect::run(args),
-        Command::Watch(args) => watch::run(args, quiet),
+        Command::Watch(args) => watch::run(*args, quiet),
     };
     if let Err(err) = result {
         exit::report_and_exit(err);

@@ -25,18 +25,18 @@ pub fn run(args: VerifyArgs, quiet: bool) -> Result<()> {
         .reference
         .parse()
         .stage(Code::Usage, || "parsing the image reference".into())?;
-    if !reference.path().exists() {
-        return Err(anyhow::anyhow!(
-            "{} does not exist",
-            reference.path().display()
-        ))
-        .stage(Code::NotFound, || format!("verifying {reference}"));
+    if let Some(path) = reference.path()
+        && !path.exists()
+    {
+        return Err(anyhow::anyhow!("{} does not exist", path.display()))
+            .stage(Code::NotFound, || format!("verifying {reference}"));
     }
+    let registries = args.registry.registries(Some(&reference))?;
     let mut progress = Progress::new(quiet || args.json);
     progress.phase("verify", 0);
-    let report = verify(&reference, &mut |n| progress.inc(n))
+    let report = verify(&reference, &registries, &mut |n| progress.inc(n))
         .stage(Code::VerifyFailed, || format!("verifying {reference}"))?;
-    check_image_json(&reference, &report.image)
+    check_image_json(&reference, &registries, &report.image)
         .stage(Code::VerifyFailed, || format!("verifying {reference}"))?;
     progress.done(&format!(
         "{reference}: manifest {}, config {}, {} layers ({}) verified",
@@ -72,7 +72,11 @@ pub fn run(args: VerifyArgs, quiet: bool) -> Result<()> {
 
 /// A bakedb image (its config's Env has BAKEDB_DATA_DIGEST) must carry the image.json that
 /// digest names, readable by this bakedb: what bakedb-init will check at every start.
-fn check_image_json(reference: &ImageRef, image: &ResolvedImage) -> Result<()> {
+fn check_image_json(
+    reference: &ImageRef,
+    registries: &bakedb_oci::registry::Registries,
+    image: &ResolvedImage,
+) -> Result<()> {
     let expected = image.config["config"]["Env"]
         .as_array()
         .into_iter()
@@ -82,7 +86,7 @@ fn check_image_json(reference: &ImageRef, image: &ResolvedImage) -> Result<()> {
     let Some(expected) = expected else {
         return Ok(());
     };
-    let source = ImageSource::open(reference)?;
+    let source = ImageSource::open_with(reference, registries)?;
     let Some((bytes, parsed)) = crate::inspect::find_image_json(&source, &image.layers)? else {
         anyhow::bail!(
             "the config's Env has BAKEDB_DATA_DIGEST={expected}, but no layer has /{IMAGE_JSON}"
@@ -226,7 +230,7 @@ fn garbage_lines(reference: &ImageRef, garbage: &Garbage) -> Vec<String> {
                 u.digest,
                 human_bytes(u.bytes)
             )),
-            reference.path().display(),
+            reference.path().unwrap_or(std::path::Path::new("?")).display(),
         ));
     }
     lines

@@ -28,6 +28,7 @@ use bakedb_oci::source::ImageSource;
 use crate::build::{self, Built};
 use crate::progress::Progress;
 use crate::{BuildArgs, duration, exit};
+use bakedb_oci::registry::Registries;
 
 #[derive(Args)]
 pub struct WatchArgs {
@@ -93,7 +94,7 @@ pub fn run(args: WatchArgs, quiet: bool) -> Result<()> {
         .follow(&args.build.source, &options)
         .map_err(|e| exit::engine_error(e, "following the source"))?;
 
-    let mut previous = existing(&plan.watched)?;
+    let mut previous = existing(&plan.watched, &plan.registries)?;
     let mut previous_layers: Vec<String> = Vec::new();
     if let Some(reference) = &previous {
         log(&format!(
@@ -148,7 +149,7 @@ pub fn run(args: WatchArgs, quiet: bool) -> Result<()> {
         };
         let bake_secs = seen.elapsed().as_secs_f64();
         let tag_started = Instant::now();
-        if let Err(e) = copy_tag(&immutable, &plan.watched) {
+        if let Err(e) = copy_tag(&immutable, &plan.watched, &plan.registries) {
             failed(&metrics, "tag", &e, &mut backoff, &stop);
             // The generation is complete under its own tag: build on it next time.
             previous = Some(immutable);
@@ -175,7 +176,8 @@ pub fn run(args: WatchArgs, quiet: bool) -> Result<()> {
             + written.manifest_size;
         let unchanged = previous_layers.is_empty() && previous.is_some() && {
             // After a restart nothing is known of the previous image's data but its digest.
-            existing_data_digest(&plan.watched).as_deref() == Some(&data_digest.to_string())
+            existing_data_digest(&plan.watched, &plan.registries).as_deref()
+                == Some(&data_digest.to_string())
         };
         let g = Generation {
             number: generation,
@@ -212,6 +214,8 @@ pub fn run(args: WatchArgs, quiet: bool) -> Result<()> {
 struct WatchPlan {
     watched: String,
     tag: String,
+    /// How the watched tag is read and moved in a registry: the build's registry flags.
+    registries: Registries,
 }
 
 impl WatchPlan {
@@ -251,9 +255,11 @@ impl WatchPlan {
                         "--output's tag {tag:?} is too long to add a generation's time to (at most 111 characters)"
                     )));
                 }
+                let output_ref: Option<ImageRef> = output.parse().ok();
                 Ok(WatchPlan {
                     watched: output.clone(),
                     tag: tag.to_owned(),
+                    registries: args.build.registry.registries(output_ref.as_ref())?,
                 })
             }
             _ => Err(usage(format!(
@@ -292,11 +298,11 @@ fn stamp(epoch: i64) -> String {
 }
 
 /// The watched reference when its tag exists; None when the layout or tag is not there yet.
-fn existing(reference: &str) -> Result<Option<String>> {
+fn existing(reference: &str, registries: &Registries) -> Result<Option<String>> {
     let parsed: ImageRef = reference
         .parse()
         .map_err(|e| exit::usage_error("parsing --output", format!("{e}")))?;
-    let Ok(source) = ImageSource::open(&parsed) else {
+    let Ok(source) = ImageSource::open_with(&parsed, registries) else {
         return Ok(None);
     };
     match source.resolve() {
@@ -307,9 +313,12 @@ fn existing(reference: &str) -> Result<Option<String>> {
 }
 
 /// BAKEDB_DATA_DIGEST of the watched image.
-fn existing_data_digest(reference: &str) -> Option<String> {
+fn existing_data_digest(reference: &str, registries: &Registries) -> Option<String> {
     let parsed: ImageRef = reference.parse().ok()?;
-    let image = ImageSource::open(&parsed).ok()?.resolve().ok()?;
+    let image = ImageSource::open_with(&parsed, registries)
+        .ok()?
+        .resolve()
+        .ok()?;
     image.config["config"]["Env"]
         .as_array()?
         .iter()
@@ -320,10 +329,10 @@ fn existing_data_digest(reference: &str) -> Option<String> {
 
 /// Point `to`'s tag at the image `from` names: its blobs are already in the output (or, in a
 /// registry, mounted or skipped), so only the manifest and the tag are written.
-fn copy_tag(from: &str, to: &str) -> Result<()> {
+fn copy_tag(from: &str, to: &str, registries: &Registries) -> Result<()> {
     let from_ref: ImageRef = from.parse().context("parsing the generation's reference")?;
     let to_ref: ImageRef = to.parse().context("parsing --output")?;
-    let source = ImageSource::open(&from_ref)?;
+    let source = ImageSource::open_with(&from_ref, registries)?;
     let image = source.resolve()?;
     let settings = OutputSettings {
         compression: image
@@ -334,7 +343,7 @@ fn copy_tag(from: &str, to: &str) -> Result<()> {
         threads: 1,
         overwrite: true,
     };
-    let output = Output::open(&to_ref, settings)?;
+    let output = Output::open(&to_ref, settings, registries)?;
     let layers = output.reuse_layers(&source, &image)?;
     let annotations = image.manifest["annotations"]
         .as_object()
@@ -344,7 +353,7 @@ fn copy_tag(from: &str, to: &str) -> Result<()> {
                 .collect()
         })
         .unwrap_or_default();
-    let written = output.finish(&image.config, layers, &annotations)?;
+    let written = output.finish(&image.config, layers, &annotations, &mut |_| {})?;
     if written.manifest_digest != image.manifest_digest {
         bail!(
             "moving {to} to {from}: the manifest written ({}) differs from the generation's ({})",

@@ -83,6 +83,29 @@ pub enum Error {
     BadArchive { location: String, reason: String },
     #[error("invalid image reference {reference:?}: {reason}")]
     BadReference { reference: String, reason: String },
+    /// A registry refused, failed or could not be reached; `reason` says what to do.
+    #[error("{location}: {what}: {reason}")]
+    Registry {
+        location: String,
+        what: String,
+        reason: String,
+        failure: RegistryFailure,
+    },
+}
+
+/// Why a registry operation failed, for exit codes: the message says the rest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RegistryFailure {
+    /// No credentials, refused credentials, or no permission (401, 403).
+    Unauthorized,
+    /// No such repository, tag, manifest or blob (404).
+    NotFound,
+    /// Connection, TLS or DNS failure, or retries used up on 429/5xx.
+    Unreachable,
+    /// The registry served content that does not match its digest.
+    Corrupt,
+    /// Anything else the registry answered that bakedb cannot use.
+    Rejected,
 }
 
 impl Error {

@@ -125,17 +125,21 @@ impl Write for HashSink {
 /// deterministic compression). Its digest is computed first, by compressing into a hasher
 /// (nothing is written or held: these layers are a few MB); if the store already has that
 /// blob, it is not written again, so a layout on a nearly full disk needs no room for it.
-/// `store_has_blobs` false (a new layout, a staging layout) skips the dry run.
+/// `has` says whether the output has a blob (the store, or a registry it is pushed to);
+/// None (a new layout, a staging layout) skips the dry run.
+/// Whether the output has a blob of this digest and size.
+pub type HasBlob<'a> = dyn Fn(&Digest, u64) -> Result<bool> + 'a;
+
 pub fn write_fixed_layer(
     store: &BlobStore,
-    store_has_blobs: bool,
+    has: Option<&HasBlob>,
     compression: Compression,
     entries: Vec<TarEntry>,
     mtime: u64,
     threads: usize,
 ) -> Result<LayerInfo> {
     let entries = tarball::canonicalize(entries)?;
-    if store_has_blobs {
+    if let Some(has) = has {
         let sink = HashSink {
             hasher: Sha256::new(),
             size: 0,
@@ -151,7 +155,7 @@ pub fn write_fixed_layer(
             &mut |_| {},
         )?;
         let digest = Digest::from_hasher(sink.hasher);
-        if store.contains(&digest, sink.size) {
+        if has(&digest, sink.size)? {
             return Ok(LayerInfo {
                 digest,
                 size: sink.size,
@@ -232,15 +236,17 @@ mod tests {
                 0,
             )]
         };
+        let has = |d: &Digest, size: u64| Ok(store.contains(d, size));
+        let has: Option<&HasBlob> = Some(&has);
         for c in [Compression::None, Compression::Gzip, Compression::Zstd] {
-            let first = write_fixed_layer(&store, false, c, entries(), 0, 2).unwrap();
+            let first = write_fixed_layer(&store, None, c, entries(), 0, 2).unwrap();
             std::fs::remove_dir(store.temp_dir()).unwrap();
             std::fs::write(store.temp_dir(), b"not a directory").unwrap();
-            let again = write_fixed_layer(&store, true, c, entries(), 0, 2).unwrap();
+            let again = write_fixed_layer(&store, has, c, entries(), 0, 2).unwrap();
             assert_eq!(again, first, "{c:?}");
             let other = vec![TarEntry::bytes("bakedb/init", vec![4u8; 10], 0o755, 0, 0)];
             assert!(
-                write_fixed_layer(&store, true, c, other, 0, 2).is_err(),
+                write_fixed_layer(&store, has, c, other, 0, 2).is_err(),
                 "{c:?}: a new layer needs a temp file"
             );
             std::fs::remove_file(store.temp_dir()).unwrap();

@@ -17,11 +17,12 @@ pub mod layer;
 pub mod layout;
 pub mod output;
 pub mod reference;
+pub mod registry;
 pub mod source;
 pub mod tarball;
 pub mod time;
 pub mod verify;
 
 pub use digest::Digest;
-pub use error::{Error, Result};
+pub use error::{Error, RegistryFailure, Result};
 pub use oci_spec;

@@ -1,9 +1,18 @@
-//! Where a build goes: an OCI layout directly, or a staging layout that becomes an archive.
+//! Where a build goes: an OCI layout directly, or a staging layout that becomes an archive
+//! or is pushed to a registry.
+//!
+//! A `docker://` output stages what the build writes (its own layers, a base's layers from
+//! another registry) in a temporary layout, then pushes blobs first and the manifest last,
+//! so the tag moves only once every blob of the image is in the registry. Blobs the
+//! registry has are not sent (HEAD); a base's or `--from` image's layers in another
+//! repository of the same registry are mounted, never downloaded; a local base's layers
+//! are sent from where they are, not copied.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 
@@ -15,7 +24,8 @@ use crate::garbage;
 use crate::image;
 use crate::layer::{self, LayerInfo};
 use crate::layout::LayoutWriter;
-use crate::reference::ImageRef;
+use crate::reference::{DockerRef, ImageRef};
+use crate::registry::{BlobData, Client, PushStats, Pushed, Registries};
 use crate::source::{ImageSource, ResolvedImage, check_layer};
 use crate::tarball::TarEntry;
 
@@ -24,6 +34,72 @@ pub struct Output {
     tag: String,
     writer: LayoutWriter,
     settings: OutputSettings,
+    push: Option<Push>,
+}
+
+/// A registry output: where each blob the staging layout lacks comes from.
+struct Push {
+    client: Arc<Client>,
+    dest: DockerRef,
+    /// Blobs the destination repository is known to have.
+    present: Mutex<BTreeSet<Digest>>,
+    origins: Mutex<BTreeMap<Digest, Origin>>,
+}
+
+#[derive(Clone, Debug)]
+enum Origin {
+    /// Another repository of the destination registry: mounted.
+    Mount(String),
+    /// A byte range of a local file: a layout's blob, an archive's entry.
+    File(PathBuf, u64),
+}
+
+impl Push {
+    fn known(&self, digest: &Digest) -> bool {
+        self.present.lock().expect("push state").contains(digest)
+    }
+
+    /// HEAD in the destination, remembered.
+    fn has(&self, digest: &Digest) -> Result<bool> {
+        if self.known(digest) {
+            return Ok(true);
+        }
+        let has = self
+            .client
+            .has_blob(&self.dest.repository, digest)?
+            .is_some();
+        if has {
+            self.present.lock().expect("push state").insert(*digest);
+        }
+        Ok(has)
+    }
+
+    fn origin(&self, digest: Digest, origin: Origin) {
+        self.origins
+            .lock()
+            .expect("push state")
+            .insert(digest, origin);
+    }
+
+    /// A source in another repository of the same registry: its blobs are mounted.
+    fn mountable_from<'s>(&self, source: &'s ImageSource) -> Option<&'s str> {
+        source
+            .registry_ref()
+            .filter(|r| r.registry == self.dest.registry)
+            .map(|r| r.repository.as_str())
+    }
+}
+
+/// Where a `docker://` output stages what it writes before the push: a hidden directory of
+/// the temp dir, removed with the staging layout's writer.
+fn push_staging_dir() -> PathBuf {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    std::env::temp_dir().join(format!(
+        ".bakedb-push.{}.{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ))
 }
 
 /// How every layer and the image of one build are written, given once.
@@ -48,11 +124,20 @@ pub struct Written {
     pub manifest_size: u64,
     pub config_digest: Digest,
     pub layers: Vec<LayerInfo>,
+    /// A registry output: what the push sent and what it did not need to.
+    pub push: Option<PushStats>,
 }
 
 impl Output {
     /// Check the target and open it for writing. Nothing visible changes until `finish`.
-    pub fn open(target: &ImageRef, settings: OutputSettings) -> Result<Self> {
+    /// A `docker://` target is asked before any work whether the credentials may push to
+    /// it (an upload is started and cancelled) and, with `overwrite` false, whether the tag
+    /// exists.
+    pub fn open(
+        target: &ImageRef,
+        settings: OutputSettings,
+        registries: &Registries,
+    ) -> Result<Self> {
         let OutputSettings {
             compression,
             overwrite,
@@ -62,8 +147,26 @@ impl Output {
             reference: target.to_string(),
             reason: reason.into(),
         };
-        let tag = target.tag().ok_or_else(|| bad("an output needs a tag: oci:DIR:TAG, oci-archive:FILE:TAG or docker-archive:FILE:NAME:TAG"))?.to_owned();
+        let tag = target.tag().ok_or_else(|| bad("an output needs a tag: oci:DIR:TAG, oci-archive:FILE:TAG, docker-archive:FILE:NAME:TAG or docker://HOST/REPO:TAG"))?.to_owned();
+        let mut push = None;
         let writer = match target {
+            ImageRef::Docker(dest) => {
+                let client = registries.client(&dest.registry)?;
+                client.check_push(&dest.repository)?;
+                if !overwrite && client.head_manifest(dest)?.is_some() {
+                    return Err(Error::TagExists {
+                        location: dest.location(),
+                        tag,
+                    });
+                }
+                push = Some(Push {
+                    client,
+                    dest: dest.clone(),
+                    present: Mutex::default(),
+                    origins: Mutex::default(),
+                });
+                LayoutWriter::open(&push_staging_dir())?
+            }
             ImageRef::Oci { dir, .. } => {
                 let w = LayoutWriter::open(dir)?;
                 if !overwrite && w.has_tag(&tag)? {
@@ -114,6 +217,7 @@ impl Output {
             tag,
             writer,
             settings,
+            push,
         })
     }
 
@@ -144,9 +248,19 @@ impl Output {
     /// Its entries get mtime 0, whatever the build's time, so the blob is the same in every
     /// image.
     pub fn write_fixed_layer(&self, entries: Vec<TarEntry>) -> Result<LayerInfo> {
+        let store = self.writer.store();
+        let has = |digest: &Digest, size: u64| -> Result<bool> {
+            if store.contains(digest, size) {
+                return Ok(true);
+            }
+            match &self.push {
+                Some(push) => push.has(digest),
+                None => Ok(false),
+            }
+        };
         layer::write_fixed_layer(
-            self.writer.store(),
-            self.writer.had_blobs(),
+            store,
+            (self.writer.had_blobs() || self.push.is_some()).then_some(&has),
             self.settings.compression,
             entries,
             0,
@@ -166,6 +280,36 @@ impl Output {
         let location = source.location();
         let mut out = Vec::new();
         for layer in &base.layers {
+            out.push(LayerInfo {
+                digest: layer.digest,
+                size: layer.size,
+                diff_id: layer.diff_id,
+                // One media-type family per image: Docker layer types become their OCI twins.
+                media_type: layer.compression.media_type().to_owned(),
+            });
+            if let Some(push) = &self.push {
+                // In the same registry: mounted at the push, never read. In the destination
+                // already: nothing to do. A local blob is checked here and sent from where
+                // it is; one from another registry is checked into the staging layout.
+                if let Some(from) = push.mountable_from(source) {
+                    push.origin(layer.digest, Origin::Mount(from.to_owned()));
+                    progress(layer.size);
+                    continue;
+                }
+                if push.has(&layer.digest)? {
+                    progress(layer.size);
+                    continue;
+                }
+                if let Some((path, offset)) = source.local_blob(&layer.digest) {
+                    let blob = source.open_blob(&layer.digest, "layer")?;
+                    check_layer(blob, layer, &location, &mut |b| {
+                        progress(b.len() as u64);
+                        Ok(())
+                    })?;
+                    push.origin(layer.digest, Origin::File(path, offset));
+                    continue;
+                }
+            }
             let blob = source.open_blob(&layer.digest, "layer")?;
             if store.contains(&layer.digest, layer.size) {
                 // Already stored (often: the base lives in the output layout). Still check the
@@ -185,13 +329,6 @@ impl Output {
                 })?;
                 writer.commit(Some((&layer.digest, layer.size, "layer", &location)))?;
             }
-            out.push(LayerInfo {
-                digest: layer.digest,
-                size: layer.size,
-                diff_id: layer.diff_id,
-                // One media-type family per image: Docker layer types become their OCI twins.
-                media_type: layer.compression.media_type().to_owned(),
-            });
         }
         Ok(out)
     }
@@ -210,7 +347,24 @@ impl Output {
         let location = source.location();
         let mut out = Vec::new();
         for layer in &image.layers {
-            if !store.contains(&layer.digest, layer.size) {
+            let skip = match &self.push {
+                Some(push) => {
+                    if let Some(from) = push.mountable_from(source) {
+                        push.origin(layer.digest, Origin::Mount(from.to_owned()));
+                        true
+                    } else if push.has(&layer.digest)? {
+                        true
+                    } else if let Some((path, offset)) = source.local_blob(&layer.digest) {
+                        // The registry checks the digest of what it receives.
+                        push.origin(layer.digest, Origin::File(path, offset));
+                        true
+                    } else {
+                        false
+                    }
+                }
+                None => false,
+            };
+            if !skip && !store.contains(&layer.digest, layer.size) {
                 let mut blob = source.open_blob(&layer.digest, "layer")?;
                 let mut writer = store.writer()?;
                 let tmp = writer.temp_path().to_owned();
@@ -235,6 +389,7 @@ impl Output {
         config: &Value,
         layers: Vec<LayerInfo>,
         annotations: &BTreeMap<String, String>,
+        progress: &mut dyn FnMut(u64),
     ) -> Result<Written> {
         let mtime = self.settings.mtime;
         let config_bytes = image::canonical_json(config);
@@ -247,8 +402,24 @@ impl Output {
             manifest_size: manifest_info.size,
             config_digest: config_info.digest,
             layers: layers.clone(),
+            push: None,
         };
         match &self.target {
+            ImageRef::Docker(_) => {
+                let push = self.push.as_ref().expect("a registry output has a push");
+                let manifest_bytes = image::canonical_json(&manifest);
+                let stats = self.push_image(
+                    push,
+                    &layers,
+                    (&config_info.digest, &config_bytes),
+                    &manifest_bytes,
+                    progress,
+                )?;
+                return Ok(Written {
+                    push: Some(stats),
+                    ..written
+                });
+            }
             ImageRef::Oci { .. } => {
                 self.writer.commit_tag(
                     &self.tag,
@@ -301,5 +472,121 @@ impl Output {
             }
         }
         Ok(written)
+    }
+
+    /// Blobs first (layers, then the config), the manifest last under the tag: a reader of
+    /// the tag never finds a blob missing. Each blob is HEADed first and sent only if the
+    /// registry lacks it.
+    fn push_image(
+        &self,
+        push: &Push,
+        layers: &[LayerInfo],
+        config: (&Digest, &[u8]),
+        manifest: &[u8],
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<PushStats> {
+        let repo = &push.dest.repository;
+        let store = self.writer.store();
+        let mut stats = PushStats::default();
+        let mut done = BTreeSet::new();
+        for layer in layers {
+            if !done.insert(layer.digest) {
+                continue;
+            }
+            if push.known(&layer.digest) {
+                stats.add(Pushed::AlreadyThere, layer.size);
+                progress(layer.size);
+                continue;
+            }
+            let origin = push
+                .origins
+                .lock()
+                .expect("push state")
+                .get(&layer.digest)
+                .cloned();
+            let pushed = match origin {
+                Some(Origin::Mount(from)) => {
+                    if push.has(&layer.digest)? {
+                        Pushed::AlreadyThere
+                    } else if push.client.mount_blob(repo, &layer.digest, &from)? {
+                        Pushed::Mounted
+                    } else {
+                        // The registry would not mount it (no pull access to `from`, or a
+                        // registry without mounts): bring it over, digest checked.
+                        let source = DockerRef {
+                            repository: from.clone(),
+                            tag: None,
+                            digest: Some(layer.digest),
+                            ..push.dest.clone()
+                        };
+                        let mut blob = push.client.open_blob(&from, &layer.digest)?;
+                        let mut writer = store.writer()?;
+                        let tmp = writer.temp_path().to_owned();
+                        std::io::copy(&mut blob, &mut writer)
+                            .map_err(Error::io("copying a layer to", &tmp))?;
+                        writer.commit(Some((
+                            &layer.digest,
+                            layer.size,
+                            "layer",
+                            &source.location(),
+                        )))?;
+                        let path = store.path(&layer.digest);
+                        push.client.push_blob(
+                            repo,
+                            &layer.digest,
+                            layer.size,
+                            BlobData::File {
+                                path: &path,
+                                offset: 0,
+                            },
+                            &mut |_| {},
+                        )?
+                    }
+                }
+                Some(Origin::File(path, offset)) => push.client.push_blob(
+                    repo,
+                    &layer.digest,
+                    layer.size,
+                    BlobData::File {
+                        path: &path,
+                        offset,
+                    },
+                    &mut |_| {},
+                )?,
+                None => {
+                    let path = store.path(&layer.digest);
+                    push.client.push_blob(
+                        repo,
+                        &layer.digest,
+                        layer.size,
+                        BlobData::File {
+                            path: &path,
+                            offset: 0,
+                        },
+                        &mut |_| {},
+                    )?
+                }
+            };
+            progress(layer.size);
+            stats.add(pushed, layer.size);
+        }
+        let (config_digest, config_bytes) = config;
+        let pushed = push.client.push_blob(
+            repo,
+            config_digest,
+            config_bytes.len() as u64,
+            BlobData::Bytes(config_bytes),
+            &mut |_| {},
+        )?;
+        stats.add(pushed, config_bytes.len() as u64);
+        if !self.settings.overwrite && push.client.head_manifest(&push.dest)?.is_some() {
+            return Err(Error::TagExists {
+                location: push.dest.location(),
+                tag: self.tag.clone(),
+            });
+        }
+        push.client
+            .put_manifest(repo, &self.tag, manifest, image::MEDIA_TYPE_MANIFEST)?;
+        Ok(stats)
     }
 }

@@ -20,7 +20,8 @@ use crate::image::{
     MEDIA_TYPE_MANIFEST,
 };
 use crate::index;
-use crate::reference::{ImageRef, normalize_docker_name};
+use crate::reference::{DockerRef, ImageRef, normalize_docker_name};
+use crate::registry::{self, Client, Registries};
 
 /// A merged image file system (see `ImageSource::file_tree`).
 #[derive(Clone, Debug, Default)]
@@ -107,6 +108,8 @@ enum Kind {
     Dir(PathBuf),
     /// Archive path and its entries: name → (data offset, size).
     Archive(PathBuf, BTreeMap<String, (u64, u64)>),
+    /// A registry: every blob read is checked against its digest as it streams.
+    Registry(std::sync::Arc<Client>, DockerRef),
 }
 
 pub struct ImageSource {
@@ -130,9 +133,21 @@ struct DockerImage {
 }
 
 impl ImageSource {
+    /// Open a local image, or a registry's with the default options (auth files, system
+    /// roots, TLS verified).
     pub fn open(reference: &ImageRef) -> Result<Self> {
+        Self::open_with(reference, &Registries::default())
+    }
+
+    /// Open an image; a `docker://` one through `registries` (credentials, TLS, tokens
+    /// shared with the command's other references).
+    pub fn open_with(reference: &ImageRef, registries: &Registries) -> Result<Self> {
         let location = reference.location();
         let kind = match reference {
+            ImageRef::Docker(r) => {
+                let client = registries.client(&r.registry)?;
+                Kind::Registry(client, r.clone())
+            }
             ImageRef::Oci { dir, .. } => {
                 let index = dir.join("index.json");
                 if !index.is_file() {
@@ -173,6 +188,39 @@ impl ImageSource {
         self.reference.location()
     }
 
+    /// The registry reference, for a `docker://` source.
+    pub fn registry_ref(&self) -> Option<&DockerRef> {
+        match &self.kind {
+            Kind::Registry(_, r) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// Where a blob's bytes lie on disk (a file and an offset in it), for a local source:
+    /// a push reads them from there instead of copying them first.
+    pub fn local_blob(&self, digest: &Digest) -> Option<(PathBuf, u64)> {
+        let name = match &self.docker {
+            Some(_) => self.docker_blobs.get(digest).cloned()?,
+            None => format!("blobs/sha256/{}", digest.hex()),
+        };
+        match &self.kind {
+            Kind::Dir(dir) => Some((dir.join(name), 0)),
+            Kind::Archive(file, entries) => entries
+                .get(name.trim_start_matches("./"))
+                .map(|&(offset, _)| (file.clone(), offset)),
+            Kind::Registry(..) => None,
+        }
+    }
+
+    /// A registry blob that was read only in part (a file found early in a layer) is read
+    /// to its end, so its digest is checked all the same; a local one is left as it is.
+    fn finish_blob(&self, rest: &mut dyn Read) -> io::Result<()> {
+        if matches!(self.kind, Kind::Registry(..)) {
+            io::copy(rest, &mut io::sink())?;
+        }
+        Ok(())
+    }
+
     fn open_path(&self, name: &str) -> Result<Option<Box<dyn Read + '_>>> {
         match &self.kind {
             Kind::Dir(dir) => {
@@ -196,6 +244,7 @@ impl ImageSource {
                     .map_err(Error::io("seeking in", file))?;
                 Ok(Some(Box::new(f.take(size))))
             }
+            Kind::Registry(..) => Ok(None),
         }
     }
 
@@ -221,6 +270,9 @@ impl ImageSource {
 
     /// A reader over a blob's bytes as stored. The caller verifies digest and size.
     pub fn open_blob(&self, digest: &Digest, what: &str) -> Result<Box<dyn Read + '_>> {
+        if let Kind::Registry(client, r) = &self.kind {
+            return Ok(Box::new(client.open_blob(&r.repository, digest)?));
+        }
         let name = match &self.docker {
             Some(_) => self.docker_blobs.get(digest).cloned().unwrap_or_default(),
             None => format!("blobs/sha256/{}", digest.hex()),
@@ -237,6 +289,7 @@ impl ImageSource {
     pub fn check_layers_present(&self, image: &ResolvedImage) -> Result<()> {
         for layer in &image.layers {
             let size = match (&self.kind, &self.docker) {
+                (Kind::Registry(client, r), _) => client.has_blob(&r.repository, &layer.digest)?,
                 (Kind::Dir(dir), _) => {
                     std::fs::metadata(dir.join("blobs/sha256").join(layer.digest.hex()))
                         .ok()
@@ -308,6 +361,18 @@ impl ImageSource {
     /// Every image entry of the index, in order, one at a time: index.json is streamed, not
     /// read whole (a layout may hold hundreds of thousands of tags).
     pub fn for_each_tag(&self, each: &mut dyn FnMut(TagEntry) -> Result<()>) -> Result<()> {
+        if let Kind::Registry(client, r) = &self.kind {
+            // A registry's other tags would cost a request each: the reference's own only.
+            let d = client
+                .head_manifest(r)?
+                .ok_or_else(|| client.not_found(r))?;
+            return each(TagEntry {
+                tag: r.tag.clone(),
+                digest: d.digest,
+                size: d.size,
+                media_type: d.media_type,
+            });
+        }
         if let Some(images) = &self.docker {
             for img in images {
                 let (digest, size) = (Digest::of(&img.manifest), img.manifest.len() as u64);
@@ -346,7 +411,7 @@ impl ImageSource {
                     file.display()
                 ),
             },
-            Kind::Dir(_) => Error::Invalid {
+            Kind::Dir(_) | Kind::Registry(..) => Error::Invalid {
                 location: location.clone(),
                 what: "index.json".into(),
                 reason: "index.json is missing".into(),
@@ -362,6 +427,9 @@ impl ImageSource {
     /// Streams the index, keeping the entry it looks for, the first few tag names (for the
     /// message when it is not there) and, without a tag, the distinct digests.
     pub fn resolve(&self) -> Result<ResolvedImage> {
+        if let Kind::Registry(client, r) = &self.kind {
+            return self.resolve_registry(client, r);
+        }
         let wanted = self.reference.tag();
         let docker = self.docker.is_some();
         let mut found: Option<TagEntry> = None;
@@ -428,6 +496,24 @@ impl ImageSource {
             None => self.read_blob_checked(&entry.digest, entry.size, "manifest")?,
         };
         self.resolve_manifest(wanted.map(str::to_owned), entry.digest, manifest_bytes)
+    }
+
+    /// A registry's manifest, or the linux/<host arch> image of its index, digests checked.
+    fn resolve_registry(&self, client: &Client, r: &DockerRef) -> Result<ResolvedImage> {
+        let mut manifest = client.get_manifest(r)?;
+        if manifest.media_type == registry::MEDIA_TYPE_INDEX
+            || manifest.media_type == registry::MEDIA_TYPE_DOCKER_LIST
+        {
+            let index = self.parse_json(&manifest.bytes, "image index")?;
+            let (digest, _) = registry::pick_platform(&index, &r.location())?;
+            let by_digest = DockerRef {
+                tag: None,
+                digest: Some(digest),
+                ..r.clone()
+            };
+            manifest = client.get_manifest(&by_digest)?;
+        }
+        self.resolve_manifest(r.tag.clone(), manifest.digest, manifest.bytes)
     }
 
     fn resolve_manifest(
@@ -568,9 +654,14 @@ impl ImageSource {
                 if name == path && entry.header().entry_type().is_file() {
                     let mut bytes = Vec::new();
                     entry.read_to_end(&mut bytes).map_err(corrupt)?;
+                    drop(entry);
+                    self.finish_blob(&mut archive.into_inner())
+                        .map_err(corrupt)?;
                     return Ok(Some(bytes));
                 }
             }
+            self.finish_blob(&mut archive.into_inner())
+                .map_err(corrupt)?;
             if layer.size > max_layer_size {
                 break;
             }
@@ -598,9 +689,14 @@ impl ImageSource {
                 {
                     let mut out = File::create(dest).map_err(Error::io("creating", dest))?;
                     io::copy(&mut entry, &mut out).map_err(corrupt)?;
+                    drop(entry);
+                    self.finish_blob(&mut archive.into_inner())
+                        .map_err(corrupt)?;
                     return Ok(true);
                 }
             }
+            self.finish_blob(&mut archive.into_inner())
+                .map_err(corrupt)?;
         }
         Ok(false)
     }
@@ -670,6 +766,8 @@ impl ImageSource {
                 added.insert(name.clone());
                 tree.paths.insert(name);
             }
+            self.finish_blob(&mut archive.into_inner())
+                .map_err(corrupt)?;
         }
         Ok(tree)
     }

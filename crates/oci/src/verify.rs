@@ -10,6 +10,7 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 use crate::garbage::{self, Garbage};
 use crate::reference::ImageRef;
+use crate::registry::Registries;
 use crate::source::{ImageSource, ResolvedImage, check_layer};
 
 #[derive(Debug)]
@@ -22,8 +23,12 @@ pub struct Report {
     pub garbage: Garbage,
 }
 
-pub fn verify(reference: &ImageRef, progress: &mut dyn FnMut(u64)) -> Result<Report> {
-    let source = ImageSource::open(reference)?;
+pub fn verify(
+    reference: &ImageRef,
+    registries: &Registries,
+    progress: &mut dyn FnMut(u64),
+) -> Result<Report> {
+    let source = ImageSource::open_with(reference, registries)?;
     let location = source.location();
     if let ImageRef::Oci { dir, .. } = reference {
         let layout = std::fs::read(dir.join("oci-layout"))
@@ -68,6 +73,7 @@ pub fn verify(reference: &ImageRef, progress: &mut dyn FnMut(u64)) -> Result<Rep
         ImageRef::OciArchive { file, .. } | ImageRef::DockerArchive { file, .. } => {
             garbage::beside_archive(file)
         }
+        ImageRef::Docker(_) => Garbage::default(),
     };
     Ok(Report {
         layers_checked: image.layers.len(),

@@ -151,15 +151,34 @@ pub fn finish(plan: Plan, data: &Data, layers: Layers, progress: &mut Progress) 
             .entry("org.opencontainers.image.source".into())
             .or_insert_with(|| src.to_owned());
     }
-    progress.phase("manifest", 0);
+    let pushing = matches!(plan.output_ref, bakedb_oci::reference::ImageRef::Docker(_));
+    let total: u64 = layers.all.iter().map(|l| l.size).sum();
+    progress.phase(
+        if pushing { "push" } else { "manifest" },
+        if pushing { total } else { 0 },
+    );
     let output_ref = plan.output_ref;
+    let started = std::time::Instant::now();
     let written = plan
         .output
-        .finish(&config, layers.all, &annotations)
+        .finish(&config, layers.all, &annotations, &mut |n| progress.inc(n))
         .stage(Code::Output, || format!("writing {output_ref}"))?;
-    progress.done(&format!(
-        "wrote {} {}",
-        written.reference, written.manifest_digest
-    ));
+    if let Some(push) = &written.push {
+        progress.done(&format!(
+            "pushed {} {}: {} blobs sent ({}), {} already there, {} mounted, in {:.1} s",
+            written.reference,
+            written.manifest_digest,
+            push.uploaded,
+            crate::progress::human_bytes(push.uploaded_bytes),
+            push.already_there,
+            push.mounted,
+            started.elapsed().as_secs_f64()
+        ));
+    } else {
+        progress.done(&format!(
+            "wrote {} {}",
+            written.reference, written.manifest_digest
+        ));
+    }
     Ok(written)
 }

@@ -65,6 +65,10 @@ pub fn run(args: BuildArgs, quiet: bool) -> Result<()> {
             "layers": written.layers.iter().map(|l| json!({
                 "digest": l.digest.to_string(), "size": l.size, "diff_id": l.diff_id.to_string(), "media_type": l.media_type,
             })).collect::<Vec<_>>(),
+            "push": written.push.map(|p| json!({
+                "uploaded": p.uploaded, "uploaded_bytes": p.uploaded_bytes,
+                "already_there": p.already_there, "mounted": p.mounted,
+            })),
         });
         let mut stdout = crate::exit::stdout();
         writeln!(stdout, "{}", serde_json::to_string_pretty(&out)?)?;

@@ -9,6 +9,7 @@ use bakedb_engines::{self as engines, BaseImage, Engine, Options};
 use bakedb_oci::compress::Compression;
 use bakedb_oci::output::{Output, OutputSettings};
 use bakedb_oci::reference::ImageRef;
+use bakedb_oci::registry::Registries;
 use bakedb_oci::source::{ImageSource, ResolvedImage};
 use bakedb_oci::time::BuildTime;
 
@@ -110,12 +111,12 @@ fn refuse_bakedb_base(config: &serde_json::Value) -> Result<(), String> {
 }
 
 /// Open, resolve and check the base image.
-fn read_base(text: &str) -> Result<(ImageSource, ResolvedImage)> {
+fn read_base(text: &str, registries: &Registries) -> Result<(ImageSource, ResolvedImage)> {
     let base_ref: ImageRef = text
         .parse()
         .stage(Code::Usage, || "parsing --base".into())?;
     let what = || format!("reading base image {base_ref}");
-    let source = ImageSource::open(&base_ref).stage(Code::Base, what)?;
+    let source = ImageSource::open_with(&base_ref, registries).stage(Code::Base, what)?;
     let image = source.resolve().stage(Code::Base, what)?;
     refuse_bakedb_base(&image.config)
         .map_err(|why| anyhow!(why))
@@ -207,12 +208,23 @@ pub fn plan(args: &BuildArgs) -> Result<Plan> {
         .parse()
         .stage(Code::Usage, || "parsing --output".into())?;
     let user = args.user.as_deref().map(parse_user).transpose()?;
+    // --creds go to the registry written to, or else the one read from.
+    let creds_for = [Some(&args.output), args.from.as_ref(), args.base.as_ref()]
+        .into_iter()
+        .flatten()
+        .filter_map(|text| text.parse::<ImageRef>().ok())
+        .find(|r| matches!(r, ImageRef::Docker(_)));
+    let registries = args.registry.registries(creds_for.as_ref())?;
 
-    let base = args.base.as_deref().map(read_base).transpose()?;
+    let base = args
+        .base
+        .as_deref()
+        .map(|text| read_base(text, &registries))
+        .transpose()?;
     let previous = args
         .from
         .as_deref()
-        .map(|text| super::previous::read(text, engine.name()))
+        .map(|text| super::previous::read(text, engine.name(), &registries))
         .transpose()?;
     let view = base
         .as_ref()
@@ -246,6 +258,7 @@ pub fn plan(args: &BuildArgs) -> Result<Plan> {
             threads: threads(),
             overwrite: !args.no_overwrite,
         },
+        &registries,
     )
     .stage(Code::Output, || format!("opening output {output_ref}"))?;
     Ok(Plan {

@@ -8,6 +8,7 @@ use bakedb_engines::delta::{self, PageIndex};
 use bakedb_engines::image_json::ImageJson;
 use bakedb_oci::Digest;
 use bakedb_oci::reference::ImageRef;
+use bakedb_oci::registry::Registries;
 use bakedb_oci::source::{ImageSource, ResolvedImage};
 
 use crate::exit::{Code, StageExt};
@@ -50,13 +51,13 @@ impl Previous {
     }
 }
 
-pub fn read(text: &str, engine: &str) -> Result<Previous> {
+pub fn read(text: &str, engine: &str, registries: &Registries) -> Result<Previous> {
     let reference: ImageRef = text
         .parse()
         .stage(Code::Usage, || "parsing --from".into())?;
     let shown = reference.to_string();
     let what = || format!("reading --from {shown}");
-    let source = ImageSource::open(&reference).stage(Code::Base, what)?;
+    let source = ImageSource::open_with(&reference, registries).stage(Code::Base, what)?;
     let image = source.resolve().stage(Code::Base, what)?;
     source
         .check_layers_present(&image)
