@@ -44,6 +44,11 @@ struct Push {
     /// Blobs the destination repository is known to have.
     present: Mutex<BTreeSet<Digest>>,
     origins: Mutex<BTreeMap<Digest, Origin>>,
+    /// Other repositories of the destination registry this build reads (its base, its
+    /// --from image): a blob the destination lacks is looked for there and mounted, so a
+    /// re-bake into a new repository does not send bakedb-init's and bakedb-serve's layers
+    /// again.
+    mount_repos: Mutex<Vec<String>>,
 }
 
 #[derive(Clone, Debug)]
@@ -60,7 +65,7 @@ impl Push {
     }
 
     /// HEAD in the destination, remembered.
-    fn has(&self, digest: &Digest) -> Result<bool> {
+    fn in_destination(&self, digest: &Digest) -> Result<bool> {
         if self.known(digest) {
             return Ok(true);
         }
@@ -74,6 +79,25 @@ impl Push {
         Ok(has)
     }
 
+    /// Whether the push can do without the blob's bytes: the destination has it, or a
+    /// repository of the same registry that the build reads has it (recorded for a mount).
+    fn has(&self, digest: &Digest) -> Result<bool> {
+        if self.in_destination(digest)? {
+            return Ok(true);
+        }
+        if let Some(Origin::Mount(_)) = self.origins.lock().expect("push state").get(digest) {
+            return Ok(true);
+        }
+        let repos = self.mount_repos.lock().expect("push state").clone();
+        for repo in repos {
+            if self.client.has_blob(&repo, digest)?.is_some() {
+                self.origin(*digest, Origin::Mount(repo));
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     fn origin(&self, digest: Digest, origin: Origin) {
         self.origins
             .lock()
@@ -85,7 +109,7 @@ impl Push {
     fn mountable_from<'s>(&self, source: &'s ImageSource) -> Option<&'s str> {
         source
             .registry_ref()
-            .filter(|r| r.registry == self.dest.registry)
+            .filter(|r| r.registry == self.dest.registry && r.repository != self.dest.repository)
             .map(|r| r.repository.as_str())
     }
 }
@@ -164,6 +188,7 @@ impl Output {
                     dest: dest.clone(),
                     present: Mutex::default(),
                     origins: Mutex::default(),
+                    mount_repos: Mutex::default(),
                 });
                 LayoutWriter::open(&push_staging_dir())?
             }
@@ -241,6 +266,20 @@ impl Output {
             s.threads,
             progress,
         )
+    }
+
+    /// An image this build reads (its base, its --from image): when it is in another
+    /// repository of the registry pushed to, blobs the destination lacks are looked for there
+    /// and mounted instead of sent. Nothing for other outputs or sources.
+    pub fn may_mount_from(&self, source: &ImageSource) {
+        if let Some(push) = &self.push
+            && let Some(repo) = push.mountable_from(source)
+        {
+            let mut repos = push.mount_repos.lock().expect("push state");
+            if !repos.iter().any(|r| r == repo) {
+                repos.push(repo.to_owned());
+            }
+        }
     }
 
     /// A layer whose bytes are the same in every build (bakedb's own binaries, mtime 0): not
@@ -506,7 +545,7 @@ impl Output {
                 .cloned();
             let pushed = match origin {
                 Some(Origin::Mount(from)) => {
-                    if push.has(&layer.digest)? {
+                    if push.in_destination(&layer.digest)? {
                         Pushed::AlreadyThere
                     } else if push.client.mount_blob(repo, &layer.digest, &from)? {
                         Pushed::Mounted

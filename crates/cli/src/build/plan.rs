@@ -261,6 +261,13 @@ pub fn plan(args: &BuildArgs) -> Result<Plan> {
         &registries,
     )
     .stage(Code::Output, || format!("opening output {output_ref}"))?;
+    for source in base
+        .iter()
+        .map(|b| &b.0)
+        .chain(previous.iter().map(|p| &p.source))
+    {
+        output.may_mount_from(source);
+    }
     Ok(Plan {
         engine_plan,
         base,
