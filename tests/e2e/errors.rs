@@ -158,7 +158,7 @@ fn fails_leaving(cmd: &mut Command, dir: &Path, code: i32, needles: &[&str], wha
 
 /// Exit `code`, nothing on stdout, and one line on stderr, `bakedb: ...`, containing every
 /// needle: that line.
-fn assert_failure(out: &Output, code: i32, needles: &[&str], what: &str) -> String {
+pub(crate) fn assert_failure(out: &Output, code: i32, needles: &[&str], what: &str) -> String {
     let err = stderr(out);
     assert_eq!(
         out.status.code(),

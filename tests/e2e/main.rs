@@ -15,6 +15,7 @@ mod init;
 mod limits;
 mod pg_sources;
 mod postgres;
+mod registry;
 mod reproducible;
 mod serve;
 mod snapshot;

@@ -10,6 +10,8 @@
 //! - [`containers`]: docker, podman and runc containers and images, removed when dropped.
 //! - [`fixtures`]: the base image fixtures built by xtask/scripts, and SQLite databases.
 //! - [`pg`]: real PostgreSQL servers (primaries, standbys, restarts) and a write load.
+//! - [`registry`]: docker-registry instances of a test's own (htpasswd, TLS with the kit's
+//!   CA); [`proxy`]: a TCP proxy that cuts connections mid-request.
 //!
 //! Functions meant for tests panic with a message that says what failed; the ones a bench
 //! needs as well return [`Error`].
@@ -22,6 +24,8 @@ pub mod http;
 pub mod pg;
 pub mod ports;
 pub mod process;
+pub mod proxy;
+pub mod registry;
 pub mod serve;
 pub mod tools;
 

@@ -1,0 +1,273 @@
+//! Registries a test starts itself: `docker-registry` (distribution) on a free 127.0.0.1
+//! port with its storage in a temp dir, optionally behind htpasswd basic auth and TLS with a
+//! CA the kit makes with openssl; stopped and removed when dropped. The shared registry of
+//! .ci/run is [`crate::tools::registry`].
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::process::{self, run_ok};
+use crate::tools;
+
+/// What a registry asks of its clients.
+#[derive(Clone, Debug, Default)]
+pub struct RegistryOptions {
+    /// htpasswd basic auth with this one user and password.
+    pub user: Option<(String, String)>,
+    /// HTTPS with a certificate for 127.0.0.1 signed by a CA of the test's own.
+    pub tls: bool,
+}
+
+pub struct Registry {
+    child: Child,
+    addr: SocketAddr,
+    dir: tempfile::TempDir,
+    tls: bool,
+}
+
+impl Registry {
+    /// Start a registry and wait until it answers; None (the test is skipped) locally when
+    /// docker-registry or openssl is missing, a failure under CI.
+    pub fn start(options: RegistryOptions) -> Option<Registry> {
+        let bin = tools::tool("docker-registry")?;
+        if options.tls {
+            tools::tool("openssl")?;
+        }
+        let dir = crate::dirs::test_dir_for("registry");
+        let root = dir.path().to_owned();
+        let root = root.as_path();
+        std::fs::create_dir(root.join("storage")).unwrap();
+        let mut auth = String::new();
+        if let Some((user, password)) = &options.user {
+            let hash = bcrypt::hash(password, 4).expect("bcrypt");
+            std::fs::write(root.join("htpasswd"), format!("{user}:{hash}\n")).unwrap();
+            auth = format!(
+                "auth:\n  htpasswd:\n    realm: bakedb-test\n    path: {}\n",
+                root.join("htpasswd").display()
+            );
+        }
+        let mut tls = String::new();
+        if options.tls {
+            make_ca_and_server_cert(root);
+            tls = format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                root.join("server.crt").display(),
+                root.join("server.key").display()
+            );
+        }
+        // The port may be taken between the check and the bind: a registry that exits at
+        // once is started again on another.
+        for _ in 0..5 {
+            let addr = crate::ports::free_addr();
+            let config = format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n{auth}http:\n  addr: {addr}\n  secret: bakedb-test\n{tls}",
+                root.join("storage").display()
+            );
+            std::fs::write(root.join("config.yml"), config).unwrap();
+            let log = std::fs::File::create(root.join("registry.log")).unwrap();
+            let mut child = Command::new(&bin)
+                .arg("serve")
+                .arg(root.join("config.yml"))
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
+            if wait_ready(&mut child, addr, options.tls) {
+                return Some(Registry {
+                    child,
+                    addr,
+                    dir,
+                    tls: options.tls,
+                });
+            }
+            let log = std::fs::read_to_string(root.join("registry.log")).unwrap_or_default();
+            assert!(
+                log.contains("address already in use"),
+                "docker-registry on {addr} did not come up:\n{log}"
+            );
+        }
+        panic!("docker-registry found no free port in 5 tries");
+    }
+
+    /// HOST:PORT, as a docker:// reference names it.
+    pub fn host(&self) -> String {
+        self.addr.to_string()
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The certificate directory to pass as `--cert-dir` (holds `ca.crt`); TLS only.
+    pub fn cert_dir(&self) -> PathBuf {
+        assert!(self.tls, "a registry without TLS has no CA");
+        self.dir.path().join("certs")
+    }
+
+    /// The storage root (`docker/registry/v2/...` below it).
+    pub fn storage(&self) -> PathBuf {
+        self.dir.path().join("storage")
+    }
+
+    /// The file a blob's bytes are stored in, to count or damage them.
+    pub fn blob_path(&self, digest: &str) -> PathBuf {
+        blob_path(&self.storage(), digest)
+    }
+}
+
+/// Where distribution's file system driver keeps a blob under `storage`.
+pub fn blob_path(storage: &Path, digest: &str) -> PathBuf {
+    let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+    storage
+        .join("docker/registry/v2/blobs/sha256")
+        .join(&hex[..2])
+        .join(hex)
+        .join("data")
+}
+
+/// How many blobs a registry's storage holds.
+pub fn blob_count(storage: &Path) -> usize {
+    let blobs = storage.join("docker/registry/v2/blobs/sha256");
+    std::fs::read_dir(&blobs)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|prefix| std::fs::read_dir(prefix.path()).map_or(0, |d| d.count()))
+        .sum()
+}
+
+/// Ready when `/v2/` answers (plain HTTP) or the port accepts connections (TLS: the
+/// registry binds only once its certificate is loaded). False when it exited.
+fn wait_ready(child: &mut Child, addr: SocketAddr, tls: bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return false;
+        }
+        let up = if tls {
+            TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok()
+        } else {
+            crate::http::request(addr, "GET", "/v2/", &[], b"")
+                .is_ok_and(|r| r.status == 200 || r.status == 401)
+        };
+        if up {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    process::stop(child, libc::SIGKILL, Duration::from_secs(5));
+    panic!("docker-registry on {addr} not ready within 30 s");
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        process::stop(&mut self.child, libc::SIGTERM, Duration::from_secs(10));
+    }
+}
+
+/// ca.key/ca.crt, a server key and a certificate for 127.0.0.1 signed by the CA, and
+/// certs/ca.crt (a certificate directory as containers-certs.d(5) lays one out).
+fn make_ca_and_server_cert(dir: &Path) {
+    let openssl = || {
+        let mut c = Command::new("openssl");
+        c.current_dir(dir);
+        c
+    };
+    run_ok(openssl().args([
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=bakedb test CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]));
+    run_ok(openssl().args([
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]));
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    run_ok(openssl().args([
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "server.ext",
+    ]));
+    std::fs::create_dir(dir.join("certs")).unwrap();
+    std::fs::copy(dir.join("ca.crt"), dir.join("certs/ca.crt")).unwrap();
+}
+
+/// An auth file (containers-auth.json(5), also docker's config.json) holding `user` and
+/// `password` for `host`.
+pub fn auth_json(host: &str, user: &str, password: &str) -> String {
+    let token = base64(format!("{user}:{password}").as_bytes());
+    serde_json::json!({ "auths": { host: { "auth": token } } }).to_string()
+}
+
+/// Standard base64 with padding, for [`auth_json`].
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn base64_pads_as_the_standard_says() {
+        assert_eq!(super::base64(b"alice:s3cret"), "YWxpY2U6czNjcmV0");
+        assert_eq!(super::base64(b"ab"), "YWI=");
+        assert_eq!(super::base64(b"a"), "YQ==");
+    }
+}

@@ -1,0 +1,363 @@
+//! The docker:// transport against real registries: the shared one .ci/run starts
+//! (BAKEDB_TEST_REGISTRY, plain HTTP) and ones a test starts itself (bakedb-testkit's
+//! `registry`: htpasswd basic auth and TLS with the test's own CA, a storage the test may
+//! damage, a proxy that cuts connections). skopeo judges what was pushed.
+
+use std::path::Path;
+use std::process::Command;
+
+use bakedb_testkit::proxy::DroppingProxy;
+use bakedb_testkit::registry::{Registry, RegistryOptions, auth_json};
+
+use crate::errors::assert_failure;
+use crate::util::{
+    self, build_json, busybox_base, dir_with_db, make_big_db, registry, run, run_ok, stderr,
+    stdout, tool, unique_name,
+};
+
+const OUTPUT: i32 = 6;
+const BASE: i32 = 5;
+const VERIFY_FAILED: i32 = 3;
+
+/// `bakedb` in `dir` that sees no credentials of this machine: HOME is `dir`, and no auth
+/// file, runtime dir or Docker config from the environment.
+fn bakedb(dir: &Path) -> Command {
+    let mut cmd = util::bakedb(dir);
+    cmd.env("HOME", dir)
+        .env("XDG_RUNTIME_DIR", dir.join("run"))
+        .env_remove("REGISTRY_AUTH_FILE")
+        .env_remove("DOCKER_CONFIG")
+        .env_remove("XDG_CONFIG_HOME");
+    cmd
+}
+
+/// `bakedb build --engine sqlite --source app.db --output OUTPUT --json EXTRA...`, which
+/// must succeed: what it printed.
+fn build(dir: &Path, output: &str, extra: &[&str]) -> serde_json::Value {
+    build_json(&run_ok(
+        bakedb(dir)
+            .args(util::sqlite_build("app.db", output))
+            .arg("--json")
+            .args(extra),
+    ))
+}
+
+/// The push counts `build --json` reports: (uploaded, already there, mounted).
+fn pushed(out: &serde_json::Value) -> (u64, u64, u64) {
+    let p = &out["push"];
+    (
+        p["uploaded"].as_u64().unwrap(),
+        p["already_there"].as_u64().unwrap(),
+        p["mounted"].as_u64().unwrap(),
+    )
+}
+
+/// `bakedb build --quiet` of app.db to `output`: a failure is its one line.
+fn build_quiet(output: &str) -> [&str; 8] {
+    [
+        "build", "--quiet", "--engine", "sqlite", "--source", "app.db", "--output", output,
+    ]
+}
+
+fn skopeo(dir: &Path) -> Command {
+    let mut cmd = Command::new(tool("skopeo").unwrap());
+    cmd.current_dir(dir);
+    cmd
+}
+
+/// A repository name of this test run alone.
+fn repo(what: &str) -> String {
+    unique_name(&format!("bakedb-e2e-{what}")).to_lowercase()
+}
+
+#[test]
+fn push_verify_inspect_and_skopeo_pull() {
+    crate::require!("skopeo");
+    let Some(reg) = registry() else { return };
+    let dir = dir_with_db(500);
+    let d = dir.path();
+    let image = format!("docker://{reg}/{}:v1", repo("push"));
+    let first = build(d, &image, &["--tls-verify=false"]);
+    // 4 layers (init, serve, data, image.json) and the config, in a new repository.
+    assert_eq!(pushed(&first), (5, 0, 0), "{first}");
+    // The same inputs again: the same digest, and the registry has every blob.
+    let again = build(d, &image, &["--tls-verify=false"]);
+    assert_eq!(again["manifest_digest"], first["manifest_digest"]);
+    assert_eq!(pushed(&again), (0, 5, 0), "{again}");
+    // A push is the image a layout gets, byte for byte.
+    let local = build(d, "oci:out:v1", &[]);
+    assert_eq!(local["manifest_digest"], first["manifest_digest"]);
+
+    run_ok(bakedb(d).args(["verify", "--tls-verify=false", &image]));
+    let inspect = run_ok(bakedb(d).args(["inspect", "--json", "--tls-verify=false", &image]));
+    assert!(
+        stdout(&inspect).contains(first["manifest_digest"].as_str().unwrap()),
+        "{}",
+        stdout(&inspect)
+    );
+    // skopeo reads it as any registry image, and the copy is the same image.
+    let raw = run_ok(skopeo(d).args(["inspect", "--raw", "--tls-verify=false", &image]));
+    assert_eq!(
+        util::sha256_hex(&raw.stdout),
+        first["manifest_digest"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("sha256:")
+    );
+    run_ok(skopeo(d).args([
+        "copy",
+        "--quiet",
+        "--src-tls-verify=false",
+        &image,
+        "oci:copy:v1",
+    ]));
+    run_ok(bakedb(d).args(["verify", "oci:copy:v1"]));
+    // skopeo's tag reference form works for bakedb as well: by digest.
+    let by_digest = format!(
+        "{}@{}",
+        image.trim_end_matches(":v1"),
+        first["manifest_digest"].as_str().unwrap()
+    );
+    run_ok(bakedb(d).args(["verify", "--tls-verify=false", &by_digest]));
+}
+
+#[test]
+fn base_from_a_registry_is_mounted_and_pulls_like_a_layout() {
+    crate::require!("skopeo");
+    let Some(reg) = registry() else { return };
+    let dir = dir_with_db(300);
+    let d = dir.path();
+    let fixture = format!("oci:{}:latest", busybox_base().display());
+    let base = format!("docker://{reg}/{}:latest", repo("base"));
+    run_ok(skopeo(d).args([
+        "copy",
+        "--quiet",
+        "--dest-tls-verify=false",
+        &fixture,
+        &base,
+    ]));
+    let base_layers = run_ok(skopeo(d).args(["inspect", "--tls-verify=false", &base]));
+    let n_base = serde_json::from_slice::<serde_json::Value>(&base_layers.stdout).unwrap()["Layers"]
+        .as_array()
+        .unwrap()
+        .len() as u64;
+
+    // Into another repository of the same registry: the base's layers are mounted.
+    let app = format!("docker://{reg}/{}:v1", repo("app"));
+    let pushed_out = build(d, &app, &["--base", &base, "--tls-verify=false"]);
+    let (uploaded, there, mounted) = pushed(&pushed_out);
+    assert_eq!(mounted, n_base, "{pushed_out}");
+    assert_eq!(there, 0, "{pushed_out}");
+    assert!(uploaded >= 3, "{pushed_out}");
+    run_ok(bakedb(d).args(["verify", "--tls-verify=false", &app]));
+
+    // Pulled into a layout, the base gives the image a layout base gives.
+    let from_registry = build(d, "oci:a:v1", &["--base", &base, "--tls-verify=false"]);
+    let from_layout = build(d, "oci:b:v1", &["--base", &fixture]);
+    assert_eq!(
+        from_registry["manifest_digest"],
+        from_layout["manifest_digest"]
+    );
+    assert_eq!(
+        from_registry["manifest_digest"],
+        pushed_out["manifest_digest"]
+    );
+    run_ok(bakedb(d).args(["verify", "oci:a:v1"]));
+}
+
+#[test]
+fn from_a_registry_image_pushes_only_the_patch() {
+    let Some(reg) = registry() else { return };
+    let dir = dir_with_db(20_000);
+    let d = dir.path();
+    let chain = format!("docker://{reg}/{}", repo("chain"));
+    let v1 = build(d, &format!("{chain}:v1"), &["--tls-verify=false"]);
+    let c = rusqlite::Connection::open(d.join("app.db")).unwrap();
+    c.execute("UPDATE t SET v = 'changed' WHERE id = 4242", [])
+        .unwrap();
+    drop(c);
+    let v2 = build(
+        d,
+        &format!("{chain}:v2"),
+        &["--from", &format!("{chain}:v1"), "--tls-verify=false"],
+    );
+    // REF's four layers are there; the patch layer, image.json layer and config are sent.
+    assert_eq!(pushed(&v2), (3, 4, 0), "{v2}");
+    let inspect = run_ok(bakedb(d).args(["inspect", "--tls-verify=false", &format!("{chain}:v2")]));
+    assert!(
+        stdout(&inspect).contains("generation 1"),
+        "{}",
+        stdout(&inspect)
+    );
+    run_ok(bakedb(d).args(["verify", "--tls-verify=false", &format!("{chain}:v2")]));
+    // Into another repository: REF's layers are mounted from REF's.
+    let other = format!("docker://{reg}/{}:v2", repo("chain-copy"));
+    let copied = build(
+        d,
+        &other,
+        &["--from", &format!("{chain}:v1"), "--tls-verify=false"],
+    );
+    assert_eq!(copied["manifest_digest"], v2["manifest_digest"]);
+    assert_eq!(pushed(&copied), (3, 0, 4), "{copied}");
+    assert_eq!(v1["layers"].as_array().unwrap().len(), 4);
+}
+
+#[test]
+fn tls_and_basic_auth_registry() {
+    let Some(reg) = Registry::start(RegistryOptions {
+        user: Some(("alice".into(), "s3cret".into())),
+        tls: true,
+    }) else {
+        return;
+    };
+    let dir = dir_with_db(200);
+    let d = dir.path();
+    let host = reg.host();
+    let image = format!("docker://{host}/app:v1");
+    let certs = reg.cert_dir();
+    let certs = certs.to_str().unwrap();
+
+    // The test's CA is not trusted: said so, with the flag that trusts it.
+    let out = run(bakedb(d).args(build_quiet(&image)));
+    assert_failure(&out, OUTPUT, &["TLS", "--cert-dir"], "untrusted CA");
+    // Trusted, but no credentials anywhere.
+    let out = run(bakedb(d)
+        .args(build_quiet(&image))
+        .args(["--cert-dir", certs]));
+    assert_failure(
+        &out,
+        OUTPUT,
+        &["requires credentials", "--creds", "auth.json"],
+        "no credentials",
+    );
+    // A wrong password names the user and where it came from.
+    let out = run(bakedb(d).args(build_quiet(&image)).args([
+        "--cert-dir",
+        certs,
+        "--creds",
+        "alice:wrong",
+    ]));
+    assert_failure(
+        &out,
+        OUTPUT,
+        &["refused the credentials", "\"alice\"", "--creds"],
+        "wrong password",
+    );
+    assert_eq!(
+        bakedb_testkit::registry::blob_count(&reg.storage()),
+        0,
+        "nothing pushed by failed builds"
+    );
+
+    let pushed_out = build(d, &image, &["--cert-dir", certs, "--creds", "alice:s3cret"]);
+    assert_eq!(pushed(&pushed_out).0, 5, "{pushed_out}");
+
+    // Credentials from REGISTRY_AUTH_FILE, then from ~/.docker/config.json.
+    std::fs::write(d.join("auth.json"), auth_json(&host, "alice", "s3cret")).unwrap();
+    run_ok(
+        bakedb(d)
+            .env("REGISTRY_AUTH_FILE", d.join("auth.json"))
+            .args(["verify", "--cert-dir", certs, &image]),
+    );
+    std::fs::create_dir(d.join(".docker")).unwrap();
+    std::fs::write(
+        d.join(".docker/config.json"),
+        auth_json(&host, "alice", "s3cret"),
+    )
+    .unwrap();
+    run_ok(bakedb(d).args(["inspect", "--cert-dir", certs, &image]));
+    // And $XDG_RUNTIME_DIR/containers/auth.json, where podman login writes, wins over it.
+    std::fs::create_dir_all(d.join("run/containers")).unwrap();
+    std::fs::write(
+        d.join("run/containers/auth.json"),
+        auth_json(&host, "alice", "nope"),
+    )
+    .unwrap();
+    let out = run(bakedb(d).args(["verify", "--quiet", "--cert-dir", certs, &image]));
+    assert_failure(
+        &out,
+        8,
+        &["refused the credentials", "containers/auth.json"],
+        "runtime auth file first",
+    );
+}
+
+#[test]
+fn upload_survives_dropped_connections() {
+    let Some(reg) = Registry::start(RegistryOptions::default()) else {
+        return;
+    };
+    let dir = util::test_dir();
+    let d = dir.path();
+    make_big_db(&d.join("app.db"), 6);
+    for (tag, chunk) in [("chunked", Some("1048576")), ("monolithic", None)] {
+        // Cut the connection carrying the client's 2nd MiB, then every 3 MiB, three times.
+        let proxy = DroppingProxy::start(reg.addr(), 1 << 21, 3 << 20, 3);
+        // A repository each: the second push must not find the first one's blobs.
+        let image = format!("docker://{}/{tag}:v1", proxy.host());
+        let mut cmd = bakedb(d);
+        if let Some(chunk) = chunk {
+            cmd.env("BAKEDB_REGISTRY_CHUNK_BYTES", chunk);
+        }
+        let out = run_ok(cmd.args(util::sqlite_build("app.db", &image)).args([
+            "--compression",
+            "none",
+            "--tls-verify=false",
+            "--json",
+        ]));
+        assert!(proxy.cuts() >= 1, "{tag}: the proxy cut nothing");
+        let digest = build_json(&out)["manifest_digest"].clone();
+        // Straight from the registry, not through the proxy: whole and correct.
+        let direct = format!("docker://{}/{tag}:v1", reg.host());
+        let verified = run_ok(bakedb(d).args(["verify", "--tls-verify=false", &direct]));
+        assert!(
+            stderr(&verified).contains(digest.as_str().unwrap()),
+            "{}",
+            stderr(&verified)
+        );
+    }
+}
+
+#[test]
+fn corrupt_blob_is_refused_on_pull() {
+    crate::require!("skopeo");
+    let Some(reg) = Registry::start(RegistryOptions::default()) else {
+        return;
+    };
+    let dir = dir_with_db(100);
+    let d = dir.path();
+    let fixture = format!("oci:{}:latest", busybox_base().display());
+    let base = format!("docker://{}/base:latest", reg.host());
+    run_ok(skopeo(d).args([
+        "copy",
+        "--quiet",
+        "--dest-tls-verify=false",
+        &fixture,
+        &base,
+    ]));
+    let info = run_ok(skopeo(d).args(["inspect", "--tls-verify=false", &base]));
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    let layer = info["Layers"][0].as_str().unwrap().to_owned();
+    // Same size, one byte changed: only the digest can tell.
+    let path = reg.blob_path(&layer);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&path, bytes).unwrap();
+
+    let out = run(bakedb(d).args(["verify", "--quiet", "--tls-verify=false", &base]));
+    assert_failure(&out, VERIFY_FAILED, &[&layer], "verify of a corrupt blob");
+    let out = run(bakedb(d).args(build_quiet("oci:out:v1")).args([
+        "--base",
+        &base,
+        "--tls-verify=false",
+    ]));
+    assert_failure(
+        &out,
+        BASE,
+        &[&layer, "does not match"],
+        "a corrupt base layer",
+    );
+    let index = std::fs::read_to_string(d.join("out/index.json")).unwrap_or_default();
+    assert!(!index.contains("v1"), "a tag was written: {index}");
+}
