@@ -250,13 +250,7 @@ impl Served {
 fn registry_blobs() -> usize {
     let root = std::env::var("BAKEDB_TEST_REGISTRY_STORAGE")
         .expect("BAKEDB_TEST_REGISTRY_STORAGE: the registry's storage directory");
-    let blobs = Path::new(&root).join("docker/registry/v2/blobs/sha256");
-    std::fs::read_dir(&blobs)
-        .into_iter()
-        .flatten()
-        .flat_map(|prefix| std::fs::read_dir(prefix.unwrap().path()).unwrap())
-        .filter(|d| d.as_ref().unwrap().path().join("data").is_file())
-        .count()
+    bakedb_testkit::registry::blob_count(Path::new(&root))
 }
 
 /// `skopeo copy` to the registry; how many blobs the registry gained.

@@ -361,3 +361,82 @@ fn corrupt_blob_is_refused_on_pull() {
     let index = std::fs::read_to_string(d.join("out/index.json")).unwrap_or_default();
     assert!(!index.contains("v1"), "a tag was written: {index}");
 }
+
+#[test]
+fn base_from_an_image_index_takes_this_machines_image() {
+    crate::require!("skopeo");
+    let Some(reg) = Registry::start(RegistryOptions::default()) else {
+        return;
+    };
+    let dir = dir_with_db(100);
+    let d = dir.path();
+    let fixture = format!("oci:{}:latest", busybox_base().display());
+    let host = reg.host();
+    // Two images: the base fixture for this machine, a bakedb image (refused as a base)
+    // for another architecture.
+    run_ok(skopeo(d).args([
+        "copy",
+        "--quiet",
+        "--dest-tls-verify=false",
+        &fixture,
+        &format!("docker://{host}/base:here"),
+    ]));
+    build(
+        d,
+        &format!("docker://{host}/base:other"),
+        &["--tls-verify=false"],
+    );
+    let descriptor = |tag: &str, arch: &str| {
+        let raw = run_ok(skopeo(d).args([
+            "inspect",
+            "--raw",
+            "--tls-verify=false",
+            &format!("docker://{host}/base:{tag}"),
+        ]))
+        .stdout;
+        let media_type = serde_json::from_slice::<serde_json::Value>(&raw).unwrap()["mediaType"]
+            .as_str()
+            .unwrap_or("application/vnd.oci.image.manifest.v1+json")
+            .to_owned();
+        serde_json::json!({
+            "mediaType": media_type,
+            "digest": format!("sha256:{}", util::sha256_hex(&raw)),
+            "size": raw.len(),
+            "platform": {"os": "linux", "architecture": arch},
+        })
+    };
+    let here = if cfg!(target_arch = "aarch64") {
+        "arm64"
+    } else {
+        "amd64"
+    };
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [descriptor("other", "s390x"), descriptor("here", here)],
+    });
+    let put = crate::http::request(
+        reg.addr(),
+        "PUT",
+        "/v2/base/manifests/multi",
+        &[("Content-Type", "application/vnd.oci.image.index.v1+json")],
+        index.to_string().as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(put.status, 201, "{}", put.text());
+
+    let from_index = build(
+        d,
+        "oci:a:v1",
+        &[
+            "--base",
+            &format!("docker://{host}/base:multi"),
+            "--tls-verify=false",
+        ],
+    );
+    let from_layout = build(d, "oci:b:v1", &["--base", &fixture]);
+    assert_eq!(
+        from_index["manifest_digest"],
+        from_layout["manifest_digest"]
+    );
+}

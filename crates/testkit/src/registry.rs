@@ -135,8 +135,14 @@ pub fn blob_count(storage: &Path) -> usize {
         .into_iter()
         .flatten()
         .flatten()
-        .map(|prefix| std::fs::read_dir(prefix.path()).map_or(0, |d| d.count()))
-        .sum()
+        .flat_map(|prefix| {
+            std::fs::read_dir(prefix.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+        })
+        .filter(|blob| blob.path().join("data").is_file())
+        .count()
 }
 
 /// Ready when `/v2/` answers (plain HTTP) or the port accepts connections (TLS: the
