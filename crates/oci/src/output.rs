@@ -114,16 +114,18 @@ impl Push {
     }
 }
 
-/// Where a `docker://` output stages what it writes before the push: a hidden directory of
-/// the temp dir, removed with the staging layout's writer.
+/// Where a `docker://` output stages what it writes before the push: a hidden staging
+/// layout in the temp dir, named as an archive's (`.push-N.bakedb-staging.PID`) so that the
+/// next push removes it if this process is killed, removed with its writer otherwise.
 fn push_staging_dir() -> PathBuf {
     use std::sync::atomic::{AtomicUsize, Ordering};
     static NEXT: AtomicUsize = AtomicUsize::new(0);
-    std::env::temp_dir().join(format!(
-        ".bakedb-push.{}.{}",
-        std::process::id(),
+    let temp = std::env::temp_dir();
+    garbage::clean_beside_archive(&temp, "");
+    temp.join(garbage::staging_name(&format!(
+        "push-{}",
         NEXT.fetch_add(1, Ordering::Relaxed)
-    ))
+    )))
 }
 
 /// How every layer and the image of one build are written, given once.
