@@ -1087,7 +1087,14 @@ fn bad_reference_syntax() {
     let f = Fixture::new();
     for (output, needle) in [
         ("bogus", "oci:DIR:TAG"),
-        ("docker://example/app:1", "unknown transport"),
+        ("docker:example/app:1", "starts with docker://"),
+        ("docker://registry.example/App:1", "lower-case"),
+        ("docker://registry.example/app:bad tag", "tag"),
+        (
+            "docker://registry.example/app@sha256:123",
+            "not a sha256 digest",
+        ),
+        ("dir:out", "unknown transport"),
         ("oci:", "path is empty"),
         ("oci:out:bad tag", "tag"),
         ("oci:out:-x", "tag"),
