@@ -243,6 +243,113 @@ fn sqlite_master_under_write_load_every_generation_one_point_and_a_restart_conti
 }
 
 #[test]
+fn sqlite_generations_pushed_to_a_registry_each_pull_as_one_point() {
+    use bakedb_testkit::registry::{Registry, RegistryOptions};
+    let Some(skopeo) = crate::util::tool("skopeo") else {
+        return;
+    };
+    let Some(registry) = Registry::start(RegistryOptions::default()) else {
+        return;
+    };
+    let dir = test_dir();
+    let d = dir.path();
+    let master = d.join("app.db");
+    items_db(&master, 2000, true);
+    rusqlite::Connection::open(&master)
+        .unwrap()
+        .execute_batch("CREATE TABLE writes (id INTEGER PRIMARY KEY, v BLOB)")
+        .unwrap();
+    let repo = format!("{}/watch/app", registry.host());
+    let live = format!("docker://{repo}:live");
+    let writer = Writer::start(&master);
+    let mut watch = spawn_watch(
+        d,
+        &[
+            "--engine",
+            "sqlite",
+            "--source",
+            "app.db",
+            "--output",
+            &live,
+            "--tls-verify=false",
+            "--generations",
+            "3",
+            "--exec",
+            "echo \"$BAKEDB_GENERATION $BAKEDB_DIGEST $BAKEDB_IMAGE $BAKEDB_IMAGE_DIGEST\" >> pushed.txt",
+        ],
+        "watch",
+    );
+    wait_until("three pushed generations", Duration::from_secs(180), || {
+        watch.try_wait().unwrap().is_some()
+    });
+    drop(writer);
+    let log = log_of(d, "watch");
+    assert!(watch.wait().unwrap().success(), "{log}");
+    let pushed = std::fs::read_to_string(d.join("pushed.txt")).unwrap();
+    let lines: Vec<Vec<&str>> = pushed.lines().map(|l| l.split(' ').collect()).collect();
+    assert_eq!(lines.len(), 3, "{pushed}\n{log}");
+    let mut last_rows = 0;
+    for (i, line) in lines.iter().enumerate() {
+        let [_, digest, image, pinned] = line[..] else {
+            panic!("{line:?}")
+        };
+        assert_eq!(pinned, format!("{repo}@{digest}"));
+        // Pulled by digest as a replica's node would, checked, and read.
+        run_ok(bakedb(d).args([
+            "verify",
+            "--tls-verify=false",
+            &format!("docker://{pinned}"),
+        ]));
+        let tag = image.rsplit(':').next().unwrap();
+        run_ok(Command::new(&skopeo).current_dir(d).args([
+            "copy",
+            "--quiet",
+            "--src-tls-verify=false",
+            image,
+            &format!("oci:pulled:{tag}"),
+        ]));
+        let pulled = d.join("pulled");
+        let info = inspect(d, &format!("oci:{}:{tag}", pulled.display()));
+        assert_eq!(info["manifest_digest"], digest);
+        assert_eq!(
+            info["image_json"]["generation"].as_u64().unwrap_or(0),
+            i as u64
+        );
+        let (rows, max_id) = writes_of(d, &pulled, tag);
+        assert_eq!(rows, max_id, "{image}: not one consistent point");
+        assert!(rows >= last_rows);
+        last_rows = rows;
+    }
+    let out = run_ok(bakedb(d).args(["inspect", "--json", "--tls-verify=false", &live]));
+    let info: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        info["manifest_digest"], lines[2][1],
+        "the tag names the last generation"
+    );
+    // Each generation after the first sent its patch, not the database again.
+    let sizes: Vec<u64> = log
+        .lines()
+        .filter(|l| l.starts_with("bakedb watch: generation "))
+        .map(|l| {
+            let new = l.split(": ").nth(2).unwrap();
+            let (n, unit) = new.split_once(' ').unwrap();
+            let n: f64 = n.parse().unwrap();
+            (n * match &unit[..3] {
+                "B n" => 1.0,
+                "KiB" => 1024.0,
+                "MiB" => 1048576.0,
+                _ => 1073741824.0,
+            }) as u64
+        })
+        .collect();
+    assert_eq!(sizes.len(), 3, "{log}");
+    assert!(
+        sizes[1] * 4 < sizes[0] && sizes[2] * 4 < sizes[0],
+        "{sizes:?}\n{log}"
+    );
+}
+
+#[test]
 fn flags_that_cannot_work_are_refused_before_any_work() {
     let dir = test_dir();
     let d = dir.path();
