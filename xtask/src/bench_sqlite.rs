@@ -268,7 +268,7 @@ pub fn sqlite(options: &SqliteOptions) -> Result<()> {
 // Tools.
 
 /// "wrk debian/4.1.0-3+b2 [epoll]", or the way to install it.
-fn wrk_version() -> Result<String> {
+pub(crate) fn wrk_version() -> Result<String> {
     let out = Command::new("wrk")
         .arg("-v")
         .stdin(Stdio::null())
@@ -399,7 +399,7 @@ fn snapshot(bakedb: &Path, source: &Path, sqlite_dir: &Path, size_mib: u64) -> R
 }
 
 /// What the parameters may range over.
-struct Workload {
+pub(crate) struct Workload {
     db_bytes: u64,
     /// Largest id (ids are 1..=rows, none deleted).
     rows: i64,
@@ -410,7 +410,7 @@ struct Workload {
 }
 
 impl Workload {
-    fn read(db: &Path) -> Result<Workload> {
+    pub(crate) fn read(db: &Path) -> Result<Workload> {
         let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY)
             .with_context(|| format!("opening {}", db.display()))?;
         let rows: i64 = conn.query_row("SELECT max(id) FROM events", [], |r| r.get(0))?;
@@ -459,16 +459,16 @@ impl Workload {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Query {
+pub(crate) enum Query {
     Point,
     Range,
     Aggregate,
 }
 
 impl Query {
-    const ALL: [Query; 3] = [Query::Point, Query::Range, Query::Aggregate];
+    pub(crate) const ALL: [Query; 3] = [Query::Point, Query::Range, Query::Aggregate];
 
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Query::Point => "point lookup",
             Query::Range => "range scan",
@@ -610,7 +610,7 @@ fn request_path(datasette: bool, query: Query) -> (String, &'static str) {
 // Servers and HTTP.
 
 /// A server started for the benchmark; stopped (SIGTERM, then SIGKILL) when dropped.
-struct Server {
+pub(crate) struct Server {
     child: Option<Child>,
     addr: SocketAddr,
     log: PathBuf,
@@ -666,7 +666,7 @@ impl Server {
     }
 
     /// The server's first log line (bakedb-serve says how it serves).
-    fn first_line(&self) -> Option<String> {
+    pub(crate) fn first_line(&self) -> Option<String> {
         fs::read_to_string(&self.log)
             .ok()?
             .lines()
@@ -674,7 +674,7 @@ impl Server {
             .map(str::to_owned)
     }
 
-    fn stop(mut self) {
+    pub(crate) fn stop(mut self) {
         self.terminate();
     }
 
@@ -691,7 +691,12 @@ impl Drop for Server {
     }
 }
 
-fn start_serve(serve: &Path, db: &Path, config: &Config, scratch: &Path) -> Result<Server> {
+pub(crate) fn start_serve(
+    serve: &Path,
+    db: &Path,
+    config: &Config,
+    scratch: &Path,
+) -> Result<Server> {
     let port = free_port();
     let mut cmd = Command::new(serve);
     // Only the settings of the configuration: nothing inherited changes what is measured.
@@ -736,7 +741,12 @@ fn expected_for(workload: &Workload, query: Query) -> (i64, &str) {
     (*value, expected)
 }
 
-fn check_sample(server: &Server, datasette: bool, query: Query, workload: &Workload) -> Result<()> {
+pub(crate) fn check_sample(
+    server: &Server,
+    datasette: bool,
+    query: Query,
+    workload: &Workload,
+) -> Result<()> {
     let (value, expected) = expected_for(workload, query);
     let (prefix, suffix) = request_path(datasette, query);
     let answer = get(
@@ -761,13 +771,13 @@ fn check_sample(server: &Server, datasette: bool, query: Query, workload: &Workl
 // Load.
 
 /// A server configuration measured under load.
-struct Config {
-    id: &'static str,
-    label: String,
+pub(crate) struct Config {
+    pub(crate) id: &'static str,
+    pub(crate) label: String,
     /// What is different from the shipped defaults.
-    what: String,
-    env: Vec<(&'static str, String)>,
-    datasette: bool,
+    pub(crate) what: String,
+    pub(crate) env: Vec<(&'static str, String)>,
+    pub(crate) datasette: bool,
 }
 
 impl Config {
@@ -830,7 +840,7 @@ impl Config {
 }
 
 #[derive(Clone, Debug, Default)]
-struct LoadSample {
+pub(crate) struct LoadSample {
     /// 2xx answers per second.
     rps: f64,
     p50_ms: f64,
@@ -840,13 +850,13 @@ struct LoadSample {
     /// The server's user+sys CPU time per answer.
     server_cpu_ms: Option<f64>,
     /// Share of all cores other processes (not wrk, not the server) used.
-    other_load: Option<f64>,
+    pub(crate) other_load: Option<f64>,
 }
 
-struct Cell {
-    config: usize,
-    query: Query,
-    samples: Vec<LoadSample>,
+pub(crate) struct Cell {
+    pub(crate) config: usize,
+    pub(crate) query: Query,
+    pub(crate) samples: Vec<LoadSample>,
 }
 
 impl Cell {
@@ -854,23 +864,23 @@ impl Cell {
         median(self.samples.iter().filter_map(f))
     }
 
-    fn rps(&self) -> Option<f64> {
+    pub(crate) fn rps(&self) -> Option<f64> {
         self.median(|s| Some(s.rps))
     }
 
-    fn p50(&self) -> Option<f64> {
+    pub(crate) fn p50(&self) -> Option<f64> {
         self.median(|s| Some(s.p50_ms))
     }
 
-    fn p99(&self) -> Option<f64> {
+    pub(crate) fn p99(&self) -> Option<f64> {
         self.median(|s| Some(s.p99_ms))
     }
 
-    fn errors(&self) -> u64 {
+    pub(crate) fn errors(&self) -> u64 {
         self.samples.iter().map(|s| s.errors).sum()
     }
 
-    fn others(&self) -> Option<f64> {
+    pub(crate) fn others(&self) -> Option<f64> {
         self.samples
             .iter()
             .filter_map(|s| s.other_load)
@@ -878,18 +888,18 @@ impl Cell {
     }
 }
 
-struct LoadRun<'a> {
-    server: &'a Server,
-    datasette: bool,
-    query: Query,
-    workload: &'a Workload,
-    options: &'a SqliteOptions,
-    round: usize,
-    clk_tck: f64,
+pub(crate) struct LoadRun<'a> {
+    pub(crate) server: &'a Server,
+    pub(crate) datasette: bool,
+    pub(crate) query: Query,
+    pub(crate) workload: &'a Workload,
+    pub(crate) options: &'a SqliteOptions,
+    pub(crate) round: usize,
+    pub(crate) clk_tck: f64,
 }
 
 /// A warm-up, then the timed wrk run.
-fn load(run: &LoadRun<'_>, timer: &Timer, scratch: &Path) -> Result<LoadSample> {
+pub(crate) fn load(run: &LoadRun<'_>, timer: &Timer, scratch: &Path) -> Result<LoadSample> {
     let (prefix, suffix) = request_path(run.datasette, run.query);
     let (lo, hi) = run.workload.bounds(run.query);
     let script = |name: &str, seed: u64| -> Result<PathBuf> {
@@ -1033,7 +1043,7 @@ fn process_cpu_ticks(pid: u32) -> Option<u64> {
     Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
 }
 
-fn clock_ticks() -> f64 {
+pub(crate) fn clock_ticks() -> f64 {
     run_quiet(Command::new("getconf").arg("CLK_TCK"))
         .ok()
         .and_then(|s| s.trim().parse().ok())
@@ -1731,7 +1741,7 @@ impl Report<'_> {
 
 /// The ratio of the medians of req/s, and with several rounds the lowest and highest ratio
 /// of one round (both cells run in the same rounds): "1.04× (0.98–1.10)".
-fn rps_ratio(a: Option<&Cell>, b: Option<&Cell>) -> String {
+pub(crate) fn rps_ratio(a: Option<&Cell>, b: Option<&Cell>) -> String {
     let (Some(a), Some(b)) = (a, b) else {
         return "—".into();
     };

@@ -3,6 +3,8 @@
 
 mod bench;
 mod bench_build;
+mod bench_delta;
+mod bench_freshness;
 mod bench_init;
 mod bench_postgres;
 mod bench_sqlite;
@@ -37,6 +39,18 @@ commands:
                  to the first answered query, cold and warm; pgbench -S TPS against a default
                  server on a volume; bytes copied up into the container's writable layer; print
                  the table and write it to docs/benchmarks.md
+  bench delta [--size-mib N] [--generations N] [--runs N] [--rounds N] [--duration-s N]
+              [--connections N]
+                 re-bakes (`bakedb build --from`) of a live SQLite master after 1 % updates
+                 (random ids, one id range): time, patch layer and registry bytes against the
+                 changed pages alone and a full re-bake; bakedb-serve on 0/1/8 patch generations
+                 against the plain file; the full build against pigz -1; print the table and
+                 write it to docs/benchmarks.md
+  bench freshness [--size-mib N] [--generations N] [--peer-generations N]
+                 `bakedb watch` pushing to a local registry while a SQLite master commits 1 %
+                 updates (random ids, one id range): commit to digest pullable and to a fresh
+                 docker replica answering, p50/p99; bytes pushed against the changed pages;
+                 watch's peak RSS; docker build + push of the same change as the peer
   ci             fmt, clippy, cargo deny, fixtures, cargo test, fuzz (15 s a target): what
                  .ci/run runs
   fuzz [--seconds N] [TARGET...]
@@ -66,9 +80,15 @@ fn dispatch(args: &[String]) -> Result<()> {
         ["bench", "postgres", flags @ ..] => {
             bench_postgres::postgres(&bench_postgres::PostgresOptions::parse(flags)?)
         }
+        ["bench", "freshness", flags @ ..] => {
+            bench_freshness::freshness(&bench_freshness::FreshnessOptions::parse(flags)?)
+        }
+        ["bench", "delta", flags @ ..] => {
+            bench_delta::delta(&bench_delta::DeltaOptions::parse(flags)?)
+        }
         ["bench", ..] => {
             bail!(
-                "bench: expected `bench build`, `bench init`, `bench sqlite` or `bench postgres`\n\n{USAGE}"
+                "bench: expected `bench build`, `bench init`, `bench sqlite`, `bench postgres`, `bench delta` or `bench freshness`\n\n{USAGE}"
             )
         }
         ["ci"] => ci::run_ci(),
