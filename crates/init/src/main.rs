@@ -8,6 +8,7 @@
 //! Exit codes: 1 setup failed, 2 usage, 3 data verification failed, 126 command not
 //! executable, 127 command not found, otherwise the engine's own code (128+N for signal N).
 
+mod copy;
 mod image;
 mod json;
 mod patch;
@@ -42,7 +43,9 @@ COMMAND (normally the image's CMD).
   --root DIR     treat DIR as the container's root (tests, benchmarks, unpacked bundles)
 
 Environment: BAKEDB_VERIFY=off, BAKEDB_INIT_SUPERVISE=1, BAKEDB_RUN_AS_ROOT=1,
-BAKEDB_RUNTIME_DIR (default /tmp/bakedb), BAKEDB_VERIFY_THREADS (default: one per core).
+BAKEDB_RUNTIME_DIR (default /tmp/bakedb), BAKEDB_VERIFY_THREADS (default: one per core),
+BAKEDB_DATA_COPY_DIR (copy the data there, verified, and start the engine on the copy: for
+a read-only root filesystem, e.g. an emptyDir).
 Exit codes: 1 setup, 2 usage, 3 verification failed, 126/127 command not executable/found.";
 
 enum Failure {
@@ -171,20 +174,28 @@ struct Settings {
     runtime_dir: PathBuf,
     threads: usize,
     expected_digest: Option<String>,
+    /// BAKEDB_DATA_COPY_DIR: run the engine on a verified copy there (see copy.rs).
+    copy_dir: Option<PathBuf>,
 }
 
-fn settings() -> Result<Settings, Failure> {
-    let runtime_dir = match std::env::var("BAKEDB_RUNTIME_DIR") {
+/// An absolute path from the environment, or None when unset or empty.
+fn absolute_path(name: &str) -> Result<Option<PathBuf>, Failure> {
+    match std::env::var(name) {
         Ok(dir) if !dir.is_empty() => {
             if !dir.starts_with('/') {
                 return Err(Failure::Usage(format!(
-                    "BAKEDB_RUNTIME_DIR={dir:?} is not an absolute path"
+                    "{name}={dir:?} is not an absolute path"
                 )));
             }
-            PathBuf::from(dir)
+            Ok(Some(PathBuf::from(dir)))
         }
-        _ => PathBuf::from(profile::DEFAULT_RUNTIME_DIR),
-    };
+        _ => Ok(None),
+    }
+}
+
+fn settings() -> Result<Settings, Failure> {
+    let runtime_dir = absolute_path("BAKEDB_RUNTIME_DIR")?
+        .unwrap_or_else(|| PathBuf::from(profile::DEFAULT_RUNTIME_DIR));
     let threads = match std::env::var("BAKEDB_VERIFY_THREADS") {
         Ok(n) if !n.is_empty() => n.parse::<usize>().ok().filter(|n| *n > 0).ok_or_else(|| {
             Failure::Usage(format!(
@@ -200,6 +211,7 @@ fn settings() -> Result<Settings, Failure> {
         runtime_dir,
         threads,
         expected_digest: std::env::var("BAKEDB_DATA_DIGEST").ok(),
+        copy_dir: absolute_path("BAKEDB_DATA_COPY_DIR")?,
     })
 }
 
@@ -311,6 +323,7 @@ fn print_plan(
     identity: &Identity,
     launch: &Launch,
     supervise: bool,
+    copy_dir: Option<&Path>,
 ) {
     let data_dir = options.root.join(desc.data_dir.trim_start_matches('/'));
     let apply = composes(desc, &Mode::Run);
@@ -381,6 +394,19 @@ fn print_plan(
         println!(
             "  verify   off (BAKEDB_VERIFY=off): {} is not checked",
             data_dir.display()
+        );
+    }
+    if let Some(copy) = copy_dir {
+        println!(
+            "  copy     {} into {} (BAKEDB_DATA_COPY_DIR), verified as it is read{}, unless {} holds this image's copy already; the engine runs on the copy",
+            data_dir.display(),
+            copy.display(),
+            if settings.verify {
+                ""
+            } else {
+                " (BAKEDB_VERIFY=off does not apply)"
+            },
+            copy.join(profile::VERIFIED_STAMP).display()
         );
     }
     print_patches_plan(desc, apply, settings.verify);
@@ -500,6 +526,9 @@ fn data_failure(doing: &str) -> impl Fn(verify::Problem) -> Failure + '_ {
 /// order that trusts nothing unread: the page index and every file that is not composed
 /// (the patches among them), then every patch header, then composing, then the composed
 /// files. Without `apply` the patched files are verified as stored (their base).
+///
+/// With `copy_to` (which implies `check`), every file is copied there as stored while it is
+/// verified, and the patches are checked and composed in the copy, never in `data_dir`.
 fn prepare_data(
     desc: &Description,
     settings: &Settings,
@@ -507,7 +536,9 @@ fn prepare_data(
     data_dir: &Path,
     check: bool,
     apply: bool,
+    copy_to: Option<&Path>,
 ) -> Result<(), Failure> {
+    let target = copy_to.unwrap_or(data_dir);
     let started = Instant::now();
     let (mut files, mut bytes, mut threads) = (0, 0, 0);
     let mut hashed = |s: verify::Summary| {
@@ -519,33 +550,47 @@ fn prepare_data(
     if check {
         index_bytes = verify::check_page_index(desc, &options.root)
             .map_err(data_failure("verify the data"))?;
-        let pass = if apply {
+        // A copy takes every file whole, the patched ones as stored (their base).
+        let pass = if apply && copy_to.is_none() {
             verify::Pass::BeforeCompose
         } else {
             verify::Pass::Stored
         };
         hashed(
-            verify::check_data(desc, &options.root, settings.threads, pass)
-                .map_err(data_failure("verify the data"))?,
+            verify::check_dir(
+                desc,
+                data_dir,
+                settings.threads,
+                pass,
+                copy_to,
+                desc.profile.verify_first_start,
+            )
+            .map_err(data_failure(if copy_to.is_some() {
+                "copy the data"
+            } else {
+                "verify the data"
+            }))?,
         );
     }
     let (n_patched, n_patches) = patch_counts(desc);
     // Headers are checked in place mode too: the engine would only find a bad one later.
     if n_patched > 0 && (check || apply) {
-        patch::check_all(desc, data_dir).map_err(data_failure("verify the data"))?;
+        patch::check_all(desc, target).map_err(data_failure("verify the data"))?;
     }
     let mut composed = None;
     if apply {
         let composing = Instant::now();
-        let done = patch::compose_all(desc, data_dir).map_err(data_failure("apply the patches"))?;
+        let done = patch::compose_all(desc, target).map_err(data_failure("apply the patches"))?;
         composed = Some((done, composing.elapsed().as_secs_f64()));
         if check {
             hashed(
-                verify::check_data(
+                verify::check_dir(
                     desc,
-                    &options.root,
+                    target,
                     settings.threads,
                     verify::Pass::Composed,
+                    None,
+                    desc.profile.verify_first_start || copy_to.is_some(),
                 )
                 .map_err(data_failure("verify the data"))?,
             );
@@ -556,7 +601,7 @@ fn prepare_data(
         eprintln!(
             "bakedb-init: composed {} under {} from {} ({}, {} written) in {seconds:.2} s",
             plural(done.files, "file"),
-            desc.data_dir,
+            copy_to.map_or_else(|| desc.data_dir.clone(), |c| c.display().to_string()),
             plural(done.patches, "patch"),
             plural(done.pages as usize, "page"),
             human(done.bytes),
@@ -591,23 +636,56 @@ fn prepare_data(
             plural(n_patches, "patch")
         ),
     };
+    let rate = format!(
+        "{:.0} MB/s, {}",
+        (bytes + index_bytes) as f64 / seconds.max(1e-9) / 1e6,
+        plural(threads.max(1), "thread")
+    );
+    if let Some(copy) = copy_to {
+        // Every file is counted once, though a composed one was hashed twice (as stored
+        // while copied, composed after).
+        let (n_files, n_bytes, _) = verify::workload(desc, verify::Pass::Stored);
+        let composed = match (n_patched, apply) {
+            (0, _) => String::new(),
+            (n, true) => format!(", {} of them composed there", plural(n, "file")),
+            (n, false) => format!(", {} as stored", plural(n, "patched file")),
+        };
+        eprintln!(
+            "bakedb-init: copied and verified {}, {} from {} into {}{composed}{index} in {seconds:.2} s ({rate})",
+            plural(n_files, "file"),
+            human(n_bytes),
+            desc.data_dir,
+            copy.display(),
+        );
+        return Ok(());
+    }
     eprintln!(
-        "bakedb-init: verified {}, {} under {}{patched}{index} in {seconds:.2} s ({:.0} MB/s, {})",
+        "bakedb-init: verified {}, {} under {}{patched}{index} in {seconds:.2} s ({rate})",
         plural(files, "file"),
         human(bytes),
         desc.data_dir,
-        (bytes + index_bytes) as f64 / seconds.max(1e-9) / 1e6,
-        plural(threads.max(1), "thread"),
     );
     Ok(())
 }
 
 fn run(options: Options) -> Result<std::convert::Infallible, Failure> {
     let settings = settings()?;
-    let check = settings.verify || options.mode == Mode::VerifyOnly;
-    if !check && options.mode == Mode::Run {
+    // --verify-only checks the image as stored and writes nothing: no copy.
+    let copy_dir = settings
+        .copy_dir
+        .clone()
+        .filter(|_| options.mode != Mode::VerifyOnly);
+    // A copy is always verified as it is made: hashing costs less than the copy itself, and
+    // the copy's stamp says it was verified.
+    let check = settings.verify || options.mode == Mode::VerifyOnly || copy_dir.is_some();
+    if !settings.verify && options.mode == Mode::Run {
         eprintln!(
-            "bakedb-init: warning: BAKEDB_VERIFY=off: starting without checking the data against BAKEDB_DATA_DIGEST"
+            "{}",
+            if copy_dir.is_some() {
+                "bakedb-init: warning: BAKEDB_VERIFY=off does not apply to BAKEDB_DATA_COPY_DIR: the copy is verified as it is made"
+            } else {
+                "bakedb-init: warning: BAKEDB_VERIFY=off: starting without checking the data against BAKEDB_DATA_DIGEST"
+            }
         );
     }
     let desc = load_description(
@@ -615,6 +693,20 @@ fn run(options: Options) -> Result<std::convert::Infallible, Failure> {
         &settings,
         check && options.mode != Mode::Plan,
     )?;
+    if let Some(copy) = &copy_dir {
+        let data = Path::new(&desc.data_dir);
+        if copy.starts_with(data) || data.starts_with(copy) {
+            return Err(Failure::Usage(format!(
+                "BAKEDB_DATA_COPY_DIR={} overlaps the image's data directory {}; mount the volume for the copy beside it, e.g. /var/lib/bakedb-copy",
+                copy.display(),
+                desc.data_dir
+            )));
+        }
+    }
+    // Where the engine finds its data: the image's data directory, or the copy.
+    let engine_data_dir = copy_dir
+        .as_ref()
+        .map_or_else(|| desc.data_dir.clone(), |d| d.display().to_string());
     let identity = start::decide_identity(
         start::euid(),
         (desc.owner_uid, desc.owner_gid),
@@ -629,11 +721,19 @@ fn run(options: Options) -> Result<std::convert::Infallible, Failure> {
         &desc.profile,
         &options.command,
         &env,
-        &desc.data_dir,
+        &engine_data_dir,
         &settings.runtime_dir,
     );
     if options.mode == Mode::Plan {
-        print_plan(&desc, &settings, &options, &identity, &launch, supervise);
+        print_plan(
+            &desc,
+            &settings,
+            &options,
+            &identity,
+            &launch,
+            supervise,
+            copy_dir.as_deref(),
+        );
         std::process::exit(0);
     }
 
@@ -648,49 +748,11 @@ fn run(options: Options) -> Result<std::convert::Infallible, Failure> {
     // first start only; the stamp lives in the data directory, so it goes wherever the
     // engine's own writes go (kept by `docker restart`, gone in a new container).
     let data_dir = options.root.join(desc.data_dir.trim_start_matches('/'));
-    let stamp = data_dir.join(profile::VERIFIED_STAMP);
-    let first_start_only = desc.profile.verify_first_start && options.mode == Mode::Run;
     let apply = composes(&desc, &options.mode);
-    // The stamp also means "composed" (it is written after the composed files were
-    // verified), so it is read when verification is off too: composing again over what the
-    // engine has written since would undo its writes.
-    let done_before = match (
-        first_start_only && (check || apply),
-        settings.expected_digest.as_deref(),
-    ) {
-        (true, Some(digest)) => stamp_matches(&stamp, digest)?,
-        _ => false,
-    };
-    if done_before {
-        eprintln!(
-            "bakedb-init: {} was {} at this container's first start ({} says so); {} has written to it since, so {}",
-            desc.data_dir,
-            if apply {
-                "verified and its patches applied"
-            } else {
-                "verified"
-            },
-            stamp.display(),
-            desc.engine,
-            if apply {
-                "nothing is verified or composed again"
-            } else {
-                "it is not verified again"
-            }
-        );
+    if let Some(copy) = &copy_dir {
+        start_copy(&desc, &settings, &options, &data_dir, copy, apply)?;
     } else {
-        prepare_data(&desc, &settings, &options, &data_dir, check, apply)?;
-        if check && first_start_only {
-            let digest = settings.expected_digest.as_deref().unwrap_or_default();
-            if let Err(e) = write_stamp(&stamp, digest) {
-                eprintln!(
-                    "bakedb-init: warning: cannot write {} ({e}): a restart of this container will verify{} again, and fail once {} has written to its data",
-                    stamp.display(),
-                    if apply { " and compose" } else { "" },
-                    desc.engine
-                );
-            }
-        }
+        start_in_place(&desc, &settings, &options, &data_dir, check, apply)?;
     }
     if options.mode == Mode::VerifyOnly {
         std::process::exit(0);
@@ -719,6 +781,112 @@ fn run(options: Options) -> Result<std::convert::Infallible, Failure> {
     }
     let (code, message) = start::exec(&program, &launch.argv, &launch.env, &passthrough);
     Err(Failure::Exec(code, message))
+}
+
+/// The data in the image's data directory, as the engine will read it: verified (at every
+/// start, or with a stamp at the container's first) and composed in place.
+fn start_in_place(
+    desc: &Description,
+    settings: &Settings,
+    options: &Options,
+    data_dir: &Path,
+    check: bool,
+    apply: bool,
+) -> Result<(), Failure> {
+    // An engine that writes into its data directory (postgres) verifies at the container's
+    // first start only; the stamp lives in the data directory, so it goes wherever the
+    // engine's own writes go (kept by `docker restart`, gone in a new container).
+    let stamp = data_dir.join(profile::VERIFIED_STAMP);
+    let first_start_only = desc.profile.verify_first_start && options.mode == Mode::Run;
+    // The stamp also means "composed" (it is written after the composed files were
+    // verified), so it is read when verification is off too: composing again over what the
+    // engine has written since would undo its writes.
+    let done_before = match (
+        first_start_only && (check || apply),
+        settings.expected_digest.as_deref(),
+    ) {
+        (true, Some(digest)) => stamp_matches(&stamp, digest)?,
+        _ => false,
+    };
+    if done_before {
+        eprintln!(
+            "bakedb-init: {} was {} at this container's first start ({} says so); {} has written to it since, so {}",
+            desc.data_dir,
+            if apply {
+                "verified and its patches applied"
+            } else {
+                "verified"
+            },
+            stamp.display(),
+            desc.engine,
+            if apply {
+                "nothing is verified or composed again"
+            } else {
+                "it is not verified again"
+            }
+        );
+    } else {
+        prepare_data(desc, settings, options, data_dir, check, apply, None)?;
+        if check && first_start_only {
+            let digest = settings.expected_digest.as_deref().unwrap_or_default();
+            if let Err(e) = write_stamp(&stamp, digest) {
+                eprintln!(
+                    "bakedb-init: warning: cannot write {} ({e}): a restart of this container will verify{} again, and fail once {} has written to its data",
+                    stamp.display(),
+                    if apply { " and compose" } else { "" },
+                    desc.engine
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// BAKEDB_DATA_COPY_DIR (copy.rs): the data copied into `copy`, verified as it is read,
+/// composed there, and stamped; or, on a restart that finds this image's stamp, used as the
+/// engine left it.
+fn start_copy(
+    desc: &Description,
+    settings: &Settings,
+    options: &Options,
+    data_dir: &Path,
+    copy: &Path,
+    apply: bool,
+) -> Result<(), Failure> {
+    let digest = settings
+        .expected_digest
+        .as_deref()
+        .expect("load_description checked BAKEDB_DATA_DIGEST");
+    match copy::state(copy, digest).map_err(Failure::Setup)? {
+        copy::State::Done => {
+            eprintln!(
+                "bakedb-init: {} holds this image's data, copied and verified{} at this container's first start ({} says so); {} may have written to it since, so nothing is copied or verified again",
+                copy.display(),
+                if apply {
+                    " and its patches applied"
+                } else {
+                    ""
+                },
+                copy.join(profile::VERIFIED_STAMP).display(),
+                desc.engine
+            );
+            return Ok(());
+        }
+        copy::State::Unfinished(why) => {
+            eprintln!("bakedb-init: {why}: removing it and copying again");
+            copy::clear(copy).map_err(Failure::Setup)?;
+        }
+        copy::State::Empty => {}
+    }
+    copy::begin(copy).map_err(Failure::Setup)?;
+    prepare_data(desc, settings, options, data_dir, true, apply, Some(copy))?;
+    write_stamp(&copy.join(profile::VERIFIED_STAMP), digest).map_err(|e| {
+        Failure::Setup(format!(
+            "writing {}: {e}",
+            copy.join(profile::VERIFIED_STAMP).display()
+        ))
+    })?;
+    copy::finish(copy).map_err(Failure::Setup)
 }
 
 fn main() {

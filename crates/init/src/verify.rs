@@ -183,7 +183,7 @@ pub fn check_page_index(desc: &Description, root: &Path) -> Result<u64, Problem>
             of: 1,
             form,
         };
-        hash_piece(&piece, &(file, path), &[], &mut buf)?;
+        hash_piece(&piece, &(file, path), None, &[], &mut buf)?;
         bytes += size;
     }
     Ok(bytes)
@@ -215,6 +215,7 @@ fn check_shape(
     desc: &Description,
     data_dir: &Path,
     pass: Pass,
+    skip_stamps: bool,
 ) -> Result<Vec<(u64, u64)>, Problem> {
     let top = fs::symlink_metadata(data_dir)
         .map_err(|e| io_problem(format!("data directory {}", data_dir.display()), e))?;
@@ -260,9 +261,12 @@ fn check_shape(
             let meta = fs::symlink_metadata(&path)
                 .map_err(|e| io_problem(path.display().to_string(), e))?;
             let t = meta.file_type();
-            if rel.is_empty() && desc.profile.verify_first_start && name.starts_with(VERIFIED_STAMP)
+            if rel.is_empty()
+                && skip_stamps
+                && (name.starts_with(VERIFIED_STAMP) || name == crate::copy::MARKER)
             {
-                // init's own stamp, written after a verification; not data.
+                // init's own stamp, written after a verification, or its copy's marker; not
+                // data.
                 continue;
             }
             if t.is_dir() && allowed_dirs.contains(&child_rel) {
@@ -388,8 +392,9 @@ impl Form {
     }
 }
 
-/// Verify the data files in the form `pass` expects; returns what was hashed. `threads` 0
-/// means one per core.
+/// Verify the data files of the image rooted at `root` in the form `pass` expects; returns
+/// what was hashed. `threads` 0 means one per core.
+#[cfg(test)]
 pub fn check_data(
     desc: &Description,
     root: &Path,
@@ -397,7 +402,33 @@ pub fn check_data(
     pass: Pass,
 ) -> Result<Summary, Problem> {
     let data_dir = root.join(desc.data_dir.trim_start_matches('/'));
-    let identities = check_shape(desc, &data_dir, pass)?;
+    check_dir(
+        desc,
+        &data_dir,
+        threads,
+        pass,
+        None,
+        desc.profile.verify_first_start,
+    )
+}
+
+/// Verify the data files under `data_dir` (the image's data directory, or a copy of it) in
+/// the form `pass` expects. With `copy_to`, every byte hashed is also written to the same
+/// file and offset under that directory (empty: the tree is created here first), so the
+/// copy is made by the one read that verifies it. `skip_stamps`: init's stamp and copy
+/// marker at the top of `data_dir` are not data.
+pub fn check_dir(
+    desc: &Description,
+    data_dir: &Path,
+    threads: usize,
+    pass: Pass,
+    copy_to: Option<&Path>,
+    skip_stamps: bool,
+) -> Result<Summary, Problem> {
+    // A copy holds every file whole, as stored; composing happens in the copy afterwards.
+    debug_assert!(copy_to.is_none() || pass == Pass::Stored);
+    let data_dir = data_dir.to_owned();
+    let identities = check_shape(desc, &data_dir, pass, skip_stamps)?;
 
     let mut pieces = Vec::new();
     let (mut files, mut bytes) = (0, 0);
@@ -440,6 +471,9 @@ pub fn check_data(
         .iter()
         .map(|f| expect(f, pass).content.map_or(0, |c| c.size))
         .collect();
+    if let Some(to) = copy_to {
+        crate::copy::create_tree(desc, to, &sizes)?;
+    }
     let threads = if threads == 0 {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     } else {
@@ -462,6 +496,7 @@ pub fn check_data(
         let range = bounds[worker]..bounds[worker + 1];
         let mut buf = vec![0u8; READ_SIZE];
         let mut own: Option<(usize, (File, PathBuf))> = None;
+        let mut target: Option<(File, PathBuf)> = None;
         for index in range {
             if stop.load(Ordering::Relaxed) {
                 return;
@@ -469,11 +504,18 @@ pub fn check_data(
             let piece = &pieces[index];
             if own.as_ref().is_none_or(|(f, _)| *f != piece.file) {
                 let f = &desc.files[piece.file];
-                match open_checked(
+                let opened = open_checked(
                     &data_dir.join(&f.path),
                     sizes[piece.file],
                     identities[piece.file],
-                ) {
+                )
+                .and_then(|handle| {
+                    target = copy_to
+                        .map(|to| crate::copy::open_target(&to.join(&f.path)))
+                        .transpose()?;
+                    Ok(handle)
+                });
+                match opened {
                     Ok(handle) => own = Some((piece.file, handle)),
                     Err(problem) => {
                         fail(&stop, &failure, index, problem);
@@ -482,7 +524,7 @@ pub fn check_data(
                 }
             }
             let handle = &own.as_ref().expect("opened above").1;
-            if let Err(problem) = hash_piece(piece, handle, &sizes, &mut buf) {
+            if let Err(problem) = hash_piece(piece, handle, target.as_ref(), &sizes, &mut buf) {
                 fail(&stop, &failure, index, problem);
                 return;
             }
@@ -504,6 +546,9 @@ pub fn check_data(
     });
     if let Some((_, message)) = failure.into_inner().unwrap_or_else(|e| e.into_inner()) {
         return Err(message);
+    }
+    if let Some(to) = copy_to {
+        crate::copy::set_modes(desc, &data_dir, to)?;
     }
     Ok(Summary {
         files,
@@ -593,10 +638,12 @@ fn open_checked(
 }
 
 /// Hash one piece and compare; `sizes` are the expected sizes of the files, by index (for
-/// the message when a file ends early), and `chunks` in a message is taken from them.
+/// the message when a file ends early), and `chunks` in a message is taken from them. With
+/// `target`, every byte read is also written there at the same offset (a copy).
 fn hash_piece(
     piece: &Piece,
     (file, path): &(File, PathBuf),
+    target: Option<&(File, PathBuf)>,
     sizes: &[u64],
     buf: &mut [u8],
 ) -> Result<(), Problem> {
@@ -626,6 +673,19 @@ fn hash_piece(
             }
         };
         hasher.update(&buf[..n]);
+        if let Some((copy, copy_path)) = target {
+            copy.write_all_at(&buf[..n], offset).map_err(|e| {
+                Problem::Access(format!(
+                    "writing {} at byte {offset}: {e}{}",
+                    copy_path.display(),
+                    if e.raw_os_error() == Some(libc::ENOSPC) {
+                        "; the copy directory needs room for the whole data (and what the engine writes)"
+                    } else {
+                        ""
+                    }
+                ))
+            })?;
+        }
         offset += n as u64;
     }
     let got: [u8; 32] = hasher.finalize().into();

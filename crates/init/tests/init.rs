@@ -1157,3 +1157,329 @@ fn root_composes_as_the_data_owner() {
     let meta = fs::metadata(&app_db).unwrap();
     assert_eq!((meta.uid(), meta.mode() & 0o7777), (65532, 0o644));
 }
+
+// ---------------------------------------------------------------------------------------
+// BAKEDB_DATA_COPY_DIR: the engine runs on a verified copy on a writable volume (what a
+// read-only root filesystem needs for an engine that writes its data directory).
+
+/// Every regular file under `dir` with its mode and bytes, relative paths.
+fn files_under(dir: &Path) -> Vec<(PathBuf, u32, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let meta = fs::symlink_metadata(&p).unwrap();
+            if meta.is_dir() {
+                stack.push(p);
+            } else {
+                let rel = p.strip_prefix(dir).unwrap().to_owned();
+                out.push((
+                    rel,
+                    meta.permissions().mode() & 0o7777,
+                    fs::read(&p).unwrap(),
+                ));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn mode_of(path: &Path) -> u32 {
+    fs::symlink_metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+/// An empty directory for the copy, inside the test's root (removed with it).
+fn copy_dir(root: &Root) -> PathBuf {
+    let dir = root.dir.join("copy");
+    fs::create_dir(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn the_copy_is_verified_stamped_and_the_command_runs_on_it() {
+    let r = root("copy", SQLITE_PROFILE);
+    let copy = copy_dir(&r);
+    let image_data = r.dir.join("var/lib/bakedb");
+    let before = files_under(&image_data);
+    let o = out(init(&r).env("BAKEDB_DATA_COPY_DIR", &copy).args([
+        "sh",
+        "-c",
+        "echo db=$BAKEDB_DATABASE",
+    ]));
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert_eq!(
+        text(&o.stdout),
+        format!("db={}/app.db\n", copy.display()),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "bakedb-init: copied and verified 2 files, 9.78 KiB from /var/lib/bakedb into {} in ",
+            copy.display()
+        )),
+        "{err}"
+    );
+    // The copy is the image's data, byte for byte and mode for mode, plus the stamp; the
+    // image's data directory is untouched.
+    let mut copied = files_under(&copy);
+    let stamp = copied
+        .iter()
+        .position(|(p, _, _)| p == Path::new(".bakedb-verified"))
+        .expect("no stamp in the copy");
+    assert_eq!(
+        text(&copied.remove(stamp).2),
+        format!("{}\n", r.digest),
+        "the stamp holds the verified digest"
+    );
+    assert_eq!(copied, before);
+    assert_eq!(files_under(&image_data), before);
+
+    // A restart (the volume outlives the container) finds the stamp: nothing is copied or
+    // verified again, and what the engine wrote to its copy stays.
+    fs::write(copy.join("app.db"), b"the engine wrote this").unwrap();
+    let o = out(init(&r).env("BAKEDB_DATA_COPY_DIR", &copy).arg("true"));
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains(
+            "holds this image's data, copied and verified at this container's first start"
+        ) && !err.contains("copied and verified 2 files"),
+        "{err}"
+    );
+    assert_eq!(
+        fs::read(copy.join("app.db")).unwrap(),
+        b"the engine wrote this"
+    );
+}
+
+#[test]
+fn an_unfinished_copy_or_another_images_copy_is_made_again() {
+    let r = root("copyagain", SQLITE_PROFILE);
+    let copy = copy_dir(&r);
+    let image_data = r.dir.join("var/lib/bakedb");
+    fn killed_half_way(copy: &Path) {
+        fs::write(copy.join(".bakedb-copying"), b"").unwrap();
+        fs::write(copy.join("app.db"), b"half").unwrap();
+        fs::create_dir_all(copy.join("sub/dir")).unwrap();
+    }
+    fn another_image(copy: &Path) {
+        fs::write(copy.join(".bakedb-verified"), "sha256:0000\n").unwrap();
+        fs::write(copy.join("app.db"), b"old data").unwrap();
+        fs::create_dir_all(copy.join("sub")).unwrap();
+    }
+    type LayOut = fn(&Path);
+    let cases: [(&str, LayOut); 2] = [
+        ("a copy killed half-way", killed_half_way),
+        ("a copy of another image", another_image),
+    ];
+    for (what, lay_out) in cases {
+        lay_out(&copy);
+        let o = out(init(&r).env("BAKEDB_DATA_COPY_DIR", &copy).arg("true"));
+        let err = text(&o.stderr);
+        assert_eq!(o.status.code(), Some(0), "{what}: {err}");
+        assert!(
+            err.contains("removing it and copying again")
+                && err.contains("copied and verified 2 files"),
+            "{what}: {err}"
+        );
+        let mut copied = files_under(&copy);
+        copied.retain(|(p, _, _)| p != Path::new(".bakedb-verified"));
+        assert_eq!(copied, files_under(&image_data), "{what}");
+        assert!(!copy.join("sub").exists(), "{what}: old files stayed");
+        assert!(!copy.join(".bakedb-copying").exists(), "{what}");
+        copy::empty(&copy);
+    }
+}
+
+/// Helpers shared by the copy tests.
+mod copy {
+    use std::fs;
+    use std::path::Path;
+
+    pub fn empty(dir: &Path) {
+        for e in fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                fs::remove_dir_all(&p).unwrap();
+            } else {
+                fs::remove_file(&p).unwrap();
+            }
+        }
+    }
+}
+
+#[test]
+fn a_copy_dir_with_other_files_is_refused_and_left_alone() {
+    let r = root("copyforeign", SQLITE_PROFILE);
+    let copy = copy_dir(&r);
+    fs::write(copy.join("someones-data"), b"keep").unwrap();
+    let ran = r.dir.join("ran");
+    let o = out(init(&r)
+        .env("BAKEDB_DATA_COPY_DIR", &copy)
+        .args(["touch", ran.to_str().unwrap()]));
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "bakedb-init: BAKEDB_DATA_COPY_DIR {} is not empty (someones-data) and holds no copy init made",
+            copy.display()
+        )),
+        "{err}"
+    );
+    assert!(!ran.exists(), "the command ran");
+    assert_eq!(fs::read(copy.join("someones-data")).unwrap(), b"keep");
+    assert_eq!(fs::read_dir(&copy).unwrap().count(), 1);
+
+    // No directory there (no volume mounted), or one inside the data directory.
+    let o = out(init(&r)
+        .env("BAKEDB_DATA_COPY_DIR", r.dir.join("absent"))
+        .arg("true"));
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("mount a writable volume there"),
+        "{}",
+        text(&o.stderr)
+    );
+    for (overlap, code) in [
+        ("/var/lib/bakedb/copy", 2),
+        ("/var/lib", 2),
+        ("relative", 2),
+    ] {
+        let o = out(init(&r).env("BAKEDB_DATA_COPY_DIR", overlap).arg("true"));
+        assert_eq!(
+            o.status.code(),
+            Some(code),
+            "{overlap}: {}",
+            text(&o.stderr)
+        );
+    }
+}
+
+#[test]
+fn tampered_data_is_not_started_and_the_copy_is_made_again_next_time() {
+    let r = root("copytamper", SQLITE_PROFILE);
+    let copy = copy_dir(&r);
+    let big = r.dir.join("var/lib/bakedb/big.db");
+    let original = fs::read(&big).unwrap();
+    let mut tampered = original.clone();
+    tampered[5000] ^= 1;
+    fs::write(&big, &tampered).unwrap();
+    let ran = r.dir.join("ran");
+    let o = out(init(&r)
+        .env("BAKEDB_DATA_COPY_DIR", &copy)
+        .args(["touch", ran.to_str().unwrap()]));
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("big.db: bytes 4096..8192 (chunk 2 of 3) have sha256"),
+        "{err}"
+    );
+    assert!(!ran.exists(), "the command ran");
+    assert!(copy.join(".bakedb-copying").exists(), "no marker left");
+    assert!(
+        !copy.join(".bakedb-verified").exists(),
+        "a stamp was written"
+    );
+    // BAKEDB_VERIFY=off does not skip the copy's verification.
+    let o = out(init(&r)
+        .env("BAKEDB_DATA_COPY_DIR", &copy)
+        .env("BAKEDB_VERIFY", "off")
+        .arg("true"));
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("BAKEDB_VERIFY=off does not apply to BAKEDB_DATA_COPY_DIR"),
+        "{}",
+        text(&o.stderr)
+    );
+
+    fs::write(&big, &original).unwrap();
+    let o = out(init(&r).env("BAKEDB_DATA_COPY_DIR", &copy).arg("true"));
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert_eq!(fs::read(copy.join("big.db")).unwrap(), original);
+}
+
+/// A first-start engine (postgres) on a patched image: the patches are composed in the copy,
+/// never in the image's data directory, the copy's directories keep the image's modes, and
+/// the stamp goes into the copy.
+#[test]
+fn patches_are_composed_in_the_copy() {
+    let profile = r#"{"name": "postgres-readonly", "verify": "first-start", "patches": "apply", "args": ["-D", "{data_dir}/app.db"]}"#;
+    let c = patched_chain("copypatched", profile, &unchanged);
+    fs::set_permissions(c.data().join(".patches"), fs::Permissions::from_mode(0o750)).unwrap();
+    let copy = copy_dir(&c.root);
+    let before = c.snapshot();
+    let o = out(init(&c.root)
+        .env("BAKEDB_DATA_COPY_DIR", &copy)
+        .args(["echo", "started"]));
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert_eq!(
+        text(&o.stdout),
+        format!("-D {}/app.db started\n", copy.display())
+    );
+    assert!(
+        err.contains(&format!(
+            "bakedb-init: composed 1 file under {} from 2 patches",
+            copy.display()
+        )) && err.contains("copied and verified 4 files, 17.20 KiB from /var/lib/bakedb into ")
+            && err.contains(", 1 file of them composed there and 3 page index files"),
+        "{err}"
+    );
+    assert_eq!(fs::read(copy.join("app.db")).unwrap(), c.composed);
+    assert_eq!(fs::read(copy.join("other.db")).unwrap(), c.other);
+    assert_eq!(
+        fs::read(copy.join(".patches/2/app.db")).unwrap(),
+        c.patches[1]
+    );
+    assert_eq!(mode_of(&copy.join(".patches")), 0o750);
+    assert_eq!(
+        mode_of(&copy.join(".patches/1")),
+        mode_of(&c.data().join(".patches/1"))
+    );
+    assert_eq!(mode_of(&copy.join("app.db")), 0o644);
+    assert_eq!(
+        fs::read_to_string(copy.join(".bakedb-verified")).unwrap(),
+        format!("{}\n", c.root.digest)
+    );
+    assert_eq!(
+        c.snapshot(),
+        before,
+        "the image's data or /etc/bakedb changed"
+    );
+    assert!(!c.data().join(".bakedb-verified").exists());
+}
+
+#[test]
+fn plan_names_the_copy_and_writes_nothing() {
+    let r = root("copyplan", SQLITE_PROFILE);
+    let copy = copy_dir(&r);
+    let o = out(init(&r)
+        .env("BAKEDB_DATA_COPY_DIR", &copy)
+        .args(["--plan", "true"]));
+    let plan = text(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    for line in [
+        format!(
+            "  copy     {}/var/lib/bakedb into {} (BAKEDB_DATA_COPY_DIR), verified as it is read, unless {}/.bakedb-verified holds this image's copy already",
+            r.dir.display(),
+            copy.display(),
+            copy.display()
+        ),
+        format!(
+            "  tune     profile sqlite-readonly: env BAKEDB_DATABASE={}/app.db",
+            copy.display()
+        ),
+    ] {
+        assert!(plan.contains(&line), "plan lacks {line:?}:\n{plan}");
+    }
+    assert_eq!(fs::read_dir(&copy).unwrap().count(), 0);
+    // --verify-only checks the image as stored and copies nothing.
+    let o = out(init(&r)
+        .env("BAKEDB_DATA_COPY_DIR", &copy)
+        .arg("--verify-only"));
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert_eq!(fs::read_dir(&copy).unwrap().count(), 0);
+}
