@@ -290,6 +290,68 @@ mod tests {
         fs::remove_dir_all(&dir).unwrap();
     }
 
+    fn description(dirs: &[&str], files: &[&str]) -> Description {
+        let files: Vec<String> = files
+            .iter()
+            .map(|f| {
+                format!(
+                    r#"{{"path": "{f}", "size": 0, "mode": "0644", "sha256": "{}"}}"#,
+                    "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+                )
+            })
+            .collect();
+        let dirs: Vec<String> = dirs.iter().map(|d| format!("{d:?}")).collect();
+        let text = format!(
+            r#"{{"schema": 1, "engine": "postgres", "data_dir": "/var/lib/bakedb", "chunk_size": 1000,
+               "owner": {{"uid": 1, "gid": 1}}, "dirs": [{}], "files": [{}]}}"#,
+            dirs.join(","),
+            files.join(",")
+        );
+        crate::image::parse(text.as_bytes()).unwrap()
+    }
+
+    /// The copy's directories are those image.json lists (empty ones too: PostgreSQL needs
+    /// pg_notify, pg_tblspc...) and every parent of a file, each once, parents before
+    /// children, so that `create_tree` can make them in order and `set_modes` (which walks
+    /// them backwards) sets a parent's mode after its children's.
+    #[test]
+    fn the_copy_has_every_listed_and_parent_directory_parents_first() {
+        let desc = description(
+            &["pgdata", "pgdata/pg_notify", "pgdata/base"],
+            &["pgdata/base/1/1259", "pgdata/global/pg_control", "top.db"],
+        );
+        assert_eq!(
+            dirs(&desc),
+            [
+                "pgdata",
+                "pgdata/base",
+                "pgdata/base/1",
+                "pgdata/global",
+                "pgdata/pg_notify"
+            ]
+        );
+        let dir = scratch("tree");
+        create_tree(&desc, &dir, &[3, 0, 5]).unwrap();
+        assert!(dir.join("pgdata/pg_notify").is_dir());
+        assert_eq!(
+            fs::metadata(dir.join("pgdata/base/1/1259")).unwrap().len(),
+            3
+        );
+        assert_eq!(fs::metadata(dir.join("top.db")).unwrap().len(), 5);
+        // Until set_modes: owner-only, so nothing can be put into the copy meanwhile.
+        for path in ["pgdata", "pgdata/base/1", "top.db"] {
+            let mode = fs::metadata(dir.join(path)).unwrap().mode() & 0o777;
+            assert_eq!(mode & 0o077, 0, "{path}: {mode:o}");
+        }
+        // Nothing already there is opened or overwritten.
+        let e = create_tree(&desc, &dir, &[3, 0, 5]).unwrap_err();
+        assert!(
+            matches!(&e, Problem::Access(m) if m.contains("File exists")),
+            "{e:?}"
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn clear_removes_links_without_following_them() {
         let dir = scratch("clear");

@@ -650,6 +650,17 @@ fn prepare_data(
             (n, true) => format!(", {} of them composed there", plural(n, "file")),
             (n, false) => format!(", {} as stored", plural(n, "patched file")),
         };
+        // The page index files are verified where they are, not copied: the engine never
+        // reads them.
+        let index = if desc.page_index.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ", and verified {} ({}) in place,",
+                plural(desc.page_index.len(), "page index file"),
+                human(index_bytes)
+            )
+        };
         eprintln!(
             "bakedb-init: copied and verified {}, {} from {} into {}{composed}{index} in {seconds:.2} s ({rate})",
             plural(n_files, "file"),

@@ -718,6 +718,7 @@ fn hash_piece(
 mod tests {
     use super::*;
     use crate::image;
+    use std::os::unix::fs::PermissionsExt;
 
     /// A data dir and its image.json, written the way bakedb build does, with tiny chunks.
     struct Fixture {
@@ -944,6 +945,84 @@ mod tests {
                 err.contains(message),
                 "{name}: {err:?} should contain {message:?}"
             );
+        }
+    }
+
+    /// Every file under `dir` (relative path, mode, bytes), sorted.
+    fn tree(dir: &Path) -> Vec<(PathBuf, u32, Vec<u8>)> {
+        let mut found = Vec::new();
+        let mut todo = vec![dir.to_owned()];
+        while let Some(d) = todo.pop() {
+            for entry in fs::read_dir(&d).unwrap() {
+                let path = entry.unwrap().path();
+                let meta = fs::symlink_metadata(&path).unwrap();
+                let rel = path.strip_prefix(dir).unwrap().to_owned();
+                if meta.is_dir() {
+                    found.push((rel, meta.mode() & 0o7777, Vec::new()));
+                    todo.push(path);
+                } else {
+                    found.push((rel, meta.mode() & 0o7777, fs::read(&path).unwrap()));
+                }
+            }
+        }
+        found.sort();
+        found
+    }
+
+    /// BAKEDB_DATA_COPY_DIR: the copy is written by the read that verifies, each worker
+    /// writing the chunks it hashed at their offsets; on any thread count (chunks of one
+    /// file split across workers) it is the data byte for byte, and, once `set_modes` ran,
+    /// mode for mode.
+    #[test]
+    fn the_copy_made_while_verifying_is_the_data_on_any_thread_count() {
+        let (fx, desc) = fixture("copy");
+        let data = fx.root.join("var/lib/bakedb");
+        fs::set_permissions(data.join("sub"), fs::Permissions::from_mode(0o750)).unwrap();
+        fs::set_permissions(data.join("small.db"), fs::Permissions::from_mode(0o600)).unwrap();
+        let mut desc = desc;
+        desc.files[0].mode = 0o600;
+        let original = tree(&data);
+        for threads in [1, 2, 3, 8] {
+            let copy = fx.root.join(format!("copy-{threads}"));
+            fs::create_dir(&copy).unwrap();
+            let s = check_dir(&desc, &data, threads, Pass::Stored, Some(&copy), false).unwrap();
+            assert_eq!((s.files, s.bytes), (2, 5200));
+            crate::copy::set_modes(&desc, &data, &copy).unwrap();
+            assert_eq!(tree(&copy), original, "{threads} threads");
+            // The copy verifies as data in its own right.
+            check_dir(&desc, &copy, threads, Pass::Stored, None, false).unwrap();
+        }
+        assert_eq!(tree(&data), original, "the image's data was changed");
+    }
+
+    #[test]
+    fn a_copy_of_tampered_data_fails_as_the_data_does() {
+        let (fx, desc) = fixture("copybad");
+        let data = fx.root.join("var/lib/bakedb");
+        fs::OpenOptions::new()
+            .write(true)
+            .open(data.join("sub/big.db"))
+            .unwrap()
+            .write_at(b"\xff", 4100)
+            .unwrap();
+        let copy = fx.root.join("copy");
+        fs::create_dir(&copy).unwrap();
+        match check_dir(&desc, &data, 2, Pass::Stored, Some(&copy), false) {
+            Err(Problem::Mismatch(m)) => assert!(
+                m.contains("sub/big.db: bytes 4000..4500 (chunk 5 of 5) have sha256"),
+                "{m}"
+            ),
+            Err(Problem::Access(m)) => panic!("not a mismatch: {m}"),
+            Ok(_) => panic!("tampering went unnoticed while copying"),
+        }
+        // The copy's tree is laid out before the data is read: a second copy into the same
+        // directory does not overwrite it (init clears an unfinished copy first).
+        match check_dir(&desc, &data, 2, Pass::Stored, Some(&copy), false) {
+            Err(Problem::Access(m)) => assert!(m.contains("File exists"), "{m}"),
+            other => panic!(
+                "copied over an existing tree: {:?}",
+                other.err().map(|_| ())
+            ),
         }
     }
 

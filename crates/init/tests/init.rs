@@ -1425,7 +1425,7 @@ fn patches_are_composed_in_the_copy() {
             "bakedb-init: composed 1 file under {} from 2 patches",
             copy.display()
         )) && err.contains("copied and verified 4 files, 17.20 KiB from /var/lib/bakedb into ")
-            && err.contains(", 1 file of them composed there and 3 page index files"),
+            && err.contains(", 1 file of them composed there, and verified 3 page index files (90 B) in place, in "),
         "{err}"
     );
     assert_eq!(fs::read(copy.join("app.db")).unwrap(), c.composed);
