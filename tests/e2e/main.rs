@@ -12,6 +12,7 @@ mod delta;
 mod errors;
 mod golden;
 mod init;
+mod kubernetes;
 mod limits;
 mod pg_sources;
 mod postgres;

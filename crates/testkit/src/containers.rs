@@ -182,6 +182,52 @@ impl<C: Fn() -> Command> Container<C> {
         run(&mut self.cmd(&["start", "--attach", &self.name]))
     }
 
+    /// Poll `ready` until it says yes (Ok); panic with the container's log when the
+    /// container stops first or `patience` runs out. `what` names the condition.
+    pub fn wait_until(
+        &self,
+        what: &str,
+        patience: Duration,
+        ready: &dyn Fn() -> Result<(), String>,
+    ) {
+        let started = Instant::now();
+        loop {
+            let last = match ready() {
+                Ok(()) => return,
+                Err(e) => e,
+            };
+            assert!(
+                self.running(),
+                "{} stopped ({}) before {what} ({last}):\n{}",
+                self.name,
+                self.exit_code(),
+                self.logs()
+            );
+            assert!(
+                started.elapsed() < patience,
+                "{}: not {what} after {patience:?} ({last}):\n{}",
+                self.name,
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Until the container has stopped (`patience` at most); its exit code.
+    pub fn wait_stopped(&self, patience: Duration) -> i64 {
+        let started = Instant::now();
+        while self.running() {
+            assert!(
+                started.elapsed() < patience,
+                "{} still runs after {patience:?}:\n{}",
+                self.name,
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.exit_code()
+    }
+
     /// What `diff` lists: every path added, changed or deleted in the writable layer.
     pub fn diff(&self) -> Vec<String> {
         let out = run_ok(&mut self.cmd(&["diff", &self.name]));

@@ -7,20 +7,28 @@
 //! - [`process`]: running programs, stopping children.
 //! - [`dirs`], [`ports`]: fresh test directories, unique names, free ports.
 //! - [`http`]: a minimal HTTP/1.1 client; [`serve`]: bakedb-serve's API through it.
-//! - [`containers`]: docker, podman and runc containers and images, removed when dropped.
+//! - [`containers`]: docker, podman and runc containers and images, removed when dropped;
+//!   [`kube`]: `podman kube play` of a Kubernetes manifest.
+//! - [`netns`]: network namespaces, a test's own or a container's, entered from the host;
+//!   [`confinement`]: a process's user, capabilities, seccomp and mounts as the kernel sees
+//!   them.
 //! - [`fixtures`]: the base image fixtures built by xtask/scripts, and SQLite databases.
 //! - [`pg`]: real PostgreSQL servers (primaries, standbys, restarts) and a write load.
 //! - [`registry`]: docker-registry instances of a test's own (htpasswd, TLS with the kit's
-//!   CA); [`proxy`]: a TCP proxy that cuts connections mid-request.
+//!   CA), images pushed to the shared one; [`proxy`]: a TCP proxy that cuts connections
+//!   mid-request.
 //!
 //! Functions meant for tests panic with a message that says what failed; the ones a bench
 //! needs as well return [`Error`].
 
+pub mod confinement;
 pub mod containers;
 pub mod dirs;
 mod error;
 pub mod fixtures;
 pub mod http;
+pub mod kube;
+pub mod netns;
 pub mod pg;
 pub mod ports;
 pub mod process;

@@ -1,7 +1,7 @@
 //! Registries a test starts itself: `docker-registry` (distribution) on a free 127.0.0.1
 //! port with its storage in a temp dir, optionally behind htpasswd basic auth and TLS with a
 //! CA the kit makes with openssl; stopped and removed when dropped. The shared registry of
-//! .ci/run is [`crate::tools::registry`].
+//! .ci/run is [`crate::tools::registry`]; [`push_pinned`] puts an image there with skopeo.
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -237,6 +237,30 @@ fn make_ca_and_server_cert(dir: &Path) {
     ]));
     std::fs::create_dir(dir.join("certs")).unwrap();
     std::fs::copy(dir.join("ca.crt"), dir.join("certs/ca.crt")).unwrap();
+}
+
+/// `skopeo copy` of `reference` (e.g. oci:image:v1, relative to `dir`) to
+/// `docker://{repo}:{tag}` over plain HTTP; panics unless the registry then serves the
+/// manifest `digest` (the one bakedb built) under that tag. Returns `repo@digest`, the image
+/// pinned as a Kubernetes manifest names it.
+pub fn push_pinned(dir: &Path, reference: &str, repo: &str, tag: &str, digest: &str) -> String {
+    let skopeo = tools::tool("skopeo").expect("skopeo is installed");
+    let remote = format!("docker://{repo}:{tag}");
+    run_ok(Command::new(&skopeo).current_dir(dir).args([
+        "copy",
+        "--quiet",
+        "--dest-tls-verify=false",
+        reference,
+        &remote,
+    ]));
+    let out = run_ok(Command::new(&skopeo).args(["inspect", "--tls-verify=false", &remote]));
+    let inspect: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("skopeo inspect {remote}: {e}"));
+    assert_eq!(
+        inspect["Digest"], digest,
+        "the registry serves another manifest under {remote}"
+    );
+    format!("{repo}@{digest}")
 }
 
 /// An auth file (containers-auth.json(5), also docker's config.json) holding `user` and
