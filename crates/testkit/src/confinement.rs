@@ -80,3 +80,41 @@ impl Confinement<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_process_is_read_as_the_kernel_sees_it() {
+        let pid = std::process::id();
+        let uid = crate::tools::effective_uid();
+        assert_eq!(
+            proc_status(pid, "Uid").split(' ').nth(1),
+            Some(uid.to_string().as_str())
+        );
+        assert!(mounts(pid).iter().any(|(point, _)| point == "/"));
+    }
+
+    #[test]
+    fn an_unconfined_process_fails_the_check_naming_what() {
+        // The test runner is not a confined container process: a uid it does not have, or
+        // (as root) capabilities, or a writable root fail the check.
+        let pid = std::process::id();
+        let other = crate::tools::effective_uid().wrapping_add(1);
+        let failed = std::panic::catch_unwind(|| {
+            Confinement {
+                uid: other,
+                gid: other,
+                writable: &[],
+            }
+            .assert_holds(pid, "the test runner")
+        });
+        let message = failed.expect_err("an unconfined process passed");
+        let message = message
+            .downcast_ref::<String>()
+            .cloned()
+            .unwrap_or_default();
+        assert!(message.contains("the test runner: uid"), "{message}");
+    }
+}

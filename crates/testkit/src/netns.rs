@@ -98,3 +98,43 @@ pub fn on_thread_in_netns_of_pid<T: Send>(pid: u32, f: impl FnOnce() -> T + Send
         .unwrap_or_else(|e| std::panic::resume_unwind(e))
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_command_keeps_its_program_arguments_directory_and_environment_in_a_netns() {
+        let mut cmd = Command::new("/usr/bin/podman");
+        cmd.args(["kube", "play", "m.yaml"])
+            .current_dir("/tmp")
+            .env("CONTAINERS_CONF", "/x/containers.conf")
+            .env_remove("PGPASSWORD");
+        let wrapped = in_netns(Path::new("/run/netns/n"), &cmd);
+        assert_eq!(wrapped.get_program(), "nsenter");
+        let args: Vec<_> = wrapped.get_args().collect();
+        assert_eq!(
+            args,
+            [
+                "--net=/run/netns/n",
+                "--",
+                "/usr/bin/podman",
+                "kube",
+                "play",
+                "m.yaml"
+            ]
+        );
+        assert_eq!(wrapped.get_current_dir(), Some(Path::new("/tmp")));
+        let envs: Vec<_> = wrapped.get_envs().collect();
+        assert!(envs.contains(&(
+            "CONTAINERS_CONF".as_ref(),
+            Some("/x/containers.conf".as_ref())
+        )));
+        assert!(envs.contains(&("PGPASSWORD".as_ref(), None)));
+        let of_pid = in_netns_of_pid(42, &cmd);
+        assert_eq!(
+            of_pid.get_args().next(),
+            Some("--net=/proc/42/ns/net".as_ref())
+        );
+    }
+}
