@@ -188,6 +188,14 @@ fn manifests_are_valid_kubernetes_and_keep_their_promises() {
                 "{engine}: {probe}"
             );
         }
+        // Each probe asks the engine itself: bakedb-serve's /healthz on its port (by number:
+        // podman turns a named port into 0), pg_isready in the image.
+        let probe = if engine == "sqlite" {
+            "httpGet:\n              path: /healthz\n              port: 8080\n"
+        } else {
+            "exec:\n              command: [\"pg_isready\", \"-q\"]\n"
+        };
+        assert_eq!(text.matches(probe).count(), 3, "{engine}: {probe:?}");
         let grace: u64 = one_value(&text, "terminationGracePeriodSeconds")
             .parse()
             .unwrap();
