@@ -240,7 +240,7 @@ fn manifests_are_valid_kubernetes_and_keep_their_promises() {
 
 /// The tools the podman tests need, and root (network namespaces, a pod's /proc).
 fn podman_tools() -> Option<PathBuf> {
-    let podman = util::tool("podman")?;
+    let podman = bakedb_testkit::containers::podman()?;
     for t in ["skopeo", "nsenter", "ip"] {
         util::tool(t)?;
     }
