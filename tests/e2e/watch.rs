@@ -84,6 +84,17 @@ fn writes_of(d: &Path, layout: &Path, tag: &str) -> (i64, i64) {
     counts
 }
 
+/// `app.db` in `d`: 2000 items (WAL) and the empty table the writer fills.
+fn master_db(d: &Path) -> std::path::PathBuf {
+    let master = d.join("app.db");
+    items_db(&master, 2000, true);
+    rusqlite::Connection::open(&master)
+        .unwrap()
+        .execute_batch("CREATE TABLE writes (id INTEGER PRIMARY KEY, v BLOB)")
+        .unwrap();
+    master
+}
+
 fn metric(addr: std::net::SocketAddr, name: &str) -> String {
     let r = http::get(addr, "/metrics");
     assert_eq!(r.status, 200);
@@ -97,12 +108,7 @@ fn metric(addr: std::net::SocketAddr, name: &str) -> String {
 fn sqlite_master_under_write_load_every_generation_one_point_and_a_restart_continues() {
     let dir = test_dir();
     let d = dir.path();
-    let master = d.join("app.db");
-    items_db(&master, 2000, true);
-    rusqlite::Connection::open(&master)
-        .unwrap()
-        .execute_batch("CREATE TABLE writes (id INTEGER PRIMARY KEY, v BLOB)")
-        .unwrap();
+    let master = master_db(d);
     let layout = d.join("out");
     let live = format!("oci:{}:live", layout.display());
     let metrics = free_addr();
@@ -253,12 +259,7 @@ fn sqlite_generations_pushed_to_a_registry_each_pull_as_one_point() {
     };
     let dir = test_dir();
     let d = dir.path();
-    let master = d.join("app.db");
-    items_db(&master, 2000, true);
-    rusqlite::Connection::open(&master)
-        .unwrap()
-        .execute_batch("CREATE TABLE writes (id INTEGER PRIMARY KEY, v BLOB)")
-        .unwrap();
+    let master = master_db(d);
     let repo = format!("{}/watch/app", registry.host());
     let live = format!("docker://{repo}:live");
     let writer = Writer::start(&master);
