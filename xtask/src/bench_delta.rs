@@ -270,13 +270,23 @@ pub fn delta(options: &DeltaOptions) -> Result<()> {
     bench::report::publish(&root, "delta", report.markdown(), &scratch)
 }
 
-/// A fresh master: the generated database as it was (rollback journal, no WAL).
+/// A fresh master: a copy of the generated database, in rollback-journal mode.
 pub(crate) fn copy_master(generated: &Path, master: &Path) -> Result<()> {
     for suffix in ["-journal", "-wal", "-shm"] {
         let _ = fs::remove_file(master.with_extension(format!("db{suffix}")));
     }
     fs::copy(generated, master)
         .with_context(|| format!("copying {} to {}", generated.display(), master.display()))?;
+    // The generated file is in WAL mode; in rollback mode every commit is in the file itself,
+    // so comparing its pages before and after a commit finds exactly what the commit changed.
+    let mode: String = Connection::open(master)?.query_row(
+        "PRAGMA journal_mode = DELETE",
+        [],
+        |r| r.get(0),
+    )?;
+    if mode != "delete" {
+        bail!("{}: journal_mode stayed {mode}", master.display());
+    }
     Ok(())
 }
 
