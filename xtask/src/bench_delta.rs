@@ -279,11 +279,8 @@ pub(crate) fn copy_master(generated: &Path, master: &Path) -> Result<()> {
         .with_context(|| format!("copying {} to {}", generated.display(), master.display()))?;
     // The generated file is in WAL mode; in rollback mode every commit is in the file itself,
     // so comparing its pages before and after a commit finds exactly what the commit changed.
-    let mode: String = Connection::open(master)?.query_row(
-        "PRAGMA journal_mode = DELETE",
-        [],
-        |r| r.get(0),
-    )?;
+    let mode: String =
+        Connection::open(master)?.query_row("PRAGMA journal_mode = DELETE", [], |r| r.get(0))?;
     if mode != "delete" {
         bail!("{}: journal_mode stayed {mode}", master.display());
     }
