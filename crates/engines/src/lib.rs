@@ -12,6 +12,7 @@
 pub mod datafiles;
 pub mod delta;
 pub mod image_json;
+pub mod mariadb;
 pub mod postgres;
 pub mod sqlite;
 
@@ -38,6 +39,9 @@ pub enum Error {
     /// `step` may be empty when the caller's context already says what was being done.
     #[error("{}{detail}", if step.is_empty() { String::new() } else { format!("{step}: ") })]
     Postgres { step: String, detail: String },
+    /// `step` may be empty when the caller's context already says what was being done.
+    #[error("{}{detail}", if step.is_empty() { String::new() } else { format!("{step}: ") })]
+    Mariadb { step: String, detail: String },
     #[error("{op} {}", path.display())]
     Io {
         op: &'static str,
@@ -72,6 +76,7 @@ impl Error {
             Error::Source { .. }
             | Error::Sqlite { .. }
             | Error::Postgres { .. }
+            | Error::Mariadb { .. }
             | Error::Io { .. } => Blame::Source,
         }
     }
@@ -292,7 +297,7 @@ pub enum PatchMode {
 }
 
 /// Every engine bakedb can bake, in `--engine`'s order.
-pub static ENGINES: [&dyn Engine; 2] = [&sqlite::Sqlite, &postgres::Postgres];
+pub static ENGINES: [&dyn Engine; 3] = [&sqlite::Sqlite, &postgres::Postgres, &mariadb::Mariadb];
 
 /// The engine called `name`.
 pub fn engine(name: &str) -> Option<&'static dyn Engine> {

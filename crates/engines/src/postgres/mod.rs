@@ -26,6 +26,7 @@ use std::path::Path;
 
 pub use conn::{Source, is_url, redact};
 pub use engine::Postgres;
+pub(crate) use image::passwd_user;
 pub use image::{
     Base, Fit, data_major, load_snapshot_dir, profile, wants_base_file, write_snapshot_meta,
 };
