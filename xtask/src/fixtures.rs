@@ -19,10 +19,19 @@ pub fn postgres() -> Result<PathBuf> {
     Ok(base_image("postgres", true)?)
 }
 
+/// A MariaDB base image as an OCI layout (tags `latest` and the release series), built with
+/// umoci from this machine's Debian mariadb-server and mariadb-client packages: the stand-in
+/// for the official `mariadb` image.
+pub fn mariadb() -> Result<PathBuf> {
+    Ok(base_image("mariadb", true)?)
+}
+
 pub fn run_fixtures() -> Result<()> {
     let busybox = busybox()?;
     println!("busybox base: oci:{}:latest", busybox.display());
     let postgres = postgres()?;
     println!("postgres base: oci:{}:latest", postgres.display());
+    let mariadb = mariadb()?;
+    println!("mariadb base: oci:{}:latest", mariadb.display());
     Ok(())
 }

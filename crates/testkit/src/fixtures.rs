@@ -56,6 +56,15 @@ pub fn postgres_base() -> PathBuf {
         .clone()
 }
 
+/// The MariaDB base image fixture (tags `latest` and the release series), built from
+/// Debian's mariadb packages: the stand-in for the official mariadb image.
+pub fn mariadb_base() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| or_panic(base_image("mariadb", false)))
+        .clone()
+}
+
 /// items(id, name, price, data): `rows` rows, an index on name, a view `cheap` (the database
 /// bakedb-serve's tests and the e2e tests of its image both query, so both expect the same
 /// answers). In WAL mode, like a live application's, when `wal`.

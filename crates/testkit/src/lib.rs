@@ -14,6 +14,8 @@
 //!   them.
 //! - [`fixtures`]: the base image fixtures built by xtask/scripts, and SQLite databases.
 //! - [`pg`]: real PostgreSQL servers (primaries, standbys, restarts) and a write load.
+//! - [`mariadb`]: real MariaDB servers (binlog on, a seed with every kind of object) and a
+//!   write load.
 //! - [`registry`]: docker-registry instances of a test's own (htpasswd, TLS with the kit's
 //!   CA), images pushed to the shared one; [`proxy`]: a TCP proxy that cuts connections
 //!   mid-request.
@@ -28,6 +30,7 @@ mod error;
 pub mod fixtures;
 pub mod http;
 pub mod kube;
+pub mod mariadb;
 pub mod netns;
 pub mod pg;
 pub mod ports;
