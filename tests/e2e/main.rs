@@ -14,6 +14,7 @@ mod golden;
 mod init;
 mod kubernetes;
 mod limits;
+mod mariadb;
 mod pg_sources;
 mod postgres;
 mod registry;
