@@ -59,8 +59,8 @@ pub struct BuildArgs {
     /// Database engine of the source.
     #[arg(long, value_name = "ENGINE", value_parser = engine_parser())]
     engine: String,
-    /// The live database (SQLite: a database file; PostgreSQL: a postgresql:// URI) or a
-    /// directory written by `bakedb snapshot`.
+    /// The live database (SQLite: a database file; PostgreSQL: a postgresql:// URI; MariaDB:
+    /// a mysql:// URI of a server on this machine) or a directory written by `bakedb snapshot`.
     #[arg(long, value_name = "SOURCE")]
     source: PathBuf,
     /// Directory of the PostgreSQL server tools (pg_basebackup, postgres, ...).
@@ -145,7 +145,7 @@ pub struct BuildArgs {
     #[arg(
         long,
         value_name = "UID:GID",
-        long_help = "Numeric owner of the data files and the image's User. Default: 65532:65532 for sqlite; for postgres the base image's `postgres` user from its /etc/passwd (999:999 in the official images)."
+        long_help = "Numeric owner of the data files and the image's User. Default: 65532:65532 for sqlite; for postgres the base image's `postgres` user, for mariadb its `mysql` user, from its /etc/passwd (999:999 in the official images)."
     )]
     user: Option<String>,
     /// Fail instead of replacing an existing tag or archive.
@@ -163,7 +163,8 @@ pub struct SnapshotArgs {
     /// Database engine of the source.
     #[arg(long, value_name = "ENGINE", value_parser = engine_parser())]
     engine: String,
-    /// The live database (SQLite: a database file; PostgreSQL: a postgresql:// URI).
+    /// The live database (SQLite: a database file; PostgreSQL: a postgresql:// URI; MariaDB:
+    /// a mysql:// URI of a server on this machine).
     #[arg(long, value_name = "SOURCE")]
     source: PathBuf,
     /// Directory to write the snapshot into (must not exist or be empty).
