@@ -15,11 +15,27 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use bakedb_testkit::containers::{Container, docker_cli, podman_cli};
-use bakedb_testkit::mariadb::{APP_PASSWORD, APP_USER, MariaServer, MariaWriteLoad, maria_tools};
+use bakedb_testkit::mariadb::{
+    APP_PASSWORD, APP_USER, ED_PASSWORD, ED_USER, MariaServer, MariaWriteLoad, maria_tools,
+};
 use bakedb_testkit::ports::free_port;
 
 use crate::require;
 use crate::util::{self, bakedb, run, run_ok, stderr, stdout, test_dir, unique_name};
+
+/// `mariadb` over TCP to 127.0.0.1:`port` as `user`, no option files.
+fn tcp(client: &Path, port: u16, user: &str, password: Option<&str>, sql: &str) -> Output {
+    let mut cmd = Command::new(client);
+    cmd.args(["--no-defaults", "--protocol=tcp", "-h", "127.0.0.1"])
+        .arg(format!("-P{port}"))
+        .args(["-u", user]);
+    if let Some(p) = password {
+        cmd.arg(format!("-p{p}"));
+    }
+    run(cmd
+        .args(["--batch", "--skip-column-names", "-e", sql])
+        .stdin(Stdio::null()))
+}
 
 /// Where the server's data lives in every mariadb image bakedb builds.
 const DATADIR: &str = "/var/lib/bakedb/mysql";
@@ -79,12 +95,12 @@ impl Replica {
 
     /// `mariadb` over TCP as the application's account, with its password.
     fn app(&self, sql: &str) -> Output {
-        run(Command::new(&self.client)
-            .args(["--no-defaults", "--protocol=tcp", "-h", "127.0.0.1"])
-            .arg(format!("-P{}", self.port))
-            .args(["-u", APP_USER, &format!("-p{APP_PASSWORD}")])
-            .args(["--batch", "--skip-column-names", "-e", sql])
-            .stdin(Stdio::null()))
+        self.tcp(APP_USER, Some(APP_PASSWORD), sql)
+    }
+
+    /// `mariadb` over TCP as `user`.
+    fn tcp(&self, user: &str, password: Option<&str>, sql: &str) -> Output {
+        tcp(&self.client, self.port, user, password, sql)
     }
 
     fn read(&self, sql: &str) -> String {
@@ -169,39 +185,72 @@ impl Replica {
 /// load, and the load running.
 struct Live {
     server: MariaServer,
+    /// Whether root could log in over TCP (without a password) on the source.
+    root_over_tcp: bool,
     answers: Vec<String>,
     seq_before_load: u64,
-    load: MariaWriteLoad,
 }
 
 fn gtid_seq(gtid: &str) -> u64 {
     gtid.rsplit('-').next().unwrap().parse().unwrap()
 }
 
-fn live_source(dir: &Path) -> Option<Live> {
+fn live_source(dir: &Path) -> Option<(Live, MariaWriteLoad)> {
     std::fs::create_dir_all(dir).unwrap();
     let server = MariaServer::start(dir)?;
     server.seed();
     let answers = SEED_CHECKS.iter().map(|sql| server.sql(sql)).collect();
     let seq_before_load = gtid_seq(&server.sql("SELECT @@gtid_binlog_pos"));
+    let root_over_tcp = tcp(
+        server.client_path(),
+        server.port(),
+        "root",
+        None,
+        "SELECT 1",
+    )
+    .status
+    .success();
     let load = server.write_load();
-    Some(Live {
-        server,
-        answers,
-        seq_before_load,
+    Some((
+        Live {
+            server,
+            root_over_tcp,
+            answers,
+            seq_before_load,
+        },
         load,
-    })
+    ))
 }
 
 /// The checks every replica passes: the seed as the source answered it; the write load's
 /// rows exactly those at the binlog position image.json records; writes refused.
-fn check_replica(
-    replica: &Replica,
-    live_answers: &[String],
-    seq_before_load: u64,
-    image_json: &Value,
-) {
+fn check_replica(replica: &Replica, live: &Live, image_json: &Value) {
+    let (live_answers, seq_before_load) = (&live.answers, live.seq_before_load);
     replica.wait_ready();
+    // The source's accounts with their passwords and plugins; root over TCP as the source
+    // allowed it.
+    assert!(
+        replica
+            .tcp(ED_USER, Some(ED_PASSWORD), "SELECT 1")
+            .status
+            .success()
+    );
+    assert!(
+        !replica
+            .tcp(ED_USER, Some("wrong"), "SELECT 1")
+            .status
+            .success()
+    );
+    assert!(
+        !replica
+            .tcp(APP_USER, Some("wrong"), "SELECT 1")
+            .status
+            .success()
+    );
+    assert_eq!(
+        replica.tcp("root", None, "SELECT 1").status.success(),
+        live.root_over_tcp
+    );
     for (sql, want) in SEED_CHECKS.iter().zip(live_answers) {
         assert_eq!(&replica.read(sql), want, "{sql}");
     }
@@ -301,7 +350,7 @@ fn mariadb_docker_replica_of_a_live_server_under_write_load() {
     let dir = test_dir();
     let d = dir.path();
     let base = base_ref();
-    let Some(live) = live_source(&d.join("source")) else {
+    let Some((live, load)) = live_source(&d.join("source")) else {
         return;
     };
     let name = format!("bakedb-e2e/{}:v1", unique_name("maria"));
@@ -311,8 +360,8 @@ fn mariadb_docker_replica_of_a_live_server_under_write_load() {
             .arg(live.server.url())
             .args(["--base", &base, "--output", "oci:img:v1"]),
     );
-    let after = live.load.committed();
-    let total = live.load.stop();
+    let after = load.committed();
+    let total = load.stop();
     assert!(total >= after);
     let built: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(
@@ -382,7 +431,7 @@ fn mariadb_docker_replica_of_a_live_server_under_write_load() {
     assert_eq!(config["User"], "999:999");
 
     let replica = Replica::start(docker_cli(&docker), &image.name, &[], &tools.client);
-    check_replica(&replica, &live.answers, live.seq_before_load, &image_json);
+    check_replica(&replica, &live, &image_json);
     let logs = replica.logs();
     assert!(logs.contains("bakedb-init: verified"), "{logs}");
     assert!(logs.contains("InnoDB: Started in read only mode"), "{logs}");
@@ -476,7 +525,7 @@ fn mariadb_podman_replica_from_a_snapshot_directory() {
     let dir = test_dir();
     let d = dir.path();
     let base = base_ref();
-    let Some(live) = live_source(&d.join("source")) else {
+    let Some((live, load)) = live_source(&d.join("source")) else {
         return;
     };
     run_ok(
@@ -486,7 +535,7 @@ fn mariadb_podman_replica_from_a_snapshot_directory() {
             ])
             .arg(live.server.url()),
     );
-    live.load.stop();
+    load.stop();
     let meta: Value =
         serde_json::from_slice(&std::fs::read(d.join("snap/snapshot.json")).unwrap()).unwrap();
     assert_eq!(meta["engine"], "mariadb");
@@ -520,7 +569,7 @@ fn mariadb_podman_replica_from_a_snapshot_directory() {
         ],
         &tools.client,
     );
-    check_replica(&replica, &live.answers, live.seq_before_load, &image_json);
+    check_replica(&replica, &live, &image_json);
     replica.stop_cleanly();
     run_ok(&mut replica.cmd(&["start", &replica.name]));
     replica.wait_ready();

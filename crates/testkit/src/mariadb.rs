@@ -40,6 +40,9 @@ pub const BACKUP_PASSWORD: &str = "bakedb-secret";
 /// The application's account (mysql_native_password): SELECT, INSERT on `app`.
 pub const APP_USER: &str = "app";
 pub const APP_PASSWORD: &str = "app-secret";
+/// An account with the ed25519 plugin (INSTALL SONAME 'auth_ed25519' in the seed).
+pub const ED_USER: &str = "edu";
+pub const ED_PASSWORD: &str = "ed-secret";
 /// Rows of each seeded table.
 pub const SEED_ROWS: i64 = 1000;
 
@@ -289,14 +292,19 @@ impl MariaServer {
 
     /// The seed: the backup account; database `app` with `items_innodb`, `items_aria` and
     /// `items_myisam` (SEED_ROWS each), a view, a trigger that counts inserts into a MyISAM
-    /// table, a procedure, and the `app` account with a mysql_native_password password.
+    /// table, a procedure, the `app` account with a mysql_native_password password and the
+    /// `edu` account with an ed25519 one (the plugin installed from the server's plugin
+    /// directory, so mysql.plugin names it).
     pub fn seed(&self) {
         let mut sql = format!(
             "CREATE USER '{BACKUP_USER}'@'127.0.0.1' IDENTIFIED BY '{BACKUP_PASSWORD}';
              GRANT RELOAD, PROCESS, LOCK TABLES, BINLOG MONITOR ON *.* TO '{BACKUP_USER}'@'127.0.0.1';
              CREATE USER '{APP_USER}'@'%' IDENTIFIED VIA mysql_native_password USING PASSWORD('{APP_PASSWORD}');
+             INSTALL SONAME 'auth_ed25519';
+             CREATE USER '{ED_USER}'@'%' IDENTIFIED VIA ed25519 USING PASSWORD('{ED_PASSWORD}');
              CREATE DATABASE app;
              GRANT SELECT, INSERT, UPDATE, DELETE, EXECUTE ON app.* TO '{APP_USER}'@'%';
+             GRANT SELECT ON app.* TO '{ED_USER}'@'%';
              USE app;
              CREATE TABLE counts (name VARCHAR(32) PRIMARY KEY, n BIGINT NOT NULL) ENGINE=MyISAM;
              INSERT INTO counts VALUES ('innodb', 0);

@@ -682,6 +682,19 @@ pub fn snapshot(req: &Request, progress: &mut dyn FnMut(&str)) -> Result<Snapsho
             .map_or(0, |d| d.subsec_nanos())
     ));
     let user = scratch_user()?;
+    if let Some((uid, gid)) = user
+        && let Some(blocked) = crate::postgres::unreachable_ancestor(out_dir, uid, gid)
+    {
+        use std::os::unix::fs::MetadataExt;
+        return Err(err(
+            "preparing the scratch server",
+            format!(
+                "bakedb runs as root, so the scratch server runs as the mysql user ({uid}:{gid}), which cannot enter {} (mode {:04o}); choose a directory it can reach, e.g. under /tmp or /var/tmp",
+                blocked.display(),
+                fs::metadata(&blocked).map_or(0, |m| m.mode() & 0o7777)
+            ),
+        ));
+    }
     let result = (|| {
         fs::create_dir(&run_dir).map_err(io("creating", &run_dir))?;
         if let Some((uid, gid)) = user {

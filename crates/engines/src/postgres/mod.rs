@@ -30,6 +30,7 @@ pub(crate) use image::passwd_user;
 pub use image::{
     Base, Fit, data_major, load_snapshot_dir, profile, wants_base_file, write_snapshot_meta,
 };
+pub(crate) use scratch::unreachable_ancestor;
 pub use snapshot::{Request, collect, snapshot};
 pub use source::{ACCEPT_VALUES, Accept, Findings, SourceInfo, probe_source};
 pub use tools::Tools;
