@@ -344,7 +344,7 @@ pub fn compose_all(desc: &Description, data_dir: &Path) -> Result<Composed, Prob
     let mut done = Composed::default();
     for file in desc.patched() {
         let path = data_dir.join(&file.path);
-        let target = open_for_writing(&path)?;
+        let (target, restore_mode) = open_for_writing(&path)?;
         for patch in &file.patches {
             let patch = Patch::open(&data_dir.join(patch), patch_size(desc, patch), &mut buf)?;
             patch.apply(&target, &path, &mut buf)?;
@@ -352,14 +352,64 @@ pub fn compose_all(desc: &Description, data_dir: &Path) -> Result<Composed, Prob
             done.pages += patch.header.count;
             done.bytes += patch.header.count * patch.header.page_size;
         }
+        if let Some(mode) = restore_mode {
+            use std::os::unix::fs::PermissionsExt;
+            target
+                .set_permissions(std::fs::Permissions::from_mode(mode))
+                .map_err(|e| {
+                    write_problem(format!("restoring the mode of {}", path.display()), e)
+                })?;
+        }
         done.files += 1;
     }
     Ok(done)
 }
 
 /// The data file, for writing only if it is a regular file: O_NOFOLLOW (no link), O_NONBLOCK
-/// (a FIFO swapped in opens at once), then fstat.
-fn open_for_writing(path: &Path) -> Result<File, Problem> {
+/// (a FIFO swapped in opens at once), then fstat. A file the image ships without its owner's
+/// write bit (MariaDB's data is 0440, so that MyISAM and Aria open it O_RDONLY and nothing
+/// is copied up) is given the bit through a read-only descriptor of it (fchmod: no path to
+/// swap in between) and returned with the mode to restore once it is composed.
+fn open_for_writing(path: &Path) -> Result<(File, Option<u32>), Problem> {
+    match open_writable(path) {
+        Err(Problem::Access(why)) if !is_writable_by_owner(path) => {
+            use std::os::unix::fs::{MetadataExt, PermissionsExt};
+            let read_only = regular::open(path, regular::Links::Refuse)
+                .map_err(|_| Problem::Access(why.clone()))?;
+            let meta = read_only
+                .metadata()
+                .map_err(|e| io_problem(path.display().to_string(), e))?;
+            // SAFETY: geteuid cannot fail.
+            if meta.uid() != unsafe { libc::geteuid() } {
+                return Err(Problem::Access(why));
+            }
+            let mode = meta.mode() & 0o7777;
+            read_only
+                .set_permissions(std::fs::Permissions::from_mode(mode | 0o200))
+                .map_err(|e| write_problem(format!("making {} writable", path.display()), e))?;
+            let file = open_writable(path)?;
+            let after = file
+                .metadata()
+                .map_err(|e| io_problem(path.display().to_string(), e))?;
+            if (after.dev(), after.ino()) != (meta.dev(), meta.ino()) {
+                return Err(Problem::Mismatch(format!(
+                    "{} was replaced while init opened it",
+                    path.display()
+                )));
+            }
+            Ok((file, Some(mode)))
+        }
+        other => other.map(|file| (file, None)),
+    }
+}
+
+/// Whether `path` (not followed) has its owner's write bit.
+fn is_writable_by_owner(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.permissions().mode() & 0o200 != 0)
+}
+
+fn open_writable(path: &Path) -> Result<File, Problem> {
     let file = OpenOptions::new()
         .write(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NONBLOCK)
@@ -645,6 +695,23 @@ pub(crate) mod tests {
         std::fs::write(data.join("app.db"), &partial).unwrap();
         compose_all(&desc, &data).unwrap();
         assert_eq!(std::fs::read(data.join("app.db")).unwrap(), expected);
+        // A file the image ships read-only (MariaDB's 0440) composes too, and keeps its mode
+        // (as root the write bit is not needed; as its owner it is added, then removed).
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(data.join("app.db"), &base).unwrap();
+        std::fs::set_permissions(data.join("app.db"), std::fs::Permissions::from_mode(0o440))
+            .unwrap();
+        compose_all(&desc, &data).unwrap();
+        assert_eq!(std::fs::read(data.join("app.db")).unwrap(), expected);
+        let mode = std::fs::metadata(data.join("app.db"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o7777, 0o440);
+        let (_, restore) = open_for_writing(&data.join("app.db")).unwrap();
+        // SAFETY: geteuid cannot fail.
+        let root = unsafe { libc::geteuid() } == 0;
+        assert_eq!(restore, if root { None } else { Some(0o440) });
     }
 
     #[test]

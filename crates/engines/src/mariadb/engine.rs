@@ -72,12 +72,10 @@ impl Engine for Mariadb {
                 "--engine mariadb accepts no losses: what cannot be baked is refused",
             ));
         }
-        if previous.is_some() {
-            return Err(usage(
-                "checking --from",
-                "delta re-bakes (--from) are not implemented for --engine mariadb yet; build a full image",
-            ));
-        }
+        // A re-bake (--from) needs nothing of REF here: its pages are compared whole (no page
+        // header is left out of a hash), so every page that differs in any byte ships, and the
+        // composed files are the new copy byte for byte.
+        let _ = previous;
         let base_image_location =
             |image: Option<&BaseImage>| image.map(|i| i.location.clone()).unwrap_or_default();
         let image = base;
