@@ -51,7 +51,7 @@ const SEED_CHECKS: [&str; 6] = [
     "SELECT n FROM app.counts WHERE name = 'innodb'",
 ];
 
-fn base_ref() -> String {
+pub(crate) fn base_ref() -> String {
     format!(
         "oci:{}:latest",
         bakedb_testkit::fixtures::mariadb_base().display()
@@ -59,7 +59,7 @@ fn base_ref() -> String {
 }
 
 /// A replica container, removed (killed if need be) when dropped.
-struct Replica {
+pub(crate) struct Replica {
     container: Container<Box<dyn Fn() -> Command>>,
     port: u16,
     client: std::path::PathBuf,
@@ -76,7 +76,12 @@ impl std::ops::Deref for Replica {
 impl Replica {
     /// `run --detach --network host IMAGE mariadbd --port=PORT`: the port as a server option
     /// on the command line, after the profile's options (so it must win).
-    fn start(cli: Box<dyn Fn() -> Command>, image: &str, extra: &[&str], client: &Path) -> Self {
+    pub(crate) fn start(
+        cli: Box<dyn Fn() -> Command>,
+        image: &str,
+        extra: &[&str],
+        client: &Path,
+    ) -> Self {
         let replica = Replica {
             container: Container::new(cli, unique_name("bakedb-e2e-maria")),
             port: free_port(),
@@ -103,7 +108,7 @@ impl Replica {
         tcp(&self.client, self.port, user, password, sql)
     }
 
-    fn read(&self, sql: &str) -> String {
+    pub(crate) fn read(&self, sql: &str) -> String {
         let out = self.app(sql);
         assert!(
             out.status.success(),
@@ -129,7 +134,7 @@ impl Replica {
         ]))
     }
 
-    fn wait_ready(&self) {
+    pub(crate) fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if self.app("SELECT 1").status.success() {
@@ -170,7 +175,7 @@ impl Replica {
 
     /// `stop -t 5`: SIGTERM, the image's STOPSIGNAL, and SIGKILL after 5 s. Exit 0 with
     /// "Shutdown complete" at the end of the log means mariadbd shut down cleanly in time.
-    fn stop_cleanly(&self) {
+    pub(crate) fn stop_cleanly(&self) {
         run_ok(&mut self.cmd(&["stop", "--time", "5", &self.name]));
         let logs = self.logs();
         assert_eq!(self.exit_code(), 0, "stop -t 5:\n{logs}");
@@ -191,7 +196,7 @@ struct Live {
     seq_before_load: u64,
 }
 
-fn gtid_seq(gtid: &str) -> u64 {
+pub(crate) fn gtid_seq(gtid: &str) -> u64 {
     gtid.rsplit('-').next().unwrap().parse().unwrap()
 }
 
@@ -715,7 +720,11 @@ fn mariadb_delta_rebake_ships_changed_pages_and_serves_the_new_state() {
         assert_eq!(&replica.read(sql), want, "{sql}");
     }
     assert_eq!(replica.read(big), big_answer);
-    assert!(replica.logs().contains("bakedb-init: composed"), "{}", replica.logs());
+    assert!(
+        replica.logs().contains("bakedb-init: composed"),
+        "{}",
+        replica.logs()
+    );
     replica.stop_cleanly();
     // The same container again: init composes again (idempotent) and verifies.
     run_ok(&mut replica.cmd(&["start", &replica.name]));

@@ -475,6 +475,84 @@ fn postgres_master_under_write_load_generations_on_one_chain() {
     replica.stop_cleanly();
 }
 
+#[test]
+fn mariadb_master_under_write_load_generations_on_one_chain() {
+    use crate::mariadb::{Replica, base_ref, gtid_seq};
+    use bakedb_testkit::mariadb::{MariaServer, maria_tools};
+    let Some(tools) = maria_tools() else { return };
+    let Some(docker) = crate::util::docker() else {
+        return;
+    };
+    crate::require!("skopeo");
+    let dir = test_dir();
+    let d = dir.path();
+    std::fs::create_dir(d.join("src")).unwrap();
+    let Some(source) = MariaServer::start(&d.join("src")) else {
+        return;
+    };
+    source.seed();
+    let load = source.write_load();
+    let committed_at_start = load.committed();
+    let mut watch = spawn_watch(
+        d,
+        &[
+            "--engine",
+            "mariadb",
+            "--base",
+            &base_ref(),
+            "--source",
+            &source.url(),
+            "--output",
+            "oci:out:live",
+            "--generations",
+            "2",
+            "--exec",
+            HOOK,
+        ],
+        "watch",
+    );
+    wait_until("two MariaDB generations", Duration::from_secs(300), || {
+        watch.try_wait().unwrap().is_some()
+    });
+    let log = log_of(d, "watch");
+    assert!(watch.wait().unwrap().success(), "{log}");
+    load.stop();
+    let seen = hooks(&d.join("hooks.txt"));
+    assert_eq!(seen.len(), 2, "{log}");
+    let mut last_seq = 0;
+    for (i, (_, digest, immutable)) in seen.iter().enumerate() {
+        run_ok(bakedb(d).args(["verify", immutable]));
+        let info = inspect(d, immutable);
+        assert_eq!(info["manifest_digest"], *digest);
+        let ij = &info["image_json"];
+        assert_eq!(ij["generation"].as_u64().unwrap_or(0), i as u64, "{log}");
+        let seq = gtid_seq(ij["snapshot"]["position"]["gtid"].as_str().unwrap());
+        assert!(
+            seq > last_seq,
+            "generation {i}: GTID {seq} after {last_seq}"
+        );
+        last_seq = seq;
+    }
+    // The last generation (a patch on the first) runs and holds one consistent point.
+    let (_, _, last) = seen.last().unwrap();
+    let image = crate::delta::to_docker(&docker, d, last);
+    let replica = Replica::start(
+        Box::new({
+            let docker = docker.clone();
+            move || Command::new(&docker)
+        }),
+        &image.name,
+        &[],
+        &tools.client,
+    );
+    replica.wait_ready();
+    let line = replica.read("SELECT COUNT(*), MAX(id) FROM app.load_innodb");
+    let (rows, max_id) = line.split_once('\t').unwrap();
+    assert_eq!(rows, max_id, "not one consistent point");
+    assert!(rows.parse::<u64>().unwrap() >= committed_at_start);
+    replica.stop_cleanly();
+}
+
 /// An LSN ("16/B374D848") as a key that sorts like the position.
 fn lsn_key(v: &Value) -> String {
     let text = v.as_str().unwrap_or_else(|| panic!("no LSN: {v}"));

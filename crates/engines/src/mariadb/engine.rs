@@ -47,6 +47,28 @@ impl Engine for Mariadb {
         super::image::wants_base_file(path)
     }
 
+    fn follow(&self, source: &Path, _options: &Options) -> Result<Box<dyn crate::Follow>> {
+        if source.is_dir() {
+            return Err(usage(
+                "checking --source",
+                format!(
+                    "{} is a snapshot directory, which never changes; bakedb watch follows a live server (mysql://…)",
+                    source.display()
+                ),
+            ));
+        }
+        let tools = Tools::find()?;
+        let conn = live_source(source)?;
+        let log_bin = conn.query(&tools.client, "SELECT @@log_bin")?;
+        if log_bin.first().and_then(|r| r.first()).map(String::as_str) != Some("1") {
+            return Err(err(
+                format!("following {}", conn.redacted()),
+                "the server writes no binlog, so bakedb watch cannot tell when a transaction commits; start it with log_bin (and server_id)",
+            ));
+        }
+        Ok(Box::new(Follower { tools, conn }))
+    }
+
     fn plan(
         &self,
         source: &Path,
@@ -102,16 +124,7 @@ impl Engine for Mariadb {
                 snapshot: Some(snap),
             }
         } else {
-            let text = source.to_string_lossy();
-            let conn = Source::new(&text)?.ok_or_else(|| {
-                err(
-                    "checking --source",
-                    format!(
-                        "{:?} is not a MariaDB connection URI; pass mysql://USER[:PASSWORD]@HOST[:PORT]/ (or mysql://USER@/?socket=PATH) of a server on this machine, or a directory written by `bakedb snapshot --engine mariadb`",
-                        redact(&text)
-                    ),
-                )
-            })?;
+            let conn = live_source(source)?;
             let tools = Tools::find()?;
             let info = probe(&tools, &conn)?;
             if let Some(base) = &base {
@@ -132,6 +145,40 @@ impl Engine for Mariadb {
             base,
             kind,
         }))
+    }
+}
+
+/// `--source` as a live server, its credentials in a private option file.
+fn live_source(source: &Path) -> Result<Source> {
+    let text = source.to_string_lossy();
+    Source::new(&text)?.ok_or_else(|| {
+        err(
+            "checking --source",
+            format!(
+                "{:?} is not a MariaDB connection URI; pass mysql://USER[:PASSWORD]@HOST[:PORT]/ (or mysql://USER@/?socket=PATH) of a server on this machine, or a directory written by `bakedb snapshot --engine mariadb`",
+                redact(&text)
+            ),
+        )
+    })
+}
+
+/// A live MariaDB source followed by `bakedb watch`: its binlog GTID position, which every
+/// commit (of any engine, Aria and MyISAM included) moves and bakedb's own backup does not.
+struct Follower {
+    tools: Tools,
+    conn: Source,
+}
+
+impl crate::Follow for Follower {
+    fn position(&mut self) -> Result<String> {
+        let rows = self
+            .conn
+            .query(&self.tools.client, "SELECT @@gtid_binlog_pos")?;
+        Ok(rows
+            .into_iter()
+            .next()
+            .and_then(|r| r.into_iter().next())
+            .unwrap_or_default())
     }
 }
 
