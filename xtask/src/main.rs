@@ -6,6 +6,7 @@ mod bench_build;
 mod bench_delta;
 mod bench_freshness;
 mod bench_init;
+mod bench_mariadb;
 mod bench_postgres;
 mod bench_sqlite;
 mod ci;
@@ -51,6 +52,11 @@ commands:
                  updates (random ids, one id range): commit to digest pullable and to a fresh
                  docker replica answering, p50/p99; bytes pushed against the changed pages;
                  watch's peak RSS; docker build + push of the same change as the peer
+  bench mariadb [--size-mib N] [--duration-s N] [--threads N]
+                 a baked MariaDB image (sysbench data) against a restore at start and a volume,
+                 untuned and with each read-only setting alone: `docker run` to the first answer,
+                 sysbench oltp_point_select and oltp_read_only TPS, bytes in the writable layer,
+                 build time and size against docker build; write it to docs/benchmarks.md
   ci             fmt, clippy, cargo deny, fixtures, cargo test, fuzz (15 s a target): what
                  .ci/run runs
   fuzz [--seconds N] [TARGET...]
@@ -86,9 +92,12 @@ fn dispatch(args: &[String]) -> Result<()> {
         ["bench", "delta", flags @ ..] => {
             bench_delta::delta(&bench_delta::DeltaOptions::parse(flags)?)
         }
+        ["bench", "mariadb", flags @ ..] => {
+            bench_mariadb::mariadb(&bench_mariadb::MariadbOptions::parse(flags)?)
+        }
         ["bench", ..] => {
             bail!(
-                "bench: expected `bench build`, `bench init`, `bench sqlite`, `bench postgres`, `bench delta` or `bench freshness`\n\n{USAGE}"
+                "bench: expected `bench build`, `bench init`, `bench sqlite`, `bench postgres`, `bench delta`, `bench freshness` or `bench mariadb`\n\n{USAGE}"
             )
         }
         ["ci"] => ci::run_ci(),

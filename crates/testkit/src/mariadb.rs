@@ -87,8 +87,9 @@ pub fn maria_tools() -> Option<MariaTools> {
     }
 }
 
-/// Who runs the server: this process, or (as root) the `mysql` user.
-fn run_as() -> Option<RunAs> {
+/// Who runs the server: this process, or (as root) the `mysql` user; None (skipped, or a
+/// failure under CI) when root and the machine has no `mysql` user.
+pub fn run_as() -> Option<RunAs> {
     if !is_root() {
         return Some(RunAs::Me);
     }

@@ -1,0 +1,514 @@
+//! `cargo xtask bench mariadb`: a baked MariaDB image against the usual alternatives, on the
+//! same sysbench database.
+//!
+//! The source: a MariaDB server (bakedb-testkit's, Debian's packages) under
+//! target/bench/mariadb/run/source, `sysbench oltp_read_only prepare` with 8 tables sized to
+//! about `--size-mib`, the backup account of the kit's seed. It serves the builds, a
+//! `mariadb-dump` and a `bakedb snapshot`, and is stopped before anything is timed in docker.
+//!
+//! Ways to serve that data, all on the base image fixture (target/fixtures/mariadb, Debian's
+//! MariaDB), all with host networking on a free port of 127.0.0.1:
+//! - baked: `bakedb build --engine mariadb` into a docker-archive, `docker load`; bakedb-init
+//!   verifies the data and execs mariadbd with the read-only profile;
+//! - restore at start: the base image on an empty data directory, importing the dump before
+//!   it serves, as the official image's /docker-entrypoint-initdb.d does (the empty data
+//!   directory is made beforehand with the host's mariadb-install-db, which the official
+//!   image runs at start too: the restore is measured without it, in its favour);
+//! - volume: the base image, untuned (`--no-defaults`), on a bind-mounted copy of the
+//!   snapshot; and the same with each setting of the read-only profile alone, then with all of
+//!   them, so the paper's claim is tested setting by setting, and layered access (baked)
+//!   against a volume with the same tuning.
+//!
+//! Measured: build time and data layer size against `docker build` of the same data
+//! directory; `docker run` to the first answer (warm page cache only: dropping it would
+//! disturb whatever else runs on a shared machine); `sysbench oltp_point_select` and
+//! `oltp_read_only` transactions per second; the bytes in the baked container's writable
+//! layer after the workload. Written between markers in docs/benchmarks.md.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use bakedb_testkit::containers::{Container, DockerImage, docker_cli};
+use bakedb_testkit::dirs::unique_name;
+use bakedb_testkit::mariadb::{MariaServer, maria_tools, run_as};
+use bakedb_testkit::ports::free_port;
+
+use crate::bench::timing::first_answer;
+use crate::bench::tools::{
+    build_layers, commit_measured, docker_bin, docker_load, docker_version, fresh_dir,
+    release_bakedb, target_dir,
+};
+use crate::bench::{self, fmt, mb, run_quiet};
+use crate::project_root;
+
+const TABLES: u64 = 8;
+/// sysbench's rows with their primary key and secondary index, in InnoDB: about 230 bytes.
+const BYTES_PER_ROW: u64 = 230;
+const USER: &str = "bench";
+const PASSWORD: &str = "bench-secret";
+const FIRST_QUERY: &str = "SELECT COUNT(*) FROM sbtest.sbtest1";
+const POLL: Duration = Duration::from_millis(10);
+const START_TIMEOUT: Duration = Duration::from_secs(1800);
+
+pub struct MariadbOptions {
+    pub size_mib: u64,
+    pub duration_s: u64,
+    pub threads: usize,
+}
+
+impl MariadbOptions {
+    pub fn parse(flags: &[&str]) -> Result<Self> {
+        let mut options = MariadbOptions {
+            size_mib: 1024,
+            duration_s: 30,
+            threads: 8,
+        };
+        bench::flags::parse(
+            "bench mariadb",
+            "--size-mib N, --duration-s N, --threads N",
+            flags,
+            |name, value| {
+                match name {
+                    "--size-mib" => options.size_mib = value.positive("database size in MiB")?,
+                    "--duration-s" => {
+                        options.duration_s = value.positive("seconds of each sysbench run")?
+                    }
+                    "--threads" => options.threads = value.count("sysbench threads")?,
+                    _ => return Ok(false),
+                }
+                Ok(true)
+            },
+        )?;
+        Ok(options)
+    }
+
+    fn command(&self) -> String {
+        format!(
+            "cargo xtask bench mariadb --size-mib {} --duration-s {} --threads {}",
+            self.size_mib, self.duration_s, self.threads
+        )
+    }
+
+    fn rows_per_table(&self) -> u64 {
+        (self.size_mib << 20) / BYTES_PER_ROW / TABLES
+    }
+}
+
+/// A server configuration measured on the volume, and the options it adds.
+const VOLUME_CASES: [(&str, &[&str]); 5] = [
+    ("volume, defaults", &[]),
+    (
+        "volume + skip-external-locking",
+        &["--skip-external-locking"],
+    ),
+    ("volume + innodb_read_only", &["--innodb-read-only"]),
+    ("volume + read_only", &["--read-only"]),
+    (
+        "volume + the whole profile",
+        &[
+            "--skip-external-locking",
+            "--innodb-read-only",
+            "--read-only",
+            "--skip-log-bin",
+            "--innodb-buffer-pool-dump-at-shutdown=OFF",
+            "--innodb-buffer-pool-load-at-startup=OFF",
+        ],
+    ),
+];
+
+fn mariadb_client(port: u16, sql: &str) -> Command {
+    let mut cmd = Command::new("mariadb");
+    cmd.args(["--no-defaults", "--protocol=tcp", "-h", "127.0.0.1"])
+        .arg(format!("-P{port}"))
+        .args(["-u", USER, &format!("-p{PASSWORD}")])
+        .args(["--batch", "--skip-column-names", "-e", sql])
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// sysbench `workload` for `duration_s` against 127.0.0.1:`port`: transactions per second.
+fn sysbench(options: &MariadbOptions, port: u16, workload: &str, rows: u64) -> Result<f64> {
+    let out = run_quiet(Command::new("sysbench").arg(workload).args([
+        "--db-driver=mysql",
+        "--mysql-host=127.0.0.1",
+        &format!("--mysql-port={port}"),
+        &format!("--mysql-user={USER}"),
+        &format!("--mysql-password={PASSWORD}"),
+        "--mysql-db=sbtest",
+        &format!("--tables={TABLES}"),
+        &format!("--table-size={rows}"),
+        &format!("--threads={}", options.threads),
+        &format!("--time={}", options.duration_s),
+        "--report-interval=0",
+        "--db-ps-mode=auto",
+        "run",
+    ]))?;
+    out.lines()
+        .find_map(|l| {
+            let l = l.trim();
+            l.strip_prefix("transactions:")
+                .and_then(|rest| rest.split('(').nth(1))
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|n| n.parse::<f64>().ok())
+        })
+        .ok_or_else(|| anyhow!("no transactions per second in sysbench's output:\n{out}"))
+}
+
+/// A container serving on `port`, started by `docker run -d --network host ARGS`, timed to
+/// its first answer to FIRST_QUERY; removed when dropped.
+fn start(
+    docker: &Path,
+    args: &[String],
+    port: u16,
+) -> Result<(Container<bakedb_testkit::containers::Cli>, f64)> {
+    let name = unique_name("bakedb-bench-maria");
+    let container = Container::new(docker_cli(docker), name.clone());
+    let mut run = Command::new(docker);
+    run.args(["run", "-d", "--network", "host", "--name", &name])
+        .args(args);
+    let started = first_answer(
+        &mut run,
+        &name,
+        POLL,
+        START_TIMEOUT,
+        |_| {
+            let out = mariadb_client(port, FIRST_QUERY).output()?;
+            Ok(out.status.success().then_some(()))
+        },
+        || anyhow!("{name} gave no answer within {START_TIMEOUT:?}"),
+    )?;
+    Ok((container, started.secs))
+}
+
+pub fn mariadb(options: &MariadbOptions) -> Result<()> {
+    let root = project_root();
+    let target = target_dir(&root);
+    let scratch = target.join("bench/mariadb/run");
+    fresh_dir(&scratch)?;
+    let docker = docker_bin();
+    let docker_version =
+        docker_version(&docker).context("this benchmark runs containers: is dockerd running?")?;
+    for tool in [
+        "sysbench",
+        "skopeo",
+        "mariadb",
+        "mariadb-dump",
+        "mariadb-install-db",
+    ] {
+        if bakedb_testkit::tools::tool(tool).is_none() {
+            bail!(
+                "{tool} is not installed (apt-get install sysbench skopeo mariadb-client mariadb-server)"
+            );
+        }
+    }
+    let fixture = crate::fixtures::mariadb()?;
+    let base_ref = format!("oci:{}:latest", fixture.display());
+    let bakedb = release_bakedb(&root, &scratch)?;
+    let commit = commit_measured(&root);
+    let rows = options.rows_per_table();
+    let tools = maria_tools().ok_or_else(|| anyhow!("MariaDB is not installed"))?;
+    let run_as = run_as().ok_or_else(|| anyhow!("no mysql user to run MariaDB as"))?;
+
+    // 1. The source, and everything taken from it.
+    let source_dir = scratch.join("source");
+    fs::create_dir_all(&source_dir)?;
+    let mut source = MariaServer::create(tools.clone(), run_as, &source_dir)?;
+    source.seed();
+    source.sql(&format!(
+        "CREATE DATABASE sbtest; CREATE USER '{USER}'@'%' IDENTIFIED BY '{PASSWORD}'; GRANT SELECT ON sbtest.* TO '{USER}'@'%';"
+    ));
+    eprintln!(
+        "xtask: sysbench prepare: {TABLES} tables of {rows} rows (about {} MiB)",
+        options.size_mib
+    );
+    let started = Instant::now();
+    run_quiet(Command::new("sysbench").args([
+        "oltp_read_only",
+        "--db-driver=mysql",
+        &format!("--mysql-socket={}", source.socket().display()),
+        "--mysql-user=root",
+        "--mysql-db=sbtest",
+        &format!("--tables={TABLES}"),
+        &format!("--table-size={rows}"),
+        "--threads=2",
+        "prepare",
+    ]))?;
+    let prepare_secs = started.elapsed().as_secs_f64();
+    let data_bytes: u64 = source
+        .sql("SELECT SUM(DATA_LENGTH + INDEX_LENGTH) FROM information_schema.TABLES WHERE TABLE_SCHEMA = 'sbtest'")
+        .parse()
+        .context("the data size")?;
+
+    let baked_name = format!("bakedb-bench-maria:{}mib", options.size_mib);
+    let baked_archive = scratch.join("baked.tar");
+    eprintln!("xtask: bakedb build");
+    let started = Instant::now();
+    let build_json = run_quiet(
+        Command::new(&bakedb)
+            .args(["build", "--engine", "mariadb", "--json", "--source"])
+            .arg(source.url())
+            .args(["--base", &base_ref, "--output"])
+            .arg(format!(
+                "docker-archive:{}:{baked_name}",
+                baked_archive.display()
+            ))
+            .env("SOURCE_DATE_EPOCH", bench::SOURCE_DATE_EPOCH),
+    )?;
+    let bake_secs = started.elapsed().as_secs_f64();
+    let data_layer = build_layers(&build_json)
+        .into_iter()
+        .map(|(_, size)| size)
+        .max()
+        .unwrap_or(0);
+    let snapshot = scratch.join("snapshot");
+    run_quiet(
+        Command::new(&bakedb)
+            .args(["snapshot", "--engine", "mariadb", "--source"])
+            .arg(source.url())
+            .arg("--out")
+            .arg(&snapshot),
+    )?;
+    let dump_dir = scratch.join("dump");
+    fs::create_dir_all(&dump_dir)?;
+    let dump_out = Command::new("mariadb-dump")
+        .args(["--no-defaults", "--user=root"])
+        .arg(format!("--socket={}", source.socket().display()))
+        .args(["--single-transaction", "--databases", "sbtest"])
+        .output()?;
+    if !dump_out.status.success() {
+        bail!(
+            "mariadb-dump failed: {}",
+            String::from_utf8_lossy(&dump_out.stderr)
+        );
+    }
+    // The restore's own account, so the first query can be asked as in the other cases.
+    let mut dump_sql = dump_out.stdout;
+    dump_sql.extend_from_slice(
+        format!("CREATE USER '{USER}'@'%' IDENTIFIED BY '{PASSWORD}'; GRANT SELECT ON sbtest.* TO '{USER}'@'%';\n")
+            .as_bytes(),
+    );
+    fs::write(dump_dir.join("dump.sql"), &dump_sql)?;
+    let dump_bytes = dump_sql.len() as u64;
+    source.stop();
+    drop(source);
+
+    // 2. Images: the baked one; the base (for the volume and the restore); docker build of
+    // the same data directory.
+    let baked = docker_load(&docker, &baked_archive, &baked_name)?;
+    let base_name = "bakedb-bench-mariabase:latest";
+    let base_archive = scratch.join("base.tar");
+    run_quiet(Command::new("skopeo").args([
+        "copy",
+        "-q",
+        &base_ref,
+        &format!("docker-archive:{}:{base_name}", base_archive.display()),
+    ]))?;
+    let base = docker_load(&docker, &base_archive, base_name)?;
+    let context = scratch.join("docker-build");
+    fs::create_dir_all(&context)?;
+    run_quiet(
+        Command::new("cp")
+            .arg("-a")
+            .arg(snapshot.join("mysql"))
+            .arg(&context),
+    )?;
+    fs::write(
+        context.join("Dockerfile"),
+        format!("FROM {base_name}\nCOPY --chown=999:999 mysql /var/lib/mysql\n"),
+    )?;
+    let docker_built = DockerImage {
+        docker: docker.clone(),
+        name: "bakedb-bench-maria-dockerbuild:latest".into(),
+    };
+    let started = Instant::now();
+    run_quiet(
+        Command::new(&docker)
+            .env("DOCKER_BUILDKIT", "0")
+            .args(["build", "-q", "-t", &docker_built.name])
+            .arg(&context),
+    )?;
+    let docker_build_secs = started.elapsed().as_secs_f64();
+    let layer_of_docker_build: u64 = run_quiet(Command::new(&docker).args([
+        "history",
+        "--no-trunc",
+        "--format",
+        "{{.Size}}",
+        "--human=false",
+        &docker_built.name,
+    ]))?
+    .lines()
+    .next()
+    .and_then(|l| l.trim().parse().ok())
+    .unwrap_or(0);
+
+    // 3. First answers and sysbench.
+    let mut md = bench::report::start("mariadb", &commit, &options.command());
+    let _ = writeln!(
+        md,
+        "Docker {docker_version}; sysbench with {} threads, {} s per run; {TABLES} tables of {rows} rows: {} of data and indexes (sysbench prepare {:.1} s).\n",
+        options.threads,
+        options.duration_s,
+        mb(data_bytes),
+        prepare_secs
+    );
+    let _ = writeln!(md, "| build | time (s) | data layer / image layer |");
+    let _ = writeln!(md, "|---|---|---|");
+    let _ = writeln!(
+        md,
+        "| bakedb build (snapshot, prepare, layer) | {} | {} (compressed) |",
+        fmt(Some(bake_secs), 1),
+        mb(data_layer)
+    );
+    let _ = writeln!(
+        md,
+        "| docker build, COPY of the same data directory | {} | {} (uncompressed) |",
+        fmt(Some(docker_build_secs), 1),
+        mb(layer_of_docker_build)
+    );
+    let _ = writeln!(
+        md,
+        "| mariadb-dump for the restore | — | {} of SQL |\n",
+        mb(dump_bytes)
+    );
+
+    let mut rows_md = Vec::new();
+    let measure = |label: &str,
+                   args: Vec<String>,
+                   port: u16,
+                   rows_md: &mut Vec<String>|
+     -> Result<Container<bakedb_testkit::containers::Cli>> {
+        eprintln!("xtask: {label}");
+        let (container, first) = start(&docker, &args, port)?;
+        let point = sysbench(options, port, "oltp_point_select", rows)?;
+        let read_only = sysbench(options, port, "oltp_read_only", rows)?;
+        rows_md.push(format!(
+            "| {label} | {} | {} | {} |",
+            fmt(Some(first), 2),
+            fmt(Some(point), 0),
+            fmt(Some(read_only), 0)
+        ));
+        Ok(container)
+    };
+
+    // Baked: verified, tuned, layered.
+    let port = free_port();
+    let baked_container = measure(
+        "baked (verified, read-only profile, in the image's layers)",
+        vec![
+            baked.name.clone(),
+            "mariadbd".into(),
+            format!("--port={port}"),
+        ],
+        port,
+        &mut rows_md,
+    )?;
+    run_quiet(&mut baked_container.cmd(&["stop", "--time", "10", &baked_container.name]))?;
+    let upper = baked_container.inspect("{{.GraphDriver.Data.UpperDir}}");
+    let upper_files = bakedb_testkit::dirs::files_under(Path::new(&upper));
+    let copied_total: u64 = upper_files.iter().map(|(_, n)| n).sum();
+    let copied_data: u64 = upper_files
+        .iter()
+        .filter(|(p, _)| p.starts_with(Path::new(&upper).join("var/lib/bakedb")))
+        .map(|(_, n)| n)
+        .sum();
+    drop(baked_container);
+
+    // Restore at start.
+    let empty = scratch.join("empty");
+    fs::create_dir_all(&empty)?;
+    run_quiet(
+        Command::new(&tools.install_db)
+            .args([
+                "--no-defaults",
+                "--auth-root-authentication-method=normal",
+                "--skip-test-db",
+            ])
+            .arg(format!("--datadir={}/data", empty.display())),
+    )?;
+    run_quiet(Command::new("chown").args(["-R", "999:999"]).arg(&empty))?;
+    let port = free_port();
+    let script = format!(
+        "mariadbd --no-defaults --datadir=/empty/data --socket=/tmp/init.sock --skip-networking & \
+         until mariadb --no-defaults -S /tmp/init.sock -uroot -e 'SELECT 1' >/dev/null 2>&1; do sleep 0.05; done; \
+         mariadb --no-defaults -S /tmp/init.sock -uroot < /dump/dump.sql && \
+         mariadb-admin --no-defaults -S /tmp/init.sock -uroot shutdown && wait && \
+         exec mariadbd --no-defaults --datadir=/empty/data --socket=/tmp/mysqld.sock --port={port}"
+    );
+    let restore = measure(
+        "restore at start (dump imported into an empty data directory)",
+        vec![
+            "--user".into(),
+            "999:999".into(),
+            "-v".into(),
+            format!("{}:/empty", empty.display()),
+            "-v".into(),
+            format!("{}:/dump:ro", dump_dir.display()),
+            "--entrypoint".into(),
+            "sh".into(),
+            base.name.clone(),
+            "-c".into(),
+            script,
+        ],
+        port,
+        &mut rows_md,
+    )?;
+    drop(restore);
+
+    // The volume, untuned and setting by setting.
+    for (label, extra) in VOLUME_CASES {
+        let volume = scratch.join("volume");
+        let _ = fs::remove_dir_all(&volume);
+        run_quiet(
+            Command::new("cp")
+                .arg("-a")
+                .arg(snapshot.join("mysql"))
+                .arg(&volume),
+        )?;
+        run_quiet(Command::new("chown").args(["-R", "999:999"]).arg(&volume))?;
+        run_quiet(Command::new("chmod").args(["-R", "u+w"]).arg(&volume))?;
+        let port = free_port();
+        let mut args = vec![
+            "--user".into(),
+            "999:999".into(),
+            "-v".into(),
+            format!("{}:/var/lib/mysql", volume.display()),
+            "--entrypoint".into(),
+            "mariadbd".into(),
+            base.name.clone(),
+            "--no-defaults".into(),
+            "--datadir=/var/lib/mysql".into(),
+            "--socket=/tmp/mysqld.sock".into(),
+            format!("--port={port}"),
+            "--innodb-log-file-size=8M".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let container = measure(label, args, port, &mut rows_md)?;
+        drop(container);
+    }
+    drop(base);
+    drop(baked);
+
+    let _ = writeln!(
+        md,
+        "| serving | docker run to first answer (s, warm) | oltp_point_select (TPS) | oltp_read_only (TPS) |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|");
+    for row in &rows_md {
+        let _ = writeln!(md, "{row}");
+    }
+    let _ = writeln!(
+        md,
+        "\nAfter the workload and a stop, the baked container's writable layer held {} in all and {} under /var/lib/bakedb (the runtime files in /tmp: the profile's my.cnf, Aria's fresh control file and log, the pid file).\n",
+        mb(copied_total),
+        mb(copied_data)
+    );
+    let _ = writeln!(
+        md,
+        "MariaDB's skip_external_locking is on by default, so the paper's \"disabling locking\" is already every MariaDB server's setting: its row is the untuned volume again. One run each; the numbers of a shared 2-core machine vary by several per cent between runs."
+    );
+    bench::report::publish(&root, "mariadb", md, &scratch)
+}
