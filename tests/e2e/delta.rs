@@ -713,3 +713,82 @@ fn postgres_chain_of_ten_generations_under_write_load() {
     }
     load.stop();
 }
+
+/// A patch larger than one 16 MiB chunk is listed in image.json chunk by chunk, as any large
+/// file: bakedb-init verifies it (it refuses a file over a chunk with one sha256, which is how
+/// a 1 GiB database with 1 % of its rows updated at random once failed to start) and finds a
+/// flipped byte in it.
+#[test]
+fn a_patch_larger_than_a_chunk_is_verified_chunk_by_chunk() {
+    let umoci = require!("umoci");
+    let dir = test_dir();
+    let d = dir.path();
+    util::make_big_db(&d.join("app.db"), 48);
+    run_ok(bakedb(d).args(util::sqlite_build("app.db", "oci:l:g0")));
+    // 18 of the 48 one-MiB blobs rewritten: their overflow pages, well over a chunk, well
+    // under the half of the file that would make a fresh base.
+    rusqlite::Connection::open(d.join("app.db"))
+        .unwrap()
+        .execute_batch("UPDATE b SET data = randomblob(1048576) WHERE id <= 18")
+        .unwrap();
+    let built = run_ok(bakedb(d).args([
+        "build", "--json", "--engine", "sqlite", "--source", "app.db", "--from", "oci:l:g0",
+        "--output", "oci:l:g1",
+    ]));
+    assert!(
+        stderr(&built).contains("generation 1: patch layer"),
+        "{}",
+        stderr(&built)
+    );
+    let data_digest = util::build_json(&built)["data_digest"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let ij = inspect(d, "oci:l:g1")["image_json"].clone();
+    let patch = ij["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["path"] == ".patches/1/app.db")
+        .unwrap_or_else(|| panic!("no patch in {ij}"))
+        .clone();
+    assert!(patch["size"].as_u64().unwrap() > 16 << 20, "{patch}");
+    assert!(patch["sha256"].is_null(), "{patch}");
+    assert_eq!(
+        patch["chunks"].as_array().unwrap().len() as u64,
+        patch["size"].as_u64().unwrap().div_ceil(16 << 20),
+        "{patch}"
+    );
+    run_ok(bakedb(d).args(["verify", "oci:l:g1"]));
+    run_ok(Command::new(&umoci).current_dir(d).args([
+        "unpack",
+        "--rootless",
+        "--image",
+        "l:g1",
+        "bundle",
+    ]));
+    let rootfs = d.join("bundle/rootfs");
+    let init = || {
+        run(Command::new(rootfs.join("bakedb/init"))
+            .arg("--root")
+            .arg(&rootfs)
+            .arg("--verify-only")
+            .env_clear()
+            .env("BAKEDB_DATA_DIGEST", &data_digest)
+            .stdin(Stdio::null()))
+    };
+    let out = init();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let patch_file = rootfs.join(DATA_DIR).join(".patches/1/app.db");
+    let mut bytes = std::fs::read(&patch_file).unwrap();
+    let at = (20 << 20).min(bytes.len() - 1);
+    bytes[at] ^= 1;
+    std::fs::write(&patch_file, &bytes).unwrap();
+    let out = init();
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(".patches/1/app.db"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -304,7 +304,7 @@ fn patch_layer(plan: &Plan, data: &Data, delta: &Delta, scratch: &Path) -> Resul
                 let out = scratch.join(&patch_rel);
                 std::fs::create_dir_all(out.parent().expect("a patch has a directory"))
                     .stage(Code::Output, || format!("creating {}", out.display()))?;
-                let (size, sha256) = delta::write_patch(
+                let patch = delta::write_patch(
                     &h.host_path,
                     h.pages.page_size,
                     h.pages.length,
@@ -313,6 +313,7 @@ fn patch_layer(plan: &Plan, data: &Data, delta: &Delta, scratch: &Path) -> Resul
                     &out,
                 )
                 .stage(Code::Output, || format!("writing patch {}", out.display()))?;
+                let patch_size = patch.size;
                 entries.push(
                     TarEntry::file(&format!("{DATA_DIR}/{patch_rel}"), out, h.mode, uid, gid)
                         .stage(Code::Output, || format!("reading patch {patch_rel}"))?,
@@ -337,10 +338,10 @@ fn patch_layer(plan: &Plan, data: &Data, delta: &Delta, scratch: &Path) -> Resul
                 }
                 files.push(FileDigest {
                     path: patch_rel,
-                    size,
+                    size: patch.size,
                     mode: format!("{:04o}", h.mode),
-                    sha256: Some(sha256),
-                    chunks: Vec::new(),
+                    sha256: patch.sha256,
+                    chunks: patch.chunks,
                     generation: Some(generation),
                     base: None,
                     patches: Vec::new(),
@@ -366,7 +367,7 @@ fn patch_layer(plan: &Plan, data: &Data, delta: &Delta, scratch: &Path) -> Resul
                 );
                 link.patched += 1;
                 link.pages += pages.len() as u64;
-                link.raw_bytes += size;
+                link.raw_bytes += patch_size;
             }
         }
     }
