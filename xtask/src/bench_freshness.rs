@@ -377,6 +377,7 @@ fn replica_answers(
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let path = format!("/v1/query?sql=SELECT%20kind%20FROM%20{TABLE}%20WHERE%20id%3D{id}");
     let deadline = Instant::now() + PATIENCE;
+    let mut polls = 0u64;
     let result = loop {
         let r =
             bakedb_testkit::http::request_within(addr, "GET", &path, &[], Duration::from_secs(5));
@@ -393,6 +394,26 @@ fn replica_answers(
         }
         if Instant::now() > deadline {
             break Err(anyhow::anyhow!("the replica of {image} did not answer"));
+        }
+        polls += 1;
+        if polls % 50 == 0 {
+            let running = run_quiet(Command::new(docker).args([
+                "inspect",
+                "--format",
+                "{{.State.Running}}",
+                &name,
+            ]))
+            .unwrap_or_default();
+            if running.trim() != "true" {
+                let logs = Command::new(docker)
+                    .args(["logs", &name])
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+                    .unwrap_or_default();
+                break Err(anyhow::anyhow!(
+                    "the replica of {image} stopped before answering: {logs}"
+                ));
+            }
         }
         std::thread::sleep(Duration::from_millis(10));
     };
