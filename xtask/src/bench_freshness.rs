@@ -396,7 +396,7 @@ fn replica_answers(
             break Err(anyhow::anyhow!("the replica of {image} did not answer"));
         }
         polls += 1;
-        if polls % 50 == 0 {
+        if polls.is_multiple_of(50) {
             let running = run_quiet(Command::new(docker).args([
                 "inspect",
                 "--format",
