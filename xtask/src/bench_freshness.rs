@@ -629,4 +629,46 @@ mod tests {
         );
         assert!(FreshnessOptions::parse(&["--fast"]).is_err());
     }
+
+    /// The report renders from samples (a p99 once panicked on its argument's scale).
+    #[test]
+    fn renders_the_report() {
+        let options = FreshnessOptions::parse(&[]).unwrap();
+        let sample = |to_digest_s| Sample {
+            pages_changed: 10,
+            ideal_bytes: 1000,
+            registry_bytes: 900,
+            to_digest_s,
+            to_replica_s: Some(to_digest_s + 1.0),
+        };
+        let report = Report {
+            options: &options,
+            commit: "abc".into(),
+            db_bytes: 1 << 30,
+            first_push_bytes: 5 << 20,
+            runs: vec![ScenarioRun {
+                scenario: Scenario::Random,
+                samples: (1..=10).map(|i| sample(f64::from(i))).collect(),
+            }],
+            peak_rss_mib: Some(50.0),
+            peer: Some(vec![PeerSample {
+                secs: 55.0,
+                registry_bytes: 1 << 29,
+            }]),
+            docker: Some("20.10".into()),
+        };
+        let md = report.markdown();
+        assert!(
+            md.contains("| random | 5.50 / 10.00 | 6.50 / 11.00 | 10 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| random: commit → digest < 5 s (p50) | 5.50 s | **no** |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| peak RSS < 100 MiB | 50.0 MiB | yes |"),
+            "{md}"
+        );
+    }
 }
