@@ -542,7 +542,7 @@ fn sigterm_interrupts_what_still_runs_at_the_drain_limit_and_exits() {
         .wait_exit(PATIENCE)
         .expect("still running 30 s after SIGTERM with BAKEDB_DRAIN_MS=1000");
     assert_eq!(status.code(), Some(0));
-    let log = s.log.lock().unwrap().clone();
+    let log = s.exited_log();
     assert!(log.contains("1 query interrupted"), "{log}");
     eprintln!(
         "drain: exited {} ms after SIGTERM\n{log}",

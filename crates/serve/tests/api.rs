@@ -423,8 +423,8 @@ fn sigterm_lets_the_query_in_flight_finish_then_exits_0() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["rows"], json!([[3000000]]));
     let status = s.child.wait().unwrap();
-    assert_eq!(status.code(), Some(0), "{}", s.log.lock().unwrap());
-    let log = s.log.lock().unwrap().clone();
+    let log = s.exited_log();
+    assert_eq!(status.code(), Some(0), "{log}");
     assert!(log.contains("bakedb-serve: draining"), "{log}");
     assert!(log.contains("bakedb-serve: stopped"), "{log}");
     assert!(

@@ -24,8 +24,10 @@ pub use bakedb_testkit::serve::{RUNAWAY, query};
 pub struct Server {
     pub child: Child,
     pub addr: SocketAddr,
+    /// What the server wrote to stderr so far (a thread appends each line as it comes).
     pub log: Arc<Mutex<String>>,
     pub dir: TempDir,
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 /// A directory of one test (bakedb-testkit's), removed when dropped: `.0` is its path.
@@ -108,7 +110,7 @@ pub fn spawn(dir: TempDir, db: &Path, env: &[(&str, &str)], fd_limit: Option<u64
         .unwrap_or_else(|| panic!("no address in {first:?}"));
     let log = Arc::new(Mutex::new(first));
     let sink = Arc::clone(&log);
-    std::thread::spawn(move || {
+    let reader = std::thread::spawn(move || {
         let mut line = String::new();
         while stderr.read_line(&mut line).unwrap_or(0) > 0 {
             sink.lock().unwrap().push_str(&line);
@@ -120,10 +122,24 @@ pub fn spawn(dir: TempDir, db: &Path, env: &[(&str, &str)], fd_limit: Option<u64
         addr,
         log,
         dir,
+        reader: Some(reader),
     }
 }
 
 impl Server {
+    /// Everything the server wrote to stderr, once it has exited: the reader thread is
+    /// joined (it ends at the pipe's end), so the last lines are in, not still on their way.
+    pub fn exited_log(&mut self) -> String {
+        assert!(
+            self.child.try_wait().unwrap().is_some(),
+            "exited_log: the server is still running"
+        );
+        if let Some(reader) = self.reader.take() {
+            reader.join().unwrap();
+        }
+        self.log.lock().unwrap().clone()
+    }
+
     /// One line of /proc/PID/status in KiB, e.g. "VmHWM" (peak RSS) or "VmRSS".
     pub fn memory_kib(&self, field: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
