@@ -242,6 +242,13 @@ impl WatchPlan {
                 args.min_interval
             )));
         }
+        if args.build.source.is_dir() {
+            // For every engine a directory is a `bakedb snapshot` output.
+            return Err(usage(format!(
+                "--source {} is a snapshot directory, which never changes; bakedb watch follows a live database",
+                args.build.source.display()
+            )));
+        }
         if args.poll.is_zero() {
             return Err(usage("--poll must be more than 0".into()));
         }

@@ -192,7 +192,8 @@ pub trait Engine: Sync {
         previous: Option<&image_json::ImageJson>,
     ) -> Result<Box<dyn Plan>>;
 
-    /// Follow a live source for `bakedb watch`: something that tells where it stands now.
+    /// Follow a live source for `bakedb watch` (never a snapshot directory: watch refuses
+    /// those first): something that tells where it stands now.
     fn follow(&self, source: &Path, _options: &Options) -> Result<Box<dyn Follow>> {
         Err(Error::Usage {
             step: "following the source".into(),

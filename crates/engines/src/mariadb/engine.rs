@@ -48,15 +48,6 @@ impl Engine for Mariadb {
     }
 
     fn follow(&self, source: &Path, _options: &Options) -> Result<Box<dyn crate::Follow>> {
-        if source.is_dir() {
-            return Err(usage(
-                "checking --source",
-                format!(
-                    "{} is a snapshot directory, which never changes; bakedb watch follows a live server (mysql://…)",
-                    source.display()
-                ),
-            ));
-        }
         let tools = Tools::find()?;
         let conn = live_source(source)?;
         let log_bin = conn.query(&tools.client, "SELECT @@log_bin")?;

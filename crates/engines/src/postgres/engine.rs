@@ -48,15 +48,6 @@ impl Engine for Postgres {
     }
 
     fn follow(&self, source: &Path, options: &Options) -> Result<Box<dyn crate::Follow>> {
-        if source.is_dir() {
-            return Err(usage(
-                "checking --source",
-                format!(
-                    "{} is a snapshot directory, which never changes; bakedb watch follows a live server (postgresql://…)",
-                    source.display()
-                ),
-            ));
-        }
         let tools = Tools::find(options.pg_bin.as_deref(), None)?;
         let conn = live_source(source)?;
         Ok(Box::new(Follower { tools, conn }))

@@ -62,15 +62,6 @@ impl Engine for Sqlite {
     }
 
     fn follow(&self, source: &Path, options: &Options) -> Result<Box<dyn crate::Follow>> {
-        if source.is_dir() {
-            return Err(usage(
-                "--source",
-                format!(
-                    "{} is a snapshot directory, which never changes; bakedb watch follows a live database file",
-                    source.display()
-                ),
-            ));
-        }
         Ok(Box::new(super::Follower::new(
             source,
             options.busy_timeout.unwrap_or(DEFAULT_BUSY_TIMEOUT),
