@@ -792,3 +792,44 @@ fn a_patch_larger_than_a_chunk_is_verified_chunk_by_chunk() {
         stderr(&out)
     );
 }
+
+/// A re-bake reads only the changed pages of a live SQLite source; when nearly every page
+/// changed the file must ship whole, so the build takes a whole snapshot after all and writes
+/// a fresh base whose database is the source's, byte for byte.
+#[test]
+fn a_rebake_that_changed_most_pages_takes_a_whole_snapshot_for_a_fresh_base() {
+    let dir = test_dir();
+    let d = dir.path();
+    util::make_big_db(&d.join("app.db"), 8);
+    run_ok(bakedb(d).args(util::sqlite_build("app.db", "oci:l:g0")));
+    rusqlite::Connection::open(d.join("app.db"))
+        .unwrap()
+        .execute_batch("UPDATE b SET data = randomblob(1048576)")
+        .unwrap();
+    let out = run_ok(bakedb(d).args([
+        "build", "--engine", "sqlite", "--source", "app.db", "--from", "oci:l:g0", "--output",
+        "oci:l:g1",
+    ]));
+    let err = stderr(&out);
+    assert!(
+        err.contains("ships whole: taking a whole snapshot") && err.contains("a fresh base"),
+        "{err}"
+    );
+    let ij = inspect(d, "oci:l:g1")["image_json"].clone();
+    assert_eq!(
+        ij["chain"].as_array().unwrap().last().unwrap()["kind"],
+        "base",
+        "{ij}"
+    );
+    assert!(
+        ij["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|f| f["patches"].is_null()),
+        "{ij}"
+    );
+    run_ok(bakedb(d).args(["verify", "oci:l:g1"]));
+    let baked = image_file(&d.join("l"), "g1", &format!("{DATA_DIR}/app.db")).unwrap();
+    assert!(baked == std::fs::read(d.join("app.db")).unwrap());
+}

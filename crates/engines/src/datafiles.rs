@@ -44,6 +44,36 @@ pub struct FileDigest {
     pub patches: Vec<String>,
 }
 
+impl FileDigest {
+    /// A file's entry from the sha256 (hex) of each of its CHUNK_SIZE chunks: a file of one
+    /// chunk keeps it as its `sha256`.
+    pub fn from_chunks(path: String, size: u64, mode: u32, mut chunks: Vec<String>) -> FileDigest {
+        let (sha256, chunks) = if chunks.len() == 1 {
+            (chunks.pop(), Vec::new())
+        } else {
+            (None, chunks)
+        };
+        FileDigest {
+            path,
+            size,
+            mode: format!("{mode:04o}"),
+            sha256,
+            chunks,
+            generation: None,
+            base: None,
+            patches: Vec::new(),
+        }
+    }
+
+    /// The sha256 (hex) of each chunk: the whole file's for a file of one chunk.
+    pub fn chunk_digests(&self) -> Vec<&str> {
+        match &self.sha256 {
+            Some(d) => vec![d.as_str()],
+            None => self.chunks.iter().map(String::as_str).collect(),
+        }
+    }
+}
+
 /// A file as a layer stores it: its size and digests (docs/image-json.md, `base`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredFile {
@@ -184,22 +214,8 @@ pub fn digest_and_pages(file: &DataFile, threads: usize) -> Result<(FileDigest, 
         }
         vec![h.digest128()]
     };
-    let (sha256, chunks) = if n_chunks == 1 {
-        (chunks.pop(), Vec::new())
-    } else {
-        (None, chunks)
-    };
     Ok((
-        FileDigest {
-            path: file.rel_path.clone(),
-            size,
-            mode: format!("{:04o}", file.mode),
-            sha256,
-            chunks,
-            generation: None,
-            base: None,
-            patches: Vec::new(),
-        },
+        FileDigest::from_chunks(file.rel_path.clone(), size, file.mode, chunks),
         FilePages {
             page_size,
             header_len: header_len as u32,

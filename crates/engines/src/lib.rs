@@ -118,6 +118,30 @@ pub struct Snapshot {
     pub dirs: Vec<DataDir>,
     /// Where the snapshot came from and at which point (JSON object, engine-specific).
     pub provenance: serde_json::Value,
+    /// Files the engine hashed while it read them, by `rel_path`: the digests and pages
+    /// `datafiles::digest_and_pages` would give for the whole file.
+    pub hashed: BTreeMap<String, (datafiles::FileDigest, delta::FilePages)>,
+    /// The files in `hashed` hold only the pages that differ from the previous image's index
+    /// (`Plan::snapshot_changes`): enough for a patch, not for shipping them whole.
+    pub partial: bool,
+}
+
+/// What a delta re-bake knows of the previous image (`--from`) without reading its data: its
+/// page index and its files' digests (image.json's "files"), so an engine can keep only what
+/// changed.
+#[derive(Clone, Copy, Debug)]
+pub struct Known<'a> {
+    pub index: &'a delta::PageIndex,
+    pub files: &'a [datafiles::FileDigest],
+}
+
+impl Known<'_> {
+    /// The previous image's pages and digest of the file at `rel_path`, when it had one.
+    pub fn file(&self, rel_path: &str) -> Option<(&delta::FilePages, &datafiles::FileDigest)> {
+        let pages = self.index.get(rel_path)?;
+        let digest = self.files.iter().find(|f| f.path == rel_path)?;
+        Some((pages, digest))
+    }
 }
 
 /// What an engine may learn about a base image without knowing OCI: its config's Env, every
@@ -232,6 +256,21 @@ pub trait Plan {
         durable: bool,
         progress: &mut dyn FnMut(&str),
     ) -> Result<Snapshot>;
+
+    /// For a delta re-bake: a snapshot that keeps on disk only the pages that differ from
+    /// `known`, hashing the rest as it reads them (`Snapshot::partial`), so a small change
+    /// costs one read of the source and no full copy. None: this plan has no such snapshot
+    /// (the caller takes a whole one). A build that finds it needs whole files after all (a
+    /// fresh base) takes a whole snapshot again: a later point of the source, as consistent.
+    fn snapshot_changes(
+        &mut self,
+        _out_dir: &Path,
+        _taken_at: &str,
+        _known: &Known<'_>,
+        _progress: &mut dyn FnMut(&str),
+    ) -> Result<Option<Snapshot>> {
+        Ok(None)
+    }
 
     /// One line about a snapshot just taken, for the progress output (None: nothing to say,
     /// e.g. a snapshot directory read as it is).

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
-use bakedb_engines::{ImageSpec, Snapshot};
+use bakedb_engines::{ImageSpec, Known, Snapshot};
 
 use super::plan::Plan;
 use crate::exit::{Code, StageExt, engine_error};
@@ -72,19 +72,36 @@ pub fn warn_notes(notes: &[String]) {
     }
 }
 
-pub fn take(plan: &mut Plan, progress: &mut Progress) -> Result<Data> {
+/// `changes_only`: a re-bake that may be a patch generation, for which the engine may keep
+/// only the pages that differ from the previous image (`Plan::snapshot_changes`).
+pub fn take(plan: &mut Plan, progress: &mut Progress, changes_only: bool) -> Result<Data> {
     let scratch =
         ScratchDir::new().stage(Code::Output, || "creating a scratch directory".into())?;
     let step = plan.engine_plan.snapshot_step();
-    let snapshot = plan
-        .engine_plan
-        .snapshot(
-            &scratch.0,
-            &plan.time.snapshot_time(),
-            false,
-            &mut |phase| progress.phase(phase, 0),
-        )
-        .map_err(|e| engine_error(e, &step))?;
+    let taken_at = plan.time.snapshot_time();
+    let mut phase = |p: &str| progress.phase(p, 0);
+    let partial = match plan.previous.as_ref().filter(|_| changes_only) {
+        Some(previous) => plan
+            .engine_plan
+            .snapshot_changes(
+                &scratch.0,
+                &taken_at,
+                &Known {
+                    index: &previous.index,
+                    files: &previous.image_json.files,
+                },
+                &mut phase,
+            )
+            .map_err(|e| engine_error(e, &step))?,
+        None => None,
+    };
+    let snapshot = match partial {
+        Some(snapshot) => snapshot,
+        None => plan
+            .engine_plan
+            .snapshot(&scratch.0, &taken_at, false, &mut phase)
+            .map_err(|e| engine_error(e, &step))?,
+    };
     if let Some(line) = plan.engine_plan.describe(&snapshot) {
         progress.done(&line);
     }

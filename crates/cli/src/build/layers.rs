@@ -56,7 +56,10 @@ fn hash_all(data: &Data, threads: usize) -> Result<Vec<Hashed>> {
         .files
         .iter()
         .map(|f| {
-            let (digest, pages) = datafiles::digest_and_pages(f, threads)?;
+            let (digest, pages) = match data.snapshot.hashed.get(&f.rel_path) {
+                Some(hashed) => hashed.clone(),
+                None => datafiles::digest_and_pages(f, threads)?,
+            };
             Ok(Hashed {
                 digest,
                 pages,
@@ -603,7 +606,24 @@ fn fresh_base_by_size(plan: &Plan, previous: &Previous, patch_raw: u64) -> Optio
     None
 }
 
-pub fn write(plan: &Plan, data: &Data, scratch: &Path, progress: &mut Progress) -> Result<Layers> {
+/// Whether a re-bake may turn out a patch generation, as far as is known before the snapshot:
+/// then the engine may keep only the changed pages (`Plan::snapshot_changes`).
+pub fn may_patch(plan: &Plan) -> bool {
+    plan.previous.as_ref().is_some_and(|previous| {
+        super::previous::same_base(previous, plan.base.as_ref().map(|(_, i)| i)).is_ok()
+            && fresh_base_by_size(plan, previous, 0).is_none()
+    })
+}
+
+/// The image's layers; None when `data` is a partial snapshot (only the changed pages) and
+/// the image needs whole files after all (a fresh base is due, or a file changed so much it
+/// ships whole): then the caller takes a whole snapshot and calls again.
+pub fn write(
+    plan: &Plan,
+    data: &Data,
+    scratch: &Path,
+    progress: &mut Progress,
+) -> Result<Option<Layers>> {
     let mut hashed = None;
     let mut generation = 0;
     if let Some(previous) = &plan.previous {
@@ -616,6 +636,17 @@ pub fn write(plan: &Plan, data: &Data, scratch: &Path, progress: &mut Progress) 
             .collect();
         let (mut changes, deleted, restores) =
             delta::changes(&previous.index, &new, MAX_PATCH_SHARE);
+        let partial =
+            |path: &String| data.snapshot.partial && data.snapshot.hashed.contains_key(path);
+        if let Some((path, _)) = changes
+            .iter()
+            .find(|(path, change)| partial(path) && matches!(change, Change::Whole))
+        {
+            progress.done(&format!(
+                "generation {generation}: {path} changed in more than half of its pages and ships whole: taking a whole snapshot"
+            ));
+            return Ok(None);
+        }
         restore_headers(data, &mut all, &mut changes, &restores)?;
         let delta = Delta {
             previous,
@@ -626,13 +657,21 @@ pub fn write(plan: &Plan, data: &Data, scratch: &Path, progress: &mut Progress) 
         };
         let patch = patch_layer(plan, data, &delta, scratch)?;
         match fresh_base_reason(plan, data, previous, patch.link.raw_bytes)? {
+            Some(reason) if data.snapshot.partial => {
+                progress.done(&format!(
+                    "generation {generation}: a fresh base is due ({reason}): taking a whole snapshot"
+                ));
+                return Ok(None);
+            }
             Some(reason) => {
                 progress.done(&format!(
                     "generation {generation}: a fresh base, not a patch: {reason}"
                 ));
                 hashed = Some(all);
             }
-            None => return write_patch_generation(plan, data, previous, patch, progress),
+            None => {
+                return write_patch_generation(plan, data, previous, patch, progress).map(Some);
+            }
         }
     }
 
@@ -673,12 +712,12 @@ pub fn write(plan: &Plan, data: &Data, scratch: &Path, progress: &mut Progress) 
     let (meta, data_digest) = meta_layer(plan, data, ij, Some(&index))?;
     new.push(meta);
     all.extend(new.iter().map(|n| n.layer.clone()));
-    Ok(Layers {
+    Ok(Some(Layers {
         all,
         new,
         data_digest,
         on_previous: false,
-    })
+    }))
 }
 
 /// REF's layers as they are, the patch layer (none when nothing changed), the image.json

@@ -17,7 +17,7 @@ mod previous;
 
 use std::io::Write;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde_json::json;
 
 pub use data::{ScratchDir, warn_notes};
@@ -36,9 +36,18 @@ pub struct Built {
 /// Run every phase of a build.
 pub fn build(args: &BuildArgs, progress: &mut Progress) -> Result<Built> {
     let mut plan = plan::plan(args)?;
-    let data = data::take(&mut plan, progress)?;
-    let patches = data.scratch.0.join("patches");
-    let layers = layers::write(&plan, &data, &patches, progress)?;
+    let may_patch = layers::may_patch(&plan);
+    let mut data = data::take(&mut plan, progress, may_patch)?;
+    let layers = match layers::write(&plan, &data, &data.scratch.0.join("patches"), progress)? {
+        Some(layers) => layers,
+        None => {
+            // The changed pages alone cannot make a fresh base: the whole source, at a later
+            // point of it and as consistent.
+            data = data::take(&mut plan, progress, false)?;
+            layers::write(&plan, &data, &data.scratch.0.join("patches"), progress)?
+                .context("a whole snapshot still could not make the image's layers")?
+        }
+    };
     let data_digest = layers.data_digest;
     let written = image::finish(plan, &data, layers, progress)?;
     Ok(Built {

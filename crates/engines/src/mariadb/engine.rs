@@ -353,6 +353,8 @@ fn load_snapshot_dir(dir: &Path) -> Result<Snapshot> {
         engine: "mariadb",
         files,
         dirs,
+        hashed: Default::default(),
+        partial: false,
         provenance: meta["provenance"].clone(),
     })
 }

@@ -788,6 +788,8 @@ pub fn snapshot(req: &Request, progress: &mut dyn FnMut(&str)) -> Result<Snapsho
             engine: "mariadb",
             files,
             dirs,
+            hashed: Default::default(),
+            partial: false,
             provenance: json!({
                 "source": req.source.redacted(),
                 "taken_at": req.taken_at,

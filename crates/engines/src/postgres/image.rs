@@ -494,6 +494,8 @@ pub fn load_snapshot_dir(dir: &Path) -> Result<(Snapshot, u32)> {
             engine: "postgres",
             files,
             dirs,
+            hashed: Default::default(),
+            partial: false,
             provenance: meta["provenance"].clone(),
         },
         major,

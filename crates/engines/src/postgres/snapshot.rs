@@ -628,6 +628,8 @@ pub fn snapshot(req: &Request, progress: &mut dyn FnMut(&str)) -> Result<Snapsho
             engine: "postgres",
             files,
             dirs,
+            hashed: Default::default(),
+            partial: false,
             provenance,
         })
     })();

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::{DEFAULT_BUSY_TIMEOUT, check_source, load_snapshot_dir, profile, write_snapshot_meta};
-use crate::{Bundled, Engine, Error, ImageSpec, Options, PatchMode, Plan, Result, Snapshot};
+use crate::{Bundled, Engine, Error, ImageSpec, Known, Options, PatchMode, Plan, Result, Snapshot};
 
 pub struct Sqlite;
 
@@ -101,7 +101,37 @@ impl Plan for SqlitePlan {
             return load_snapshot_dir(&self.source);
         }
         progress("snapshot");
-        super::snapshot(&self.source, out_dir, taken_at, durable, self.busy_timeout)
+        super::snapshot(
+            &self.source,
+            out_dir,
+            taken_at,
+            durable,
+            self.busy_timeout,
+            None,
+        )
+    }
+
+    fn snapshot_changes(
+        &mut self,
+        out_dir: &Path,
+        taken_at: &str,
+        known: &Known<'_>,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Option<Snapshot>> {
+        // A snapshot directory is read as it is: its file is whole already.
+        if self.snapshot_dir {
+            return Ok(None);
+        }
+        progress("snapshot");
+        super::snapshot(
+            &self.source,
+            out_dir,
+            taken_at,
+            false,
+            self.busy_timeout,
+            Some(known),
+        )
+        .map(Some)
     }
 
     fn describe(&self, _snapshot: &Snapshot) -> Option<String> {

@@ -1,29 +1,38 @@
 //! SQLite: a consistent snapshot read page by page through `sqlite_dbpage`.
 //!
 //! Every page is read inside one read transaction on the source, through SQLite's own pager
-//! (so a WAL source's committed frames are seen as any reader sees them) and written straight
+//! (so a WAL source's committed frames are seen as any reader sees them), hashed as it
+//! streams by (the page index's XXH3-128 per page, image.json's sha256 per chunk) and written
 //! into the copy: a database that another process keeps writing (WAL or rollback journal) is
-//! captured at exactly one committed point, with one pass over the source and no second pager
-//! on the copy's side. The copy's header says rollback journal, so the image never needs -wal/-shm files, and the copy
-//! is checked with `PRAGMA quick_check` after the source's lock is released, so a corrupt
-//! source is refused instead of baked without holding off its writer. The source is opened
+//! captured at exactly one committed point, with one pass over the source. For a delta
+//! re-bake only the pages whose hash differs from the previous image's index are written (a
+//! sparse copy that holds what the patch needs), and a chunk whose pages all kept their
+//! hashes keeps its previous sha256. The copy's header says rollback journal, so the image
+//! never needs -wal/-shm files. `PRAGMA quick_check` refuses a corrupt source; it runs on a
+//! second connection at the same committed point (WAL: the snapshot handed over with
+//! `sqlite3_snapshot_open`; rollback journal: a shared lock taken while the first one holds
+//! off every writer) on the other core while the pages stream. The source is opened
 //! read-only: bakedb never writes it, so a source that needs a write before it can be read (a
 //! hot journal) is refused with advice.
 
 use std::fs::{self, File};
-use std::io::{BufWriter, Read, Write};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rusqlite::{Connection, OpenFlags};
+use rusqlite::{Connection, OpenFlags, ffi};
 use serde_json::json;
+use sha2::{Digest as _, Sha256};
 
 mod engine;
 
 pub use engine::Sqlite;
 
+use crate::datafiles::{CHUNK_SIZE, FileDigest};
+use crate::delta::{FilePages, page_hash};
 use crate::image_json::Profile;
-use crate::{DataFile, Error, Result, Snapshot};
+use crate::{DataFile, Error, Known, Result, Snapshot};
 
 const HEADER: &[u8; 16] = b"SQLite format 3\0";
 
@@ -148,13 +157,16 @@ fn explain(source: &Path, busy_timeout: Duration, e: &rusqlite::Error) -> Option
 /// Copy `source` consistently into `out_dir`; `taken_at` is recorded as the snapshot time.
 /// `durable` fsyncs the copy: wanted for a snapshot directory that outlives the command, a
 /// waste of a full disk write for the scratch copy a build reads once and deletes.
-/// `busy_timeout` is how long to wait for a writer that holds a lock on the source.
+/// `busy_timeout` is how long to wait for a writer that holds a lock on the source. With
+/// `known` (a delta re-bake) the copy holds only the pages that differ from it
+/// (`Snapshot::partial`).
 pub fn snapshot(
     source: &Path,
     out_dir: &Path,
     taken_at: &str,
     durable: bool,
     busy_timeout: Duration,
+    known: Option<&Known<'_>>,
 ) -> Result<Snapshot> {
     check_source(source)?;
     let sql = |what: &str| {
@@ -178,11 +190,7 @@ pub fn snapshot(
     let tmp = out_dir.join(format!(".{name}.partial"));
     let _ = fs::remove_file(&tmp);
     let result = (|| {
-        let src = Connection::open_with_flags(
-            source,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(sql("opening"))?;
+        let src = open_read_only(source).map_err(sql("opening"))?;
         // The busy handler also runs while the read transaction waits for its lock.
         src.busy_timeout(busy_timeout)
             .map_err(sql("setting the busy timeout"))?;
@@ -191,28 +199,33 @@ pub fn snapshot(
         // The first read takes the transaction's lock (or WAL snapshot): every page after it
         // is of this one committed point. It fails early, with SQLite's own words, on a file
         // SQLite cannot read (e.g. encrypted).
-        let (page_size, schema_version): (i64, i64) = src
-            .query_row("SELECT (SELECT page_size FROM pragma_page_size), (SELECT schema_version FROM pragma_schema_version)", [], |r| Ok((r.get(0)?, r.get(1)?)))
+        let (page_size, schema_version, user_version): (i64, i64, i64) = src
+            .query_row("SELECT (SELECT page_size FROM pragma_page_size), (SELECT schema_version FROM pragma_schema_version), (SELECT user_version FROM pragma_user_version)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .map_err(sql("reading the schema (is it encrypted or corrupt?)"))?;
-        copy_pages(&src, page_size, &tmp, source, &sql)?;
-        src.execute_batch("COMMIT")
-            .map_err(sql("ending the read transaction"))?;
+        let journal: String = src
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .map_err(sql("reading the journal mode"))?;
+        let known_file = known
+            .and_then(|k| k.file(&name))
+            .filter(|(pages, _)| i64::from(pages.page_size) == page_size && pages.header_len == 0);
+        // `PRAGMA quick_check` of the same committed point runs on the other core while the
+        // pages stream, on a second connection; when it cannot have that point, after them.
+        let checker = checker_at(&src, source, journal.eq_ignore_ascii_case("wal"));
+        let streamed = std::thread::scope(|scope| -> Result<Streamed> {
+            let checking = checker.map(|c| scope.spawn(move || check(&c, source)));
+            let streamed = stream_pages(&src, page_size, &tmp, source, &sql, known_file)?;
+            if checking.is_none() {
+                check(&src, source)?;
+            }
+            // The checker holds its own lock or snapshot: writers wait on it alone now.
+            src.execute_batch("COMMIT")
+                .map_err(sql("ending the read transaction"))?;
+            if let Some(checking) = checking {
+                checking.join().expect("the check thread panicked")?;
+            }
+            Ok(streamed)
+        })?;
         drop(src);
-        let dst = Connection::open(&tmp).map_err(sql("opening the snapshot file"))?;
-        let mode: String = dst
-            .query_row("PRAGMA journal_mode=DELETE", [], |r| r.get(0))
-            .map_err(sql("switching the copy to rollback journal"))?;
-        if !mode.eq_ignore_ascii_case("delete") {
-            return Err(source_err(
-                source,
-                format!("the copy stayed in journal mode {mode}"),
-            ));
-        }
-        check_copy(&dst, source)?;
-        let (page_count, user_version): (i64, i64) = dst
-            .query_row("SELECT (SELECT page_count FROM pragma_page_count), (SELECT user_version FROM pragma_user_version)", [], |r| Ok((r.get(0)?, r.get(1)?)))
-            .map_err(sql("reading the copy"))?;
-        drop(dst);
         if durable {
             File::open(&tmp)
                 .and_then(|f| f.sync_all())
@@ -227,44 +240,123 @@ pub fn snapshot(
             path: dest.clone(),
             source: e,
         })?;
-        Ok(json!({
-            "source": source.to_string_lossy(),
-            "taken_at": taken_at,
-            "method": "sqlite_dbpage",
-            "position": {"page_size": page_size, "page_count": page_count, "schema_version": schema_version, "user_version": user_version},
-        }))
+        let page_count = streamed.pages.hashes.len();
+        Ok((
+            json!({
+                "source": source.to_string_lossy(),
+                "taken_at": taken_at,
+                "method": "sqlite_dbpage",
+                "position": {"page_size": page_size, "page_count": page_count, "schema_version": schema_version, "user_version": user_version},
+            }),
+            streamed,
+            known_file.is_some(),
+        ))
     })();
-    let provenance = match result {
+    let (provenance, streamed, partial) = match result {
         Ok(p) => p,
         Err(e) => {
             let _ = fs::remove_file(&tmp);
             return Err(e);
         }
     };
+    let mode = 0o644;
+    let digest =
+        FileDigest::from_chunks(name.clone(), streamed.pages.length, mode, streamed.chunks);
     Ok(Snapshot {
         engine: "sqlite",
         files: vec![DataFile {
             page_size: page_size_of(&provenance),
             page_header: 0,
-            rel_path: name,
+            rel_path: name.clone(),
             host_path: dest,
-            mode: 0o644,
+            mode,
         }],
         dirs: Vec::new(),
         provenance,
+        hashed: [(name, (digest, streamed.pages))].into_iter().collect(),
+        partial,
     })
 }
 
-/// Every page of the source's read transaction, in order, into a new file at `dest`; the
-/// header's read and write versions set to 1 (rollback journal) as `PRAGMA journal_mode =
-/// DELETE` would set them, so the copy is a database of its own without -wal/-shm files.
-fn copy_pages<F, E>(
+/// The source, read-only: bakedb never writes it. No mmap: a file another program truncates
+/// in place would kill the process with SIGBUS instead of failing the read, and mapped
+/// pages would count as the process's memory (a 1 GiB source, 1 GiB of RSS).
+fn open_read_only(source: &Path) -> rusqlite::Result<Connection> {
+    Connection::open_with_flags(
+        source,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+}
+
+/// A second read-only connection in a read transaction at `src`'s committed point, for the
+/// check; None when it cannot have exactly that point (then `src` checks after its pages).
+fn checker_at(src: &Connection, source: &Path, wal: bool) -> Option<Connection> {
+    let c = open_read_only(source).ok()?;
+    if wal {
+        // A read opens the connection's WAL, which sqlite3_snapshot_open needs; it ends
+        // with its statement.
+        c.query_row("SELECT count(*) FROM sqlite_schema", [], |r| {
+            r.get::<_, i64>(0)
+        })
+        .ok()?;
+    }
+    c.execute_batch("BEGIN").ok()?;
+    if wal {
+        // A WAL reader's snapshot is its own: hand `src`'s over (SQLITE_ENABLE_SNAPSHOT,
+        // .cargo/config.toml). `src` keeps its read transaction open meanwhile, so the WAL
+        // cannot be reset past that snapshot and opening it cannot miss.
+        let main = c"main";
+        let mut snap: *mut ffi::sqlite3_snapshot = std::ptr::null_mut();
+        // SAFETY: both handles are open connections owned by this thread for the duration of
+        // the calls; `src` has an open read transaction on "main" (sqlite3_snapshot_get's
+        // precondition) and `c` is in a transaction (BEGIN) that has read nothing yet
+        // (sqlite3_snapshot_open's); `snap` is freed exactly once, after the open, whose
+        // connection keeps no reference to it.
+        let opened = unsafe {
+            if ffi::sqlite3_snapshot_get(src.handle(), main.as_ptr(), &mut snap) != ffi::SQLITE_OK {
+                return None;
+            }
+            let rc = ffi::sqlite3_snapshot_open(c.handle(), main.as_ptr(), snap);
+            ffi::sqlite3_snapshot_free(snap);
+            rc == ffi::SQLITE_OK
+        };
+        opened.then_some(c)
+    } else {
+        // Rollback journal: while `src` holds its SHARED lock no writer can commit, so a lock
+        // taken now is of the same point. A writer already waiting to commit holds PENDING,
+        // which refuses new SHARED locks: then no checker, rather than wait on that writer
+        // while it waits on `src`.
+        c.busy_timeout(Duration::ZERO).ok()?;
+        c.query_row("SELECT count(*) FROM sqlite_schema", [], |r| {
+            r.get::<_, i64>(0)
+        })
+        .ok()?;
+        Some(c)
+    }
+}
+
+/// What streaming the pages gave: the new file's pages and its chunks' sha256 (hex).
+struct Streamed {
+    pages: FilePages,
+    chunks: Vec<String>,
+}
+
+/// Every page of the source's read transaction, in order: hashed (XXH3-128 per page for the
+/// page index, sha256 per CHUNK_SIZE chunk for image.json) and written into `dest` at its
+/// offset, except, when `known` (the previous image's pages and digest of this file) is
+/// given, the pages whose hash is the one `known` has: then `dest` is sparse and holds only
+/// what a patch needs, and a chunk whose pages all kept their hashes (and its length) keeps
+/// its previous sha256 instead of being hashed again. Page 1's read and write versions are
+/// set to 1 (rollback journal), as `PRAGMA journal_mode = DELETE` would set them, so the file
+/// is a database of its own without -wal/-shm files.
+fn stream_pages<F, E>(
     src: &Connection,
     page_size: i64,
     dest: &Path,
     source: &Path,
     sql: &F,
-) -> Result<()>
+    known: Option<(&FilePages, &FileDigest)>,
+) -> Result<Streamed>
 where
     F: Fn(&str) -> E,
     E: FnOnce(rusqlite::Error) -> Error,
@@ -277,8 +369,11 @@ where
             source: e,
         }
     };
+    let ps = usize::try_from(page_size)
+        .ok()
+        .filter(|p| *p >= 512 && (CHUNK_SIZE as usize).is_multiple_of(*p))
+        .ok_or_else(|| source_err(source, format!("has a page size of {page_size}")))?;
     let file = File::create(dest).map_err(io("creating"))?;
-    let mut out = BufWriter::with_capacity(1 << 20, file);
     let mut stmt = src
         .prepare("SELECT pgno, data FROM sqlite_dbpage")
         .map_err(|e| {
@@ -294,6 +389,17 @@ where
             }
         })?;
     let mut rows = stmt.query([]).map_err(sql("reading the pages"))?;
+    let mut chunk = Chunker {
+        file: &file,
+        page_size: ps,
+        known,
+        known_chunks: known.map(|(_, d)| d.chunk_digests()).unwrap_or_default(),
+        buf: Vec::with_capacity(CHUNK_SIZE as usize),
+        fresh: Vec::new(),
+        index: 0,
+        chunks: Vec::new(),
+    };
+    let mut hashes = Vec::new();
     let mut expected: i64 = 1;
     while let Some(row) = rows.next().map_err(sql("reading the pages"))? {
         let pgno: i64 = row.get(0).map_err(sql("reading the pages"))?;
@@ -301,7 +407,7 @@ where
             .get_ref(1)
             .and_then(|v| v.as_blob().map_err(Into::into))
             .map_err(sql("reading the pages"))?;
-        if pgno != expected || data.len() as i64 != page_size {
+        if pgno != expected || data.len() != ps {
             return Err(source_err(
                 source,
                 format!(
@@ -310,19 +416,89 @@ where
                 ),
             ));
         }
-        if pgno == 1 && data.len() >= 20 {
-            let mut first = data.to_vec();
-            first[18] = 1;
-            first[19] = 1;
-            out.write_all(&first).map_err(io("writing"))?;
-        } else {
-            out.write_all(data).map_err(io("writing"))?;
+        let at = chunk.buf.len();
+        chunk.buf.extend_from_slice(data);
+        if pgno == 1 {
+            chunk.buf[18] = 1;
+            chunk.buf[19] = 1;
+        }
+        let hash = page_hash(&chunk.buf[at..]);
+        let page = hashes.len();
+        if known.and_then(|(k, _)| k.hashes.get(page)) != Some(&hash) {
+            chunk.fresh.push(page);
+        }
+        hashes.push(hash);
+        if chunk.buf.len() == CHUNK_SIZE as usize {
+            chunk.flush().map_err(io("writing"))?;
         }
         expected += 1;
     }
-    out.into_inner()
-        .map_err(|e| io("writing")(e.into_error()))?;
-    Ok(())
+    if !chunk.buf.is_empty() || hashes.is_empty() {
+        chunk.flush().map_err(io("writing"))?;
+    }
+    let length = hashes.len() as u64 * ps as u64;
+    // Pages at the end that kept their hashes were not written: the file still has its length.
+    file.set_len(length).map_err(io("writing"))?;
+    Ok(Streamed {
+        pages: FilePages {
+            page_size: ps as u32,
+            header_len: 0,
+            length,
+            hashes,
+            headers: Vec::new(),
+        },
+        chunks: chunk.chunks,
+    })
+}
+
+/// One CHUNK_SIZE piece of the new file at a time: its sha256 (or the previous one, when none
+/// of its pages changed), and its fresh pages written at their offsets.
+struct Chunker<'a> {
+    file: &'a File,
+    page_size: usize,
+    known: Option<(&'a FilePages, &'a FileDigest)>,
+    known_chunks: Vec<&'a str>,
+    buf: Vec<u8>,
+    /// Page numbers (0-based, in the file) of this chunk's pages that `known` lacks.
+    fresh: Vec<usize>,
+    index: usize,
+    chunks: Vec<String>,
+}
+
+impl Chunker<'_> {
+    fn flush(&mut self) -> std::io::Result<()> {
+        let start = self.index as u64 * CHUNK_SIZE;
+        let len = self.buf.len() as u64;
+        let known_len = self
+            .known
+            .map(|(k, _)| k.length.saturating_sub(start).min(CHUNK_SIZE));
+        let digest = match self.known_chunks.get(self.index) {
+            Some(d) if self.fresh.is_empty() && known_len == Some(len) => (*d).to_owned(),
+            _ => Sha256::digest(&self.buf)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+        };
+        self.chunks.push(digest);
+        // Runs of consecutive fresh pages, one write each (the whole chunk for a first build).
+        let first_page = (start / self.page_size as u64) as usize;
+        let mut i = 0;
+        while i < self.fresh.len() {
+            let mut j = i + 1;
+            while j < self.fresh.len() && self.fresh[j] == self.fresh[j - 1] + 1 {
+                j += 1;
+            }
+            let from = (self.fresh[i] - first_page) * self.page_size;
+            let to = (self.fresh[j - 1] - first_page + 1) * self.page_size;
+            self.file
+                .write_all_at(&self.buf[from..to], start + from as u64)?;
+            i = j;
+        }
+        self.buf.clear();
+        self.fresh.clear();
+        self.index += 1;
+        Ok(())
+    }
 }
 
 /// The database's page size, as the snapshot recorded it (a delta re-bake ships pages).
@@ -333,22 +509,22 @@ fn page_size_of(provenance: &serde_json::Value) -> u32 {
         .unwrap_or(0)
 }
 
-/// `PRAGMA quick_check` of the copy: a corrupt source is refused with the first few problems
+/// `PRAGMA quick_check` of a read transaction at the snapshot's point: a corrupt source is refused with the first few problems
 /// SQLite found and a count of the rest (its report can run to kilobytes).
-fn check_copy(copy: &Connection, source: &Path) -> Result<()> {
+fn check(db: &Connection, source: &Path) -> Result<()> {
     let mut problems = Vec::new();
     let mut stopped = None;
     {
-        let mut stmt = copy
+        let mut stmt = db
             .prepare("PRAGMA quick_check")
             .map_err(|e| Error::Sqlite {
                 path: source.to_owned(),
-                what: "checking the copy".into(),
+                what: "checking the snapshot (PRAGMA quick_check)".into(),
                 source: e,
             })?;
         let mut rows = stmt.query([]).map_err(|e| Error::Sqlite {
             path: source.to_owned(),
-            what: "checking the copy".into(),
+            what: "checking the snapshot (PRAGMA quick_check)".into(),
             source: e,
         })?;
         loop {
@@ -470,6 +646,8 @@ pub fn load_snapshot_dir(dir: &Path) -> Result<Snapshot> {
         }],
         dirs: Vec::new(),
         provenance: meta["provenance"].clone(),
+        hashed: Default::default(),
+        partial: false,
     })
 }
 
@@ -574,7 +752,7 @@ mod tests {
 
     /// A snapshot with the default busy timeout; `quick_check` as the CLI's flag.
     fn snap(src: &Path, out: &Path, quick_check: bool) -> Result<Snapshot, Error> {
-        snapshot(src, out, "t", quick_check, DEFAULT_BUSY_TIMEOUT)
+        snapshot(src, out, "t", quick_check, DEFAULT_BUSY_TIMEOUT, None)
     }
 
     /// 2000 rows with an index on 4 KiB pages: enough pages to break some in the middle.
@@ -789,7 +967,7 @@ mod tests {
         writer
             .execute_batch("BEGIN EXCLUSIVE; INSERT INTO t(v) VALUES ('late');")
             .unwrap();
-        let e = snapshot(&src, &out, "t", false, Duration::from_millis(50))
+        let e = snapshot(&src, &out, "t", false, Duration::from_millis(50), None)
             .unwrap_err()
             .to_string();
         for needle in [
@@ -806,7 +984,7 @@ mod tests {
             "left a file in {out:?}"
         );
         writer.execute_batch("COMMIT").unwrap();
-        let snap = snapshot(&src, &out, "t", false, Duration::from_millis(50)).unwrap();
+        let snap = snapshot(&src, &out, "t", false, Duration::from_millis(50), None).unwrap();
         let n: i64 = Connection::open(&snap.files[0].host_path)
             .unwrap()
             .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
@@ -1000,5 +1178,122 @@ mod tests {
             "a replaced file was not seen"
         );
         assert!(Follower::new(&dir.path().join("missing.db"), DEFAULT_BUSY_TIMEOUT).is_err());
+    }
+
+    /// A delta snapshot against the previous snapshot's pages and digest: only the pages whose
+    /// hash changed are in its file (the rest are holes), and its digests and pages are those
+    /// a whole snapshot of the same state gets, and those of hashing that whole file.
+    #[test]
+    fn a_delta_snapshot_keeps_only_the_changed_pages_with_the_whole_files_digests() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("app.db");
+        // ~40 MiB: three chunks, so unchanged chunks keep their previous sha256.
+        make_rollback_db(&src, 300_000);
+        let first = snap(&src, &dir.path().join("g0"), false).unwrap();
+        let (d0, p0) = first.hashed["app.db"].clone();
+        assert!(!first.partial);
+        assert!(d0.chunks.len() >= 3, "{d0:?}");
+        Connection::open(&src)
+            .unwrap()
+            .execute_batch("UPDATE t SET v = 'changed' WHERE id BETWEEN 1000 AND 1100")
+            .unwrap();
+        let index: crate::delta::PageIndex = [("app.db".to_owned(), p0.clone())].into();
+        let files = [d0.clone()];
+        let known = Known {
+            index: &index,
+            files: &files,
+        };
+        let delta = snapshot(
+            &src,
+            &dir.path().join("g1"),
+            "t",
+            false,
+            DEFAULT_BUSY_TIMEOUT,
+            Some(&known),
+        )
+        .unwrap();
+        assert!(delta.partial);
+        let whole = snap(&src, &dir.path().join("g1-whole"), false).unwrap();
+        assert!(!whole.partial);
+        let (d1, p1) = delta.hashed["app.db"].clone();
+        assert_eq!(
+            (&d1, &p1),
+            (&whole.hashed["app.db"].0, &whole.hashed["app.db"].1)
+        );
+        let hashed_file = crate::datafiles::digest_and_pages(&whole.files[0], 2).unwrap();
+        assert_eq!((&d1, &p1), (&hashed_file.0, &hashed_file.1));
+        assert_ne!(d0.chunks[0], d1.chunks[0]);
+        assert_eq!(d0.chunks[1..], d1.chunks[1..]);
+
+        let sparse = fs::read(&delta.files[0].host_path).unwrap();
+        let full = fs::read(&whole.files[0].host_path).unwrap();
+        assert_eq!(sparse.len(), full.len());
+        let mut changed = 0;
+        for (i, (s, f)) in sparse.chunks(4096).zip(full.chunks(4096)).enumerate() {
+            if p0.hashes.get(i) == Some(&p1.hashes[i]) {
+                assert!(
+                    s.iter().all(|b| *b == 0),
+                    "page {i} kept its hash but was written"
+                );
+            } else {
+                assert!(s == f, "changed page {i} differs from the whole snapshot's");
+                changed += 1;
+            }
+        }
+        // Page 1 (the change counter), the updated rows' pages and their index's.
+        assert!((2..full.len() / 4096 / 10).contains(&changed), "{changed}");
+    }
+
+    /// The check's connection reads the same committed point as the one that streams the
+    /// pages: in WAL mode a commit after the snapshot began stays out of it, in rollback
+    /// mode no writer can commit while both hold their shared locks. A WAL with no frames
+    /// (every connection closed since the last write) gives no snapshot to hand over: no
+    /// checker then, and the snapshot checks after its pages.
+    #[test]
+    fn the_checker_reads_the_snapshots_point() {
+        let dir = tempfile::tempdir().unwrap();
+        let count = |c: &Connection| -> i64 {
+            c.query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+                .unwrap()
+        };
+        for wal in [true, false] {
+            let src = dir.path().join(format!("app-{wal}.db"));
+            if wal {
+                make_db(&src, 100);
+            } else {
+                make_rollback_db(&src, 100);
+            }
+            let writer = Connection::open(&src).unwrap();
+            if wal {
+                let reader = open_read_only(&src).unwrap();
+                reader.execute_batch("BEGIN").unwrap();
+                assert_eq!(count(&reader), 100);
+                assert!(checker_at(&reader, &src, wal).is_none());
+                reader.execute_batch("COMMIT").unwrap();
+                writer.execute("DELETE FROM t WHERE id = 1", []).unwrap();
+            }
+            let before = count(&writer);
+            let reader = open_read_only(&src).unwrap();
+            reader.execute_batch("BEGIN").unwrap();
+            assert_eq!(count(&reader), before);
+            let wrote = writer.execute("INSERT INTO t(v) VALUES ('late')", []);
+            assert_eq!(wrote.is_ok(), wal, "wal {wal}: {wrote:?}");
+            let checker =
+                checker_at(&reader, &src, wal).unwrap_or_else(|| panic!("no checker, wal {wal}"));
+            assert_eq!(count(&checker), before, "wal {wal}");
+            check(&checker, &src).unwrap();
+            drop(checker);
+            reader.execute_batch("COMMIT").unwrap();
+            if !wal {
+                writer
+                    .execute("INSERT INTO t(v) VALUES ('late')", [])
+                    .unwrap();
+            }
+            assert_eq!(
+                count(&open_read_only(&src).unwrap()),
+                before + 1,
+                "wal {wal}"
+            );
+        }
     }
 }
