@@ -69,6 +69,22 @@ pub enum Blame {
 }
 
 impl Error {
+    /// Bad flags, or flags that do not fit each other, found while doing `step`.
+    pub fn usage(step: impl Into<String>, detail: impl Into<String>) -> Error {
+        Error::Usage {
+            step: step.into(),
+            detail: detail.into(),
+        }
+    }
+
+    /// A base image that cannot run the snapshot, found while doing `step`.
+    pub fn base(step: impl Into<String>, detail: impl Into<String>) -> Error {
+        Error::Base {
+            step: step.into(),
+            detail: detail.into(),
+        }
+    }
+
     pub fn blame(&self) -> Blame {
         match self {
             Error::Usage { .. } => Blame::Usage,

@@ -16,20 +16,6 @@ use crate::{
 
 pub struct Mariadb;
 
-fn usage(step: &str, detail: impl Into<String>) -> Error {
-    Error::Usage {
-        step: step.into(),
-        detail: detail.into(),
-    }
-}
-
-fn base_err(step: impl Into<String>, detail: impl Into<String>) -> Error {
-    Error::Base {
-        step: step.into(),
-        detail: detail.into(),
-    }
-}
-
 impl Engine for Mariadb {
     fn name(&self) -> &'static str {
         "mariadb"
@@ -68,19 +54,19 @@ impl Engine for Mariadb {
         previous: Option<&crate::image_json::ImageJson>,
     ) -> Result<Box<dyn Plan>> {
         if options.busy_timeout.is_some() {
-            return Err(usage(
+            return Err(Error::usage(
                 "checking --busy-timeout",
                 "--busy-timeout is for --engine sqlite: mariadb-backup takes its own short lock",
             ));
         }
         if options.pg_bin.is_some() || options.pg_lazy_copyup {
-            return Err(usage(
+            return Err(Error::usage(
                 "checking the flags",
                 "--pg-bin and --pg-lazy-copyup are for --engine postgres",
             ));
         }
         if !options.accept.is_empty() {
-            return Err(usage(
+            return Err(Error::usage(
                 "parsing --accept",
                 "--engine mariadb accepts no losses: what cannot be baked is refused",
             ));
@@ -96,12 +82,12 @@ impl Engine for Mariadb {
             None
         } else {
             let Some(image) = image else {
-                return Err(usage("checking --base", self.base_advice()));
+                return Err(Error::usage("checking --base", self.base_advice()));
             };
             let location = &image.location;
             Some(
                 Base::discover(image)
-                    .map_err(|why| base_err(format!("reading base image {location}"), why))?,
+                    .map_err(|why| Error::base(format!("reading base image {location}"), why))?,
             )
         };
         let location = base_image_location(image);
@@ -179,7 +165,7 @@ fn fit(base: &Base, provenance: &serde_json::Value, location: &str) -> Result<()
     let step = format!("checking base image {location}");
     let series = provenance["series"].as_str().unwrap_or("?");
     if series != base.series {
-        return Err(base_err(
+        return Err(Error::base(
             step,
             format!(
                 "the snapshot is of MariaDB {series} and the base image has MariaDB {} ({}): a physical copy starts only under its own release series; use a base image of MariaDB {series}",
@@ -191,7 +177,7 @@ fn fit(base: &Base, provenance: &serde_json::Value, location: &str) -> Result<()
         serde_json::from_value(provenance["requires"]["plugins"].clone()).unwrap_or_default();
     let missing = base.missing_plugins(&plugins);
     if !missing.is_empty() {
-        return Err(base_err(
+        return Err(Error::base(
             step,
             format!(
                 "it lacks the plugin libraries {} that the source has loaded (accounts or tables would not work): use a base image with them",
@@ -224,7 +210,7 @@ struct MariadbPlan {
 impl Plan for MariadbPlan {
     fn owner(&self) -> Result<(u32, u32)> {
         self.base.as_ref().and_then(|b| b.mysql_user).ok_or_else(|| {
-            base_err(
+            Error::base(
                 format!("reading base image {}", self.location),
                 "the base image's /etc/passwd has no `mysql` user; pass --user UID:GID of the user its mariadbd should run as",
             )

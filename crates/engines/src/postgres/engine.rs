@@ -16,20 +16,6 @@ use crate::{
 
 pub struct Postgres;
 
-fn usage(step: &str, detail: impl Into<String>) -> Error {
-    Error::Usage {
-        step: step.into(),
-        detail: detail.into(),
-    }
-}
-
-fn base_err(step: impl Into<String>, detail: impl Into<String>) -> Error {
-    Error::Base {
-        step: step.into(),
-        detail: detail.into(),
-    }
-}
-
 impl Engine for Postgres {
     fn name(&self) -> &'static str {
         "postgres"
@@ -66,13 +52,13 @@ impl Engine for Postgres {
             .and_then(|p| p.snapshot["position"]["checkpoint_lsn"].as_str())
             .map(str::to_owned);
         if options.busy_timeout.is_some() {
-            return Err(usage(
+            return Err(Error::usage(
                 "checking --busy-timeout",
                 "--busy-timeout is for --engine sqlite: a PostgreSQL base backup does not wait for writers' locks",
             ));
         }
         let accept =
-            Accept::parse(&options.accept).map_err(|why| usage("parsing --accept", why))?;
+            Accept::parse(&options.accept).map_err(|why| Error::usage("parsing --accept", why))?;
         if options.for_snapshot {
             // `bakedb snapshot`: no base image; the tools' major version decides.
             let tools = Tools::find(options.pg_bin.as_deref(), None)?;
@@ -93,22 +79,22 @@ impl Engine for Postgres {
             }));
         }
         let Some(base_image) = base else {
-            return Err(usage("checking --base", self.base_advice()));
+            return Err(Error::usage("checking --base", self.base_advice()));
         };
         // The data directory only starts under the major version that wrote it, so the base
         // image's version decides, and a mismatch stops the build before any work; so does a
         // base that lacks what the data needs (a locale, an extension).
         let location = &base_image.location;
         let base = Base::discover(base_image)
-            .map_err(|why| base_err(format!("reading base image {location}"), why))?;
+            .map_err(|why| Error::base(format!("reading base image {location}"), why))?;
         let check_fit = |needs: &serde_json::Value| {
             base.fit(needs)
-                .map_err(|why| base_err(format!("checking base image {location}"), why))
+                .map_err(|why| Error::base(format!("checking base image {location}"), why))
         };
         let kind = if source.is_dir() {
             let (snap, data_major) = load_snapshot_dir(source)?;
             if data_major != base.major {
-                return Err(base_err(
+                return Err(Error::base(
                     "checking versions",
                     format!(
                         "the snapshot is a PostgreSQL {data_major} data directory and the base image has PostgreSQL {}; use a base image of PostgreSQL {data_major}",
@@ -207,7 +193,7 @@ impl PostgresPlan {
 impl Plan for PostgresPlan {
     fn owner(&self) -> Result<(u32, u32)> {
         self.base.as_ref().and_then(|b| b.postgres_user).ok_or_else(|| {
-            base_err(
+            Error::base(
                 format!("reading base image {}", self.location),
                 "the base image's /etc/passwd has no `postgres` user; pass --user UID:GID of the user its postgres should run as",
             )
@@ -254,9 +240,9 @@ impl Plan for PostgresPlan {
                 };
                 let snap = snapshot(&request, progress)?;
                 if let Some(base) = &self.base {
-                    *fit = base
-                        .fit(&snap.provenance)
-                        .map_err(|why| base_err("checking the base image against the copy", why))?;
+                    *fit = base.fit(&snap.provenance).map_err(|why| {
+                        Error::base("checking the base image against the copy", why)
+                    })?;
                 }
                 Ok(snap)
             }

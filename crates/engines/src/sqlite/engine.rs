@@ -9,13 +9,6 @@ use crate::{Bundled, Engine, Error, ImageSpec, Known, Options, PatchMode, Plan, 
 
 pub struct Sqlite;
 
-fn usage(flag: &str, detail: impl Into<String>) -> Error {
-    Error::Usage {
-        step: format!("checking {flag}"),
-        detail: detail.into(),
-    }
-}
-
 impl Engine for Sqlite {
     fn name(&self) -> &'static str {
         "sqlite"
@@ -41,13 +34,16 @@ impl Engine for Sqlite {
             });
         }
         if options.pg_lazy_copyup {
-            return Err(usage(
-                "--pg-lazy-copyup",
+            return Err(Error::usage(
+                "checking --pg-lazy-copyup",
                 "--pg-lazy-copyup is for --engine postgres",
             ));
         }
         if options.pg_bin.is_some() {
-            return Err(usage("--pg-bin", "--pg-bin is for --engine postgres"));
+            return Err(Error::usage(
+                "checking --pg-bin",
+                "--pg-bin is for --engine postgres",
+            ));
         }
         // `bakedb snapshot` takes a live database only: a directory is refused as a source.
         let snapshot_dir = source.is_dir() && !options.for_snapshot;
