@@ -1,12 +1,13 @@
 //! The docker:// transport against real registries: the shared one .ci/run starts
 //! (BAKEDB_TEST_REGISTRY, plain HTTP) and ones a test starts itself (bakedb-testkit's
 //! `registry`: htpasswd basic auth and TLS with the test's own CA, a storage the test may
-//! damage, a proxy that cuts connections). skopeo judges what was pushed.
+//! damage; `proxy`: one that cuts connections, one that answers 429 and 503). skopeo judges
+//! what was pushed.
 
 use std::path::Path;
 use std::process::Command;
 
-use bakedb_testkit::proxy::DroppingProxy;
+use bakedb_testkit::proxy::{DroppingProxy, Fault, FaultProxy};
 use bakedb_testkit::registry::{Registry, RegistryOptions, auth_json};
 
 use crate::errors::assert_failure;
@@ -438,5 +439,141 @@ fn base_from_an_image_index_takes_this_machines_image() {
     assert_eq!(
         from_index["manifest_digest"],
         from_layout["manifest_digest"]
+    );
+}
+
+/// The manifest digest the registry at `host` serves for `image` (a docker:// reference
+/// there), read past any proxy.
+fn served_digest(dir: &Path, image: &str) -> String {
+    let out = run_ok(bakedb(dir).args(["inspect", "--json", "--tls-verify=false", image]));
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    info["manifest_digest"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn push_and_pull_retry_429_and_503() {
+    let Some(reg) = Registry::start(RegistryOptions::default()) else {
+        return;
+    };
+    let dir = util::test_dir();
+    let d = dir.path();
+    // 2 MiB of data stored uncompressed: with 1 MiB chunks the data layer goes up in PATCHes.
+    make_big_db(&d.join("app.db"), 2);
+    // Every kind of request a push makes is refused at first, once or twice.
+    let faults = vec![
+        Fault::unavailable("GET", "/v2/", 1),
+        Fault::too_many_requests("POST", "/v2/*/blobs/uploads/", 2),
+        Fault::unavailable("HEAD", "/v2/*/blobs/sha256:*", 2),
+        Fault::too_many_requests("PATCH", "/v2/*/blobs/uploads/*", 1),
+        Fault::unavailable("PUT", "/v2/*/blobs/uploads/*digest=*", 1),
+        Fault::too_many_requests("PUT", "/v2/*/manifests/*", 1),
+    ];
+    let proxy = FaultProxy::start(reg.addr(), faults.clone());
+    let image = format!("docker://{}/retried:v1", proxy.host());
+    let out = run_ok(
+        bakedb(d)
+            .env("BAKEDB_REGISTRY_CHUNK_BYTES", "1048576")
+            .args(util::sqlite_build("app.db", &image))
+            .args(["--compression", "none", "--tls-verify=false", "--json"]),
+    );
+    let built = build_json(&out);
+    for (i, fault) in faults.iter().enumerate() {
+        assert_eq!(
+            proxy.answered(i),
+            fault.times,
+            "{} {}: every injected answer was met",
+            fault.method,
+            fault.pattern
+        );
+        assert!(
+            proxy.forwarded(i) >= 1,
+            "{} {}: never sent again after the {}",
+            fault.method,
+            fault.pattern,
+            fault.status
+        );
+    }
+    // Nothing was given up on: the registry itself, past the proxy, has the whole image.
+    let direct = format!("docker://{}/retried:v1", reg.host());
+    let verified = run_ok(bakedb(d).args(["verify", "--tls-verify=false", &direct]));
+    let digest = built["manifest_digest"].as_str().unwrap();
+    assert!(stderr(&verified).contains(digest), "{}", stderr(&verified));
+
+    // A pull retries as well: manifests and blobs refused at first.
+    let pull_faults = vec![
+        Fault::too_many_requests("GET", "/v2/retried/manifests/*", 2),
+        Fault::unavailable("GET", "/v2/retried/blobs/sha256:*", 2),
+    ];
+    let proxy = FaultProxy::start(reg.addr(), pull_faults);
+    let through = format!("docker://{}/retried:v1", proxy.host());
+    let verified = run_ok(bakedb(d).args(["verify", "--tls-verify=false", &through]));
+    assert!(stderr(&verified).contains(digest), "{}", stderr(&verified));
+    for i in 0..2 {
+        assert_eq!(proxy.answered(i), 2, "pull fault {i}");
+        assert!(proxy.forwarded(i) >= 1, "pull fault {i}");
+    }
+}
+
+#[test]
+fn a_registry_that_keeps_failing_ends_the_push_with_one_line_and_the_tag_unmoved() {
+    let Some(reg) = Registry::start(RegistryOptions::default()) else {
+        return;
+    };
+    let dir = dir_with_db(300);
+    let d = dir.path();
+    let direct = format!("docker://{}/app:live", reg.host());
+    let v1 = build(d, &direct, &["--tls-verify=false"]);
+    let v1 = v1["manifest_digest"].as_str().unwrap().to_owned();
+    rusqlite::Connection::open(d.join("app.db"))
+        .unwrap()
+        .execute("UPDATE t SET v = 'changed' WHERE id = 7", [])
+        .unwrap();
+    for (fault, status) in [
+        // The access check (an upload started and cancelled) fails: before any work.
+        (
+            Fault::too_many_requests("POST", "/v2/*/blobs/uploads/", u64::MAX),
+            "429 Too Many Requests",
+        ),
+        // Every blob goes up, the manifest never does.
+        (
+            Fault::unavailable("PUT", "/v2/*/manifests/*", u64::MAX),
+            "503 Service Unavailable",
+        ),
+    ] {
+        let proxy = FaultProxy::start(reg.addr(), vec![fault.clone()]);
+        let image = format!("docker://{}/app:live", proxy.host());
+        let out = run(bakedb(d)
+            .args(build_quiet(&image))
+            .arg("--tls-verify=false"));
+        assert_failure(
+            &out,
+            OUTPUT,
+            &[&format!("docker://{}/app", proxy.host()), status, "6 times"],
+            &format!("{} always answered {}", fault.pattern, fault.status),
+        );
+        assert_eq!(
+            proxy.answered(0),
+            6,
+            "{}: one request, six tries",
+            fault.pattern
+        );
+        assert_eq!(served_digest(d, &direct), v1, "the tag moved");
+    }
+    // Reading from a registry that keeps failing: verify says it cannot reach the image.
+    let proxy = FaultProxy::start(
+        reg.addr(),
+        vec![Fault::unavailable("GET", "/v2/app/blobs/*", u64::MAX)],
+    );
+    let out = run(bakedb(d).args([
+        "verify",
+        "--quiet",
+        "--tls-verify=false",
+        &format!("docker://{}/app:live", proxy.host()),
+    ]));
+    assert_failure(
+        &out,
+        8,
+        &[&proxy.host(), "503 Service Unavailable", "6 times"],
+        "verify against a failing registry",
     );
 }

@@ -90,6 +90,15 @@ impl Registries {
         &self.options
     }
 
+    /// The same options with nothing learnt yet: credentials are looked up again and each
+    /// registry is asked `GET /v2/` again (after a refusal that may since have been fixed).
+    pub fn fresh(&self) -> Registries {
+        Registries {
+            options: self.options.clone(),
+            clients: Arc::default(),
+        }
+    }
+
     /// The client for `registry` (HOST[:PORT] as in references), shared by every caller.
     pub fn client(&self, registry: &str) -> Result<Arc<Client>> {
         let mut clients = self.clients.lock().expect("registry clients lock");
@@ -205,6 +214,14 @@ impl<'a> Req<'a> {
 
     pub fn once(mut self) -> Self {
         self.idempotent = false;
+        self
+    }
+
+    /// A POST that may be sent again: one that starts an upload session (a session a lost
+    /// answer leaves behind is abandoned, and the registry removes it in time) or mounts a
+    /// blob (mounting it twice is mounting it once).
+    pub fn repeatable(mut self) -> Self {
+        self.idempotent = true;
         self
     }
 }
@@ -405,9 +422,15 @@ impl Client {
                         state.challenge = challenge;
                         return Ok(base);
                     }
-                    failures.push(format!(
-                        "{base}/v2/ answered {status}: not a registry (the distribution API answers 200 or 401 there)"
-                    ));
+                    if is_retryable(status) {
+                        failures.push(format!(
+                            "{base}/v2/ answered {status} {attempt} times (retried with backoff): the registry is overloaded or failing"
+                        ));
+                    } else {
+                        failures.push(format!(
+                            "{base}/v2/ answered {status}: not a registry (the distribution API answers 200 or 401 there)"
+                        ));
+                    }
                 }
                 Err(Failure::Tls(t)) => failures.push(format!(
                     "TLS with {} failed: {t}; trust its CA with --cert-dir DIR (DIR/*.crt) or a file in /etc/containers/certs.d/{}/, or use --tls-verify=false for a test registry without TLS",
@@ -434,15 +457,9 @@ impl Client {
         (self.options.backoff * factor).min(Duration::from_secs(8))
     }
 
-    /// Wait before another try: the registry's Retry-After (capped at 60 s), else backoff.
+    /// Wait before another try: the registry's Retry-After, else backoff.
     fn wait(&self, attempt: u32, resp: &Response<ureq::Body>) {
-        let after = resp
-            .headers()
-            .get(http::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(|s| Duration::from_secs(s.min(60)));
-        std::thread::sleep(after.unwrap_or_else(|| self.backoff(attempt)));
+        std::thread::sleep(retry_after(resp).unwrap_or_else(|| self.backoff(attempt)));
     }
 
     fn credentials(&self, repository: &str) -> Result<Option<Credentials>> {
@@ -588,12 +605,17 @@ impl Client {
             ));
         }
         if !status.is_success() {
+            let (failure, times) = if is_retryable(status) {
+                (RegistryFailure::Unreachable, format!(" {attempt} times"))
+            } else {
+                (RegistryFailure::Rejected, String::new())
+            };
             return Err(self.err(
                 location,
                 what,
-                RegistryFailure::Rejected,
+                failure,
                 format!(
-                    "the token endpoint {realm} answered {status}: {}",
+                    "the token endpoint {realm} answered {status}{times}: {}",
                     registry_message(&body)
                 ),
             ));
@@ -717,6 +739,19 @@ impl Client {
                 Ok(resp) if req.idempotent && more && is_retryable(resp.status()) => {
                     self.wait(attempt, &resp);
                 }
+                Ok(resp) if req.idempotent && attempt > 1 && is_retryable(resp.status()) => {
+                    let status = resp.status();
+                    let body = read_limited(resp, 64 << 10).unwrap_or_default();
+                    return Err(self.err(
+                        &req.location,
+                        &req.what,
+                        RegistryFailure::Unreachable,
+                        format!(
+                            "the registry answered {status} {attempt} times (retried with backoff): {}",
+                            registry_message(&body)
+                        ),
+                    ));
+                }
                 Ok(resp) => return Ok(resp),
                 Err(e) => match classify(e) {
                     Failure::Transport(_) if req.idempotent && more => {
@@ -814,7 +849,8 @@ impl Client {
             what.into(),
             location.clone(),
         )
-        .scope(Scope::push(repository));
+        .scope(Scope::push(repository))
+        .repeatable();
         let resp = self.send(&req)?;
         if resp.status() != StatusCode::ACCEPTED {
             return Err(self.unexpected(resp, what, &location));
@@ -1164,7 +1200,7 @@ impl Client {
         )
         .scope(Scope::push(repository))
         .scope(Scope::pull(from))
-        .once();
+        .repeatable();
         let resp = self.send(&req)?;
         match resp.status() {
             StatusCode::CREATED => Ok(true),
@@ -1177,6 +1213,16 @@ impl Client {
             _ => Err(self.unexpected(resp, &what, &location)),
         }
     }
+}
+
+/// A 429's or 503's Retry-After in seconds (capped at 60 s); the HTTP-date form is not used
+/// by registries and is ignored (backoff then).
+pub(crate) fn retry_after(resp: &Response<ureq::Body>) -> Option<Duration> {
+    resp.headers()
+        .get(http::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|s| Duration::from_secs(s.min(60)))
 }
 
 fn is_retryable(status: StatusCode) -> bool {
