@@ -208,6 +208,7 @@ fn tls_and_basic_auth_registry() {
     let Some(reg) = Registry::start(RegistryOptions {
         user: Some(("alice".into(), "s3cret".into())),
         tls: true,
+        ..RegistryOptions::default()
     }) else {
         return;
     };
@@ -577,3 +578,4 @@ fn a_registry_that_keeps_failing_ends_the_push_with_one_line_and_the_tag_unmoved
         "verify against a failing registry",
     );
 }
+
