@@ -579,3 +579,144 @@ fn a_registry_that_keeps_failing_ends_the_push_with_one_line_and_the_tag_unmoved
     );
 }
 
+/// What `cmd` asked a registry's token server for: tokens by scope.
+fn tokens_issued_by(
+    reg: &Registry,
+    cmd: &mut Command,
+) -> (std::process::Output, Vec<(String, u64)>) {
+    let before = reg.token_server().issued();
+    let out = run(cmd);
+    let during = reg
+        .token_server()
+        .issued()
+        .into_iter()
+        .map(|(scope, n)| {
+            let earlier = before.get(&scope).copied().unwrap_or(0);
+            (scope, n - earlier)
+        })
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    (out, during)
+}
+
+#[test]
+fn bearer_token_registry_push_pull_from_and_one_token_per_scope() {
+    let Some(reg) = Registry::start(RegistryOptions {
+        user: Some(("alice".into(), "s3cret".into())),
+        token: true,
+        ..RegistryOptions::default()
+    }) else {
+        return;
+    };
+    let dir = dir_with_db(20_000);
+    let d = dir.path();
+    let host = reg.host();
+    let v1 = format!("docker://{host}/app:v1");
+    let creds = ["--tls-verify=false", "--creds", "alice:s3cret"];
+
+    // A wrong password is refused by the token endpoint: one line naming it and the user.
+    let out = run(bakedb(d).args(build_quiet(&v1)).args([
+        "--tls-verify=false",
+        "--creds",
+        "alice:wrong",
+    ]));
+    let realm = reg.token_server().realm();
+    assert_failure(
+        &out,
+        OUTPUT,
+        &[
+            &realm,
+            "401",
+            "refused the credentials",
+            "\"alice\"",
+            "--creds",
+        ],
+        "wrong password for the token endpoint",
+    );
+    assert!(reg.token_server().refused() >= 1);
+    // No credentials at all: the token endpoint refuses an anonymous client too.
+    let out = run(bakedb(d).args(build_quiet(&v1)).arg("--tls-verify=false"));
+    assert_failure(
+        &out,
+        OUTPUT,
+        &["requires credentials", "--creds"],
+        "no credentials for a token registry",
+    );
+    assert_eq!(
+        bakedb_testkit::registry::blob_count(&reg.storage()),
+        0,
+        "nothing pushed by failed builds"
+    );
+
+    // Push: one token per scope for the whole command, however many requests it makes.
+    let (out, tokens) = tokens_issued_by(
+        &reg,
+        bakedb(d)
+            .args(util::sqlite_build("app.db", &v1))
+            .arg("--json")
+            .args(creds),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let first = build_json(&out);
+    assert_eq!(pushed(&first), (5, 0, 0), "{first}");
+    assert!(
+        tokens.contains(&("repository:app:pull,push".to_owned(), 1)),
+        "{tokens:?}"
+    );
+    assert!(
+        tokens.iter().all(|(_, n)| *n == 1),
+        "a scope's token fetched again: {tokens:?}"
+    );
+
+    // Pull: verify reads every blob with one pull token.
+    let (out, tokens) = tokens_issued_by(&reg, bakedb(d).args(["verify"]).args(creds).arg(&v1));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(tokens, [("repository:app:pull".to_owned(), 1)]);
+
+    // --from a token registry image: only the patch goes up; into another repository REF's
+    // layers are mounted, with one token for both repositories.
+    rusqlite::Connection::open(d.join("app.db"))
+        .unwrap()
+        .execute("UPDATE t SET v = 'changed' WHERE id = 4242", [])
+        .unwrap();
+    let v2 = build(
+        d,
+        &format!("docker://{host}/app:v2"),
+        &[&["--from", &v1][..], &creds[..]].concat(),
+    );
+    assert_eq!(pushed(&v2), (3, 4, 0), "{v2}");
+    let (out, tokens) = tokens_issued_by(
+        &reg,
+        bakedb(d)
+            .args(util::sqlite_build(
+                "app.db",
+                &format!("docker://{host}/copy:v2"),
+            ))
+            .args(["--json", "--from", &v1])
+            .args(creds),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let copied = build_json(&out);
+    assert_eq!(copied["manifest_digest"], v2["manifest_digest"]);
+    assert_eq!(pushed(&copied), (3, 0, 4), "{copied}");
+    assert!(
+        tokens.contains(&(
+            "repository:app:pull repository:copy:pull,push".to_owned(),
+            1
+        )),
+        "the mount's token: {tokens:?}"
+    );
+    assert!(tokens.iter().all(|(_, n)| *n == 1), "{tokens:?}");
+    let verified = run_ok(
+        bakedb(d)
+            .args(["verify"])
+            .args(creds)
+            .arg(format!("docker://{host}/copy:v2")),
+    );
+    assert!(
+        stderr(&verified).contains(v2["manifest_digest"].as_str().unwrap()),
+        "{}",
+        stderr(&verified)
+    );
+}
+

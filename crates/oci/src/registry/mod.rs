@@ -175,6 +175,8 @@ pub(crate) struct Req<'a> {
     pub scopes: Vec<Scope>,
     /// Safe to send again after a failure whose outcome is unknown.
     pub idempotent: bool,
+    /// A 401 fetches a new token and tries once more.
+    pub renew: bool,
     /// For messages: "pushing blob sha256:…".
     pub what: String,
     pub location: String,
@@ -187,6 +189,7 @@ impl<'a> Req<'a> {
                 method,
                 Method::GET | Method::HEAD | Method::PUT | Method::DELETE
             ),
+            renew: true,
             method,
             url,
             headers: Vec::new(),
@@ -214,6 +217,12 @@ impl<'a> Req<'a> {
 
     pub fn once(mut self) -> Self {
         self.idempotent = false;
+        self
+    }
+
+    /// A 401 is the answer: no new token is fetched (the one for these scopes is kept).
+    pub fn without_renewal(mut self) -> Self {
+        self.renew = false;
         self
     }
 
@@ -715,7 +724,7 @@ impl Client {
             };
             let more = attempt < self.options.attempts;
             match result {
-                Ok(resp) if resp.status() == StatusCode::UNAUTHORIZED && !renewed => {
+                Ok(resp) if resp.status() == StatusCode::UNAUTHORIZED && !renewed && req.renew => {
                     renewed = true;
                     attempt -= 1;
                     self.learn_challenge(&resp, &req.scopes);
@@ -864,6 +873,8 @@ impl Client {
     /// Best effort: an abandoned upload session is left to the registry's own clean-up
     /// when the DELETE fails.
     pub(crate) fn cancel_upload(&self, repository: &str, upload: &str) {
+        // distribution wants the "*" action for any DELETE, which a push token lacks: a
+        // 401 would throw away the push token and fetch the same one again, for nothing.
         let req = Req::new(
             Method::DELETE,
             upload.to_owned(),
@@ -871,7 +882,8 @@ impl Client {
             self.location(repository),
         )
         .scope(Scope::push(repository))
-        .once();
+        .once()
+        .without_renewal();
         if let Ok(resp) = self.send(&req) {
             let _ = read_limited(resp, 64 << 10);
         }
