@@ -720,3 +720,73 @@ fn bearer_token_registry_push_pull_from_and_one_token_per_scope() {
     );
 }
 
+#[test]
+fn client_certificate_registry() {
+    let Some(reg) = Registry::start(RegistryOptions {
+        tls: true,
+        client_certs: true,
+        ..RegistryOptions::default()
+    }) else {
+        return;
+    };
+    let dir = dir_with_db(200);
+    let d = dir.path();
+    let image = format!("docker://{}/app:v1", reg.host());
+    let ca_only = reg.cert_dir();
+    let with_pair = reg.client_cert_dir();
+
+    // The CA alone: the registry refuses the handshake, and the message says what it wants.
+    let out = run(bakedb(d)
+        .args(build_quiet(&image))
+        .arg("--cert-dir")
+        .arg(&ca_only));
+    assert_failure(
+        &out,
+        OUTPUT,
+        &[&reg.host(), "client certificate", "--cert-dir"],
+        "no client certificate",
+    );
+    // A pair another CA signed: the registry refuses it, and the message names the file.
+    let Some(other) = Registry::start(RegistryOptions {
+        tls: true,
+        client_certs: true,
+        ..RegistryOptions::default()
+    }) else {
+        return;
+    };
+    let foreign = d.join("foreign-certs");
+    std::fs::create_dir(&foreign).unwrap();
+    std::fs::copy(ca_only.join("ca.crt"), foreign.join("ca.crt")).unwrap();
+    for name in ["client.cert", "client.key"] {
+        std::fs::copy(other.client_cert_dir().join(name), foreign.join(name)).unwrap();
+    }
+    let out = run(bakedb(d)
+        .args(build_quiet(&image))
+        .arg("--cert-dir")
+        .arg(&foreign));
+    assert_failure(
+        &out,
+        OUTPUT,
+        &[
+            "did not accept the client certificate",
+            foreign.join("client.cert").to_str().unwrap(),
+        ],
+        "a client certificate of another CA",
+    );
+    assert_eq!(bakedb_testkit::registry::blob_count(&reg.storage()), 0);
+
+    // client.cert and client.key beside the CA: push and pull.
+    let pushed_out = build(d, &image, &["--cert-dir", with_pair.to_str().unwrap()]);
+    assert_eq!(pushed(&pushed_out).0, 5, "{pushed_out}");
+    let verified = run_ok(
+        bakedb(d)
+            .args(["verify", "--cert-dir"])
+            .arg(&with_pair)
+            .arg(&image),
+    );
+    assert!(
+        stderr(&verified).contains(pushed_out["manifest_digest"].as_str().unwrap()),
+        "{}",
+        stderr(&verified)
+    );
+}

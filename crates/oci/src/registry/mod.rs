@@ -258,6 +258,8 @@ pub struct Client {
     api_host: String,
     agent: ureq::Agent,
     options: Arc<RegistryOptions>,
+    /// The client certificate TLS offers, for messages.
+    client_cert: Option<PathBuf>,
     state: Mutex<State>,
 }
 
@@ -265,21 +267,47 @@ pub struct Client {
 enum Failure {
     /// Connection dropped, reset, timed out: the request may be sent again.
     Transport(String),
-    /// TLS refused: trying again cannot help.
-    Tls(String),
+    /// TLS refused: trying again cannot help. `client_refused`: the registry's alert says
+    /// it did not take this client's certificate, or the lack of one.
+    Tls {
+        text: String,
+        client_refused: bool,
+    },
     Other(String),
 }
 
 fn classify(e: ureq::Error) -> Failure {
-    fn tls_in_io(e: &io::Error) -> Option<String> {
-        let inner = e.get_ref()?;
-        inner.downcast_ref::<rustls::Error>().map(|r| r.to_string())
+    fn tls(e: &rustls::Error) -> Failure {
+        use rustls::AlertDescription as A;
+        Failure::Tls {
+            text: e.to_string(),
+            // What a server answers a client certificate it does not accept, or its absence
+            // (Go's servers say bad_certificate for both).
+            client_refused: matches!(
+                e,
+                rustls::Error::AlertReceived(
+                    A::BadCertificate
+                        | A::CertificateRequired
+                        | A::UnknownCA
+                        | A::CertificateUnknown
+                        | A::CertificateExpired
+                        | A::CertificateRevoked
+                        | A::UnsupportedCertificate
+                )
+            ),
+        }
     }
     match e {
-        ureq::Error::Rustls(r) => Failure::Tls(r.to_string()),
-        ureq::Error::Tls(t) => Failure::Tls(t.to_owned()),
-        ureq::Error::Io(io) => match tls_in_io(&io) {
-            Some(t) => Failure::Tls(t),
+        ureq::Error::Rustls(r) => tls(&r),
+        ureq::Error::Tls(t) => Failure::Tls {
+            text: t.to_owned(),
+            client_refused: false,
+        },
+        ureq::Error::Io(io) => match io
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            Some(r) => tls(r),
             None => Failure::Transport(io.to_string()),
         },
         ureq::Error::Timeout(t) => Failure::Transport(format!("timed out ({t})")),
@@ -336,14 +364,15 @@ impl Client {
         } else {
             registry.to_owned()
         };
-        let tls = tls::config(registry, options.cert_dir.as_deref(), options.tls_verify).map_err(
-            |reason| Error::Registry {
-                location: format!("docker://{registry}"),
-                what: "setting up TLS".into(),
-                reason,
-                failure: RegistryFailure::Unreachable,
-            },
-        )?;
+        let (tls, client_cert) =
+            tls::config(registry, options.cert_dir.as_deref(), options.tls_verify).map_err(
+                |reason| Error::Registry {
+                    location: format!("docker://{registry}"),
+                    what: "setting up TLS".into(),
+                    reason,
+                    failure: RegistryFailure::Unreachable,
+                },
+            )?;
         let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .tls_config(tls)
@@ -358,6 +387,7 @@ impl Client {
             api_host,
             agent: config.new_agent(),
             options,
+            client_cert,
             state: Mutex::default(),
         })
     }
@@ -397,6 +427,8 @@ impl Client {
             schemes.push("http");
         }
         let mut failures = Vec::new();
+        // Something at the address spoke TLS: the advice is then about certificates.
+        let mut answered = false;
         for scheme in schemes {
             let base = format!("{scheme}://{}", self.api_host);
             let mut attempt = 0;
@@ -441,24 +473,49 @@ impl Client {
                         ));
                     }
                 }
-                Err(Failure::Tls(t)) => failures.push(format!(
-                    "TLS with {} failed: {t}; trust its CA with --cert-dir DIR (DIR/*.crt) or a file in /etc/containers/certs.d/{}/, or use --tls-verify=false for a test registry without TLS",
-                    self.api_host, self.registry
-                )),
+                Err(Failure::Tls {
+                    text,
+                    client_refused: true,
+                }) => {
+                    answered = true;
+                    failures.push(format!(
+                        "TLS with {} failed: {}",
+                        self.api_host,
+                        self.client_cert_refused(&text)
+                    ));
+                }
+                Err(Failure::Tls { text, .. }) => {
+                    answered = true;
+                    failures.push(format!(
+                        "TLS with {} failed: {text}; trust its CA with --cert-dir DIR (DIR/*.crt) or a file in /etc/containers/certs.d/{}/, or use --tls-verify=false for a test registry without TLS",
+                        self.api_host, self.registry
+                    ))
+                }
                 Err(Failure::Transport(t) | Failure::Other(t)) => {
                     failures.push(format!("{base}/v2/: {t}"))
                 }
             }
         }
-        Err(self.err(
-            &location,
-            what,
-            RegistryFailure::Unreachable,
-            format!(
-                "{}; is the registry running and the address right?",
-                failures.join("; ")
+        let mut reason = failures.join("; ");
+        if !answered {
+            reason.push_str("; is the registry running and the address right?");
+        }
+        Err(self.err(&location, what, RegistryFailure::Unreachable, reason))
+    }
+
+    /// The registry ended the handshake over this client's certificate: say which one was
+    /// offered, or that none was and where one goes.
+    fn client_cert_refused(&self, alert: &str) -> String {
+        match &self.client_cert {
+            Some(cert) => format!(
+                "{alert}: the registry did not accept the client certificate {}; is it signed by a CA the registry trusts, and still valid?",
+                cert.display()
             ),
-        ))
+            None => format!(
+                "{alert}: the registry asks for a client certificate and none was found; put NAME.cert and NAME.key (a pair signed by a CA it trusts) in --cert-dir DIR or /etc/containers/certs.d/{}/",
+                self.registry
+            ),
+        }
     }
 
     fn backoff(&self, attempt: u32) -> Duration {
@@ -585,7 +642,7 @@ impl Client {
                     Failure::Transport(_) if attempt < self.options.attempts => {
                         std::thread::sleep(self.backoff(attempt))
                     }
-                    Failure::Transport(t) | Failure::Tls(t) | Failure::Other(t) => {
+                    Failure::Transport(t) | Failure::Tls { text: t, .. } | Failure::Other(t) => {
                         return Err(self.err(
                             location,
                             what,
@@ -774,12 +831,19 @@ impl Client {
                             format!("{t} ({attempt} tries)"),
                         ));
                     }
-                    Failure::Tls(t) => {
+                    Failure::Tls {
+                        text,
+                        client_refused,
+                    } => {
                         return Err(self.err(
                             &req.location,
                             &req.what,
                             RegistryFailure::Unreachable,
-                            format!("TLS: {t}"),
+                            if client_refused {
+                                format!("TLS: {}", self.client_cert_refused(&text))
+                            } else {
+                                format!("TLS: {text}")
+                            },
                         ));
                     }
                     Failure::Other(t) => {
