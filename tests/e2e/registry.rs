@@ -790,3 +790,128 @@ fn client_certificate_registry() {
         stderr(&verified)
     );
 }
+
+/// A `docker-credential-NAME` in `dir` speaking docker-credential-helpers' protocol: `get`
+/// reads the server from stdin, appends it to `dir/asked`, and prints `user`/`password` for
+/// `host` (or, without a password, says it has none and fails, as real helpers do).
+fn fake_credential_helper(dir: &Path, name: &str, host: &str, user: &str, password: Option<&str>) {
+    use std::os::unix::fs::PermissionsExt;
+    let answer = match password {
+        Some(p) => format!(
+            r#"printf '{{"ServerURL":"%s","Username":"{user}","Secret":"{p}"}}\n' "$server"; exit 0"#
+        ),
+        None => "echo 'credentials not found in native keychain'; exit 1".to_owned(),
+    };
+    let script = format!(
+        "#!/bin/sh\n[ \"$1\" = get ] || {{ echo \"unsupported: $1\"; exit 1; }}\nread -r server\necho \"$server\" >> '{}'\nif [ \"$server\" = '{host}' ]; then\n  {answer}\nfi\necho 'credentials not found in native keychain'\nexit 1\n",
+        dir.join("asked").display()
+    );
+    let path = dir.join(format!("docker-credential-{name}"));
+    std::fs::write(&path, script).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+#[test]
+fn credential_helpers_named_in_the_auth_file() {
+    let Some(reg) = Registry::start(RegistryOptions {
+        user: Some(("alice".into(), "s3cret".into())),
+        tls: true,
+        ..RegistryOptions::default()
+    }) else {
+        return;
+    };
+    let dir = dir_with_db(200);
+    let d = dir.path();
+    let host = reg.host();
+    let image = format!("docker://{host}/app:v1");
+    let certs = reg.cert_dir();
+    let helpers = d.join("helpers");
+    std::fs::create_dir(&helpers).unwrap();
+    fake_credential_helper(&helpers, "good", &host, "alice", Some("s3cret"));
+    fake_credential_helper(&helpers, "stale", &host, "alice", Some("old"));
+    fake_credential_helper(&helpers, "empty", &host, "alice", None);
+    // On the PATH of bakedb alone.
+    let path = format!(
+        "{}:{}",
+        helpers.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    std::fs::create_dir(d.join(".docker")).unwrap();
+    let use_helper = |name: &str| {
+        std::fs::write(
+            d.join(".docker/config.json"),
+            serde_json::json!({"credHelpers": {&host: name}}).to_string(),
+        )
+        .unwrap();
+    };
+    let asked = || std::fs::read_to_string(helpers.join("asked")).unwrap_or_default();
+
+    use_helper("good");
+    let out = run_ok(
+        bakedb(d)
+            .env("PATH", &path)
+            .args(util::sqlite_build("app.db", &image))
+            .arg("--json")
+            .arg("--cert-dir")
+            .arg(&certs),
+    );
+    assert_eq!(pushed(&build_json(&out)).0, 5);
+    // Asked once for the whole push, with the registry's HOST:PORT.
+    assert_eq!(asked(), format!("{host}\n"));
+
+    use_helper("stale");
+    let out = run(bakedb(d)
+        .env("PATH", &path)
+        .args(build_quiet(&format!("docker://{host}/app:v2")))
+        .arg("--cert-dir")
+        .arg(&certs));
+    assert_failure(
+        &out,
+        OUTPUT,
+        &[
+            "refused the credentials",
+            "\"alice\"",
+            "credential helper docker-credential-stale",
+        ],
+        "a helper with a stale password",
+    );
+
+    use_helper("empty");
+    let out = run(bakedb(d)
+        .env("PATH", &path)
+        .args(build_quiet(&format!("docker://{host}/app:v2")))
+        .arg("--cert-dir")
+        .arg(&certs));
+    assert_failure(
+        &out,
+        OUTPUT,
+        &["docker-credential-empty", &host, "credentials not found"],
+        "a helper without credentials",
+    );
+
+    use_helper("absent");
+    let out = run(bakedb(d)
+        .env("PATH", &path)
+        .args(build_quiet(&format!("docker://{host}/app:v2")))
+        .arg("--cert-dir")
+        .arg(&certs));
+    assert_failure(
+        &out,
+        OUTPUT,
+        &[
+            "docker-credential-absent is not on PATH",
+            d.join(".docker/config.json").to_str().unwrap(),
+        ],
+        "a helper that is not installed",
+    );
+    // None of the failed builds wrote a tag.
+    use_helper("good");
+    let out = run(bakedb(d).env("PATH", &path).args([
+        "inspect",
+        "--quiet",
+        "--cert-dir",
+        certs.to_str().unwrap(),
+        &format!("docker://{host}/app:v2"),
+    ]));
+    assert_failure(&out, 8, &["no image tagged \"v2\"", "v1"], "the tag v2");
+}
