@@ -9,7 +9,7 @@
 //!   balancer would, and forwards everything else; it counts both, so a test can tell the
 //!   client retried.
 
-use std::io::{BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -317,6 +317,16 @@ fn fault_connection(
     let mut reader = BufReader::new(client.try_clone()?);
     let mut client_out = client.try_clone()?;
     loop {
+        let first = reader.fill_buf()?.first().copied();
+        match first {
+            None => return Ok(()),
+            // Not HTTP (a TLS ClientHello from a client trying HTTPS first): the server
+            // answers it as it would without the proxy.
+            Some(b) if !b.is_ascii_uppercase() => {
+                return relay_rest(reader, client_out, upstream, None);
+            }
+            Some(_) => {}
+        }
         let Some(head) = http::read_request(&mut reader)? else {
             return Ok(());
         };
@@ -345,19 +355,32 @@ fn fault_connection(
                 state.forwarded[i].fetch_add(1, Ordering::SeqCst);
             }
         }
-        let mut server = TcpStream::connect(upstream)?;
-        server.write_all(&head.bytes_with_connection("close"))?;
-        let mut server_back = server.try_clone()?;
-        let down = std::thread::spawn(move || {
-            let _ = std::io::copy(&mut server_back, &mut client_out);
-            let _ = client_out.shutdown(Shutdown::Both);
-        });
-        // What the reader holds already (the start of a body) goes first.
-        let _ = std::io::copy(&mut reader, &mut server);
-        let _ = server.shutdown(Shutdown::Write);
-        let _ = down.join();
-        return Ok(());
+        return relay_rest(reader, client_out, upstream, Some(&head));
     }
+}
+
+/// The rest of a client connection to a connection of its own to `upstream`, byte for byte
+/// after `head` (sent with `Connection: close`), until the server closes it.
+fn relay_rest(
+    mut reader: BufReader<TcpStream>,
+    mut client_out: TcpStream,
+    upstream: SocketAddr,
+    head: Option<&RequestHead>,
+) -> std::io::Result<()> {
+    let mut server = TcpStream::connect(upstream)?;
+    if let Some(head) = head {
+        server.write_all(&head.bytes_with_connection("close"))?;
+    }
+    let mut server_back = server.try_clone()?;
+    let down = std::thread::spawn(move || {
+        let _ = std::io::copy(&mut server_back, &mut client_out);
+        let _ = client_out.shutdown(Shutdown::Both);
+    });
+    // What the reader holds already (the start of a body) goes first.
+    let _ = std::io::copy(&mut reader, &mut server);
+    let _ = server.shutdown(Shutdown::Write);
+    let _ = down.join();
+    Ok(())
 }
 
 impl Drop for FaultProxy {
