@@ -138,7 +138,10 @@ fn sqlite_master_under_write_load_every_generation_one_point_and_a_restart_conti
             if let Ok(Some(status)) = watch.try_wait() {
                 panic!("bakedb watch exited with {status}: {}", log_of(d, "watch"));
             }
-            if layout.join("index.json").exists() {
+            // The first generation's immutable tag is written before `live` exists; once it
+            // does, it never goes away.
+            let index = std::fs::read_to_string(layout.join("index.json")).unwrap_or_default();
+            if index.contains(r#""org.opencontainers.image.ref.name":"live""#) {
                 run_ok(bakedb(d).args(["verify", "--json", &live]));
                 checked += 1;
             }
@@ -348,6 +351,137 @@ fn sqlite_generations_pushed_to_a_registry_each_pull_as_one_point() {
         sizes[1] * 4 < sizes[0] && sizes[2] * 4 < sizes[0],
         "{sizes:?}\n{log}"
     );
+}
+
+/// Wait until `watch` (logging to `log`) has said `needle` `times` times, failing if it exits.
+fn wait_for_log(d: &Path, watch: &mut Child, log: &str, needle: &str, times: usize) {
+    wait_until(needle, Duration::from_secs(120), || {
+        if let Ok(Some(status)) = watch.try_wait() {
+            panic!("bakedb watch exited with {status}: {}", log_of(d, log));
+        }
+        log_of(d, log).matches(needle).count() >= times
+    });
+}
+
+#[test]
+fn a_restart_while_the_registry_is_down_waits_for_it_and_goes_on_with_a_patch() {
+    use bakedb_testkit::proxy::{Fault, FaultProxy};
+    use bakedb_testkit::registry::{Registry, RegistryOptions, blob_count};
+    let Some(registry) = Registry::start(RegistryOptions::default()) else {
+        return;
+    };
+    let dir = test_dir();
+    let d = dir.path();
+    let master = master_db(d);
+    // The previous run's generation, in the registry under the watched tag.
+    let direct = format!("docker://{}/watch/app:live", registry.host());
+    run_ok(
+        bakedb(d)
+            .args(crate::util::sqlite_build("app.db", &direct))
+            .arg("--tls-verify=false"),
+    );
+    let before = inspect_registry(d, &direct);
+    let blobs_before = blob_count(&registry.storage());
+    rusqlite::Connection::open(&master)
+        .unwrap()
+        .execute("INSERT INTO writes (v) VALUES (x'01')", [])
+        .unwrap();
+
+    // The registry's address answers nothing yet: connections are refused.
+    let down = free_addr();
+    let live = format!("docker://{down}/watch/app:live");
+    let watch_args = |metrics: &str| -> Vec<String> {
+        [
+            "--engine",
+            "sqlite",
+            "--source",
+            "app.db",
+            "--output",
+            &live,
+            "--tls-verify=false",
+            "--generations",
+            "1",
+            "--metrics-listen",
+            metrics,
+            "--exec",
+            HOOK,
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    };
+    let retrying = "bakedb watch: tag failed, retrying in";
+
+    // SIGTERM while it waits: a clean stop, nothing written.
+    let metrics = free_addr();
+    let args = watch_args(&metrics.to_string());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut stopped = spawn_watch(d, &args, "stopped");
+    wait_for_log(d, &mut stopped, "stopped", retrying, 1);
+    assert!(stop(&mut stopped, SIGTERM, Duration::from_secs(60)));
+    let log = log_of(d, "stopped");
+    assert_eq!(stopped.wait().unwrap().code(), Some(0), "{log}");
+    assert!(
+        log.contains("stopped before the watched tag could be read"),
+        "{log}"
+    );
+    assert!(!log.contains("generation"), "{log}");
+
+    let metrics = free_addr();
+    let args = watch_args(&metrics.to_string());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut watch = spawn_watch(d, &args, "watch");
+    wait_for_log(d, &mut watch, "watch", retrying, 2);
+    let log = log_of(d, "watch");
+    assert!(
+        log.contains(&down.to_string()),
+        "the registry is named:\n{log}"
+    );
+    assert!(
+        !log.contains("generation"),
+        "nothing baked while down:\n{log}"
+    );
+    let errors: u64 = metric(metrics, "bakedb_watch_errors_total{stage=\"tag\"}")
+        .parse()
+        .unwrap();
+    assert!(errors >= 2, "{errors} errors counted");
+    assert_eq!(blob_count(&registry.storage()), blobs_before);
+
+    // The registry comes back at that address; blob uploads (their closing PUT) are counted.
+    let proxy = FaultProxy::start_on(
+        down,
+        registry.addr(),
+        vec![Fault::count("PUT", "/v2/*/blobs/uploads/*")],
+    );
+    wait_until("the first generation", Duration::from_secs(180), || {
+        watch.try_wait().unwrap().is_some()
+    });
+    let log = log_of(d, "watch");
+    assert!(watch.wait().unwrap().success(), "{log}");
+    assert!(log.contains("exists; re-baking onto it"), "{log}");
+    // A patch on the tag's image: its patch layer, image.json layer and config went up, and
+    // the manifest; the base's layers were not sent again.
+    assert_eq!(proxy.forwarded(0), 3, "blobs uploaded:\n{log}");
+    assert_eq!(blob_count(&registry.storage()), blobs_before + 4);
+    let after = inspect_registry(d, &direct);
+    assert_eq!(
+        after["image_json"]["generation"], 1,
+        "the chain goes on: {after}"
+    );
+    let (_, digest, _) = hooks(&d.join("hooks.txt")).pop().unwrap();
+    assert_eq!(after["manifest_digest"], digest);
+    assert_ne!(after["manifest_digest"], before["manifest_digest"]);
+    let before_layers = before["layers"].as_array().unwrap();
+    assert_eq!(
+        &after["layers"].as_array().unwrap()[..before_layers.len()],
+        &before_layers[..],
+        "the tag's layers are kept"
+    );
+}
+
+/// `bakedb inspect --json` of a plain-HTTP registry image.
+fn inspect_registry(d: &Path, reference: &str) -> Value {
+    let out = run_ok(bakedb(d).args(["inspect", "--json", "--tls-verify=false", reference]));
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 #[test]

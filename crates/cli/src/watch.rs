@@ -4,7 +4,9 @@
 //! of its own (`TAG-YYYYMMDDTHHMMSSZ`), then the watched tag moved to it. A tag therefore only
 //! ever names a complete image: the output writes every blob before the manifest and the tag.
 //!
-//! No local state: at start the watched tag, when it exists, is the previous image. Failures
+//! No local state: at start the watched tag, when it exists, is the previous image; only a
+//! missing layout, repository or tag means there is none, and a registry that does not answer
+//! (or refuses the credentials) is asked again until it does. Failures
 //! of the source, the build or the output are logged, counted and retried with backoff; the
 //! loop never ends on one. SIGTERM or SIGINT lets the generation being baked finish, then
 //! stops (exit 0); a second one abandons it at once (exit 130/143), which the output's atomic
@@ -70,7 +72,7 @@ struct Generation {
 }
 
 pub fn run(args: WatchArgs, quiet: bool) -> Result<()> {
-    let plan = WatchPlan::check(&args)?;
+    let mut plan = WatchPlan::check(&args)?;
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         // A second signal while the first is being honoured ends the process at once.
@@ -94,7 +96,27 @@ pub fn run(args: WatchArgs, quiet: bool) -> Result<()> {
         .follow(&args.build.source, &options)
         .map_err(|e| exit::engine_error(e, "following the source"))?;
 
-    let mut previous = existing(&plan.watched, &plan.registries)?;
+    let mut backoff = Backoff::default();
+    let mut previous = loop {
+        match existing(&plan.watched, &plan.registries) {
+            Ok(previous) => break previous,
+            Err(Unread::Fatal(e)) => return Err(e),
+            Err(Unread::Retry(e)) => {
+                // Baking a fresh base now would push the whole database again and break
+                // the chain the tag holds: wait for the registry instead.
+                failed(&metrics, "tag", &e, &mut backoff, &stop);
+                if stop.load(Ordering::Relaxed) {
+                    if !quiet {
+                        log("bakedb watch: stopped before the watched tag could be read");
+                    }
+                    return Ok(());
+                }
+                // Refused credentials may have been fixed meanwhile: look them up again.
+                plan.registries = plan.registries.fresh();
+            }
+        }
+    };
+    backoff = Backoff::default();
     let mut previous_layers: Vec<String> = Vec::new();
     if let Some(reference) = &previous {
         log(&format!(
@@ -104,7 +126,6 @@ pub fn run(args: WatchArgs, quiet: bool) -> Result<()> {
     }
     let mut last_position: Option<String> = None;
     let mut last_start: Option<Instant> = None;
-    let mut backoff = Backoff::default();
     let mut generation = 0u64;
     while !stop.load(Ordering::Relaxed) {
         let position = match follow.position() {
@@ -304,18 +325,46 @@ fn stamp(epoch: i64) -> String {
     bakedb_oci::time::rfc3339(epoch).replace(['-', ':'], "")
 }
 
-/// The watched reference when its tag exists; None when the layout or tag is not there yet.
-fn existing(reference: &str, registries: &Registries) -> Result<Option<String>> {
+/// Why the watched reference could not be read at start.
+enum Unread {
+    /// The registry did not answer, or refused the credentials: it may later.
+    Retry(anyhow::Error),
+    Fatal(anyhow::Error),
+}
+
+/// The watched reference when its tag exists; None only when the layout, the repository or
+/// the tag is not there yet. An unreachable registry or refused credentials say nothing about
+/// the tag, so they are `Unread::Retry`, never None.
+fn existing(reference: &str, registries: &Registries) -> Result<Option<String>, Unread> {
+    use bakedb_oci::{Error as E, RegistryFailure as F};
     let parsed: ImageRef = reference
         .parse()
-        .map_err(|e| exit::usage_error("parsing --output", format!("{e}")))?;
-    let Ok(source) = ImageSource::open_with(&parsed, registries) else {
-        return Ok(None);
+        .map_err(|e| Unread::Fatal(exit::usage_error("parsing --output", format!("{e}"))))?;
+    // An output that cannot be read cannot be written: exit 6 if it is fatal.
+    let what = || {
+        exit::Stage(
+            exit::Code::Output,
+            format!("reading {reference}, the tag bakedb watch moves"),
+        )
+    };
+    let unread = |e: E| match e {
+        E::Registry {
+            failure: F::Unreachable | F::Unauthorized,
+            ..
+        } => Unread::Retry(anyhow::Error::new(e).context(what())),
+        e => Unread::Fatal(anyhow::Error::new(e).context(what())),
+    };
+    let source = match ImageSource::open_with(&parsed, registries) {
+        Ok(source) => source,
+        // A layout without index.json: nothing was written there yet.
+        Err(E::Invalid { .. }) if matches!(parsed, ImageRef::Oci { .. }) => return Ok(None),
+        Err(e) => return Err(unread(e)),
     };
     match source.resolve() {
         Ok(_) => Ok(Some(reference.to_owned())),
-        Err(bakedb_oci::Error::TagNotFound { .. }) => Ok(None),
-        Err(e) => Err(e).context(format!("reading {reference}, the tag bakedb watch moves")),
+        // A registry answers a missing repository as a missing tag.
+        Err(E::TagNotFound { .. }) => Ok(None),
+        Err(e) => Err(unread(e)),
     }
 }
 
@@ -577,7 +626,7 @@ impl Metrics {
         );
         let _ = writeln!(
             out,
-            "# HELP bakedb_watch_errors_total Failures, by stage (source, build, tag, exec); each is retried.\n# TYPE bakedb_watch_errors_total counter"
+            "# HELP bakedb_watch_errors_total Failures, by stage (source, build, tag: reading the watched tag at start or moving it, exec); each is retried.\n# TYPE bakedb_watch_errors_total counter"
         );
         for stage in ["source", "build", "tag", "exec"] {
             let n = self

@@ -16,9 +16,10 @@
 //! - [`pg`]: real PostgreSQL servers (primaries, standbys, restarts) and a write load.
 //! - [`mariadb`]: real MariaDB servers (binlog on, a seed with every kind of object) and a
 //!   write load.
-//! - [`registry`]: docker-registry instances of a test's own (htpasswd, TLS with the kit's
-//!   CA), images pushed to the shared one; [`proxy`]: a TCP proxy that cuts connections
-//!   mid-request.
+//! - [`registry`]: docker-registry instances of a test's own (htpasswd or bearer tokens from
+//!   [`token`]'s server, TLS with the kit's CA, client certificates), images pushed to the
+//!   shared one; [`proxy`]: a TCP proxy that cuts connections mid-request, and an HTTP one
+//!   that answers 429 and 503.
 //!
 //! Functions meant for tests panic with a message that says what failed; the ones a bench
 //! needs as well return [`Error`].
@@ -38,6 +39,7 @@ pub mod process;
 pub mod proxy;
 pub mod registry;
 pub mod serve;
+pub mod token;
 pub mod tools;
 
 pub use error::Error;

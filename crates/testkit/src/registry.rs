@@ -1,6 +1,7 @@
 //! Registries a test starts itself: `docker-registry` (distribution) on a free 127.0.0.1
-//! port with its storage in a temp dir, optionally behind htpasswd basic auth and TLS with a
-//! CA the kit makes with openssl; stopped and removed when dropped. The shared registry of
+//! port with its storage in a temp dir, optionally behind htpasswd basic auth or docker's
+//! token auth (a [`TokenServer`] of the kit), and TLS with a CA the kit makes with openssl,
+//! optionally requiring a client certificate; stopped and removed when dropped. The shared registry of
 //! .ci/run is [`crate::tools::registry`]; [`push_pinned`] puts an image there with skopeo.
 
 use std::net::{SocketAddr, TcpStream};
@@ -9,15 +10,21 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::process::{self, run_ok};
+use crate::token::{self, TokenServer};
 use crate::tools;
 
 /// What a registry asks of its clients.
 #[derive(Clone, Debug, Default)]
 pub struct RegistryOptions {
-    /// htpasswd basic auth with this one user and password.
+    /// This one user and password: htpasswd basic auth, or with `token` bearer tokens.
     pub user: Option<(String, String)>,
+    /// Bearer tokens from a token server of the kit that knows `user` (docker's token auth,
+    /// as Docker Hub, GHCR and Harbor speak it), instead of basic auth.
+    pub token: bool,
     /// HTTPS with a certificate for 127.0.0.1 signed by a CA of the test's own.
     pub tls: bool,
+    /// With `tls`: a client certificate signed by that CA is required (`http.tls.clientcas`).
+    pub client_certs: bool,
 }
 
 pub struct Registry {
@@ -25,6 +32,9 @@ pub struct Registry {
     addr: SocketAddr,
     dir: tempfile::TempDir,
     tls: bool,
+    client_certs: bool,
+    /// Declared after `child`: dropped once the registry is stopped.
+    token: Option<TokenServer>,
 }
 
 impl Registry {
@@ -32,15 +42,34 @@ impl Registry {
     /// docker-registry or openssl is missing, a failure under CI.
     pub fn start(options: RegistryOptions) -> Option<Registry> {
         let bin = tools::tool("docker-registry")?;
-        if options.tls {
+        if options.tls || options.token {
             tools::tool("openssl")?;
         }
+        assert!(
+            !options.token || options.user.is_some(),
+            "token auth needs a user"
+        );
+        assert!(
+            !options.client_certs || options.tls,
+            "client certificates need TLS"
+        );
         let dir = crate::dirs::test_dir_for("registry");
         let root = dir.path().to_owned();
         let root = root.as_path();
         std::fs::create_dir(root.join("storage")).unwrap();
         let mut auth = String::new();
-        if let Some((user, password)) = &options.user {
+        let mut token_server = None;
+        if let (true, Some((user, password))) = (options.token, &options.user) {
+            let server = TokenServer::start(root, user, password);
+            auth = format!(
+                "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
+                server.realm(),
+                token::SERVICE,
+                token::ISSUER,
+                server.certificate().display()
+            );
+            token_server = Some(server);
+        } else if let Some((user, password)) = &options.user {
             let hash = bcrypt::hash(password, 4).expect("bcrypt");
             std::fs::write(root.join("htpasswd"), format!("{user}:{hash}\n")).unwrap();
             auth = format!(
@@ -56,6 +85,13 @@ impl Registry {
                 root.join("server.crt").display(),
                 root.join("server.key").display()
             );
+            if options.client_certs {
+                make_client_cert(root);
+                tls.push_str(&format!(
+                    "    clientcas:\n      - {}\n",
+                    root.join("ca.crt").display()
+                ));
+            }
         }
         // The port may be taken between the check and the bind: a registry that exits at
         // once is started again on another.
@@ -81,6 +117,8 @@ impl Registry {
                     addr,
                     dir,
                     tls: options.tls,
+                    client_certs: options.client_certs,
+                    token: token_server,
                 });
             }
             let log = std::fs::read_to_string(root.join("registry.log")).unwrap_or_default();
@@ -105,6 +143,23 @@ impl Registry {
     pub fn cert_dir(&self) -> PathBuf {
         assert!(self.tls, "a registry without TLS has no CA");
         self.dir.path().join("certs")
+    }
+
+    /// A certificate directory with the CA and the client certificate the registry accepts
+    /// (`ca.crt`, `client.cert`, `client.key`); `client_certs` only.
+    pub fn client_cert_dir(&self) -> PathBuf {
+        assert!(
+            self.client_certs,
+            "this registry asks for no client certificate"
+        );
+        self.dir.path().join("client-certs")
+    }
+
+    /// The token server its clients are sent to; `token` only.
+    pub fn token_server(&self) -> &TokenServer {
+        self.token
+            .as_ref()
+            .expect("this registry has no token auth")
     }
 
     /// The storage root (`docker/registry/v2/...` below it).
@@ -237,6 +292,55 @@ fn make_ca_and_server_cert(dir: &Path) {
     ]));
     std::fs::create_dir(dir.join("certs")).unwrap();
     std::fs::copy(dir.join("ca.crt"), dir.join("certs/ca.crt")).unwrap();
+}
+
+/// A client key and certificate signed by the CA of `make_ca_and_server_cert`, and
+/// client-certs/ holding them with the CA as containers-certs.d(5) names them.
+fn make_client_cert(dir: &Path) {
+    let openssl = || {
+        let mut c = Command::new("openssl");
+        c.current_dir(dir);
+        c
+    };
+    run_ok(openssl().args([
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "client.key",
+        "-out",
+        "client.csr",
+        "-subj",
+        "/CN=bakedb test client",
+    ]));
+    std::fs::write(
+        dir.join("client.ext"),
+        "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n",
+    )
+    .unwrap();
+    run_ok(openssl().args([
+        "x509",
+        "-req",
+        "-in",
+        "client.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "client.cert",
+        "-days",
+        "2",
+        "-extfile",
+        "client.ext",
+    ]));
+    let certs = dir.join("client-certs");
+    std::fs::create_dir(&certs).unwrap();
+    for name in ["ca.crt", "client.cert", "client.key"] {
+        std::fs::copy(dir.join(name), certs.join(name)).unwrap();
+    }
 }
 
 /// `skopeo copy` of `reference` (e.g. oci:image:v1, relative to `dir`) to

@@ -146,7 +146,7 @@ pub fn lookup(
                 .map_err(|e| format!("{} is not valid JSON: {e}", path.display()))?
         };
         if let Some(helper) = file.cred_helpers.get(registry) {
-            return helper_get(helper, registry).map(Some);
+            return helper_get(helper, registry, &path).map(Some);
         }
         let mut keys = Vec::new();
         if !legacy {
@@ -194,7 +194,8 @@ fn decode_auth(auth: &str, path: &Path) -> Result<Option<Credentials>, String> {
 }
 
 /// `docker-credential-NAME get`, the registry on stdin, `{"Username", "Secret"}` on stdout.
-fn helper_get(helper: &str, registry: &str) -> Result<Credentials, String> {
+/// `auth_file` named the helper, for messages.
+fn helper_get(helper: &str, registry: &str, auth_file: &Path) -> Result<Credentials, String> {
     let program = format!("docker-credential-{helper}");
     let mut child = Command::new(&program)
         .arg("get")
@@ -202,7 +203,13 @@ fn helper_get(helper: &str, registry: &str) -> Result<Credentials, String> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("running the credential helper {program}: {e}"))?;
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => format!(
+                "{} names the credential helper {helper:?} for {registry}, and {program} is not on PATH; install it, or remove the entry from \"credHelpers\"",
+                auth_file.display()
+            ),
+            _ => format!("running the credential helper {program}: {e}"),
+        })?;
     if let Some(mut stdin) = child.stdin.take() {
         let _ = stdin.write_all(registry.as_bytes());
     }

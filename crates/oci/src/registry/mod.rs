@@ -90,6 +90,15 @@ impl Registries {
         &self.options
     }
 
+    /// The same options with nothing learnt yet: credentials are looked up again and each
+    /// registry is asked `GET /v2/` again (after a refusal that may since have been fixed).
+    pub fn fresh(&self) -> Registries {
+        Registries {
+            options: self.options.clone(),
+            clients: Arc::default(),
+        }
+    }
+
     /// The client for `registry` (HOST[:PORT] as in references), shared by every caller.
     pub fn client(&self, registry: &str) -> Result<Arc<Client>> {
         let mut clients = self.clients.lock().expect("registry clients lock");
@@ -166,6 +175,8 @@ pub(crate) struct Req<'a> {
     pub scopes: Vec<Scope>,
     /// Safe to send again after a failure whose outcome is unknown.
     pub idempotent: bool,
+    /// A 401 fetches a new token and tries once more.
+    pub renew: bool,
     /// For messages: "pushing blob sha256:…".
     pub what: String,
     pub location: String,
@@ -178,6 +189,7 @@ impl<'a> Req<'a> {
                 method,
                 Method::GET | Method::HEAD | Method::PUT | Method::DELETE
             ),
+            renew: true,
             method,
             url,
             headers: Vec::new(),
@@ -207,6 +219,20 @@ impl<'a> Req<'a> {
         self.idempotent = false;
         self
     }
+
+    /// A 401 is the answer: no new token is fetched (the one for these scopes is kept).
+    pub fn without_renewal(mut self) -> Self {
+        self.renew = false;
+        self
+    }
+
+    /// A POST that may be sent again: one that starts an upload session (a session a lost
+    /// answer leaves behind is abandoned, and the registry removes it in time) or mounts a
+    /// blob (mounting it twice is mounting it once).
+    pub fn repeatable(mut self) -> Self {
+        self.idempotent = true;
+        self
+    }
 }
 
 struct Token {
@@ -232,6 +258,8 @@ pub struct Client {
     api_host: String,
     agent: ureq::Agent,
     options: Arc<RegistryOptions>,
+    /// The client certificate TLS offers, for messages.
+    client_cert: Option<PathBuf>,
     state: Mutex<State>,
 }
 
@@ -239,21 +267,47 @@ pub struct Client {
 enum Failure {
     /// Connection dropped, reset, timed out: the request may be sent again.
     Transport(String),
-    /// TLS refused: trying again cannot help.
-    Tls(String),
+    /// TLS refused: trying again cannot help. `client_refused`: the registry's alert says
+    /// it did not take this client's certificate, or the lack of one.
+    Tls {
+        text: String,
+        client_refused: bool,
+    },
     Other(String),
 }
 
 fn classify(e: ureq::Error) -> Failure {
-    fn tls_in_io(e: &io::Error) -> Option<String> {
-        let inner = e.get_ref()?;
-        inner.downcast_ref::<rustls::Error>().map(|r| r.to_string())
+    fn tls(e: &rustls::Error) -> Failure {
+        use rustls::AlertDescription as A;
+        Failure::Tls {
+            text: e.to_string(),
+            // What a server answers a client certificate it does not accept, or its absence
+            // (Go's servers say bad_certificate for both).
+            client_refused: matches!(
+                e,
+                rustls::Error::AlertReceived(
+                    A::BadCertificate
+                        | A::CertificateRequired
+                        | A::UnknownCA
+                        | A::CertificateUnknown
+                        | A::CertificateExpired
+                        | A::CertificateRevoked
+                        | A::UnsupportedCertificate
+                )
+            ),
+        }
     }
     match e {
-        ureq::Error::Rustls(r) => Failure::Tls(r.to_string()),
-        ureq::Error::Tls(t) => Failure::Tls(t.to_owned()),
-        ureq::Error::Io(io) => match tls_in_io(&io) {
-            Some(t) => Failure::Tls(t),
+        ureq::Error::Rustls(r) => tls(&r),
+        ureq::Error::Tls(t) => Failure::Tls {
+            text: t.to_owned(),
+            client_refused: false,
+        },
+        ureq::Error::Io(io) => match io
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            Some(r) => tls(r),
             None => Failure::Transport(io.to_string()),
         },
         ureq::Error::Timeout(t) => Failure::Transport(format!("timed out ({t})")),
@@ -310,14 +364,15 @@ impl Client {
         } else {
             registry.to_owned()
         };
-        let tls = tls::config(registry, options.cert_dir.as_deref(), options.tls_verify).map_err(
-            |reason| Error::Registry {
-                location: format!("docker://{registry}"),
-                what: "setting up TLS".into(),
-                reason,
-                failure: RegistryFailure::Unreachable,
-            },
-        )?;
+        let (tls, client_cert) =
+            tls::config(registry, options.cert_dir.as_deref(), options.tls_verify).map_err(
+                |reason| Error::Registry {
+                    location: format!("docker://{registry}"),
+                    what: "setting up TLS".into(),
+                    reason,
+                    failure: RegistryFailure::Unreachable,
+                },
+            )?;
         let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .tls_config(tls)
@@ -332,6 +387,7 @@ impl Client {
             api_host,
             agent: config.new_agent(),
             options,
+            client_cert,
             state: Mutex::default(),
         })
     }
@@ -371,6 +427,8 @@ impl Client {
             schemes.push("http");
         }
         let mut failures = Vec::new();
+        // Something at the address spoke TLS: the advice is then about certificates.
+        let mut answered = false;
         for scheme in schemes {
             let base = format!("{scheme}://{}", self.api_host);
             let mut attempt = 0;
@@ -405,28 +463,59 @@ impl Client {
                         state.challenge = challenge;
                         return Ok(base);
                     }
+                    if is_retryable(status) {
+                        failures.push(format!(
+                            "{base}/v2/ answered {status} {attempt} times (retried with backoff): the registry is overloaded or failing"
+                        ));
+                    } else {
+                        failures.push(format!(
+                            "{base}/v2/ answered {status}: not a registry (the distribution API answers 200 or 401 there)"
+                        ));
+                    }
+                }
+                Err(Failure::Tls {
+                    text,
+                    client_refused: true,
+                }) => {
+                    answered = true;
                     failures.push(format!(
-                        "{base}/v2/ answered {status}: not a registry (the distribution API answers 200 or 401 there)"
+                        "TLS with {} failed: {}",
+                        self.api_host,
+                        self.client_cert_refused(&text)
                     ));
                 }
-                Err(Failure::Tls(t)) => failures.push(format!(
-                    "TLS with {} failed: {t}; trust its CA with --cert-dir DIR (DIR/*.crt) or a file in /etc/containers/certs.d/{}/, or use --tls-verify=false for a test registry without TLS",
-                    self.api_host, self.registry
-                )),
+                Err(Failure::Tls { text, .. }) => {
+                    answered = true;
+                    failures.push(format!(
+                        "TLS with {} failed: {text}; trust its CA with --cert-dir DIR (DIR/*.crt) or a file in /etc/containers/certs.d/{}/, or use --tls-verify=false for a test registry without TLS",
+                        self.api_host, self.registry
+                    ))
+                }
                 Err(Failure::Transport(t) | Failure::Other(t)) => {
                     failures.push(format!("{base}/v2/: {t}"))
                 }
             }
         }
-        Err(self.err(
-            &location,
-            what,
-            RegistryFailure::Unreachable,
-            format!(
-                "{}; is the registry running and the address right?",
-                failures.join("; ")
+        let mut reason = failures.join("; ");
+        if !answered {
+            reason.push_str("; is the registry running and the address right?");
+        }
+        Err(self.err(&location, what, RegistryFailure::Unreachable, reason))
+    }
+
+    /// The registry ended the handshake over this client's certificate: say which one was
+    /// offered, or that none was and where one goes.
+    fn client_cert_refused(&self, alert: &str) -> String {
+        match &self.client_cert {
+            Some(cert) => format!(
+                "{alert}: the registry did not accept the client certificate {}; is it signed by a CA the registry trusts, and still valid?",
+                cert.display()
             ),
-        ))
+            None => format!(
+                "{alert}: the registry asks for a client certificate and none was found; put NAME.cert and NAME.key (a pair signed by a CA it trusts) in --cert-dir DIR or /etc/containers/certs.d/{}/",
+                self.registry
+            ),
+        }
     }
 
     fn backoff(&self, attempt: u32) -> Duration {
@@ -434,15 +523,9 @@ impl Client {
         (self.options.backoff * factor).min(Duration::from_secs(8))
     }
 
-    /// Wait before another try: the registry's Retry-After (capped at 60 s), else backoff.
+    /// Wait before another try: the registry's Retry-After, else backoff.
     fn wait(&self, attempt: u32, resp: &Response<ureq::Body>) {
-        let after = resp
-            .headers()
-            .get(http::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(|s| Duration::from_secs(s.min(60)));
-        std::thread::sleep(after.unwrap_or_else(|| self.backoff(attempt)));
+        std::thread::sleep(retry_after(resp).unwrap_or_else(|| self.backoff(attempt)));
     }
 
     fn credentials(&self, repository: &str) -> Result<Option<Credentials>> {
@@ -559,7 +642,7 @@ impl Client {
                     Failure::Transport(_) if attempt < self.options.attempts => {
                         std::thread::sleep(self.backoff(attempt))
                     }
-                    Failure::Transport(t) | Failure::Tls(t) | Failure::Other(t) => {
+                    Failure::Transport(t) | Failure::Tls { text: t, .. } | Failure::Other(t) => {
                         return Err(self.err(
                             location,
                             what,
@@ -588,12 +671,17 @@ impl Client {
             ));
         }
         if !status.is_success() {
+            let (failure, times) = if is_retryable(status) {
+                (RegistryFailure::Unreachable, format!(" {attempt} times"))
+            } else {
+                (RegistryFailure::Rejected, String::new())
+            };
             return Err(self.err(
                 location,
                 what,
-                RegistryFailure::Rejected,
+                failure,
                 format!(
-                    "the token endpoint {realm} answered {status}: {}",
+                    "the token endpoint {realm} answered {status}{times}: {}",
                     registry_message(&body)
                 ),
             ));
@@ -693,7 +781,7 @@ impl Client {
             };
             let more = attempt < self.options.attempts;
             match result {
-                Ok(resp) if resp.status() == StatusCode::UNAUTHORIZED && !renewed => {
+                Ok(resp) if resp.status() == StatusCode::UNAUTHORIZED && !renewed && req.renew => {
                     renewed = true;
                     attempt -= 1;
                     self.learn_challenge(&resp, &req.scopes);
@@ -717,6 +805,19 @@ impl Client {
                 Ok(resp) if req.idempotent && more && is_retryable(resp.status()) => {
                     self.wait(attempt, &resp);
                 }
+                Ok(resp) if req.idempotent && attempt > 1 && is_retryable(resp.status()) => {
+                    let status = resp.status();
+                    let body = read_limited(resp, 64 << 10).unwrap_or_default();
+                    return Err(self.err(
+                        &req.location,
+                        &req.what,
+                        RegistryFailure::Unreachable,
+                        format!(
+                            "the registry answered {status} {attempt} times (retried with backoff): {}",
+                            registry_message(&body)
+                        ),
+                    ));
+                }
                 Ok(resp) => return Ok(resp),
                 Err(e) => match classify(e) {
                     Failure::Transport(_) if req.idempotent && more => {
@@ -730,12 +831,19 @@ impl Client {
                             format!("{t} ({attempt} tries)"),
                         ));
                     }
-                    Failure::Tls(t) => {
+                    Failure::Tls {
+                        text,
+                        client_refused,
+                    } => {
                         return Err(self.err(
                             &req.location,
                             &req.what,
                             RegistryFailure::Unreachable,
-                            format!("TLS: {t}"),
+                            if client_refused {
+                                format!("TLS: {}", self.client_cert_refused(&text))
+                            } else {
+                                format!("TLS: {text}")
+                            },
                         ));
                     }
                     Failure::Other(t) => {
@@ -814,7 +922,8 @@ impl Client {
             what.into(),
             location.clone(),
         )
-        .scope(Scope::push(repository));
+        .scope(Scope::push(repository))
+        .repeatable();
         let resp = self.send(&req)?;
         if resp.status() != StatusCode::ACCEPTED {
             return Err(self.unexpected(resp, what, &location));
@@ -828,6 +937,8 @@ impl Client {
     /// Best effort: an abandoned upload session is left to the registry's own clean-up
     /// when the DELETE fails.
     pub(crate) fn cancel_upload(&self, repository: &str, upload: &str) {
+        // distribution wants the "*" action for any DELETE, which a push token lacks: a
+        // 401 would throw away the push token and fetch the same one again, for nothing.
         let req = Req::new(
             Method::DELETE,
             upload.to_owned(),
@@ -835,7 +946,8 @@ impl Client {
             self.location(repository),
         )
         .scope(Scope::push(repository))
-        .once();
+        .once()
+        .without_renewal();
         if let Ok(resp) = self.send(&req) {
             let _ = read_limited(resp, 64 << 10);
         }
@@ -1164,7 +1276,7 @@ impl Client {
         )
         .scope(Scope::push(repository))
         .scope(Scope::pull(from))
-        .once();
+        .repeatable();
         let resp = self.send(&req)?;
         match resp.status() {
             StatusCode::CREATED => Ok(true),
@@ -1177,6 +1289,16 @@ impl Client {
             _ => Err(self.unexpected(resp, &what, &location)),
         }
     }
+}
+
+/// A 429's or 503's Retry-After in seconds (capped at 60 s); the HTTP-date form is not used
+/// by registries and is ignored (backoff then).
+pub(crate) fn retry_after(resp: &Response<ureq::Body>) -> Option<Duration> {
+    resp.headers()
+        .get(http::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|s| Duration::from_secs(s.min(60)))
 }
 
 fn is_retryable(status: StatusCode) -> bool {

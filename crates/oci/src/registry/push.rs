@@ -7,10 +7,11 @@
 //! first byte. Nothing is held in memory but the request being sent.
 
 use std::path::Path;
+use std::time::Duration;
 
 use ureq::http::{Method, StatusCode};
 
-use super::{Client, Req, ReqBody, Scope, header, read_limited};
+use super::{Client, Req, ReqBody, Scope, header, read_limited, retry_after};
 use crate::digest::Digest;
 use crate::error::{Error, RegistryFailure, Result};
 
@@ -55,8 +56,8 @@ impl PushStats {
 /// Why one upload session failed, and whether a new one may succeed.
 enum Attempt {
     Done,
-    /// Start over with a new session (after waiting).
-    Restart(Error),
+    /// Start over with a new session, after the registry's Retry-After or else backoff.
+    Restart(Error, Option<Duration>),
 }
 
 impl Client {
@@ -86,9 +87,10 @@ impl Client {
         progress: &mut dyn FnMut(u64),
     ) -> Result<()> {
         let mut last = None;
+        let mut wait = None;
         for session in 1..=self.options.attempts {
             if session > 1 {
-                std::thread::sleep(self.backoff(session - 1));
+                std::thread::sleep(wait.unwrap_or_else(|| self.backoff(session - 1)));
                 // The cut request may have been completed after all.
                 if self.has_blob(repository, digest)?.is_some() {
                     return Ok(());
@@ -96,10 +98,29 @@ impl Client {
             }
             match self.upload_session(repository, digest, size, data, progress)? {
                 Attempt::Done => return Ok(()),
-                Attempt::Restart(e) => last = Some(e),
+                Attempt::Restart(e, after) => {
+                    last = Some(e);
+                    wait = after;
+                }
             }
         }
-        Err(last.expect("at least one session"))
+        Err(match last.expect("at least one session") {
+            Error::Registry {
+                location,
+                what,
+                reason,
+                failure,
+            } => Error::Registry {
+                location,
+                what,
+                reason: format!(
+                    "{reason} ({} upload sessions, retried with backoff)",
+                    self.options.attempts
+                ),
+                failure,
+            },
+            other => other,
+        })
     }
 
     fn upload_session(
@@ -118,7 +139,8 @@ impl Client {
             what.clone(),
             location.clone(),
         )
-        .scope(Scope::push(repository));
+        .scope(Scope::push(repository))
+        .repeatable();
         let resp = self.send(&start)?;
         if resp.status() != StatusCode::ACCEPTED {
             return Err(self.unexpected(resp, &what, &location));
@@ -164,9 +186,10 @@ impl Client {
                     Ok(Attempt::Done)
                 }
                 Ok(resp) if restartable(resp.status()) => {
+                    let after = retry_after(&resp);
                     let e = self.unexpected(resp, &what, &location);
                     self.cancel_upload(repository, &upload);
-                    Ok(Attempt::Restart(e))
+                    Ok(Attempt::Restart(e, after))
                 }
                 Ok(resp) => Err(self.unexpected(resp, &what, &location)),
                 Err(
@@ -176,7 +199,7 @@ impl Client {
                     },
                 ) => {
                     self.cancel_upload(repository, &upload);
-                    Ok(Attempt::Restart(e))
+                    Ok(Attempt::Restart(e, None))
                 }
                 Err(e) => Err(e),
             };
@@ -198,6 +221,7 @@ impl Client {
             .body(body(offset, len))
             .scope(Scope::push(repository))
             .once();
+            let mut after = None;
             let failed = match self.send(&patch) {
                 Ok(resp) if resp.status() == StatusCode::ACCEPTED => {
                     if let Some(next) = header(&resp, "location") {
@@ -212,6 +236,7 @@ impl Client {
                     if restartable(resp.status())
                         || resp.status() == StatusCode::RANGE_NOT_SATISFIABLE =>
                 {
+                    after = retry_after(&resp);
                     self.unexpected(resp, &what, &location)
                 }
                 Ok(resp) => return Err(self.unexpected(resp, &what, &location)),
@@ -227,7 +252,7 @@ impl Client {
             if resumes >= self.options.attempts {
                 return Err(failed);
             }
-            std::thread::sleep(self.backoff(resumes));
+            std::thread::sleep(after.unwrap_or_else(|| self.backoff(resumes)));
             match self.upload_status(repository, &upload)? {
                 Some((next, have)) if have <= size => {
                     upload = next;
@@ -238,7 +263,7 @@ impl Client {
                 }
                 _ => {
                     self.cancel_upload(repository, &upload);
-                    return Ok(Attempt::Restart(failed));
+                    return Ok(Attempt::Restart(failed, None));
                 }
             }
         }
@@ -251,9 +276,10 @@ impl Client {
                 Ok(Attempt::Done)
             }
             Ok(resp) if restartable(resp.status()) => {
+                let after = retry_after(&resp);
                 let e = self.unexpected(resp, &what, &location);
                 self.cancel_upload(repository, &upload);
-                Ok(Attempt::Restart(e))
+                Ok(Attempt::Restart(e, after))
             }
             Ok(resp) => Err(self.unexpected(resp, &what, &location)),
             Err(
@@ -261,7 +287,7 @@ impl Client {
                     failure: RegistryFailure::Unreachable,
                     ..
                 },
-            ) => Ok(Attempt::Restart(e)),
+            ) => Ok(Attempt::Restart(e, None)),
             Err(e) => Err(e),
         }
     }

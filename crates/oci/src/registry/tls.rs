@@ -25,15 +25,20 @@ pub fn cert_dir_for(host: &str, cert_dir: Option<&Path>) -> Option<PathBuf> {
         .find(|d| d.is_dir())
 }
 
-/// The TLS settings for one registry. `verify` false skips certificate checks
-/// (`--tls-verify=false`).
-pub fn config(host: &str, cert_dir: Option<&Path>, verify: bool) -> Result<TlsConfig, String> {
+/// The TLS settings for one registry, and the client certificate they offer. `verify` false
+/// skips certificate checks (`--tls-verify=false`).
+pub fn config(
+    host: &str,
+    cert_dir: Option<&Path>,
+    verify: bool,
+) -> Result<(TlsConfig, Option<PathBuf>), String> {
     let mut roots: Vec<Certificate<'static>> = Vec::new();
     let native = rustls_native_certs::load_native_certs();
     for cert in native.certs {
         roots.push(Certificate::from_der(cert.as_ref()).to_owned());
     }
     let mut client = None;
+    let mut client_path = None;
     let dir = cert_dir_for(host, cert_dir);
     if let Some(dir) = &dir {
         let entries = std::fs::read_dir(dir)
@@ -82,6 +87,7 @@ pub fn config(host: &str, cert_dir: Option<&Path>, verify: bool) -> Result<TlsCo
                         return Err(format!("{} holds no PEM certificate", path.display()));
                     }
                     client = Some(ClientCert::new_with_certs(&chain, key));
+                    client_path = Some(path.clone());
                 }
                 "key" if !path.with_extension("cert").exists() => {
                     return Err(format!(
@@ -103,7 +109,7 @@ pub fn config(host: &str, cert_dir: Option<&Path>, verify: bool) -> Result<TlsCo
                 .map_or("none found".to_owned(), |e| e.to_string())
         ));
     }
-    Ok(TlsConfig::builder()
+    let config = TlsConfig::builder()
         .provider(ureq::tls::TlsProvider::Rustls)
         .root_certs(RootCerts::Specific(std::sync::Arc::new(roots)))
         .client_cert(client)
@@ -111,5 +117,6 @@ pub fn config(host: &str, cert_dir: Option<&Path>, verify: bool) -> Result<TlsCo
         .unversioned_rustls_crypto_provider(std::sync::Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
-        .build())
+        .build();
+    Ok((config, client_path))
 }
