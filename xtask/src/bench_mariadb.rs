@@ -20,8 +20,9 @@
 //!   against a volume with the same tuning.
 //!
 //! Measured: build time and data layer size against `docker build` of the same data
-//! directory; `docker run` to the first answer (warm page cache only: dropping it would
-//! disturb whatever else runs on a shared machine); `sysbench oltp_point_select` and
+//! directory; `docker run` to the first answer, warm, and cold for the baked image and the
+//! restore (`sync; echo 3 > /proc/sys/vm/drop_caches` right before the run, as root; the
+//! table says when it could not be dropped); `sysbench oltp_point_select` and
 //! `oltp_read_only` transactions per second; the bytes in the baked container's writable
 //! layer after the workload. Written between markers in docs/benchmarks.md.
 
@@ -37,7 +38,7 @@ use bakedb_testkit::dirs::unique_name;
 use bakedb_testkit::mariadb::{MariaServer, maria_tools, run_as};
 use bakedb_testkit::ports::free_port;
 
-use crate::bench::timing::first_answer;
+use crate::bench::timing::{cold_cache, first_answer};
 use crate::bench::tools::{
     build_layers, commit_measured, docker_bin, docker_load, docker_version, fresh_dir,
     release_bakedb, target_dir,
@@ -417,29 +418,32 @@ pub fn mariadb(options: &MariadbOptions) -> Result<()> {
         .sum();
     drop(baked_container);
 
-    // Restore at start.
+    // Restore at start, into a data directory the restore fills: a new one for each run.
     let empty = scratch.join("empty");
-    fs::create_dir_all(&empty)?;
-    run_quiet(
-        Command::new(&tools.install_db)
-            .args([
-                "--no-defaults",
-                "--auth-root-authentication-method=normal",
-                "--skip-test-db",
-            ])
-            .arg(format!("--datadir={}/data", empty.display())),
-    )?;
-    run_quiet(Command::new("chown").args(["-R", "999:999"]).arg(&empty))?;
-    let port = free_port();
-    let script = format!(
-        "mariadbd --no-defaults --datadir=/empty/data --socket=/tmp/init.sock --skip-networking & \
+    let fresh_empty = || -> Result<()> {
+        let _ = fs::remove_dir_all(&empty);
+        fs::create_dir_all(&empty)?;
+        run_quiet(
+            Command::new(&tools.install_db)
+                .args([
+                    "--no-defaults",
+                    "--auth-root-authentication-method=normal",
+                    "--skip-test-db",
+                ])
+                .arg(format!("--datadir={}/data", empty.display())),
+        )?;
+        run_quiet(Command::new("chown").args(["-R", "999:999"]).arg(&empty))?;
+        Ok(())
+    };
+    fresh_empty()?;
+    let restore_args = |port: u16| -> Vec<String> {
+        let script = format!(
+            "mariadbd --no-defaults --datadir=/empty/data --socket=/tmp/init.sock --skip-networking & \
          until mariadb --no-defaults -S /tmp/init.sock -uroot -e 'SELECT 1' >/dev/null 2>&1; do sleep 0.05; done; \
          mariadb --no-defaults -S /tmp/init.sock -uroot < /dump/dump.sql && \
          mariadb-admin --no-defaults -S /tmp/init.sock -uroot shutdown && wait && \
          exec mariadbd --no-defaults --datadir=/empty/data --socket=/tmp/mysqld.sock --port={port}"
-    );
-    let restore = measure(
-        "restore at start (dump imported into an empty data directory)",
+        );
         vec![
             "--user".into(),
             "999:999".into(),
@@ -452,11 +456,42 @@ pub fn mariadb(options: &MariadbOptions) -> Result<()> {
             base.name.clone(),
             "-c".into(),
             script,
-        ],
+        ]
+    };
+    let port = free_port();
+    let restore = measure(
+        "restore at start (dump imported into an empty data directory)",
+        restore_args(port),
         port,
         &mut rows_md,
     )?;
     drop(restore);
+
+    // Cold page cache: the same two starts right after the cache is dropped.
+    let (cold_baked, cold_restore) = match cold_cache() {
+        Err(why) => (Err(why.clone()), Err(why)),
+        Ok(()) => {
+            eprintln!("xtask: baked, cold page cache");
+            let port = free_port();
+            let (container, secs) = start(
+                &docker,
+                &[
+                    baked.name.clone(),
+                    "mariadbd".into(),
+                    format!("--port={port}"),
+                ],
+                port,
+            )?;
+            drop(container);
+            eprintln!("xtask: restore at start, cold page cache");
+            fresh_empty()?;
+            cold_cache().map_err(|e| anyhow!(e))?;
+            let port = free_port();
+            let (container, restore_secs) = start(&docker, &restore_args(port), port)?;
+            drop(container);
+            (Ok(secs), Ok(restore_secs))
+        }
+    };
 
     // The volume, untuned and setting by setting.
     for (label, extra) in VOLUME_CASES {
@@ -500,6 +535,20 @@ pub fn mariadb(options: &MariadbOptions) -> Result<()> {
     for row in &rows_md {
         let _ = writeln!(md, "{row}");
     }
+    let cell = |r: &Result<f64, String>| match r {
+        Ok(secs) => fmt(Some(*secs), 2),
+        Err(why) => why.clone(),
+    };
+    let ratio = match (&cold_restore, &cold_baked) {
+        (Ok(r), Ok(b)) if *b > 0.0 => format!("{:.1}×", r / b),
+        _ => "—".into(),
+    };
+    let _ = writeln!(
+        md,
+        "\n| cold page cache (`sync; echo 3 > /proc/sys/vm/drop_caches` right before `docker run`) | docker run to first answer (s) |\n|---|---|\n| baked (verified, read-only profile) | {} |\n| restore at start | {} |\n| restore / baked | {ratio} |",
+        cell(&cold_baked),
+        cell(&cold_restore)
+    );
     let _ = writeln!(
         md,
         "\nAfter the workload and a stop, the baked container's writable layer held {copied_total} bytes in all and {copied_data} bytes under /var/lib/bakedb: nothing was copied up (what it holds is the runtime files in /tmp: the profile's my.cnf, Aria's fresh control file and log, the DDL log).\n"
