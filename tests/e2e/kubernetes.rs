@@ -1,17 +1,21 @@
-//! The Kubernetes manifests of docs/kubernetes/, for a SQLite (bakedb-serve) and a PostgreSQL
-//! image: validated offline against the Kubernetes schemas (kubernetes-validate --strict, the
-//! oldest and newest versions they are for, with no network), then run for real with
-//! `podman kube play` from the local registry (pushed with skopeo, pinned by digest), the
-//! same file with only the image and the replica count filled in. The replicas answer the
-//! source's rows exactly; `podman inspect` shows what podman made of each field (what
-//! docs/kubernetes/README.md says it honours and ignores); from the host, /proc shows each
-//! engine runs under the manifest's constraints (read-only root, the emptyDir mounts
-//! writable, the image's non-root user, no capabilities, no new privileges, seccomp);
-//! stopping drains bakedb-serve and shuts PostgreSQL down cleanly; a restarted PostgreSQL
-//! finds its verified copy on the volume and starts without copying again. docker runs the
-//! same images under the same constraints (`--read-only`, tmpfs mounts, `--user`), and
-//! without the copy directory PostgreSQL cannot start under a read-only root: the control
-//! that shows the copy is needed and the root really is read-only.
+//! The Kubernetes manifests of docs/kubernetes/, for a SQLite (bakedb-serve), a PostgreSQL
+//! and a MariaDB image: validated offline against the Kubernetes schemas
+//! (kubernetes-validate --strict, the oldest and newest versions they are for, with no
+//! network), then run for real with `podman kube play` from the local registry (pushed with
+//! skopeo, pinned by digest), the same file with only the image and the replica count
+//! filled in. The replicas answer the source's rows exactly; `podman inspect` shows what
+//! podman made of each field (what docs/kubernetes/README.md says it honours and ignores);
+//! from the host, /proc shows each engine runs under the manifest's constraints (read-only
+//! root, the emptyDir mounts writable, the image's non-root user, no capabilities, no new
+//! privileges, seccomp); stopping drains bakedb-serve and shuts PostgreSQL and MariaDB down
+//! cleanly; a restarted PostgreSQL finds its verified copy on the volume and starts without
+//! copying again; MariaDB runs on the image's layer in place with /tmp its only writable
+//! path. docker runs the same images under the same constraints (`--read-only`, tmpfs
+//! mounts, `--user`), and without the copy directory PostgreSQL cannot start under a
+//! read-only root: the control that shows the copy is needed and the root really is
+//! read-only. MariaDB's control is a re-baked (patched) image, which init must compose in
+//! the data directory: it fails the same way without a copy directory, and serves the new
+//! rows with one, as mariadb.yaml says.
 //!
 //! Each play runs in a network namespace of its own (bakedb-testkit's `kube`), and the
 //! replicas are reached inside their pod's network namespace; one replica per play, because
@@ -29,11 +33,16 @@ use bakedb_testkit::containers::{Container, docker_cli};
 use bakedb_testkit::dirs::workspace_root;
 use bakedb_testkit::fixtures::items_db;
 use bakedb_testkit::kube::KubePlay;
+use bakedb_testkit::mariadb::{
+    APP_PASSWORD, APP_USER, ED_PASSWORD, ED_USER, MariaServer, SEED_CHECKS, SEED_ROWS, maria_tools,
+    tcp_client,
+};
 use bakedb_testkit::netns::{in_netns_of_pid, on_thread_in_netns_of_pid};
 use bakedb_testkit::ports::free_addr;
 use bakedb_testkit::registry::push_pinned;
 
 use crate::http;
+use crate::mariadb as maria;
 use crate::pg::{self, ITEMS_MD5_SQL, PgServer, READER, READER_PASSWORD, SEED_ITEMS_MD5};
 use crate::postgres::{Replica, base_ref};
 use crate::require;
@@ -46,6 +55,24 @@ const PATIENCE: Duration = Duration::from_secs(120);
 const KUBERNETES_VERSIONS: [&str; 2] = ["1.30.0", "1.37.0"];
 /// Rows of the SQLite source.
 const ROWS: i64 = 3000;
+/// The manifests, the name of their objects (Service, Deployment, PodDisruptionBudget,
+/// NetworkPolicy) and of their container.
+const MANIFESTS: [(&str, &str, &str); 3] = [
+    ("sqlite", "catalog", "serve"),
+    ("postgres", "catalog-pg", "postgres"),
+    ("mariadb", "catalog-mariadb", "mariadb"),
+];
+/// The probe command of mariadb.yaml: the image's HEALTHCHECK on a distribution's server
+/// packages (the MariaDB base fixture's), mariadb-admin ping on the profile's socket.
+const MARIADB_PROBE: [&str; 4] = [
+    "mariadb-admin",
+    "--no-defaults",
+    "--socket=/tmp/mysqld.sock",
+    "ping",
+];
+/// The longest mariadbd may take to shut down cleanly after its STOPSIGNAL: what mariadb.yaml's
+/// grace period allows after the preStop sleep, and the timeout the tests stop it with.
+const MARIADB_STOP_SECONDS: u64 = 5;
 /// Where the PostgreSQL manifest mounts the volume the data is copied to.
 const COPY_DIR: &str = "/var/lib/bakedb-copy";
 
@@ -141,17 +168,12 @@ fn manifests_are_valid_kubernetes_and_keep_their_promises() {
             .args(args)
             .arg(path))
     };
-    for engine in ["sqlite", "postgres"] {
+    for (engine, name, container) in MANIFESTS {
         let path = manifest_path(engine);
         for version in KUBERNETES_VERSIONS {
             let out = offline(&["--strict", "--kubernetes-version", version], &path);
             let said = format!("{}{}", stdout(&out), stderr(&out));
             assert!(out.status.success(), "{engine} against {version}:\n{said}");
-            let name = if engine == "sqlite" {
-                "catalog"
-            } else {
-                "catalog-pg"
-            };
             for kind in [
                 "service",
                 "deployment",
@@ -169,6 +191,22 @@ fn manifests_are_valid_kubernetes_and_keep_their_promises() {
 
         // What the docs promise, read from the file itself.
         let text = manifest(engine);
+        // One container, of the name the docs tell `kubectl set image` to use, its image
+        // pinned by digest (a placeholder digest here).
+        let image = one_value(&text, "image");
+        let digest = image
+            .strip_prefix(&format!("registry.example/{name}@sha256:"))
+            .unwrap_or_else(|| panic!("{engine}: {image} is not pinned by digest"));
+        assert!(
+            digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{engine}: {image}"
+        );
+        assert!(
+            text.contains(&format!(
+                "containers:\n        - name: {container}\n          image: {image}\n"
+            )),
+            "{engine}: no container {container} of {image}"
+        );
         for line in [
             "maxUnavailable: 0\n      maxSurge: 1\n",
             "runAsNonRoot: true",
@@ -189,23 +227,30 @@ fn manifests_are_valid_kubernetes_and_keep_their_promises() {
             );
         }
         // Each probe asks the engine itself: bakedb-serve's /healthz on its port (by number:
-        // podman turns a named port into 0), pg_isready in the image.
-        let probe = if engine == "sqlite" {
-            "httpGet:\n              path: /healthz\n              port: 8080\n"
-        } else {
-            "exec:\n              command: [\"pg_isready\", \"-q\"]\n"
+        // podman turns a named port into 0), pg_isready in the image, mariadb-admin ping in
+        // the image as its HEALTHCHECK does.
+        let probe = match engine {
+            "sqlite" => "httpGet:\n              path: /healthz\n              port: 8080\n".into(),
+            "postgres" => "exec:\n              command: [\"pg_isready\", \"-q\"]\n".into(),
+            _ => format!(
+                "exec:\n              command: {}\n",
+                serde_json::to_string(&MARIADB_PROBE)
+                    .unwrap()
+                    .replace(',', ", ")
+            ),
         };
-        assert_eq!(text.matches(probe).count(), 3, "{engine}: {probe:?}");
+        assert_eq!(text.matches(&probe).count(), 3, "{engine}: {probe:?}");
         let grace: u64 = one_value(&text, "terminationGracePeriodSeconds")
             .parse()
             .unwrap();
         let pre_stop: u64 = one_value(&text, "seconds").parse().unwrap();
         // The grace period covers the preStop sleep and bakedb-serve's whole drain (or
-        // PostgreSQL's fast shutdown, a second at most here) with a margin.
-        let stopping = if engine == "sqlite" {
-            env_value(&text, "BAKEDB_DRAIN_MS").parse::<u64>().unwrap() / 1000
-        } else {
-            1
+        // PostgreSQL's fast shutdown, a second at most here, or mariadbd's shutdown, which
+        // the tests allow 5 s) with a margin.
+        let stopping = match engine {
+            "sqlite" => env_value(&text, "BAKEDB_DRAIN_MS").parse::<u64>().unwrap() / 1000,
+            "postgres" => 1,
+            _ => MARIADB_STOP_SECONDS,
         };
         assert!(
             grace >= pre_stop + stopping + 3,
@@ -630,6 +675,216 @@ fn postgres_replicas_run_from_the_manifest_under_podman_kube_play() {
     );
 }
 
+/// A seeded MariaDB source (the kit's MariaServer), its answers to SEED_CHECKS and the image
+/// of it on the MariaDB base fixture, in the layout `image` of `dir` (tag v1).
+fn mariadb_image(dir: &Path) -> Option<(MariaServer, Vec<String>, Value)> {
+    util::tool("umoci")?;
+    std::fs::create_dir_all(dir.join("source")).unwrap();
+    let server = MariaServer::start(&dir.join("source"))?;
+    server.seed();
+    let answers = SEED_CHECKS.iter().map(|sql| server.sql(sql)).collect();
+    let built = util::build_json(&run_ok(
+        bakedb(dir)
+            .args(["build", "--engine", "mariadb", "--json", "--source"])
+            .arg(server.url())
+            .args(["--base", &maria::base_ref(), "--output", "oci:image:v1"]),
+    ));
+    Some((server, answers, built))
+}
+
+/// Every path under `dir` (relative to it), recursively, not following links.
+fn paths_under(dir: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).unwrap_or_else(|e| panic!("{}: {e}", d.display())) {
+            let path = entry.unwrap().path();
+            found.push(path.strip_prefix(dir).unwrap().display().to_string());
+            if path.symlink_metadata().unwrap().is_dir() {
+                todo.push(path);
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+#[test]
+fn mariadb_replicas_run_from_the_manifest_under_podman_kube_play() {
+    let Some(tools) = maria_tools() else { return };
+    let Some(podman) = podman_tools() else { return };
+    let Some(registry) = util::registry() else {
+        return;
+    };
+    let dir = test_dir();
+    let d = dir.path();
+    let Some((_server, answers, built)) = mariadb_image(d) else {
+        return;
+    };
+    let repo = format!("{registry}/bakedb-e2e/{}", unique_name("k8s-maria"));
+    let digest = built["manifest_digest"].as_str().unwrap();
+    let image = push_pinned(d, "oci:image:v1", &repo, "v1", digest);
+    let yaml = pinned_manifest("mariadb", &image, 1);
+    let play = KubePlay::start(&podman, d, &yaml, &[&image]);
+    let mariadb = play.container("catalog-mariadb-pod-0-mariadb");
+    let pid = mariadb.pid();
+    // The host's mariadb client in the pod's network namespace, over TCP to the
+    // containerPort on 127.0.0.1, as one of the source's accounts with its password.
+    let tcp = |user: &str, password: &str, sql: &str| {
+        run(&mut in_netns_of_pid(
+            pid,
+            &tcp_client(&tools.client, 3306, user, Some(password), sql),
+        ))
+    };
+    mariadb.wait_until("accepting connections on 127.0.0.1:3306", PATIENCE, &|| {
+        let out = tcp(APP_USER, APP_PASSWORD, "SELECT 1");
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(stderr(&out))
+        }
+    });
+    let read = |user: &str, password: &str, sql: &str| {
+        let out = tcp(user, password, sql);
+        assert!(
+            out.status.success(),
+            "{sql}: {}\n{}",
+            stderr(&out),
+            mariadb.logs()
+        );
+        stdout(&out).trim().to_owned()
+    };
+    // Every row of the three storage engines' tables, the view, the procedure and the
+    // trigger's count, exactly as the source answered them.
+    for (sql, want) in SEED_CHECKS.iter().zip(&answers) {
+        assert_eq!(&read(APP_USER, APP_PASSWORD, sql), want, "{sql}");
+    }
+    assert_eq!(
+        read(ED_USER, ED_PASSWORD, "SELECT COUNT(*) FROM app.items_aria"),
+        SEED_ROWS.to_string()
+    );
+    let out = tcp(APP_USER, "wrong", "SELECT 1");
+    assert!(
+        !out.status.success() && stderr(&out).contains("ERROR 1045"),
+        "{}",
+        stderr(&out)
+    );
+    let out = tcp(
+        APP_USER,
+        APP_PASSWORD,
+        "INSERT INTO app.items_innodb VALUES (0, 'x', 1)",
+    );
+    assert!(
+        !out.status.success()
+            && stderr(&out).contains("ERROR 1290")
+            && stderr(&out).contains("--read-only option"),
+        "{}",
+        stderr(&out)
+    );
+    // The read-only profile, with the data read in place from the image's layer (no copy)
+    // and everything the server creates in the emptyDir at /tmp.
+    let settings = run_ok(&mut mariadb.cmd(&[
+        "exec",
+        &mariadb.name,
+        "mariadb",
+        "-uroot",
+        "--batch",
+        "--skip-column-names",
+        "-e",
+        "SELECT @@innodb_read_only, @@read_only, @@datadir, @@tmpdir, @@socket, @@pid_file, @@aria_log_dir_path",
+    ]));
+    assert_eq!(
+        stdout(&settings).trim(),
+        "1\t1\t/var/lib/bakedb/mysql/\t/tmp/bakedb\t/tmp/mysqld.sock\t/tmp/bakedb/mariadbd.pid\t/tmp/bakedb"
+    );
+    let in_tmp = paths_under(Path::new(&format!("/proc/{pid}/root/tmp")));
+    for want in [
+        "mysqld.sock",
+        "bakedb/my.cnf",
+        "bakedb/mariadbd.pid",
+        "bakedb/aria_log_control",
+    ] {
+        assert!(
+            in_tmp.iter().any(|p| p == want),
+            "no /tmp/{want}: {in_tmp:?}"
+        );
+    }
+    let logs = mariadb.logs();
+    assert!(logs.contains("bakedb-init: verified "), "{logs}");
+    assert!(logs.contains("InnoDB: Started in read only mode"), "{logs}");
+
+    assert_podman_made(
+        &mariadb,
+        &Asked {
+            user: "999:999",
+            memory_request: 512 << 20,
+            memory_limit: 1 << 30,
+            volumes: &[("tmp", "/tmp")],
+        },
+    );
+    // The image's STOPSIGNAL (SIGTERM: mariadbd's clean shutdown) is what podman will send.
+    assert_eq!(mariadb.inspect("{{.Config.StopSignal}}"), "15");
+    Confinement {
+        uid: 999,
+        gid: 999,
+        writable: &["/tmp"],
+    }
+    .assert_holds(pid, "mariadbd under podman kube play");
+    // The probe is the image's own HEALTHCHECK (in the config as bakedb wrote it: skopeo
+    // leaves Docker's fields out of a config it parses). podman made the liveness probe the
+    // container's healthcheck, as a shell command (`/bin/sh -c '... || exit 1'`, where a
+    // kubelet execs the command itself): it runs mariadb-admin ping with the image's
+    // busybox sh, and passes.
+    let config: Value = serde_json::from_slice(
+        &run_ok(Command::new("skopeo").current_dir(d).args([
+            "inspect",
+            "--raw",
+            "--config",
+            "oci:image:v1",
+        ]))
+        .stdout,
+    )
+    .unwrap();
+    let image_probe: Vec<&str> = ["CMD"].into_iter().chain(MARIADB_PROBE).collect();
+    assert_eq!(
+        config["config"]["Healthcheck"]["Test"],
+        json!(image_probe),
+        "{config}"
+    );
+    let podman_probe: Vec<&str> = ["CMD-SHELL"]
+        .into_iter()
+        .chain(MARIADB_PROBE)
+        .chain(["||", "exit", "1"])
+        .collect();
+    assert_eq!(
+        mariadb.inspect("{{json .Config.Healthcheck.Test}}"),
+        json!(podman_probe).to_string()
+    );
+    let health = run(&mut mariadb.cmd(&["healthcheck", "run", &mariadb.name]));
+    assert!(
+        health.status.success(),
+        "{}{}",
+        stdout(&health),
+        stderr(&health)
+    );
+
+    // Stopping the pod: SIGTERM, and mariadbd shuts down cleanly within 5 s (what the
+    // manifest's grace period allows it after the preStop sleep), or podman would kill it.
+    run_ok(&mut play.podman(&[
+        "pod",
+        "stop",
+        "--time",
+        &MARIADB_STOP_SECONDS.to_string(),
+        "catalog-mariadb-pod-0",
+    ]));
+    let logs = mariadb.logs();
+    assert_eq!(mariadb.exit_code(), 0, "{logs}");
+    assert!(
+        logs.trim_end().ends_with("Shutdown complete"),
+        "no clean shutdown at the end of the log:\n{logs}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // docker run under the same constraints
 
@@ -665,8 +920,23 @@ fn docker_runs_the_images_under_the_manifests_constraints() {
     }
     let dir = test_dir();
     let d = dir.path();
+    sqlite_under_docker(&d.join("sqlite"), &docker, &registry);
+    mariadb_under_docker(&d.join("mariadb"), &docker, &registry);
+    postgres_under_docker(&d.join("pg"), &docker, &registry);
+}
 
-    // SQLite: the user and the one writable path of docs/kubernetes/sqlite.yaml.
+/// `image` (REPO@sha256:...) pulled into docker, removed again when the guard is dropped.
+fn docker_pull(docker: &Path, image: &str) -> util::DockerImage {
+    run_ok(Command::new(docker).args(["pull", "--quiet", image]));
+    util::DockerImage {
+        docker: docker.to_owned(),
+        name: image.to_owned(),
+    }
+}
+
+/// SQLite: the user and the one writable path of docs/kubernetes/sqlite.yaml.
+fn sqlite_under_docker(d: &Path, docker: &Path, registry: &str) {
+    std::fs::create_dir(d).unwrap();
     let sqlite = manifest("sqlite");
     assert_eq!(one_value(&sqlite, "runAsUser"), "65532");
     assert_eq!(values(&sqlite, "mountPath"), ["/tmp"]);
@@ -676,13 +946,9 @@ fn docker_runs_the_images_under_the_manifests_constraints() {
     let repo = format!("{registry}/bakedb-e2e/{}", unique_name("k8s-docker-sqlite"));
     let digest = built["manifest_digest"].as_str().unwrap();
     let image = push_pinned(d, "oci:sqlite:v1", &repo, "v1", digest);
-    run_ok(Command::new(&docker).args(["pull", "--quiet", &image]));
-    let _pulled = util::DockerImage {
-        docker: docker.clone(),
-        name: image.clone(),
-    };
+    let _pulled = docker_pull(docker, &image);
     let addr = free_addr();
-    let serve = Container::new(docker_cli(&docker), unique_name("bakedb-e2e-k8s"));
+    let serve = Container::new(docker_cli(docker), unique_name("bakedb-e2e-k8s"));
     run_ok(
         serve
             .cmd(&[
@@ -710,30 +976,109 @@ fn docker_runs_the_images_under_the_manifests_constraints() {
         writable: &["/tmp"],
     }
     .assert_holds(serve.pid(), "bakedb-serve under docker");
+}
 
-    // PostgreSQL: the user, the copy directory and the writable paths of
-    // docs/kubernetes/postgres.yaml.
+/// MariaDB: the user and the one writable path of docs/kubernetes/mariadb.yaml; then a
+/// re-baked (patched) image, which needs the copy directory mariadb.yaml's comment names.
+fn mariadb_under_docker(d: &Path, docker: &Path, registry: &str) {
+    let Some(tools) = maria_tools() else { return };
+    let mariadb = manifest("mariadb");
+    assert_eq!(one_value(&mariadb, "runAsUser"), "999");
+    assert_eq!(values(&mariadb, "mountPath"), ["/tmp"]);
+    let Some((server, answers, built)) = mariadb_image(d) else {
+        return;
+    };
+    let repo = format!("{registry}/bakedb-e2e/{}", unique_name("k8s-docker-maria"));
+    let digest = built["manifest_digest"].as_str().unwrap();
+    let image = push_pinned(d, "oci:image:v1", &repo, "v1", digest);
+    let _pulled = docker_pull(docker, &image);
+    let flags = constrained("999:999", &["/tmp"]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let replica = maria::Replica::start(docker_cli(docker), &image, &flags, &tools.client);
+    replica.wait_ready();
+    for (sql, want) in SEED_CHECKS.iter().zip(&answers) {
+        assert_eq!(&replica.read(sql), want, "{sql}");
+    }
+    Confinement {
+        uid: 999,
+        gid: 999,
+        writable: &["/tmp"],
+    }
+    .assert_holds(replica.pid(), "mariadbd under docker");
+    replica.stop_cleanly();
+
+    // A re-bake (--from) ships the changed pages as a patch layer, which init composes into
+    // the data files at start: under a read-only root that fails, naming the file system and
+    // the copy directory, before mariadbd starts.
+    server.sql(
+        "UPDATE app.items_innodb SET price = price + 1 WHERE id = 7;
+         INSERT INTO app.items_aria VALUES (5000, 'new', 1.5);",
+    );
+    let answers: Vec<String> = SEED_CHECKS.iter().map(|sql| server.sql(sql)).collect();
+    let rebuilt = util::build_json(&run_ok(
+        bakedb(d)
+            .args(["build", "--engine", "mariadb", "--json", "--source"])
+            .arg(server.url())
+            .args(["--base", &maria::base_ref(), "--from", "oci:image:v1"])
+            .args(["--output", "oci:image:v2"]),
+    ));
+    let digest = rebuilt["manifest_digest"].as_str().unwrap();
+    let patched = push_pinned(d, "oci:image:v2", &repo, "v2", digest);
+    let _pulled_patched = docker_pull(docker, &patched);
+    let control = maria::Replica::start(docker_cli(docker), &patched, &flags, &tools.client);
+    let code = control.wait_stopped(PATIENCE);
+    let logs = control.logs();
+    assert_eq!(code, 1, "{logs}");
+    assert!(
+        logs.contains("Read-only file system") && logs.contains("BAKEDB_DATA_COPY_DIR"),
+        "{logs}"
+    );
+    assert!(!logs.contains("Starting MariaDB"), "{logs}");
+
+    // With the copy directory (an emptyDir on a cluster) it runs on the composed copy.
+    let mut flags = constrained("999:999", &["/tmp", COPY_DIR]);
+    flags.extend(["--env".into(), format!("BAKEDB_DATA_COPY_DIR={COPY_DIR}")]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let replica = maria::Replica::start(docker_cli(docker), &patched, &flags, &tools.client);
+    replica.wait_ready();
+    for (sql, want) in SEED_CHECKS.iter().zip(&answers) {
+        assert_eq!(&replica.read(sql), want, "{sql}");
+    }
+    let logs = replica.logs();
+    assert!(
+        logs.contains("bakedb-init: copied and verified ")
+            && logs.contains(&format!("from /var/lib/bakedb into {COPY_DIR}")),
+        "{logs}"
+    );
+    Confinement {
+        uid: 999,
+        gid: 999,
+        writable: &["/tmp", COPY_DIR],
+    }
+    .assert_holds(replica.pid(), "mariadbd on a copy under docker");
+    replica.stop_cleanly();
+}
+
+/// PostgreSQL: the user, the copy directory and the writable paths of
+/// docs/kubernetes/postgres.yaml.
+fn postgres_under_docker(d: &Path, docker: &Path, registry: &str) {
     let Some(pg_bin) = pg::pg_bin() else { return };
     let postgres = manifest("postgres");
     assert_eq!(one_value(&postgres, "runAsUser"), "999");
     let writable = values(&postgres, "mountPath");
     assert_eq!(writable, ["/tmp", COPY_DIR, "/dev/shm"]);
-    let Some((_server, built)) = postgres_image(&d.join("pg"), &pg_bin) else {
+    let Some((_server, built)) = postgres_image(d, &pg_bin) else {
         return;
     };
     let repo = format!("{registry}/bakedb-e2e/{}", unique_name("k8s-docker-pg"));
     let digest = built["manifest_digest"].as_str().unwrap();
-    let image = push_pinned(&d.join("pg"), "oci:image:v1", &repo, "v1", digest);
-    run_ok(Command::new(&docker).args(["pull", "--quiet", &image]));
-    let _pulled_pg = util::DockerImage {
-        docker: docker.clone(),
-        name: image.clone(),
-    };
+    let image = push_pinned(d, "oci:image:v1", &repo, "v1", digest);
+    let _pulled = docker_pull(docker, &image);
     // docker already mounts a tmpfs at /dev/shm (64 MiB): the two mounts the manifest adds.
     let mut flags = constrained("999:999", &["/tmp", COPY_DIR]);
     flags.extend(["--env".into(), format!("BAKEDB_DATA_COPY_DIR={COPY_DIR}")]);
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let replica = Replica::start(Box::new(docker_cli(&docker)), &image, &flags, &pg_bin);
+    let replica = Replica::start(Box::new(docker_cli(docker)), &image, &flags, &pg_bin);
     replica.wait_ready();
     assert_eq!(replica.read("app", ITEMS_MD5_SQL), SEED_ITEMS_MD5);
     Confinement {
@@ -749,7 +1094,7 @@ fn docker_runs_the_images_under_the_manifests_constraints() {
     // the copy is what makes it work.
     let flags = constrained("999:999", &["/tmp"]);
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let control = Replica::start(Box::new(docker_cli(&docker)), &image, &flags, &pg_bin);
+    let control = Replica::start(Box::new(docker_cli(docker)), &image, &flags, &pg_bin);
     let code = control.wait_stopped(PATIENCE);
     let logs = control.logs();
     assert_ne!(code, 0, "{logs}");

@@ -9,14 +9,15 @@
 //! file makes bakedb-init exit 3.
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 use bakedb_testkit::containers::{Container, docker_cli, podman_cli};
 use bakedb_testkit::mariadb::{
-    APP_PASSWORD, APP_USER, ED_PASSWORD, ED_USER, MariaServer, MariaWriteLoad, maria_tools,
+    APP_PASSWORD, APP_USER, ED_PASSWORD, ED_USER, MariaServer, MariaWriteLoad, SEED_CHECKS,
+    maria_tools, tcp_client,
 };
 use bakedb_testkit::ports::free_port;
 
@@ -25,31 +26,11 @@ use crate::util::{self, bakedb, run, run_ok, stderr, stdout, test_dir, unique_na
 
 /// `mariadb` over TCP to 127.0.0.1:`port` as `user`, no option files.
 fn tcp(client: &Path, port: u16, user: &str, password: Option<&str>, sql: &str) -> Output {
-    let mut cmd = Command::new(client);
-    cmd.args(["--no-defaults", "--protocol=tcp", "-h", "127.0.0.1"])
-        .arg(format!("-P{port}"))
-        .args(["-u", user]);
-    if let Some(p) = password {
-        cmd.arg(format!("-p{p}"));
-    }
-    run(cmd
-        .args(["--batch", "--skip-column-names", "-e", sql])
-        .stdin(Stdio::null()))
+    run(&mut tcp_client(client, port, user, password, sql))
 }
 
 /// Where the server's data lives in every mariadb image bakedb builds.
 const DATADIR: &str = "/var/lib/bakedb/mysql";
-
-/// What every replica must answer as the source did: the seeded tables through each engine,
-/// the view, the procedure and the trigger's count.
-const SEED_CHECKS: [&str; 6] = [
-    "SELECT COUNT(*), SUM(price), MD5(GROUP_CONCAT(id, name, price ORDER BY id)) FROM app.items_innodb",
-    "SELECT COUNT(*), SUM(price), MD5(GROUP_CONCAT(id, name, price ORDER BY id)) FROM app.items_aria",
-    "SELECT COUNT(*), SUM(price), MD5(GROUP_CONCAT(id, name, price ORDER BY id)) FROM app.items_myisam",
-    "SELECT COUNT(*) FROM app.cheap",
-    "CALL app.priced(100)",
-    "SELECT n FROM app.counts WHERE name = 'innodb'",
-];
 
 pub(crate) fn base_ref() -> String {
     format!(

@@ -269,7 +269,9 @@ fn write_problem(what: String, e: std::io::Error) -> Problem {
     let euid = unsafe { libc::geteuid() };
     let advice = match e.raw_os_error() {
         Some(libc::EROFS) => {
-            "; init applies patches into the data files when the container starts, so the data directory must be writable (give a read-only container a volume there)"
+            // A volume mounted over the data directory would hide the data: the copy goes
+            // beside it.
+            "; init applies patches into the data files when the container starts, so they must be writable: under a read-only root filesystem, set BAKEDB_DATA_COPY_DIR to a writable volume beside the data (e.g. an emptyDir at /var/lib/bakedb-copy) and init composes them in a verified copy there"
         }
         Some(libc::ENOSPC | libc::EDQUOT) => {
             "; applying patches copies the file into the container's writable layer first (overlayfs copy-up), which needs room for the whole file"
@@ -754,6 +756,24 @@ pub(crate) mod tests {
                 }
                 Err(Problem::Access(m)) => panic!("{m}"),
             }
+        }
+    }
+
+    #[test]
+    fn a_read_only_root_is_answered_with_the_copy_directory_not_a_volume_over_the_data() {
+        let e = std::io::Error::from_raw_os_error(libc::EROFS);
+        match write_problem(
+            "opening /var/lib/bakedb/mysql/ibdata1 for writing".into(),
+            e,
+        ) {
+            // A setup problem (exit 1), not a mismatch: the data was not altered.
+            Problem::Access(m) => assert!(
+                m.starts_with(
+                    "opening /var/lib/bakedb/mysql/ibdata1 for writing: Read-only file system"
+                ) && m.contains("set BAKEDB_DATA_COPY_DIR to a writable volume beside the data"),
+                "{m}"
+            ),
+            Problem::Mismatch(m) => panic!("not a setup problem: {m}"),
         }
     }
 }

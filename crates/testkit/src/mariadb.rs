@@ -46,6 +46,18 @@ pub const ED_PASSWORD: &str = "ed-secret";
 /// Rows of each seeded table.
 pub const SEED_ROWS: i64 = 1000;
 
+/// What a replica of the seed must answer exactly as the source did: the seeded tables
+/// through each storage engine (every row in the MD5), the view, the procedure and the
+/// trigger's count.
+pub const SEED_CHECKS: [&str; 6] = [
+    "SELECT COUNT(*), SUM(price), MD5(GROUP_CONCAT(id, name, price ORDER BY id)) FROM app.items_innodb",
+    "SELECT COUNT(*), SUM(price), MD5(GROUP_CONCAT(id, name, price ORDER BY id)) FROM app.items_aria",
+    "SELECT COUNT(*), SUM(price), MD5(GROUP_CONCAT(id, name, price ORDER BY id)) FROM app.items_myisam",
+    "SELECT COUNT(*) FROM app.cheap",
+    "CALL app.priced(100)",
+    "SELECT n FROM app.counts WHERE name = 'innodb'",
+];
+
 /// Where the MariaDB tools are.
 #[derive(Clone, Debug)]
 pub struct MariaTools {
@@ -85,6 +97,28 @@ pub fn maria_tools() -> Option<MariaTools> {
             None
         }
     }
+}
+
+/// `client` (the `mariadb` program) running `sql` over TCP to 127.0.0.1:`port` as `user`
+/// (with `password`, if any): no option files, batch output without column names, stdin
+/// closed. The caller runs it (possibly in a container's network namespace).
+pub fn tcp_client(
+    client: &Path,
+    port: u16,
+    user: &str,
+    password: Option<&str>,
+    sql: &str,
+) -> Command {
+    let mut cmd = Command::new(client);
+    cmd.args(["--no-defaults", "--protocol=tcp", "-h", "127.0.0.1"])
+        .arg(format!("-P{port}"))
+        .args(["-u", user]);
+    if let Some(p) = password {
+        cmd.arg(format!("-p{p}"));
+    }
+    cmd.args(["--batch", "--skip-column-names", "-e", sql])
+        .stdin(Stdio::null());
+    cmd
 }
 
 /// Who runs the server: this process, or (as root) the `mysql` user; None (skipped, or a
@@ -479,23 +513,25 @@ mod tests {
             server.sql("SELECT COUNT(*) FROM app.load_innodb; SELECT COUNT(*) FROM app.load_aria"),
             format!("{n}\n{n}")
         );
-        // The backup account works over TCP with its password.
-        let out = Command::new(server.client_path())
-            .args(["--no-defaults", "-h", "127.0.0.1", "--protocol=tcp"])
-            .arg(format!("-P{}", server.port()))
-            .args([
-                "-u",
+        // The backup account works over TCP with its password, and only with it.
+        let tcp = |password| {
+            tcp_client(
+                server.client_path(),
+                server.port(),
                 BACKUP_USER,
-                &format!("-p{BACKUP_PASSWORD}"),
-                "-e",
+                Some(password),
                 "SELECT 1",
-            ])
+            )
             .output()
-            .unwrap();
+            .unwrap()
+        };
+        let out = tcp(BACKUP_PASSWORD);
         assert!(
             out.status.success(),
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1");
+        assert!(!tcp("wrong").status.success());
     }
 }
