@@ -725,6 +725,21 @@ fn runc_with_verification_off_starts_tampered_data_with_a_warning() {
         describe(&out)
     );
     assert!(!stdout(&out).contains(MARKER), "{}", describe(&out));
+    // Nor is a copy rule other than always and patched.
+    let out = fx.runc.run(
+        &bundle,
+        &RunSpec {
+            env: vec![("BAKEDB_DATA_COPY_WHEN", Some("sometimes".into()))],
+            ..probe()
+        },
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    assert!(
+        stderr(&out).contains("BAKEDB_DATA_COPY_WHEN=\"sometimes\" is not always or patched"),
+        "{}",
+        describe(&out)
+    );
+    assert!(!stdout(&out).contains(MARKER), "{}", describe(&out));
 }
 
 #[test]

@@ -811,6 +811,13 @@ fn mariadb_replicas_run_from_the_manifest_under_podman_kube_play() {
     }
     let logs = mariadb.logs();
     assert!(logs.contains("bakedb-init: verified "), "{logs}");
+    // A full bake runs in place: BAKEDB_DATA_COPY_WHEN=patched leaves the copy's emptyDir
+    // empty.
+    assert!(!logs.contains("bakedb-init: copied and verified"), "{logs}");
+    assert!(
+        paths_under(Path::new(&format!("/proc/{pid}/root{COPY_DIR}"))).is_empty(),
+        "{logs}"
+    );
     assert!(logs.contains("InnoDB: Started in read only mode"), "{logs}");
 
     assert_podman_made(
@@ -819,7 +826,7 @@ fn mariadb_replicas_run_from_the_manifest_under_podman_kube_play() {
             user: "999:999",
             memory_request: 512 << 20,
             memory_limit: 1 << 30,
-            volumes: &[("tmp", "/tmp")],
+            volumes: &[("tmp", "/tmp"), ("data", COPY_DIR)],
         },
     );
     // The image's STOPSIGNAL (SIGTERM: mariadbd's clean shutdown) is what podman will send.
@@ -978,13 +985,24 @@ fn sqlite_under_docker(d: &Path, docker: &Path, registry: &str) {
     .assert_holds(serve.pid(), "bakedb-serve under docker");
 }
 
-/// MariaDB: the user and the one writable path of docs/kubernetes/mariadb.yaml; then a
-/// re-baked (patched) image, which needs the copy directory mariadb.yaml's comment names.
+/// MariaDB: the user, the writable paths and the copy rule of docs/kubernetes/mariadb.yaml:
+/// a full bake runs in place, a re-baked (patched) image on a composed copy; without the
+/// copy directory a patched image cannot start under the read-only root.
 fn mariadb_under_docker(d: &Path, docker: &Path, registry: &str) {
     let Some(tools) = maria_tools() else { return };
     let mariadb = manifest("mariadb");
     assert_eq!(one_value(&mariadb, "runAsUser"), "999");
-    assert_eq!(values(&mariadb, "mountPath"), ["/tmp"]);
+    assert_eq!(values(&mariadb, "mountPath"), ["/tmp", COPY_DIR]);
+    assert_eq!(env_value(&mariadb, "BAKEDB_DATA_COPY_DIR"), COPY_DIR);
+    assert_eq!(env_value(&mariadb, "BAKEDB_DATA_COPY_WHEN"), "patched");
+    let mut as_manifest = constrained("999:999", &["/tmp", COPY_DIR]);
+    as_manifest.extend([
+        "--env".into(),
+        format!("BAKEDB_DATA_COPY_DIR={COPY_DIR}"),
+        "--env".into(),
+        "BAKEDB_DATA_COPY_WHEN=patched".into(),
+    ]);
+    let as_manifest: Vec<&str> = as_manifest.iter().map(String::as_str).collect();
     let Some((server, answers, built)) = mariadb_image(d) else {
         return;
     };
@@ -992,17 +1010,20 @@ fn mariadb_under_docker(d: &Path, docker: &Path, registry: &str) {
     let digest = built["manifest_digest"].as_str().unwrap();
     let image = push_pinned(d, "oci:image:v1", &repo, "v1", digest);
     let _pulled = docker_pull(docker, &image);
-    let flags = constrained("999:999", &["/tmp"]);
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let replica = maria::Replica::start(docker_cli(docker), &image, &flags, &tools.client);
+    let replica = maria::Replica::start(docker_cli(docker), &image, &as_manifest, &tools.client);
     replica.wait_ready();
     for (sql, want) in SEED_CHECKS.iter().zip(&answers) {
         assert_eq!(&replica.read(sql), want, "{sql}");
     }
+    let logs = replica.logs();
+    assert!(
+        logs.contains("bakedb-init: verified ") && !logs.contains("copied and verified"),
+        "a full bake was copied: {logs}"
+    );
     Confinement {
         uid: 999,
         gid: 999,
-        writable: &["/tmp"],
+        writable: &["/tmp", COPY_DIR],
     }
     .assert_holds(replica.pid(), "mariadbd under docker");
     replica.stop_cleanly();
@@ -1025,6 +1046,8 @@ fn mariadb_under_docker(d: &Path, docker: &Path, registry: &str) {
     let digest = rebuilt["manifest_digest"].as_str().unwrap();
     let patched = push_pinned(d, "oci:image:v2", &repo, "v2", digest);
     let _pulled_patched = docker_pull(docker, &patched);
+    let flags = constrained("999:999", &["/tmp"]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let control = maria::Replica::start(docker_cli(docker), &patched, &flags, &tools.client);
     let code = control.wait_stopped(PATIENCE);
     let logs = control.logs();
@@ -1035,11 +1058,9 @@ fn mariadb_under_docker(d: &Path, docker: &Path, registry: &str) {
     );
     assert!(!logs.contains("Starting MariaDB"), "{logs}");
 
-    // With the copy directory (an emptyDir on a cluster) it runs on the composed copy.
-    let mut flags = constrained("999:999", &["/tmp", COPY_DIR]);
-    flags.extend(["--env".into(), format!("BAKEDB_DATA_COPY_DIR={COPY_DIR}")]);
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let replica = maria::Replica::start(docker_cli(docker), &patched, &flags, &tools.client);
+    // As the manifest has it (the copy directory an emptyDir on a cluster, copies only
+    // when patched), it runs on the composed copy.
+    let replica = maria::Replica::start(docker_cli(docker), &patched, &as_manifest, &tools.client);
     replica.wait_ready();
     for (sql, want) in SEED_CHECKS.iter().zip(&answers) {
         assert_eq!(&replica.read(sql), want, "{sql}");

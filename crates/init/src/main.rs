@@ -45,7 +45,8 @@ COMMAND (normally the image's CMD).
 Environment: BAKEDB_VERIFY=off, BAKEDB_INIT_SUPERVISE=1, BAKEDB_RUN_AS_ROOT=1,
 BAKEDB_RUNTIME_DIR (default /tmp/bakedb), BAKEDB_VERIFY_THREADS (default: one per core),
 BAKEDB_DATA_COPY_DIR (copy the data there, verified, and start the engine on the copy: for
-a read-only root filesystem, e.g. an emptyDir).
+a read-only root filesystem, e.g. an emptyDir), BAKEDB_DATA_COPY_WHEN=patched (copy only an
+image whose patches init composes; run any other in place).
 Exit codes: 1 setup, 2 usage, 3 verification failed, 126/127 command not executable/found.";
 
 enum Failure {
@@ -176,6 +177,9 @@ struct Settings {
     expected_digest: Option<String>,
     /// BAKEDB_DATA_COPY_DIR: run the engine on a verified copy there (see copy.rs).
     copy_dir: Option<PathBuf>,
+    /// BAKEDB_DATA_COPY_WHEN=patched: the copy only for an image whose patches init composes
+    /// (an engine that reads its files in place needs a writable place for those alone).
+    copy_only_patched: bool,
 }
 
 /// An absolute path from the environment, or None when unset or empty.
@@ -212,6 +216,15 @@ fn settings() -> Result<Settings, Failure> {
         threads,
         expected_digest: std::env::var("BAKEDB_DATA_DIGEST").ok(),
         copy_dir: absolute_path("BAKEDB_DATA_COPY_DIR")?,
+        copy_only_patched: match std::env::var("BAKEDB_DATA_COPY_WHEN").as_deref() {
+            Err(_) | Ok("" | "always") => false,
+            Ok("patched") => true,
+            Ok(other) => {
+                return Err(Failure::Usage(format!(
+                    "BAKEDB_DATA_COPY_WHEN={other:?} is not always or patched"
+                )));
+            }
+        },
     })
 }
 
@@ -304,9 +317,12 @@ fn path_of(env: &[(String, String)]) -> Option<&str> {
 
 /// Whether this start composes the patched files in place before the engine starts.
 fn composes(desc: &Description, mode: &Mode) -> bool {
-    *mode == Mode::Run
-        && desc.profile.patches == Some(PatchMode::Apply)
-        && desc.patched().next().is_some()
+    *mode == Mode::Run && has_patches_to_apply(desc)
+}
+
+/// Whether the image has patched files that init composes before the engine starts.
+fn has_patches_to_apply(desc: &Description) -> bool {
+    desc.profile.patches == Some(PatchMode::Apply) && desc.patched().next().is_some()
 }
 
 /// Files and patches for the plan and the messages: "2 files from 3 patches".
@@ -704,6 +720,9 @@ fn run(options: Options) -> Result<std::convert::Infallible, Failure> {
         &settings,
         check && options.mode != Mode::Plan,
     )?;
+    // BAKEDB_DATA_COPY_WHEN=patched: an image without patches to compose runs in place (its
+    // data was checked above all the same: a copy directory always means verification).
+    let copy_dir = copy_dir.filter(|_| !settings.copy_only_patched || has_patches_to_apply(&desc));
     if let Some(copy) = &copy_dir {
         let data = Path::new(&desc.data_dir);
         if copy.starts_with(data) || data.starts_with(copy) {
