@@ -30,6 +30,7 @@ use bakedb_testkit::registry::{Registry, RegistryOptions};
 use rusqlite::Connection;
 
 use crate::bench::data::{Rng, SEED, bench_database};
+use crate::bench::layers::{pigz1_bytes_of, push, tag_layers, unpack_layer};
 use crate::bench::timing::{NOISY, sync, until_quiet, wait_until_quiet, warm};
 use crate::bench::tools::{
     build_layers, commit_measured, fresh_dir, json_str, release_bakedb, target_dir,
@@ -530,100 +531,28 @@ pub(crate) fn page_hashes(db: &Path) -> Result<Vec<u64>> {
 /// gzip -1 (the level of bakedb's gzip layers).
 pub(crate) fn ideal(db: &Path, changed: &[usize], scratch: &Path) -> Result<u64> {
     use std::io::{Read, Seek, SeekFrom, Write};
-    let pages = scratch.join("tmp/changed-pages");
     let mut src = File::open(db)?;
-    let mut out = std::io::BufWriter::new(File::create(&pages)?);
-    let mut page = vec![0u8; PAGE];
-    for &p in changed {
-        src.seek(SeekFrom::Start((p * PAGE) as u64))?;
-        src.read_exact(&mut page)?;
-        out.write_all(&page)?;
-    }
-    out.flush()?;
-    drop(out);
-    let compressed = scratch.join("tmp/changed-pages.gz");
-    let status = Command::new("pigz")
-        .args(["-1", "-c"])
-        .arg(&pages)
-        .stdout(File::create(&compressed)?)
-        .status()
-        .context("running pigz")?;
-    if !status.success() {
-        bail!("pigz -1 {} failed: {status}", pages.display());
-    }
-    let bytes = fs::metadata(&compressed)?.len();
-    let _ = fs::remove_file(&pages);
-    let _ = fs::remove_file(&compressed);
-    Ok(bytes)
+    pigz1_bytes_of(&scratch.join("tmp/changed-pages"), |file| {
+        let mut out = std::io::BufWriter::new(file);
+        let mut page = vec![0u8; PAGE];
+        for &p in changed {
+            src.seek(SeekFrom::Start((p * PAGE) as u64))?;
+            src.read_exact(&mut page)?;
+            out.write_all(&page)?;
+        }
+        out.flush()?;
+        Ok(())
+    })
 }
 
 /// The data directory of `oci:LAYOUT:TAG` unpacked into `rootfs` (its layers in order; the
 /// generations this bench makes delete nothing, so whiteouts do not arise).
 fn unpack(layout: &Path, tag: &str, rootfs: &Path) -> Result<()> {
     fresh_dir(rootfs)?;
-    let index = fs::read_to_string(layout.join("index.json"))?;
-    let manifest_digest = index
-        .split('{')
-        .find(|entry| entry.contains(&format!("\"{tag}\"")))
-        .and_then(|entry| json_str(entry, "digest"))
-        .with_context(|| format!("no tag {tag} in {}", layout.display()))?;
-    let blob = |digest: &str| {
-        layout
-            .join("blobs/sha256")
-            .join(digest.trim_start_matches("sha256:"))
-    };
-    let manifest = fs::read_to_string(blob(&manifest_digest))?;
-    let layers = &manifest[manifest
-        .find("\"layers\"")
-        .context("manifest without layers")?..];
-    for entry in layers.split('{').skip(1) {
-        let Some(digest) = json_str(entry, "digest") else {
-            continue;
-        };
-        run_quiet(
-            Command::new("tar")
-                .arg("-xzf")
-                .arg(blob(&digest))
-                .arg("-C")
-                .arg(rootfs)
-                .arg("var/lib/bakedb")
-                .arg("--wildcards")
-                .arg("--no-same-owner"),
-        )
-        .or_else(|e| {
-            // A layer without the data directory (bakedb-init, bakedb-serve, image.json).
-            if format!("{e:#}").contains("Not found in archive") {
-                Ok(String::new())
-            } else {
-                Err(e)
-            }
-        })?;
+    for digest in tag_layers(layout, tag)? {
+        unpack_layer(layout, &digest, rootfs, &["var/lib/bakedb"])?;
     }
     Ok(())
-}
-
-// ---------------------------------------------------------------------------------------------
-// The registry.
-
-/// Push `oci:LAYOUT:TAG` to `REGISTRY/bench/REPO:TAG` with skopeo: the bytes the registry's
-/// storage grew by.
-fn push(registry: &Registry, layout: &Path, tag: &str, repo: &str) -> Result<u64> {
-    let before = dir_bytes(&registry.storage());
-    run_quiet(
-        Command::new("skopeo")
-            .args(["copy", "--quiet", "--dest-tls-verify=false"])
-            .arg(format!("oci:{}:{tag}", layout.display()))
-            .arg(format!("docker://{}/bench/{repo}:{tag}", registry.host())),
-    )?;
-    Ok(dir_bytes(&registry.storage()).saturating_sub(before))
-}
-
-/// Bytes of the files under `dir`.
-pub(crate) fn dir_bytes(dir: &Path) -> u64 {
-    bakedb_testkit::dirs::files_under(dir)
-        .iter()
-        .map(|(_, n)| n)
-        .sum()
 }
 
 // ---------------------------------------------------------------------------------------------

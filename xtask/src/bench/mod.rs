@@ -7,6 +7,7 @@
 
 pub mod data;
 pub mod flags;
+pub mod layers;
 pub mod pg;
 pub mod report;
 pub mod timing;
