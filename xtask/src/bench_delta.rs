@@ -17,13 +17,13 @@
 //! database as one plain file; each server's sample answer is checked against rusqlite first.
 //! The full build from the live file is also timed against `pigz -1` on the same file.
 //!
-//! PostgreSQL (bench_delta/postgres.rs): a live pgbench database of `--pg-size-mib`, one full
-//! build, then `--pg-generations` generations that each update 1 % of the accounts in one
-//! transaction and re-bake onto the previous one, beside a full build of the same state; the
-//! ideal there is the pages that differ between the generations' data files as baked. Then
-//! `docker run` to the first answer of the last patch generation, whose patches bakedb-init
-//! composes before postgres starts, against that full build (cold and warm, verification on
-//! and off).
+//! PostgreSQL (bench_delta/postgres.rs): a live pgbench database of `--pg-size-mib` per
+//! scenario, one full build, then `--pg-generations` generations that each update 1 % of the
+//! accounts in one transaction (random aids; one aid range) and re-bake onto the previous one,
+//! beside a full build of the same state; the ideal there is the pages that differ between the
+//! generations' data files as baked. Then `docker run` to the first answer of the last patch
+//! generation, whose patches bakedb-init composes before postgres starts, against that full
+//! build (cold and warm, verification on and off).
 //!
 //! `--engines sqlite,postgres` (the default) chooses the parts. Each part is written into
 //! docs/benchmarks.md between markers of its own inside the delta section, as soon as it is
