@@ -100,14 +100,14 @@ pub(super) fn part(options: &DeltaOptions, shared: &Shared<'_>) -> Result<String
         report.db_bytes = source.db_bytes;
         report.tables = source.tables;
         report.relations = source.relations;
-        if let Some((g, layout, full_layout)) = &result.patched {
+        if let Some(image) = &result.patched {
             result.starts = Some(start_part(
                 options,
                 &docker,
                 &fixture.pg_bin,
                 run.dir,
-                (layout, &format!("g{g}")),
-                (full_layout, "full"),
+                (&image.layout, &format!("g{}", image.generation)),
+                (&image.full_layout, "full"),
                 &scale.to_string(),
                 report.cold_unavailable.is_none(),
             )?);
@@ -192,7 +192,9 @@ impl ScenarioRun<'_> {
         let accounts = scale * 100_000;
         let mut rng = Rng(SEED ^ 0x9d_e17a);
         let mut generations = Vec::new();
-        let mut patched: Option<(usize, PathBuf, PathBuf)> = None;
+        let mut patched: Option<PatchedImage> = None;
+        // The files that have patches on the current base: the ones init composes.
+        let mut composed: BTreeSet<PathBuf> = BTreeSet::new();
         for g in 1..=self.options.pg_generations {
             let changed_rows = update_accounts(
                 &source,
@@ -234,10 +236,23 @@ impl ScenarioRun<'_> {
             let full = build(None, &full_layout, "full")?;
             // Kept for the starts: the last patch generation's full build.
             if rebake.fresh_base.is_none() {
-                if let Some((_, _, previous)) = patched.replace((g, layout.clone(), full_layout)) {
-                    let _ = fs::remove_dir_all(previous);
+                composed.extend(shipped.patched.iter().cloned());
+                let image = PatchedImage {
+                    generation: g,
+                    layout: layout.clone(),
+                    full_layout,
+                    composed_files: composed.len(),
+                    composed_bytes: composed
+                        .iter()
+                        .filter_map(|p| fs::metadata(tree.data().join(p)).ok())
+                        .map(|m| m.len())
+                        .sum(),
+                };
+                if let Some(previous) = patched.replace(image) {
+                    let _ = fs::remove_dir_all(previous.full_layout);
                 }
             } else {
+                composed.clear();
                 let _ = fs::remove_dir_all(&full_layout);
             }
             generations.push(Generation {
@@ -277,9 +292,20 @@ struct ScenarioResult {
     g0: Built,
     base_registry_bytes: u64,
     generations: Vec<Generation>,
-    /// The last patch generation, its layout and the layout of its state's full build.
-    patched: Option<(usize, PathBuf, PathBuf)>,
+    patched: Option<PatchedImage>,
     starts: Option<Starts>,
+}
+
+/// The last patch generation of a scenario: the image whose start composes patches.
+struct PatchedImage {
+    generation: usize,
+    layout: PathBuf,
+    /// The full build of the same source state.
+    full_layout: PathBuf,
+    /// The files with patches on its base, which init composes, and their composed size:
+    /// overlayfs copies each up whole.
+    composed_files: usize,
+    composed_bytes: u64,
 }
 
 /// One transaction that adds `generation` to the balance of 1 % of the `accounts` (distinct
@@ -352,7 +378,10 @@ struct Shipped {
     changed_pages: u64,
     /// Of them, in relation files (under base/ and global/).
     relation_pages: u64,
-    patched_files: usize,
+    /// 8 KiB pages of all the data files after the layer.
+    total_pages: u64,
+    /// The files the layer patched, under the data directory.
+    patched: Vec<PathBuf>,
     /// Pages the patch files hold.
     patch_pages: u64,
     /// Files shipped whole: path under the data directory, 8 KiB pages, pages that differ.
@@ -446,7 +475,7 @@ impl Tree {
                 // .patches/<generation>/<path>
                 let path: PathBuf = patched.components().skip(1).collect();
                 let (pages, changed) = apply_patch(&data.join(&path), file, ideal)?;
-                shipped.patched_files += 1;
+                shipped.patched.push(path.clone());
                 shipped.patch_pages += pages;
                 shipped.changed_pages += changed;
                 if is_relation(&path) {
@@ -471,6 +500,10 @@ impl Tree {
             }
         }
         let _ = fs::remove_dir_all(staging);
+        shipped.total_pages = files_under(&data)
+            .iter()
+            .map(|(_, len)| len.div_ceil(PAGE as u64))
+            .sum();
         Ok(shipped)
     }
 }
@@ -845,7 +878,8 @@ impl Report<'_> {
              of generation N-1 and N as bakedb baked them: generation 0's data layer with each later layer applied as \
              bakedb-init composes it (every composed file checked against its patch header's digest), every file under \
              /var/lib/bakedb compared page by page (a new file: all its pages), concatenated and compressed with `pigz -1`. \
-             The registry column is what a local docker-registry's storage grew by when skopeo pushed the generation. \
+             The registry column is what a local docker-registry's storage grew by when skopeo pushed the generation \
+             (generation 0 of the first scenario brings the base image's layers too). \
              Peak RSS is GNU time's, the largest process of the build (bakedb itself, pg_basebackup or the scratch \
              postgres). Tools: {}.\n",
             self.pg_version,
@@ -873,7 +907,7 @@ impl Report<'_> {
         );
         let _ = writeln!(
             md,
-            "| generation | pages that differ (in relation files) | the layer holds | re-bake s | peak RSS MiB | layer MB | ideal MB | layer / ideal | registry MB | registry / ideal | full build of the same state: data layer MB, s |"
+            "| generation | pages that differ (in relation files), of all | the layer holds | re-bake s | peak RSS MiB | layer MB | ideal MB | layer / ideal | registry MB | registry / ideal | full build of the same state: data layer MB, s |"
         );
         let _ = writeln!(md, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
         let _ = writeln!(
@@ -890,7 +924,7 @@ impl Report<'_> {
                 Some(why) => format!("**a fresh base**, not a patch: {why}"),
                 None => format!(
                     "{} files patched in {} pages, {} whole ({} pages), {} deleted",
-                    s.patched_files,
+                    s.patched.len(),
                     s.patch_pages,
                     s.whole.len(),
                     s.whole.iter().map(|(_, pages, _)| pages).sum::<u64>(),
@@ -899,10 +933,15 @@ impl Report<'_> {
             };
             let _ = writeln!(
                 md,
-                "| {} | {} ({}) | {holds} | {} | {} | {} | {} | {} | {} | {} | {} MB, {} s |",
+                "| {} | {} ({}), {} of {} | {holds} | {} | {} | {} | {} | {} | {} | {} | {} MB, {} s |",
                 g.number,
                 s.changed_pages,
                 s.relation_pages,
+                fmt_pct(ratio(
+                    Some(s.changed_pages as f64),
+                    Some(s.total_pages as f64)
+                )),
+                s.total_pages,
                 fmt(Some(g.rebake.sample.secs), 2),
                 fmt(
                     Sample::peak_rss_mib(std::slice::from_ref(&g.rebake.sample)),
@@ -991,7 +1030,7 @@ impl Report<'_> {
             "#### `docker run` to the first answer, patches composed by bakedb-init, {}\n",
             r.scenario.name()
         );
-        let (Some(starts), Some((g, _, _))) = (&r.starts, &r.patched) else {
+        let (Some(starts), Some(image)) = (&r.starts, &r.patched) else {
             let _ = writeln!(
                 md,
                 "Not measured: no generation of this scenario came out as a patch (each was a fresh base).\n"
@@ -1004,18 +1043,19 @@ impl Report<'_> {
                 "Cold: `sync; echo 3 > /proc/sys/vm/drop_caches` right before `docker run`.".into()
             }
         };
+        let g = image.generation;
         let chain = r
             .generations
             .iter()
             .rev()
-            .skip_while(|x| x.number > *g)
+            .skip_while(|x| x.number > g)
             .take_while(|x| x.rebake.fresh_base.is_none())
             .count();
         let _ = writeln!(
             md,
             "**patched**: generation {g} ({chain} patch layer{} on its base; {} MB in docker), whose patches bakedb-init \
-             composes into the data files (in the container's writable layer: overlayfs copies each patched file up \
-             whole) and verifies before it execs postgres; **plain**: the full build of the same source state. Each \
+             composes into {} data files of {} MB in all (in the container's writable layer: overlayfs copies each of \
+             them up whole) and verifies before it execs postgres; **plain**: the full build of the same source state. Each \
              start: `docker run -d --network host -e PGPORT=PORT [-e BAKEDB_VERIFY=off] IMAGE`, timed from spawning \
              `docker run` to the first right answer of `psql -c 'SELECT count(*) FROM pgbench_branches'` over TCP, as \
              in the postgres section. {cold} Warm: right after an untimed start of the same image with verification \
@@ -1024,6 +1064,8 @@ impl Report<'_> {
              out). Medians of {} runs.\n",
             if chain == 1 { "" } else { "s" },
             starts.patched_size.map_or("—".into(), mb),
+            image.composed_files,
+            mb(image.composed_bytes),
             self.options.runs,
         );
         let _ = writeln!(
@@ -1141,13 +1183,18 @@ impl Report<'_> {
         for r in &self.scenarios {
             let name = r.scenario.name();
             let patch = r.patch_ratio();
-            let _ = writeln!(
-                md,
-                "| postgres, {name}: patch layer ≤ {TARGET_PATCH_VS_IDEAL}× the ideal (median of the {} patch generations) | {} | {} |",
-                r.patches().count(),
-                times(patch, 2),
-                yes_no(patch.map(|v| v <= TARGET_PATCH_VS_IDEAL))
-            );
+            let _ = match r.patches().count() {
+                0 => writeln!(
+                    md,
+                    "| postgres, {name}: patch layer ≤ {TARGET_PATCH_VS_IDEAL}× the ideal | no patch: every generation was a fresh base | not measured |"
+                ),
+                n => writeln!(
+                    md,
+                    "| postgres, {name}: patch layer ≤ {TARGET_PATCH_VS_IDEAL}× the ideal (median of the {n} patch generations) | {} | {} |",
+                    times(patch, 2),
+                    yes_no(patch.map(|v| v <= TARGET_PATCH_VS_IDEAL))
+                ),
+            };
             let registry = r.registry_ratio();
             let fresh = r.fresh_bases();
             let _ = writeln!(
@@ -1325,7 +1372,8 @@ mod tests {
             shipped: Shipped {
                 changed_pages: 60_000,
                 relation_pages: 59_000,
-                patched_files: 3,
+                total_pages: 120_000,
+                patched: vec!["a".into(), "b".into(), "c".into()],
                 patch_pages: 50_000,
                 whole: vec![("pgdata/base/16384/16405".into(), 19_000, 18_000)],
                 deleted: 1,
@@ -1383,7 +1431,13 @@ mod tests {
                         generation(1, 27_000_000, None),
                         generation(2, 27_000_000, None),
                     ],
-                    patched: Some((2, PathBuf::new(), PathBuf::new())),
+                    patched: Some(PatchedImage {
+                        generation: 2,
+                        layout: PathBuf::new(),
+                        full_layout: PathBuf::new(),
+                        composed_files: 9,
+                        composed_bytes: 1_080_000_000,
+                    }),
                     starts: Some(Starts {
                         samples,
                         patched_size: Some(1_300_000_000),
@@ -1397,11 +1451,11 @@ mod tests {
             "### PostgreSQL\n\nMeasured ",
             "cargo xtask bench delta --engines postgres --pg-size-mib 1024 --pg-generations 2 --runs 3",
             "#### Re-bakes, random (1 % of the rows, ids drawn uniformly)",
-            "| 1 | 60000 (59000) | 3 files patched in 50000 pages, 1 whole (19000 pages), 1 deleted | 9.00 | 30.0 | 27.0 | 30.0 | 0.90× |",
-            "| 2 | 60000 (59000) | **a fresh base**, not a patch: its patches would be 1 GiB |",
+            "| 1 | 60000 (59000), 50 % of 120000 | 3 files patched in 50000 pages, 1 whole (19000 pages), 1 deleted | 9.00 | 30.0 | 27.0 | 30.0 | 0.90× |",
+            "| 2 | 60000 (59000), 50 % of 120000 | **a fresh base**, not a patch: its patches would be 1 GiB |",
             "| 1 | `pgdata/base/16384/16405` (pgbench_accounts_pkey) | 155.6 | 18000 of 19000 (95 %) |",
             "Not measured: no generation of this scenario came out as a patch",
-            "**patched**: generation 2 (2 patch layers on its base; 1300.0 MB in docker)",
+            "**patched**: generation 2 (2 patch layers on its base; 1300.0 MB in docker), whose patches bakedb-init composes into 9 data files of 1080.0 MB in all",
             "| patched | on | cold | 3.000 | 3.000–3.000 | 0.50 | 1.00 |",
             "| verification off, warm cache | 1.50× |",
             "| postgres, random: patch layer ≤ 1.3× the ideal (median of the 1 patch generations) | 0.90× | yes |",
@@ -1410,6 +1464,13 @@ mod tests {
         ] {
             assert!(md.contains(expected), "{expected:?} not in:\n{md}");
         }
+        let mut report = report;
+        report.scenarios[0].generations[0].rebake.fresh_base = Some("too big".into());
+        let md = report.markdown();
+        assert!(
+            md.contains("| postgres, random: patch layer ≤ 1.3× the ideal | no patch: every generation was a fresh base | not measured |"),
+            "{md}"
+        );
     }
 
     #[test]
