@@ -40,14 +40,14 @@ use rusqlite::Connection;
 
 use crate::bench::data::{Rng, SEED, bench_database};
 use crate::bench::layers::{pigz1_bytes_of, push, tag_layers, unpack_layer};
-use crate::bench::timing::{NOISY, sync, until_quiet, wait_until_quiet, warm};
+use crate::bench::timing::{NOISY, clock_ticks, sync, until_quiet, wait_until_quiet, warm};
 use crate::bench::tools::{
     build_layers, commit_measured, fresh_dir, json_str, release_bakedb, target_dir,
 };
 use crate::bench::{self, Sample, Timer, fmt, fmt_pct, mb, median, ratio, run_quiet, times};
 use crate::bench_sqlite::{
-    Cell, Config, LoadRun, Query, SqliteOptions, Workload, check_sample, clock_ticks, load,
-    rps_ratio, start_serve, wrk_version,
+    Cell, Config, LoadRun, Query, SqliteOptions, Workload, check_sample, load, rps_ratio,
+    start_serve, wrk_version,
 };
 use crate::project_root;
 
