@@ -250,6 +250,11 @@ impl ScenarioRun<'_> {
             let full = build(None, &full_layout, "full")?;
             // Kept for the starts: the last patch generation's full build.
             if rebake.fresh_base.is_none() {
+                // A file shipped whole or deleted since its last patch is not composed.
+                for (path, _, _) in &shipped.whole {
+                    composed.remove(Path::new(path));
+                }
+                composed.retain(|p| tree.data().join(p).exists());
                 composed.extend(shipped.patched.iter().cloned());
                 let image = PatchedImage {
                     generation: g,
