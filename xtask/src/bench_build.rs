@@ -22,6 +22,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 
 use crate::bench::data::{SEED, bench_database};
+use crate::bench::layers::dir_bytes;
 use crate::bench::timing::{NOISY, nproc, sync, until_quiet, wait_until_quiet, warm};
 use crate::bench::tools::{
     Found, commit_measured, docker_bin, found_text, fresh_dir, json_str, json_u64, release_bakedb,
@@ -227,18 +228,6 @@ fn phases(stderr: &str) -> Vec<(String, f64)> {
             Some((phase.to_owned(), secs))
         })
         .collect()
-}
-
-fn dir_bytes(dir: &Path) -> u64 {
-    fs::read_dir(dir).map_or(0, |entries| {
-        entries
-            .flatten()
-            .map(|e| match e.file_type() {
-                Ok(t) if t.is_dir() => dir_bytes(&e.path()),
-                _ => e.metadata().map_or(0, |m| m.len()),
-            })
-            .sum()
-    })
 }
 
 /// What pigz -1 and zstd -3 produce from the database (one untimed run each), for comparison

@@ -1,6 +1,6 @@
 //! `cargo xtask bench delta`: what a re-bake onto the previous image (`bakedb build --from`)
-//! costs and ships when a live SQLite master changes a little, next to a full re-bake and to
-//! the least that could ship.
+//! costs and ships when a live database (SQLite, PostgreSQL) changes a little, next to a full
+//! re-bake and to the least that could ship.
 //!
 //! The master is a copy of `bench build`'s generated event log (~1 GiB, rollback journal). One
 //! full build is generation 0; then each generation updates 1 % of the rows in one transaction
@@ -17,8 +17,17 @@
 //! database as one plain file; each server's sample answer is checked against rusqlite first.
 //! The full build from the live file is also timed against `pigz -1` on the same file.
 //!
-//! PostgreSQL (pgbench 1 %, `docker run` to the first answer with patches applied by init) is
-//! not measured here yet.
+//! PostgreSQL (bench_delta/postgres.rs): a live pgbench database of `--pg-size-mib` per
+//! scenario, one full build, then `--pg-generations` generations that each update 1 % of the
+//! accounts in one transaction (random aids; one aid range) and re-bake onto the previous one,
+//! beside a full build of the same state; the ideal there is the pages that differ between the
+//! generations' data files as baked. Then `docker run` to the first answer of the last patch
+//! generation, whose patches bakedb-init composes before postgres starts, against that full
+//! build (cold and warm, verification on and off).
+//!
+//! `--engines sqlite,postgres` (the default) chooses the parts. Each part is written into
+//! docs/benchmarks.md between markers of its own inside the delta section, as soon as it is
+//! measured: a run of one part leaves the other's numbers in place.
 
 use std::fmt::Write as _;
 use std::fs::{self, File};
@@ -30,16 +39,19 @@ use bakedb_testkit::registry::{Registry, RegistryOptions};
 use rusqlite::Connection;
 
 use crate::bench::data::{Rng, SEED, bench_database};
-use crate::bench::timing::{NOISY, sync, until_quiet, wait_until_quiet, warm};
+use crate::bench::layers::{pigz1_bytes_of, push, tag_layers, unpack_layer};
+use crate::bench::timing::{NOISY, clock_ticks, sync, until_quiet, wait_until_quiet, warm};
 use crate::bench::tools::{
     build_layers, commit_measured, fresh_dir, json_str, release_bakedb, target_dir,
 };
 use crate::bench::{self, Sample, Timer, fmt, fmt_pct, mb, median, ratio, run_quiet, times};
 use crate::bench_sqlite::{
-    Cell, Config, LoadRun, Query, SqliteOptions, Workload, check_sample, clock_ticks, load,
-    rps_ratio, start_serve, wrk_version,
+    Cell, Config, LoadRun, Query, SqliteOptions, Workload, check_sample, load, rps_ratio,
+    start_serve, wrk_version,
 };
 use crate::project_root;
+
+mod postgres;
 
 /// The table's name in the generated database and its page size.
 const TABLE: &str = "events";
@@ -56,34 +68,67 @@ const TARGET_REBAKE_RANGE_S: f64 = 1.0;
 const TARGET_FULL_VS_PIGZ: f64 = 1.2;
 const TARGET_SERVE_RATIO: f64 = 0.9;
 
+/// The engines `bench delta` measures, each a part of its section of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    Sqlite,
+    Postgres,
+}
+
+impl Engine {
+    const ALL: [Engine; 2] = [Engine::Sqlite, Engine::Postgres];
+
+    fn name(self) -> &'static str {
+        match self {
+            Engine::Sqlite => "sqlite",
+            Engine::Postgres => "postgres",
+        }
+    }
+}
+
 pub struct DeltaOptions {
+    pub engines: Vec<Engine>,
     pub size_mib: u64,
     /// Patch generations per scenario (at least the largest of SERVE_GENERATIONS).
     pub generations: usize,
-    /// Timed full builds and pigz runs.
+    /// Timed full builds and pigz runs; PostgreSQL's starts of each kind and cache state.
     pub runs: usize,
     /// Rounds of every serve load case, and its wrk settings.
     pub rounds: usize,
     pub duration_s: u64,
     pub connections: usize,
+    /// The PostgreSQL part: the pgbench database's size and its patch generations.
+    pub pg_size_mib: u64,
+    pub pg_generations: usize,
 }
 
 impl DeltaOptions {
     pub fn parse(flags: &[&str]) -> Result<Self> {
         let mut options = DeltaOptions {
+            engines: Engine::ALL.to_vec(),
             size_mib: 1024,
             generations: 8,
             runs: 3,
             rounds: 3,
             duration_s: 5,
             connections: 32,
+            pg_size_mib: 1024,
+            pg_generations: 3,
         };
         bench::flags::parse(
             "bench delta",
-            "--size-mib N, --generations N, --runs N, --rounds N, --duration-s N, --connections N",
+            "--engines sqlite,postgres, --size-mib N, --generations N, --runs N, --rounds N, --duration-s N, --connections N, --pg-size-mib N, --pg-generations N",
             flags,
             |name, value| {
                 match name {
+                    "--engines" => {
+                        let names = Engine::ALL.map(Engine::name);
+                        let chosen = value.names("the engines to measure", &names)?;
+                        options.engines = Engine::ALL
+                            .into_iter()
+                            .filter(|e| chosen.contains(&e.name()))
+                            .collect();
+                    }
                     "--size-mib" => options.size_mib = value.positive("database size in MiB")?,
                     "--generations" => {
                         options.generations = value.count("patch generations per scenario")?
@@ -95,6 +140,12 @@ impl DeltaOptions {
                     }
                     "--connections" => {
                         options.connections = value.count("open connections of wrk")?
+                    }
+                    "--pg-size-mib" => {
+                        options.pg_size_mib = value.positive("pgbench database size in MiB")?
+                    }
+                    "--pg-generations" => {
+                        options.pg_generations = value.count("PostgreSQL patch generations")?
                     }
                     _ => return Ok(false),
                 }
@@ -113,15 +164,24 @@ impl DeltaOptions {
         Ok(options)
     }
 
-    fn command(&self) -> String {
+    /// The command that measures the SQLite part alone.
+    fn sqlite_command(&self) -> String {
         format!(
-            "cargo xtask bench delta --size-mib {} --generations {} --runs {} --rounds {} --duration-s {} --connections {}",
+            "cargo xtask bench delta --engines sqlite --size-mib {} --generations {} --runs {} --rounds {} --duration-s {} --connections {}",
             self.size_mib,
             self.generations,
             self.runs,
             self.rounds,
             self.duration_s,
             self.connections
+        )
+    }
+
+    /// The command that measures the PostgreSQL part alone.
+    fn postgres_command(&self) -> String {
+        format!(
+            "cargo xtask bench delta --engines postgres --pg-size-mib {} --pg-generations {} --runs {}",
+            self.pg_size_mib, self.pg_generations, self.runs
         )
     }
 }
@@ -179,18 +239,9 @@ struct ScenarioResult {
 
 pub fn delta(options: &DeltaOptions) -> Result<()> {
     let root = project_root();
-    let target = target_dir(&root);
-    let bench_dir = target.join("bench");
-    let scratch = bench_dir.join("delta");
+    let scratch = target_dir(&root).join("bench/delta");
     fresh_dir(&scratch.join("tmp"))?;
-    let wrk = wrk_version()?;
     let bakedb = release_bakedb(&root, &scratch)?;
-    let serve = scratch.join("bakedb-serve");
-    let built_serve = target
-        .join("static-init")
-        .join(format!("{}-unknown-linux-gnu", std::env::consts::ARCH))
-        .join("release-serve/bakedb-serve");
-    fs::copy(&built_serve, &serve).with_context(|| format!("copying {}", built_serve.display()))?;
     let commit = commit_measured(&root);
     let pigz = run_quiet(Command::new("pigz").arg("--version"))
         .map(|v| v.trim().to_owned())
@@ -198,15 +249,56 @@ pub fn delta(options: &DeltaOptions) -> Result<()> {
     let skopeo = run_quiet(Command::new("skopeo").arg("--version"))
         .map(|v| v.trim().to_owned())
         .context("skopeo pushes the generations: apt-get install -y skopeo")?;
+    let shared = Shared {
+        root: &root,
+        bakedb: &bakedb,
+        scratch: &scratch,
+        commit: &commit,
+        versions: format!("{pigz}; {skopeo}"),
+    };
+    // Each part is written as soon as it is measured: a later part that fails leaves it.
+    for engine in &options.engines {
+        let md = match engine {
+            Engine::Sqlite => sqlite_part(options, &shared)?,
+            Engine::Postgres => postgres::part(options, &shared)?,
+        };
+        bench::report::publish_part(&root, "delta", engine.name(), &md)?;
+    }
+    let _ = fs::remove_dir_all(&scratch);
+    Ok(())
+}
 
-    let generated = bench_database(&bench_dir, options.size_mib)?;
+/// What every part of the bench shares.
+struct Shared<'a> {
+    root: &'a Path,
+    /// A private copy of the release build.
+    bakedb: &'a Path,
+    scratch: &'a Path,
+    commit: &'a str,
+    /// pigz's and skopeo's versions.
+    versions: String,
+}
+
+/// The SQLite part: the re-bakes of both scenarios, the full build against pigz -1, and
+/// bakedb-serve on patch generations; its markdown.
+fn sqlite_part(options: &DeltaOptions, shared: &Shared<'_>) -> Result<String> {
+    let scratch = shared.scratch;
+    let target = target_dir(shared.root);
+    let wrk = wrk_version()?;
+    let serve = scratch.join("bakedb-serve");
+    let built_serve = target
+        .join("static-init")
+        .join(format!("{}-unknown-linux-gnu", std::env::consts::ARCH))
+        .join("release-serve/bakedb-serve");
+    fs::copy(&built_serve, &serve).with_context(|| format!("copying {}", built_serve.display()))?;
+    let generated = bench_database(&target.join("bench"), options.size_mib)?;
     let timer = Timer::new(scratch.join("time.out"));
     let registry = Registry::start(RegistryOptions::default()).context(
         "docker-registry stores the pushed generations: apt-get install -y docker-registry",
     )?;
     let bakedb = Bakedb {
-        program: &bakedb,
-        scratch: &scratch,
+        program: shared.bakedb,
+        scratch,
         timer: &timer,
     };
 
@@ -220,11 +312,11 @@ pub fn delta(options: &DeltaOptions) -> Result<()> {
     for run in 1..=options.runs {
         eprintln!("xtask: run {run}/{}: full build, pigz -1", options.runs);
         let layout = scratch.join("full");
-        full_builds.push(timed(&master, || {
+        full_builds.push(timed(Some(&master), || {
             let _ = fs::remove_dir_all(&layout);
             Ok(bakedb.build(&master, None, &layout, "g0")?.0)
         })?);
-        pigz_runs.push(timed(&master, || {
+        pigz_runs.push(timed(Some(&master), || {
             Ok(timer
                 .run(
                     Command::new("sh")
@@ -245,7 +337,7 @@ pub fn delta(options: &DeltaOptions) -> Result<()> {
         copy_master(&generated, &master)?;
         let keep = (scenario == Scenario::Random).then_some(&master_dir);
         let (result, kept) = run_scenario(
-            scenario, options, &bakedb, &registry, &master, keep, &scratch,
+            scenario, options, &bakedb, &registry, &master, keep, scratch,
         )?;
         if let Some(kept) = kept {
             serve_dbs = Some(kept);
@@ -255,19 +347,19 @@ pub fn delta(options: &DeltaOptions) -> Result<()> {
     drop(registry);
 
     let serve_dbs = serve_dbs.expect("the random scenario keeps its databases");
-    let serve_rows = serve_part(options, &serve, &serve_dbs, &scratch)?;
+    let serve_rows = serve_part(options, &serve, &serve_dbs, scratch)?;
 
     let report = Report {
         options,
-        commit,
-        versions: format!("{pigz}; {skopeo}; {wrk}"),
+        commit: shared.commit.to_owned(),
+        versions: format!("{}; {wrk}", shared.versions),
         db_bytes: fs::metadata(&generated)?.len(),
         full_builds,
         pigz_runs,
         results,
         serve_rows,
     };
-    bench::report::publish(&root, "delta", report.markdown(), &scratch)
+    Ok(report.markdown())
 }
 
 /// A fresh master: a copy of the generated database, in rollback-journal mode.
@@ -287,12 +379,15 @@ pub(crate) fn copy_master(generated: &Path, master: &Path) -> Result<()> {
     Ok(())
 }
 
-/// One timed run with the master's pages in the cache, taken again when the machine was busy.
-fn timed(master: &Path, mut run: impl FnMut() -> Result<Sample>) -> Result<Sample> {
+/// One timed run with `warm_file`'s pages in the cache (when given), taken again when the
+/// machine was busy.
+fn timed(warm_file: Option<&Path>, mut run: impl FnMut() -> Result<Sample>) -> Result<Sample> {
     let sample = until_quiet(
         NOISY,
         || {
-            warm(master)?;
+            if let Some(file) = warm_file {
+                warm(file)?;
+            }
             sync();
             wait_until_quiet();
             run()
@@ -309,9 +404,21 @@ struct Bakedb<'a> {
     timer: &'a Timer,
 }
 
+/// One `bakedb build`.
+struct Built {
+    sample: Sample,
+    /// The data layer of a full build (or a fresh base), else the patch layer.
+    layer_digest: String,
+    /// Its compressed size.
+    layer_bytes: u64,
+    /// Why bakedb wrote a fresh base instead of the patch `--from` asked for.
+    fresh_base: Option<String>,
+}
+
 impl Bakedb<'_> {
-    /// `bakedb build` of `master` into `oci:LAYOUT:TAG`, onto `from` (a tag of the same layout)
-    /// when given: the run, and the compressed size of the data or patch layer it wrote.
+    /// `bakedb build` of the live file `master` into `oci:LAYOUT:TAG`, onto `from` (a tag of
+    /// the same layout) when given: the run, and the compressed size of the data or patch
+    /// layer it wrote.
     fn build(
         &self,
         master: &Path,
@@ -319,9 +426,30 @@ impl Bakedb<'_> {
         layout: &Path,
         tag: &str,
     ) -> Result<(Sample, u64)> {
+        let source = [
+            "--engine".into(),
+            "sqlite".into(),
+            "--source".into(),
+            master.into(),
+        ];
+        let built = self.run(&source, from, layout, tag)?;
+        if let Some(why) = built.fresh_base {
+            bail!("bakedb wrote a fresh base instead of a patch: {why}");
+        }
+        Ok((built.sample, built.layer_bytes))
+    }
+
+    /// `bakedb build --json SOURCE… --output oci:LAYOUT:TAG [--from oci:LAYOUT:FROM]`, timed.
+    fn run(
+        &self,
+        source: &[std::ffi::OsString],
+        from: Option<&str>,
+        layout: &Path,
+        tag: &str,
+    ) -> Result<Built> {
         let mut cmd = Command::new(self.program);
-        cmd.args(["build", "--json", "--engine", "sqlite", "--source"])
-            .arg(master)
+        cmd.args(["build", "--json"])
+            .args(source)
             .arg("--output")
             .arg(format!("oci:{}:{tag}", layout.display()))
             .env("SOURCE_DATE_EPOCH", bench::SOURCE_DATE_EPOCH)
@@ -331,12 +459,21 @@ impl Bakedb<'_> {
                 .arg(format!("oci:{}:{from}", layout.display()));
         }
         let done = self.timer.run(&mut cmd, false)?;
-        let written = if from.is_some() {
+        let fresh_base = done.stderr.lines().find_map(|l| {
+            let why = l[l.find("a fresh base, not a patch: ")? + 27..].trim();
+            // Without the phase's time at the end: "… (more than half) (0.18 s)".
+            let why = match why.rsplit_once(" (") {
+                Some((why, time)) if time.ends_with(" s)") => why,
+                _ => why,
+            };
+            Some(why.to_owned())
+        });
+        let written = if from.is_some() && fresh_base.is_none() {
             "patch layer "
         } else {
             "data layer "
         };
-        let digest = done
+        let layer_digest = done
             .stderr
             .lines()
             .find_map(|l| {
@@ -344,24 +481,23 @@ impl Bakedb<'_> {
                 rest.split_whitespace().next().map(str::to_owned)
             })
             .with_context(|| format!("bakedb build named no {written}:\n{}", done.stderr))?;
-        if from.is_some() && done.stderr.contains("fresh base") {
-            bail!(
-                "bakedb wrote a fresh base instead of a patch:\n{}",
-                done.stderr
-            );
-        }
         let layer_bytes = build_layers(&done.stdout)
             .into_iter()
-            .find(|(d, _)| *d == digest)
+            .find(|(d, _)| *d == layer_digest)
             .map(|(_, size)| size)
-            .with_context(|| format!("{digest} is not among the layers:\n{}", done.stdout))?;
+            .with_context(|| format!("{layer_digest} is not among the layers:\n{}", done.stdout))?;
         if json_str(&done.stdout, "manifest_digest").is_none() {
             bail!(
                 "bakedb build --json printed no manifest digest:\n{}",
                 done.stdout
             );
         }
-        Ok((done.sample, layer_bytes))
+        Ok(Built {
+            sample: done.sample,
+            layer_digest,
+            layer_bytes,
+            fresh_base,
+        })
     }
 }
 
@@ -406,7 +542,7 @@ fn run_scenario(
         );
         let (rebake, patch_bytes) = {
             let mut layer = 0;
-            let sample = timed(master, || {
+            let sample = timed(Some(master), || {
                 let (sample, bytes) = bakedb.build(
                     master,
                     Some(&format!("g{}", g - 1)),
@@ -440,7 +576,7 @@ fn run_scenario(
     eprintln!("xtask: {name}: full re-bake of the last generation");
     let (full, full_layer_bytes) = {
         let mut layer = 0;
-        let sample = timed(master, || {
+        let sample = timed(Some(master), || {
             let _ = fs::remove_dir_all(&full_layout);
             let (sample, bytes) = bakedb.build(master, None, &full_layout, "full")?;
             layer = bytes;
@@ -530,100 +666,28 @@ pub(crate) fn page_hashes(db: &Path) -> Result<Vec<u64>> {
 /// gzip -1 (the level of bakedb's gzip layers).
 pub(crate) fn ideal(db: &Path, changed: &[usize], scratch: &Path) -> Result<u64> {
     use std::io::{Read, Seek, SeekFrom, Write};
-    let pages = scratch.join("tmp/changed-pages");
     let mut src = File::open(db)?;
-    let mut out = std::io::BufWriter::new(File::create(&pages)?);
-    let mut page = vec![0u8; PAGE];
-    for &p in changed {
-        src.seek(SeekFrom::Start((p * PAGE) as u64))?;
-        src.read_exact(&mut page)?;
-        out.write_all(&page)?;
-    }
-    out.flush()?;
-    drop(out);
-    let compressed = scratch.join("tmp/changed-pages.gz");
-    let status = Command::new("pigz")
-        .args(["-1", "-c"])
-        .arg(&pages)
-        .stdout(File::create(&compressed)?)
-        .status()
-        .context("running pigz")?;
-    if !status.success() {
-        bail!("pigz -1 {} failed: {status}", pages.display());
-    }
-    let bytes = fs::metadata(&compressed)?.len();
-    let _ = fs::remove_file(&pages);
-    let _ = fs::remove_file(&compressed);
-    Ok(bytes)
+    pigz1_bytes_of(&scratch.join("tmp/changed-pages"), |file| {
+        let mut out = std::io::BufWriter::new(file);
+        let mut page = vec![0u8; PAGE];
+        for &p in changed {
+            src.seek(SeekFrom::Start((p * PAGE) as u64))?;
+            src.read_exact(&mut page)?;
+            out.write_all(&page)?;
+        }
+        out.flush()?;
+        Ok(())
+    })
 }
 
 /// The data directory of `oci:LAYOUT:TAG` unpacked into `rootfs` (its layers in order; the
 /// generations this bench makes delete nothing, so whiteouts do not arise).
 fn unpack(layout: &Path, tag: &str, rootfs: &Path) -> Result<()> {
     fresh_dir(rootfs)?;
-    let index = fs::read_to_string(layout.join("index.json"))?;
-    let manifest_digest = index
-        .split('{')
-        .find(|entry| entry.contains(&format!("\"{tag}\"")))
-        .and_then(|entry| json_str(entry, "digest"))
-        .with_context(|| format!("no tag {tag} in {}", layout.display()))?;
-    let blob = |digest: &str| {
-        layout
-            .join("blobs/sha256")
-            .join(digest.trim_start_matches("sha256:"))
-    };
-    let manifest = fs::read_to_string(blob(&manifest_digest))?;
-    let layers = &manifest[manifest
-        .find("\"layers\"")
-        .context("manifest without layers")?..];
-    for entry in layers.split('{').skip(1) {
-        let Some(digest) = json_str(entry, "digest") else {
-            continue;
-        };
-        run_quiet(
-            Command::new("tar")
-                .arg("-xzf")
-                .arg(blob(&digest))
-                .arg("-C")
-                .arg(rootfs)
-                .arg("var/lib/bakedb")
-                .arg("--wildcards")
-                .arg("--no-same-owner"),
-        )
-        .or_else(|e| {
-            // A layer without the data directory (bakedb-init, bakedb-serve, image.json).
-            if format!("{e:#}").contains("Not found in archive") {
-                Ok(String::new())
-            } else {
-                Err(e)
-            }
-        })?;
+    for digest in tag_layers(layout, tag)? {
+        unpack_layer(layout, &digest, rootfs, &["var/lib/bakedb"])?;
     }
     Ok(())
-}
-
-// ---------------------------------------------------------------------------------------------
-// The registry.
-
-/// Push `oci:LAYOUT:TAG` to `REGISTRY/bench/REPO:TAG` with skopeo: the bytes the registry's
-/// storage grew by.
-fn push(registry: &Registry, layout: &Path, tag: &str, repo: &str) -> Result<u64> {
-    let before = dir_bytes(&registry.storage());
-    run_quiet(
-        Command::new("skopeo")
-            .args(["copy", "--quiet", "--dest-tls-verify=false"])
-            .arg(format!("oci:{}:{tag}", layout.display()))
-            .arg(format!("docker://{}/bench/{repo}:{tag}", registry.host())),
-    )?;
-    Ok(dir_bytes(&registry.storage()).saturating_sub(before))
-}
-
-/// Bytes of the files under `dir`.
-pub(crate) fn dir_bytes(dir: &Path) -> u64 {
-    bakedb_testkit::dirs::files_under(dir)
-        .iter()
-        .map(|(_, n)| n)
-        .sum()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -781,7 +845,7 @@ struct Report<'a> {
 
 impl Report<'_> {
     fn markdown(&self) -> String {
-        let mut md = bench::report::start("delta", &self.commit, &self.options.command());
+        let mut md = bench::report::part_start(&self.commit, &self.options.sqlite_command());
         let _ = writeln!(
             md,
             "A live SQLite master of {} MB (`bench build`'s event log, rollback journal), {} patch generations per scenario, each one transaction that updates 1 % of the rows (a new `kind` and a new 32-byte `payload`), re-baked with `bakedb build --source app.db --from oci:…:g<N-1>` (gzip). The **ideal** is the pages that differ between the master before and after, concatenated and compressed with `pigz -1`; the registry column is what a local docker-registry's storage grew by when skopeo pushed the generation (the earlier ones already there). Tools: {}.\n",
@@ -961,10 +1025,25 @@ mod tests {
     fn parses_flags() {
         let o = DeltaOptions::parse(&["--size-mib", "64", "--rounds=1"]).unwrap();
         assert_eq!((o.size_mib, o.rounds, o.generations), (64, 1, 8));
+        assert_eq!(o.engines, [Engine::Sqlite, Engine::Postgres]);
+        let o = DeltaOptions::parse(&[]).unwrap();
         assert_eq!(
-            DeltaOptions::parse(&[]).unwrap().command(),
-            "cargo xtask bench delta --size-mib 1024 --generations 8 --runs 3 --rounds 3 --duration-s 5 --connections 32"
+            o.sqlite_command(),
+            "cargo xtask bench delta --engines sqlite --size-mib 1024 --generations 8 --runs 3 --rounds 3 --duration-s 5 --connections 32"
         );
+        assert_eq!(
+            o.postgres_command(),
+            "cargo xtask bench delta --engines postgres --pg-size-mib 1024 --pg-generations 3 --runs 3"
+        );
+        let o = DeltaOptions::parse(&["--engines", "postgres", "--pg-size-mib=64"]).unwrap();
+        assert_eq!(
+            (o.engines.as_slice(), o.pg_size_mib),
+            (&[Engine::Postgres][..], 64)
+        );
+        let o = DeltaOptions::parse(&["--engines=postgres,sqlite"]).unwrap();
+        assert_eq!(o.engines, [Engine::Sqlite, Engine::Postgres]);
+        assert!(DeltaOptions::parse(&["--engines", "mysql"]).is_err());
+        assert!(DeltaOptions::parse(&["--pg-generations", "0"]).is_err());
         assert!(DeltaOptions::parse(&["--generations", "7"]).is_err());
         assert!(DeltaOptions::parse(&["--generations", "9"]).is_err());
         assert!(DeltaOptions::parse(&["--fast"]).is_err());

@@ -30,10 +30,11 @@ use bakedb_testkit::registry::{Registry, RegistryOptions};
 use rusqlite::Connection;
 
 use crate::bench::data::{Rng, SEED, bench_database};
+use crate::bench::layers::dir_bytes;
 use crate::bench::timing::percentile;
 use crate::bench::tools::{commit_measured, docker_bin, fresh_dir, release_bakedb, target_dir};
 use crate::bench::{self, fmt, mb, median, run_quiet, times};
-use crate::bench_delta::{Scenario, copy_master, dir_bytes, ideal, page_hashes};
+use crate::bench_delta::{Scenario, copy_master, ideal, page_hashes};
 use crate::project_root;
 
 /// Issue 16's targets.

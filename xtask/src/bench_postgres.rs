@@ -25,20 +25,21 @@
 
 use std::fmt::Write as _;
 use std::fs;
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail};
-use bakedb_testkit::containers::{Container, DockerImage, docker_cli};
-use bakedb_testkit::dirs::{files_under, unique_name};
-use bakedb_testkit::pg::{PgOptions, PgServer, RunAs, pg_command};
-use bakedb_testkit::ports::free_port;
+use bakedb_testkit::containers::{Container, DockerImage};
+use bakedb_testkit::dirs::files_under;
 
+use crate::bench::pg::{
+    self, BAKED_MARKS, Client, DB, FIRST_QUERY, IMAGE_PGDATA, Mark, PASSWORD, POLL, ROLE, Started,
+    marks, run_container, start, stop, strip_timestamp,
+};
 use crate::bench::timing::{
-    cold_cache, drop_caches, first_answer, nproc, sync, until_quiet, wait_until_quiet, warm,
+    cold_cache, drop_caches, nproc, sync, until_quiet, wait_until_quiet, warm,
 };
 use crate::bench::tools::{
     build_layers, commit_measured, docker_bin, docker_load, docker_version, fresh_dir, image_size,
@@ -49,16 +50,9 @@ use crate::bench::{
 };
 use crate::project_root;
 
-const DB: &str = "bench";
-const ROLE: &str = "bench";
-const PASSWORD: &str = "bench-secret";
-/// The first query of every start, and its expected answer: the scale.
-const FIRST_QUERY: &str = "SELECT count(*) FROM pgbench_branches";
 const BAKED_IMAGE: &str = "bakedb-bench-pg";
 const RESTORE_IMAGE: &str = "bakedb-bench-pgrestore";
 const BASE_IMAGE: &str = "bakedb-bench-pgbase:latest";
-/// Where bakedb puts the cluster in the image (and so in a container's writable layer).
-const IMAGE_PGDATA: &str = "var/lib/bakedb/pgdata";
 /// The base image's PGDATA (a VOLUME).
 const BASE_PGDATA: &str = "/var/lib/postgresql/data";
 /// The official image's postgres user.
@@ -73,21 +67,11 @@ const TUNING: [&str; 5] = [
     "autovacuum=off",
 ];
 
-/// pgbench -i: one scale step is 100,000 accounts, about 14.7 MiB with its index; an empty
-/// database is about 7 MiB.
-const MIB_PER_SCALE: f64 = 14.7;
-const EMPTY_DB_MIB: f64 = 7.0;
 const PGBENCH_THREADS: usize = 2;
 /// Server and pgbench keep every core busy: another process's share comes straight off the
 /// TPS, so a run is taken again above a smaller share than the harness's NOISY.
 const NOISY: f64 = 0.05;
 const WARMUP_S: u64 = 5;
-
-/// How often a start is asked for its first answer.
-const POLL: Duration = Duration::from_millis(10);
-/// A restore at start of a large dump takes minutes.
-const START_TIMEOUT: Duration = Duration::from_secs(1800);
-const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The issue's target: the baked image answers at least this many times sooner than a restore
 /// at start.
@@ -140,7 +124,7 @@ impl PostgresOptions {
 
     /// The pgbench scale whose database is about `size_mib`.
     fn scale(&self) -> u64 {
-        (((self.size_mib as f64 - EMPTY_DB_MIB) / MIB_PER_SCALE).round() as u64).max(1)
+        pg::scale(self.size_mib)
     }
 }
 
@@ -157,38 +141,10 @@ pub fn postgres(options: &PostgresOptions) -> Result<()> {
     let skopeo = skopeo_version()?;
     let cold_unavailable = cold_cache().err();
 
-    eprintln!("xtask: the PostgreSQL base image fixture");
-    let fixture = crate::fixtures::postgres()?;
-    let base_ref = format!("oci:{}:latest", fixture.display());
-    let base_config = run_quiet(Command::new("skopeo").args(["inspect", "--config", &base_ref]))?;
-    let major = base_config
-        .split('"')
-        .find_map(|s| s.strip_prefix("PG_MAJOR="))
-        .ok_or_else(|| anyhow!("{base_ref}: its config's Env has no PG_MAJOR"))?
-        .to_owned();
-    let base_version = base_config
-        .split('"')
-        .find_map(|s| s.strip_prefix("PG_VERSION="))
-        .unwrap_or("?")
-        .to_owned();
-    let base_layers = manifest_layers(&fixture)?;
-    let pg_bin = PathBuf::from(format!("/usr/lib/postgresql/{major}/bin"));
-    for tool in [
-        "initdb",
-        "postgres",
-        "psql",
-        "pg_isready",
-        "pgbench",
-        "pg_dump",
-        "pg_basebackup",
-    ] {
-        if !pg_bin.join(tool).is_file() {
-            bail!(
-                "{} has no {tool}: the base image has PostgreSQL {major}, install postgresql-{major}",
-                pg_bin.display()
-            );
-        }
-    }
+    let fixture = pg::fixture()?;
+    let base_ref = fixture.base_ref.clone();
+    let base_layers = fixture.layers.clone();
+    let pg_bin = fixture.pg_bin.clone();
     let client = Client {
         bin: pg_bin.clone(),
     };
@@ -200,10 +156,8 @@ pub fn postgres(options: &PostgresOptions) -> Result<()> {
     let scale = options.scale();
     let mut data = DataPart {
         scale,
-        pg_version: run_quiet(Command::new(pg_bin.join("postgres")).arg("--version"))?
-            .trim()
-            .to_owned(),
-        base_version,
+        pg_version: fixture.pg_version.clone(),
+        base_version: fixture.base_version.clone(),
         ..DataPart::default()
     };
     let restore_ctx = scratch.join("restore");
@@ -216,71 +170,28 @@ pub fn postgres(options: &PostgresOptions) -> Result<()> {
     let lazy_name = format!("{BAKED_IMAGE}:{}mib-lazy-copyup", options.size_mib);
     let mut build = BuildPart::default();
     {
-        // PostgreSQL refuses to run as root: then as the postgres user.
-        let run_as = RunAs::postgres()?;
-        let source_dir = scratch.join("source");
-        fs::create_dir_all(&source_dir)?;
-        eprintln!("xtask: initdb {}", source_dir.join("data").display());
-        let mut source = PgServer::create(&pg_bin, run_as, &source_dir, &PgOptions::default())?;
-        psql(&source, "postgres", &format!("CREATE DATABASE {DB}"))?;
-        eprintln!(
-            "xtask: pgbench -i -s {scale} (about {} MiB)",
-            options.size_mib
-        );
-        let started = Instant::now();
-        run_quiet(
-            source
-                .client("pgbench")
-                .args(["-i", "-q", "-s", &scale.to_string(), DB]),
-        )?;
-        data.init_secs = started.elapsed().as_secs_f64();
-        psql(
-            &source,
-            DB,
-            &format!(
-                "CREATE ROLE {ROLE} LOGIN PASSWORD '{PASSWORD}';
-                 GRANT CONNECT ON DATABASE {DB} TO {ROLE};
-                 GRANT USAGE ON SCHEMA public TO {ROLE};
-                 GRANT SELECT ON ALL TABLES IN SCHEMA public TO {ROLE};"
-            ),
-        )?;
-        data.db_bytes = psql(&source, DB, &format!("SELECT pg_database_size('{DB}')"))?
-            .parse()
-            .context("pg_database_size")?;
-        data.tables = psql(
-            &source,
-            DB,
-            "SELECT string_agg(format('%s %s MB', relname, round(pg_total_relation_size(oid) / 1e6)), ', ' ORDER BY relname) \
-                 FROM pg_class WHERE relname LIKE 'pgbench_%' AND relkind = 'r'",
-        )?;
+        let mut source = pg::Source::pgbench(&pg_bin, &scratch.join("source"), scale)?;
+        data.init_secs = source.init_secs;
+        data.db_bytes = source.db_bytes;
+        data.tables = source.tables.clone();
         // To name the files that get copied up.
-        data.relations = psql(
-            &source,
-            DB,
-            "SELECT pg_relation_filepath(oid) || ' ' || relname FROM pg_class \
+        data.relations = source
+            .psql(
+                DB,
+                "SELECT pg_relation_filepath(oid) || ' ' || relname FROM pg_class \
                  WHERE pg_relation_filepath(oid) IS NOT NULL",
-        )?
-        .lines()
-        .filter_map(|l| l.split_once(' '))
-        .map(|(path, name)| (path.to_owned(), name.to_owned()))
-        .collect();
-        let branches = psql(&source, DB, FIRST_QUERY)?;
-        if branches != scale.to_string() {
-            bail!("{FIRST_QUERY} answers {branches}, expected {scale}");
-        }
-        eprintln!(
-            "xtask: database {DB}: {} bytes ({:.0} MiB) in {:.1} s; {}",
-            data.db_bytes,
-            data.db_bytes as f64 / (1u64 << 20) as f64,
-            data.init_secs,
-            data.tables
-        );
-        let url = source.url(DB);
+            )?
+            .lines()
+            .filter_map(|l| l.split_once(' '))
+            .map(|(path, name)| (path.to_owned(), name.to_owned()))
+            .collect();
+        let url = source.url();
 
         eprintln!("xtask: pg_dump -Fc");
         let started = Instant::now();
         run_quiet(
             source
+                .server
                 .client("pg_dump")
                 .args(["-Fc", "-f"])
                 .arg(&dump)
@@ -352,7 +263,7 @@ pub fn postgres(options: &PostgresOptions) -> Result<()> {
                 .arg(&snapshot_dir)
                 .env("SOURCE_DATE_EPOCH", bench::SOURCE_DATE_EPOCH),
         )?;
-        source.stop()?;
+        source.server.stop()?;
     }
     let volume = prepare_volume(&snapshot_dir.join("pgdata"))?;
 
@@ -459,7 +370,7 @@ pub fn postgres(options: &PostgresOptions) -> Result<()> {
                     cache,
                     secs: started.secs,
                     returned: started.returned,
-                    marks: marks(&logs, started.spawned_tod, kind),
+                    marks: marks(&logs, started.spawned_tod, kind.marks()),
                     init_line: logs
                         .lines()
                         .filter_map(strip_timestamp)
@@ -580,185 +491,7 @@ pub fn postgres(options: &PostgresOptions) -> Result<()> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The source server's clients.
-
-/// `sql` in `db` of the source, as postgres over TCP: psql's answer, trimmed.
-fn psql(source: &PgServer, db: &str, sql: &str) -> Result<String> {
-    Ok(run_quiet(&mut source.psql_command(db, sql))?
-        .trim()
-        .to_owned())
-}
-
-/// psql and pgbench from the host, as the benchmark role over TCP.
-struct Client {
-    bin: PathBuf,
-}
-
-impl Client {
-    fn cmd(&self, tool: &str, port: u16) -> Command {
-        let mut cmd = pg_command(&self.bin.join(tool));
-        cmd.env("PGHOST", "127.0.0.1")
-            .env("PGPORT", port.to_string())
-            .env("PGUSER", ROLE)
-            .env("PGPASSWORD", PASSWORD)
-            .env("PGDATABASE", DB)
-            .env("PGCONNECT_TIMEOUT", "10");
-        cmd
-    }
-
-    /// The first query's answer, or why there is none yet.
-    fn first_query(&self, port: u16) -> std::result::Result<String, String> {
-        let out = self
-            .cmd("psql", port)
-            .args(["-X", "-A", "-t", "-c", FIRST_QUERY])
-            .output()
-            .map_err(|e| e.to_string())?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 // Docker.
-
-/// `docker stop` (the base image's stop signal, SIGINT: a fast shutdown), which must end in
-/// exit code 0.
-fn stop(container: &Container) -> Result<()> {
-    let name = &container.name;
-    let patience = STOP_TIMEOUT.as_secs().to_string();
-    run_quiet(&mut container.cmd(&["stop", "-t", &patience, name]))?;
-    let code = run_quiet(&mut container.cmd(&["inspect", "-f", "{{.State.ExitCode}}", name]))?;
-    if code.trim() != "0" {
-        bail!(
-            "{name} exited with {} after `docker stop`:\n{}",
-            code.trim(),
-            logs(container)
-        );
-    }
-    Ok(())
-}
-
-/// `docker logs -t`: every line with docker's RFC 3339 timestamp in front.
-fn logs(container: &Container) -> String {
-    container
-        .cmd(&["logs", "-t", &container.name])
-        .output()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
-        })
-        .unwrap_or_default()
-}
-
-/// A container that answered its first query.
-struct Started {
-    container: Container,
-    port: u16,
-    /// From spawning `docker run` to the first answer.
-    secs: f64,
-    /// From spawning `docker run -d` to its exit.
-    returned: Option<f64>,
-    /// Seconds since midnight UTC when `docker run` was spawned, to place docker's log
-    /// timestamps on the same clock.
-    spawned_tod: f64,
-}
-
-impl Started {
-    fn logs(&self) -> String {
-        logs(&self.container)
-    }
-}
-
-/// `docker run -d --network host -e PGPORT=p [-e ENV...] IMAGE`, timed to the first answer
-/// to FIRST_QUERY (checked against `expected`), asked every POLL once the port accepts
-/// connections.
-fn start(
-    docker: &Path,
-    client: &Client,
-    image: &str,
-    env: &[&str],
-    expected: &str,
-) -> Result<Started> {
-    run_container(docker, client, image, env, &[], &[], expected)
-}
-
-fn run_container(
-    docker: &Path,
-    client: &Client,
-    image: &str,
-    env: &[&str],
-    extra: &[String],
-    args: &[String],
-    expected: &str,
-) -> Result<Started> {
-    let port = free_port();
-    let container = Container::new(docker_cli(docker), unique_name("bakedb-bench-pg"));
-    let mut cmd = Command::new(docker);
-    cmd.args(["run", "-d", "--pull", "never", "--name", &container.name])
-        .args(["--network", "host", "-e", &format!("PGPORT={port}")]);
-    for e in env {
-        cmd.args(["-e", e]);
-    }
-    cmd.args(extra).arg(image).args(args);
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let last_error = std::cell::RefCell::new(String::new());
-    let mut polls = 0u64;
-    let spawned_tod = time_of_day(SystemTime::now());
-    let started = first_answer(
-        &mut cmd,
-        image,
-        POLL,
-        START_TIMEOUT,
-        |returned| {
-            if TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok() {
-                match client.first_query(port) {
-                    Ok(answer) => return Ok(Some(answer)),
-                    Err(why) => *last_error.borrow_mut() = why,
-                }
-            }
-            polls += 1;
-            // About once a second: a container that exited will never answer.
-            if returned && polls.is_multiple_of(50) && status(&container) == "exited" {
-                bail!(
-                    "{image} exited before it answered (last psql error: {}):\n{}",
-                    last_error.borrow(),
-                    logs(&container)
-                );
-            }
-            Ok(None)
-        },
-        || {
-            anyhow!(
-                "{image} did not answer within {} s (last psql error: {}):\n{}",
-                START_TIMEOUT.as_secs(),
-                last_error.borrow(),
-                logs(&container)
-            )
-        },
-    )?;
-    if started.answer != expected {
-        bail!(
-            "{image} answered {FIRST_QUERY:?} with {:?}, expected {expected}",
-            started.answer
-        );
-    }
-    Ok(Started {
-        container,
-        port,
-        secs: started.secs,
-        returned: started.returned,
-        spawned_tod,
-    })
-}
-
-/// `running`, `exited`...: docker's state of the container ("" when it cannot tell).
-fn status(container: &Container) -> String {
-    run_quiet(&mut container.cmd(&["inspect", "-f", "{{.State.Status}}", &container.name]))
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_default()
-}
 
 /// The cross-over cases copy the profile's settings: they must be what init applies. A lazy
 /// copy-up image must preload the shim.
@@ -781,74 +514,6 @@ fn check_profile(logs: &str, lazy: bool) -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn time_of_day(t: SystemTime) -> f64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64() % 86_400.0)
-}
-
-/// "2026-11-25T10:11:12.123456789Z text" → seconds since midnight UTC and the text.
-fn timestamped(line: &str) -> Option<(f64, &str)> {
-    let (stamp, text) = line.split_once(' ')?;
-    let time = stamp.split_once('T')?.1.strip_suffix('Z')?;
-    let mut parts = time.split(':');
-    let h: f64 = parts.next()?.parse().ok()?;
-    let m: f64 = parts.next()?.parse().ok()?;
-    let s: f64 = parts.next()?.parse().ok()?;
-    Some((h * 3600.0 + m * 60.0 + s, text))
-}
-
-fn strip_timestamp(line: &str) -> Option<&str> {
-    timestamped(line).map(|(_, text)| text)
-}
-
-/// When the container's log lines that mark a phase were written, in seconds after `docker
-/// run` was spawned.
-fn marks(logs: &str, spawned_tod: f64, kind: StartKind) -> Vec<(&'static str, f64)> {
-    let patterns: &[(&str, &str)] = match kind {
-        StartKind::Baked { .. } => &[
-            ("bakedb-init verified", "bakedb-init: verified"),
-            ("bakedb-init execs postgres", "bakedb-init: profile"),
-            ("postgres starting", "starting PostgreSQL"),
-            ("postgres ready", "ready to accept connections"),
-        ],
-        StartKind::Restore => &[
-            ("initdb", "restore: initdb"),
-            ("socket-only server", "restore: start"),
-            ("role and database", "restore: roles"),
-            ("pg_restore", "restore: pg_restore"),
-            ("stop", "restore: stop"),
-            ("exec postgres", "restore: exec postgres"),
-            ("postgres ready", "restore: ready"),
-        ],
-    };
-    let lines: Vec<(f64, &str)> = logs.lines().filter_map(timestamped).collect();
-    let mut out = Vec::new();
-    for (label, pattern) in patterns {
-        // The restore's temporary server is ready too, before the real one: the ready line
-        // after `exec postgres`.
-        let found = if *pattern == "restore: ready" {
-            let exec = lines
-                .iter()
-                .position(|(_, t)| t.contains("restore: exec postgres"));
-            exec.and_then(|i| {
-                lines[i..]
-                    .iter()
-                    .find(|(_, t)| t.contains("ready to accept connections"))
-            })
-        } else {
-            lines.iter().find(|(_, t)| t.contains(pattern))
-        };
-        if let Some((tod, _)) = found {
-            let mut at = tod - spawned_tod;
-            if at < -43_200.0 {
-                at += 86_400.0;
-            }
-            out.push((*label, at));
-        }
-    }
-    out
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1209,26 +874,6 @@ fn copy_up(docker: &Path, container: &str) -> Result<CopyUp> {
     })
 }
 
-/// The digests of the fixture's layers, to tell them from the layers bakedb adds.
-fn manifest_layers(layout: &Path) -> Result<Vec<String>> {
-    let index = fs::read_to_string(layout.join("index.json"))?;
-    let digest = index
-        .split('"')
-        .find(|s| s.starts_with("sha256:"))
-        .ok_or_else(|| anyhow!("{}: no manifest in index.json", layout.display()))?;
-    let manifest = fs::read_to_string(
-        layout
-            .join("blobs/sha256")
-            .join(digest.trim_start_matches("sha256:")),
-    )?;
-    let layers = &manifest[manifest.find("\"layers\"").unwrap_or(0)..];
-    Ok(layers
-        .split('"')
-        .filter(|s| s.starts_with("sha256:"))
-        .map(str::to_owned)
-        .collect())
-}
-
 // ---------------------------------------------------------------------------------------------
 // Results and the report.
 
@@ -1279,7 +924,30 @@ impl StartKind {
             StartKind::Restore => "restore at start (`pg_restore -j 2`)",
         }
     }
+
+    /// The log lines that mark the steps of its start.
+    fn marks(self) -> &'static [Mark] {
+        match self {
+            StartKind::Baked { .. } => &BAKED_MARKS,
+            StartKind::Restore => &RESTORE_MARKS,
+        }
+    }
 }
+
+/// The restore script's markers; its temporary server is ready too, before the real one.
+const RESTORE_MARKS: [Mark; 7] = [
+    Mark::at("initdb", "restore: initdb"),
+    Mark::at("socket-only server", "restore: start"),
+    Mark::at("role and database", "restore: roles"),
+    Mark::at("pg_restore", "restore: pg_restore"),
+    Mark::at("stop", "restore: stop"),
+    Mark::at("exec postgres", "restore: exec postgres"),
+    Mark {
+        label: "postgres ready",
+        text: "ready to accept connections",
+        after: Some("restore: exec postgres"),
+    },
+];
 
 struct StartSample {
     kind: StartKind,
@@ -1919,27 +1587,6 @@ mod tests {
             })
         );
         assert_eq!(parse_pgbench("pgbench: error: connection refused"), None);
-    }
-
-    #[test]
-    fn reads_docker_log_timestamps() {
-        let logs = "2026-11-25T10:00:01.500000000Z restore: initdb\n\
-                    2026-11-25T10:00:03.000000000Z restore: start\n\
-                    2026-11-25T10:00:03.200000000Z 2026-11-25 10:00:03.200 UTC [9] LOG:  database system is ready to accept connections\n\
-                    2026-11-25T10:00:09.000000000Z restore: exec postgres\n\
-                    2026-11-25T10:00:09.400000000Z 2026-11-25 10:00:09.400 UTC [1] LOG:  database system is ready to accept connections\n";
-        let m = marks(logs, 36_000.0, StartKind::Restore);
-        let get = |label: &str| m.iter().find(|(l, _)| *l == label).map(|(_, at)| *at);
-        assert!((get("initdb").unwrap() - 1.5).abs() < 1e-6);
-        assert!((get("postgres ready").unwrap() - 9.4).abs() < 1e-6);
-        assert_eq!(get("pg_restore"), None);
-        // Around midnight: the log line is on the next day.
-        let m = marks(
-            "2026-11-26T00:00:00.250000000Z restore: initdb\n",
-            86_399.5,
-            StartKind::Restore,
-        );
-        assert!((m[0].1 - 0.75).abs() < 1e-6);
     }
 
     #[test]

@@ -36,7 +36,8 @@ use rusqlite::{Connection, OpenFlags, ToSql};
 
 use crate::bench::data::bench_database;
 use crate::bench::timing::{
-    NOISY, cold_cache, drop_caches, first_answer, nproc, sync, until_quiet, wait_until_quiet, warm,
+    NOISY, clock_ticks, cold_cache, drop_caches, first_answer, nproc, process_cpu_ticks, sync,
+    until_quiet, wait_until_quiet, warm,
 };
 use crate::bench::tools::{
     build_layers, commit_measured, docker_bin, docker_load, docker_version, fresh_dir, image_size,
@@ -1034,20 +1035,6 @@ fn parse_wrk(stdout: &str) -> Option<WrkResult> {
         p50_ms: field("p50_us")? / 1e3,
         p99_ms: field("p99_us")? / 1e3,
     })
-}
-
-/// utime + stime of a process, in clock ticks (/proc/PID/stat fields 14 and 15).
-fn process_cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
-}
-
-pub(crate) fn clock_ticks() -> f64 {
-    run_quiet(Command::new("getconf").arg("CLK_TCK"))
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
 }
 
 // ---------------------------------------------------------------------------------------------

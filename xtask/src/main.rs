@@ -40,13 +40,16 @@ commands:
                  to the first answered query, cold and warm; pgbench -S TPS against a default
                  server on a volume; bytes copied up into the container's writable layer; print
                  the table and write it to docs/benchmarks.md
-  bench delta [--size-mib N] [--generations N] [--runs N] [--rounds N] [--duration-s N]
-              [--connections N]
+  bench delta [--engines sqlite,postgres] [--size-mib N] [--generations N] [--runs N]
+              [--rounds N] [--duration-s N] [--connections N] [--pg-size-mib N]
+              [--pg-generations N]
                  re-bakes (`bakedb build --from`) of a live SQLite master after 1 % updates
                  (random ids, one id range): time, patch layer and registry bytes against the
                  changed pages alone and a full re-bake; bakedb-serve on 0/1/8 patch generations
-                 against the plain file; the full build against pigz -1; print the table and
-                 write it to docs/benchmarks.md
+                 against the plain file; the full build against pigz -1. PostgreSQL: the same
+                 for a pgbench database after 1 % of its accounts changed, and `docker run` to
+                 the first answer with the patches composed by bakedb-init against a full
+                 build. Each engine's part is written to docs/benchmarks.md on its own
   bench freshness [--size-mib N] [--generations N] [--peer-generations N]
                  `bakedb watch` pushing to a local registry while a SQLite master commits 1 %
                  updates (random ids, one id range): commit to digest pullable and to a fresh

@@ -1,5 +1,5 @@
 //! A bench's flags: `--name N`, `--name=N` and switches, each value a positive integer (or a
-//! comma-separated list of them).
+//! comma-separated list of them, or of names).
 
 use anyhow::{Result, anyhow, bail};
 
@@ -64,6 +64,22 @@ impl<'a> Value<'a, '_> {
         self.text(what)?
             .split(',')
             .map(|s| positive(name, s))
+            .collect()
+    }
+
+    /// Comma-separated names, each one of `known`.
+    pub fn names(&mut self, what: &str, known: &[&str]) -> Result<Vec<&'a str>> {
+        let name = self.name;
+        self.text(what)?
+            .split(',')
+            .map(|s| {
+                let s = s.trim();
+                if known.contains(&s) {
+                    Ok(s)
+                } else {
+                    Err(anyhow!("{name}: {s:?} is not one of {}", known.join(", ")))
+                }
+            })
             .collect()
     }
 }

@@ -7,6 +7,8 @@
 
 pub mod data;
 pub mod flags;
+pub mod layers;
+pub mod pg;
 pub mod report;
 pub mod timing;
 pub mod tools;

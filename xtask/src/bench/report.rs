@@ -1,7 +1,9 @@
 //! A bench's section of docs/benchmarks.md: written between its markers
 //! (`<!-- bench:NAME:start -->` … `<!-- bench:NAME:end -->`), opened with when, where and on
 //! which commit it was measured and the command that reproduces it; and the way numbers are
-//! shown in its tables.
+//! shown in its tables. A bench whose parts run on their own (`bench delta --engines`) writes
+//! each part between markers of its own inside its section (`<!-- bench:NAME:PART:start -->`),
+//! so a run of one part leaves the others' numbers as they were.
 
 use std::fmt::Write as _;
 use std::fs;
@@ -27,6 +29,68 @@ pub fn start(name: &str, commit: &str, command: &str) -> String {
     );
     let _ = writeln!(md, "    {command}\n");
     md
+}
+
+/// The opening of one part of a section: "Measured DATE on MACHINE; bakedb at COMMIT.
+/// Reproduce with:" and `command`.
+pub fn part_start(commit: &str, command: &str) -> String {
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "Measured {} on {}; bakedb at {commit}. Reproduce with:\n",
+        today(),
+        machine(),
+    );
+    let _ = writeln!(md, "    {command}\n");
+    md
+}
+
+/// Print `md`, the part `part` of the section `name`, and write it into docs/benchmarks.md
+/// between its own markers, in place of the part's previous text; the section's other parts
+/// stay. A part not there yet goes at the end of the section, a section not there yet is
+/// started ("## NAME").
+pub fn publish_part(root: &Path, name: &str, part: &str, md: &str) -> Result<()> {
+    let doc = root.join("docs/benchmarks.md");
+    let part_text = format!(
+        "{}\n{}\n{}",
+        marker(&format!("{name}:{part}"), "start"),
+        md.trim_end(),
+        marker(&format!("{name}:{part}"), "end")
+    );
+    println!("{part_text}\n");
+    let existing = match fs::read_to_string(&doc) {
+        Ok(text) => text,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", doc.display())),
+    };
+    let section = with_part(&existing, name, part, &part_text);
+    write_marked_section(&doc, &marker(name, "start"), &marker(name, "end"), &section)?;
+    eprintln!(
+        "xtask: wrote the {part} part of {name} in {}",
+        doc.display()
+    );
+    Ok(())
+}
+
+/// The section `name` of `doc` (its markers included) with `part_text` (its markers included)
+/// in place of the part's text, or after the section's other parts.
+fn with_part(doc: &str, name: &str, part: &str, part_text: &str) -> String {
+    let (start, end) = (marker(name, "start"), marker(name, "end"));
+    let inner = match (doc.find(&start), doc.find(&end)) {
+        (Some(s), Some(e)) if s < e => doc[s + start.len()..e].trim().to_owned(),
+        _ => format!("## {name}"),
+    };
+    let (part_start, part_end) = (
+        marker(&format!("{name}:{part}"), "start"),
+        marker(&format!("{name}:{part}"), "end"),
+    );
+    let inner = match (inner.find(&part_start), inner.find(&part_end)) {
+        (Some(s), Some(e)) if s < e => {
+            format!("{}{part_text}{}", &inner[..s], &inner[e + part_end.len()..])
+        }
+        _ => format!("{inner}\n\n{part_text}"),
+    };
+    format!("{start}\n{}\n{end}\n", inner.trim())
 }
 
 /// End the section of `name` in `md`, print it and write it into docs/benchmarks.md; then the
@@ -164,6 +228,33 @@ mod tests {
             "{text}"
         );
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn replaces_only_the_part_that_ran() {
+        let doc = "# Benchmarks\n\n<!-- bench:delta:start -->\n## delta\n\n<!-- bench:delta:sqlite:start -->\nsqlite 1\n<!-- bench:delta:sqlite:end -->\n<!-- bench:delta:end -->\n\nprose\n";
+        let pg = "<!-- bench:delta:postgres:start -->\npg 1\n<!-- bench:delta:postgres:end -->";
+        let section = with_part(doc, "delta", "postgres", pg);
+        assert_eq!(
+            section,
+            "<!-- bench:delta:start -->\n## delta\n\n<!-- bench:delta:sqlite:start -->\nsqlite 1\n<!-- bench:delta:sqlite:end -->\n\n<!-- bench:delta:postgres:start -->\npg 1\n<!-- bench:delta:postgres:end -->\n<!-- bench:delta:end -->\n"
+        );
+        let doc = doc.replace(
+            "<!-- bench:delta:start -->\n## delta\n\n<!-- bench:delta:sqlite:start -->\nsqlite 1\n<!-- bench:delta:sqlite:end -->\n<!-- bench:delta:end -->\n",
+            &section,
+        );
+        let sqlite = "<!-- bench:delta:sqlite:start -->\nsqlite 2\n<!-- bench:delta:sqlite:end -->";
+        let again = with_part(&doc, "delta", "sqlite", sqlite);
+        assert!(
+            again.contains("sqlite 2") && !again.contains("sqlite 1") && again.contains("pg 1"),
+            "{again}"
+        );
+        assert!(again.find("sqlite 2") < again.find("pg 1"), "{again}");
+        // No section yet: one is started.
+        assert_eq!(
+            with_part("# Benchmarks\n", "delta", "postgres", pg),
+            format!("<!-- bench:delta:start -->\n## delta\n\n{pg}\n<!-- bench:delta:end -->\n")
+        );
     }
 
     #[test]

@@ -151,6 +151,60 @@ pub fn nproc() -> usize {
     std::thread::available_parallelism().map_or(1, usize::from)
 }
 
+/// Clock ticks per second, the unit of /proc's CPU times.
+pub fn clock_ticks() -> f64 {
+    super::run_quiet(Command::new("getconf").arg("CLK_TCK"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// The fields of /proc/PID/stat after the command's closing parenthesis (field 3 on).
+fn proc_stat(pid: u32) -> Option<Vec<u64>> {
+    parse_stat(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+fn parse_stat(stat: &str) -> Option<Vec<u64>> {
+    // The command may hold spaces and parentheses; the state (field 3) is a letter, and 0 in
+    // its place keeps the numbering.
+    Some(
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .map(|f| f.parse().unwrap_or(0))
+            .collect(),
+    )
+}
+
+/// utime + stime of a process, in clock ticks (/proc/PID/stat fields 14 and 15).
+pub fn process_cpu_ticks(pid: u32) -> Option<u64> {
+    let f = proc_stat(pid)?;
+    Some(f.get(11)? + f.get(12)?)
+}
+
+/// CPU time of a server and its children, in clock ticks: its own, its children's that it
+/// has reaped (fields 16 and 17) and its live children's. Taken before and after a run, the
+/// difference is what the server did meanwhile, however many children came and went.
+pub fn server_cpu_ticks(pid: u32) -> Option<u64> {
+    let own = proc_stat(pid)?;
+    let mut ticks = own.get(11)? + own.get(12)? + own.get(13)? + own.get(14)?;
+    for entry in fs::read_dir("/proc").ok()?.flatten() {
+        let Some(child) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if let Some(f) = proc_stat(child)
+            && f.get(1) == Some(&u64::from(pid))
+        {
+            ticks += f.get(11).unwrap_or(&0) + f.get(12).unwrap_or(&0);
+        }
+    }
+    Some(ticks)
+}
+
 /// The machine-wide counters of /proc/stat's first line, in clock ticks.
 #[derive(Clone, Copy)]
 struct CpuTimes {
@@ -414,6 +468,20 @@ mod tests {
         assert_eq!(percentile(vec![3.0, 1.0, 2.0], 0.5), Some(2.0));
         assert_eq!(percentile((1..=10).map(f64::from), 0.9), Some(9.0));
         assert_eq!(percentile(vec![], 0.9), None);
+    }
+
+    #[test]
+    fn reads_cpu_times() {
+        let stat =
+            "4242 (postgres: bench (x)) S 4200 4242 4242 0 -1 4194560 1 2 0 0 17 5 30 12 20 0";
+        let f = parse_stat(stat).unwrap();
+        assert_eq!(
+            (f[0], f[1], f[11], f[12], f[13], f[14]),
+            (0, 4200, 17, 5, 30, 12)
+        );
+        let me = std::process::id();
+        let own = process_cpu_ticks(me).unwrap();
+        assert!(server_cpu_ticks(me).unwrap() >= own);
     }
 
     #[test]
