@@ -379,6 +379,13 @@ pub fn composed_digest(digest: &FileDigest) -> [u8; 32] {
     hasher.finalize().into()
 }
 
+/// The size of a patch file of `pages` pages of `page_size` bytes: the header, the page
+/// numbers and the pages. Known before the patch is written, so a build can weigh a patch
+/// against a fresh base without writing it.
+pub fn patch_len(page_size: u32, pages: usize) -> u64 {
+    PATCH_HEADER + pages as u64 * (8 + u64::from(page_size))
+}
+
 /// Write the patch of `source` (the new file) holding `pages` into `out`. Returns its size and
 /// sha256 (hex).
 pub fn write_patch(
@@ -717,6 +724,7 @@ mod tests {
         let patch = std::fs::read(&out).unwrap();
         assert_eq!(digest.size, patch.len() as u64);
         assert_eq!(digest.size, PATCH_HEADER + 2 * 8 + 2 * 512);
+        assert_eq!(digest.size, patch_len(512, 2));
         assert_eq!(digest.sha256, Some(hex(&Sha256::digest(&patch))));
         assert!(digest.chunks.is_empty());
         assert_eq!(compose(&old_bytes, &[&patch]).unwrap(), new_bytes);
@@ -745,6 +753,7 @@ mod tests {
         let digest = write_patch(&src, page as u32, pages * page, &all, [1; 32], &out).unwrap();
         let bytes = std::fs::read(&out).unwrap();
         assert_eq!(digest.size, bytes.len() as u64);
+        assert_eq!(digest.size, patch_len(page as u32, all.len()));
         assert!(digest.size > CHUNK_SIZE && digest.size <= 2 * CHUNK_SIZE);
         assert_eq!(digest.sha256, None);
         let expected: Vec<String> = bytes

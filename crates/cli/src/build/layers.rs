@@ -557,6 +557,19 @@ fn restore_headers(
     Ok(())
 }
 
+/// The bytes the patch layer's files will hold, as `patch_layer` counts them in its chain
+/// link: the files shipped whole and the patch files.
+fn patch_raw_bytes(hashed: &[Hashed], changes: &BTreeMap<String, Change>) -> u64 {
+    hashed
+        .iter()
+        .map(|h| match &changes[&h.digest.path] {
+            Change::Unchanged => 0,
+            Change::Whole => h.pages.length,
+            Change::Patch(pages) => delta::patch_len(h.pages.page_size, pages.len()),
+        })
+        .sum()
+}
+
 /// Why a re-bake writes a fresh base instead of a patch, if it should.
 fn fresh_base_reason(
     plan: &Plan,
@@ -648,15 +661,11 @@ pub fn write(
             return Ok(None);
         }
         restore_headers(data, &mut all, &mut changes, &restores)?;
-        let delta = Delta {
-            previous,
-            hashed: &all,
-            changes: &changes,
-            deleted: &deleted,
-            generation,
-        };
-        let patch = patch_layer(plan, data, &delta, scratch)?;
-        match fresh_base_reason(plan, data, previous, patch.link.raw_bytes)? {
+        // Weighed before any patch file is written: a change spread over most pages (1 % of
+        // a pgbench table's rows at random) would otherwise write hundreds of MiB of patches
+        // only to throw them away for a fresh base.
+        let patch_raw = patch_raw_bytes(&all, &changes);
+        match fresh_base_reason(plan, data, previous, patch_raw)? {
             Some(reason) if data.snapshot.partial => {
                 progress.done(&format!(
                     "generation {generation}: a fresh base is due ({reason}): taking a whole snapshot"
@@ -670,6 +679,15 @@ pub fn write(
                 hashed = Some(all);
             }
             None => {
+                let delta = Delta {
+                    previous,
+                    hashed: &all,
+                    changes: &changes,
+                    deleted: &deleted,
+                    generation,
+                };
+                let patch = patch_layer(plan, data, &delta, scratch)?;
+                debug_assert_eq!(patch.link.raw_bytes, patch_raw, "the patch weighed");
                 return write_patch_generation(plan, data, previous, patch, progress).map(Some);
             }
         }
@@ -803,4 +821,47 @@ fn write_patch_generation(
         data_digest,
         on_previous: true,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hashed(path: &str, bytes: &[u8], page_size: u32) -> Hashed {
+        Hashed {
+            digest: FileDigest {
+                path: path.into(),
+                size: bytes.len() as u64,
+                mode: "0600".into(),
+                sha256: None,
+                chunks: Vec::new(),
+                generation: None,
+                base: None,
+                patches: Vec::new(),
+            },
+            pages: delta::pages_of(bytes, page_size, 0),
+            host_path: PathBuf::from(path),
+            mode: 0o600,
+        }
+    }
+
+    /// The size that decides between a patch and a fresh base is the size the patch layer
+    /// then holds (the e2e delta tests check the two against each other in debug builds).
+    #[test]
+    fn weighs_a_patch_before_writing_it() {
+        let all = [
+            hashed("same", &[1; 8192], 8192),
+            hashed("new", &[2; 3 * 8192], 8192),
+            hashed("changed", &[3; 10 * 8192], 8192),
+        ];
+        let changes = BTreeMap::from([
+            ("same".to_owned(), Change::Unchanged),
+            ("new".to_owned(), Change::Whole),
+            ("changed".to_owned(), Change::Patch(vec![0, 7])),
+        ]);
+        assert_eq!(
+            patch_raw_bytes(&all, &changes),
+            3 * 8192 + delta::PATCH_HEADER + 2 * (8 + 8192)
+        );
+    }
 }
