@@ -557,6 +557,14 @@ fn postgres_chain_of_ten_generations_under_write_load() {
         "app",
         "CREATE TABLE doomed AS SELECT * FROM items WHERE id <= 2000",
     );
+    // Every PostgreSQL re-bake ships ~4 MiB whatever changed (the catalogs ANALYZE and VACUUM
+    // rewrite in each database, a fresh WAL segment): ~32 MiB that never change keep four
+    // patch generations under half the base, so the chain cuts at --max-patches, not at the
+    // size rule (without them it cut at generation 4 about one run in two).
+    source.psql(
+        "app",
+        "CREATE TABLE ballast AS SELECT g AS id, repeat(md5(g::text), 16) AS pad FROM generate_series(1, 60000) g",
+    );
     let load = source.write_load("app", "writes");
     let base = base_ref();
     let layout = d.join("chain");

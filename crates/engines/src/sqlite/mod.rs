@@ -213,7 +213,15 @@ pub fn snapshot(
         let checker = checker_at(&src, source, journal.eq_ignore_ascii_case("wal"));
         let streamed = std::thread::scope(|scope| -> Result<Streamed> {
             let checking = checker.map(|c| scope.spawn(move || check(&c, source)));
-            let streamed = stream_pages(&src, page_size, &tmp, source, &sql, known_file)?;
+            let streamed = stream_pages(
+                &src,
+                page_size,
+                &tmp,
+                source,
+                &sql,
+                known.is_some(),
+                known_file,
+            )?;
             if checking.is_none() {
                 check(&src, source)?;
             }
@@ -240,7 +248,7 @@ pub fn snapshot(
             path: dest.clone(),
             source: e,
         })?;
-        let page_count = streamed.pages.hashes.len();
+        let page_count = streamed.page_count;
         Ok((
             json!({
                 "source": source.to_string_lossy(),
@@ -260,8 +268,14 @@ pub fn snapshot(
         }
     };
     let mode = 0o644;
-    let digest =
-        FileDigest::from_chunks(name.clone(), streamed.pages.length, mode, streamed.chunks);
+    let hashed = streamed
+        .pages
+        .map(|pages| {
+            let digest = FileDigest::from_chunks(name.clone(), pages.length, mode, streamed.chunks);
+            (name.clone(), (digest, pages))
+        })
+        .into_iter()
+        .collect();
     Ok(Snapshot {
         engine: "sqlite",
         files: vec![DataFile {
@@ -273,7 +287,7 @@ pub fn snapshot(
         }],
         dirs: Vec::new(),
         provenance,
-        hashed: [(name, (digest, streamed.pages))].into_iter().collect(),
+        hashed,
         partial,
     })
 }
@@ -335,26 +349,32 @@ fn checker_at(src: &Connection, source: &Path, wal: bool) -> Option<Connection> 
     }
 }
 
-/// What streaming the pages gave: the new file's pages and its chunks' sha256 (hex).
+/// What streaming the pages gave: how many, and when they were hashed, the new file's pages
+/// and its chunks' sha256 (hex).
 struct Streamed {
-    pages: FilePages,
+    page_count: usize,
+    pages: Option<FilePages>,
     chunks: Vec<String>,
 }
 
-/// Every page of the source's read transaction, in order: hashed (XXH3-128 per page for the
-/// page index, sha256 per CHUNK_SIZE chunk for image.json) and written into `dest` at its
-/// offset, except, when `known` (the previous image's pages and digest of this file) is
-/// given, the pages whose hash is the one `known` has: then `dest` is sparse and holds only
+/// Every page of the source's read transaction, in order, written into `dest` at its offset.
+/// With `hash` (a re-bake) they are hashed as they go by (XXH3-128 per page for the page
+/// index, sha256 per CHUNK_SIZE chunk for image.json), and when `known` (the previous
+/// image's pages and digest of this file) is given, the pages whose hash is the one `known`
+/// has are not written: then `dest` is sparse and holds only
 /// what a patch needs, and a chunk whose pages all kept their hashes (and its length) keeps
 /// its previous sha256 instead of being hashed again. Page 1's read and write versions are
 /// set to 1 (rollback journal), as `PRAGMA journal_mode = DELETE` would set them, so the file
-/// is a database of its own without -wal/-shm files.
+/// is a database of its own without -wal/-shm files. A full build does not hash here: the
+/// build hashes the copy on another core while it compresses it, which costs less than
+/// hashing on the way in, ahead of the compression.
 fn stream_pages<F, E>(
     src: &Connection,
     page_size: i64,
     dest: &Path,
     source: &Path,
     sql: &F,
+    hash: bool,
     known: Option<(&FilePages, &FileDigest)>,
 ) -> Result<Streamed>
 where
@@ -391,6 +411,7 @@ where
     let mut rows = stmt.query([]).map_err(sql("reading the pages"))?;
     let mut chunk = Chunker {
         file: &file,
+        hash,
         page_size: ps,
         known,
         known_chunks: known.map(|(_, d)| d.chunk_digests()).unwrap_or_default(),
@@ -422,31 +443,37 @@ where
             chunk.buf[18] = 1;
             chunk.buf[19] = 1;
         }
-        let hash = page_hash(&chunk.buf[at..]);
-        let page = hashes.len();
-        if known.and_then(|(k, _)| k.hashes.get(page)) != Some(&hash) {
+        let page = (expected - 1) as usize;
+        if hash {
+            let h = page_hash(&chunk.buf[at..]);
+            if known.and_then(|(k, _)| k.hashes.get(page)) != Some(&h) {
+                chunk.fresh.push(page);
+            }
+            hashes.push(h);
+        } else {
             chunk.fresh.push(page);
         }
-        hashes.push(hash);
         if chunk.buf.len() == CHUNK_SIZE as usize {
             chunk.flush().map_err(io("writing"))?;
         }
         expected += 1;
     }
-    if !chunk.buf.is_empty() || hashes.is_empty() {
+    let page_count = (expected - 1) as usize;
+    if !chunk.buf.is_empty() || page_count == 0 {
         chunk.flush().map_err(io("writing"))?;
     }
-    let length = hashes.len() as u64 * ps as u64;
+    let length = page_count as u64 * ps as u64;
     // Pages at the end that kept their hashes were not written: the file still has its length.
     file.set_len(length).map_err(io("writing"))?;
     Ok(Streamed {
-        pages: FilePages {
+        page_count,
+        pages: hash.then(|| FilePages {
             page_size: ps as u32,
             header_len: 0,
             length,
             hashes,
             headers: Vec::new(),
-        },
+        }),
         chunks: chunk.chunks,
     })
 }
@@ -455,6 +482,8 @@ where
 /// of its pages changed), and its fresh pages written at their offsets.
 struct Chunker<'a> {
     file: &'a File,
+    /// Whether to give each chunk its sha256.
+    hash: bool,
     page_size: usize,
     known: Option<(&'a FilePages, &'a FileDigest)>,
     known_chunks: Vec<&'a str>,
@@ -472,14 +501,16 @@ impl Chunker<'_> {
         let known_len = self
             .known
             .map(|(k, _)| k.length.saturating_sub(start).min(CHUNK_SIZE));
-        let digest = match self.known_chunks.get(self.index) {
-            Some(d) if self.fresh.is_empty() && known_len == Some(len) => (*d).to_owned(),
-            _ => Sha256::digest(&self.buf)
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect(),
-        };
-        self.chunks.push(digest);
+        if self.hash {
+            let digest = match self.known_chunks.get(self.index) {
+                Some(d) if self.fresh.is_empty() && known_len == Some(len) => (*d).to_owned(),
+                _ => Sha256::digest(&self.buf)
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect(),
+            };
+            self.chunks.push(digest);
+        }
         // Runs of consecutive fresh pages, one write each (the whole chunk for a first build).
         let first_page = (start / self.page_size as u64) as usize;
         let mut i = 0;
@@ -1181,8 +1212,8 @@ mod tests {
     }
 
     /// A delta snapshot against the previous snapshot's pages and digest: only the pages whose
-    /// hash changed are in its file (the rest are holes), and its digests and pages are those
-    /// a whole snapshot of the same state gets, and those of hashing that whole file.
+    /// hash changed are in its file (the rest are holes), and the digests and pages it hashed
+    /// on the way are those of a whole snapshot of the same state, hashed as a file.
     #[test]
     fn a_delta_snapshot_keeps_only_the_changed_pages_with_the_whole_files_digests() {
         let dir = tempfile::tempdir().unwrap();
@@ -1190,8 +1221,9 @@ mod tests {
         // ~40 MiB: three chunks, so unchanged chunks keep their previous sha256.
         make_rollback_db(&src, 300_000);
         let first = snap(&src, &dir.path().join("g0"), false).unwrap();
-        let (d0, p0) = first.hashed["app.db"].clone();
-        assert!(!first.partial);
+        // A full snapshot leaves the hashing to the build (beside the compression).
+        assert!(!first.partial && first.hashed.is_empty());
+        let (d0, p0) = crate::datafiles::digest_and_pages(&first.files[0], 2).unwrap();
         assert!(d0.chunks.len() >= 3, "{d0:?}");
         Connection::open(&src)
             .unwrap()
@@ -1216,10 +1248,6 @@ mod tests {
         let whole = snap(&src, &dir.path().join("g1-whole"), false).unwrap();
         assert!(!whole.partial);
         let (d1, p1) = delta.hashed["app.db"].clone();
-        assert_eq!(
-            (&d1, &p1),
-            (&whole.hashed["app.db"].0, &whole.hashed["app.db"].1)
-        );
         let hashed_file = crate::datafiles::digest_and_pages(&whole.files[0], 2).unwrap();
         assert_eq!((&d1, &p1), (&hashed_file.0, &hashed_file.1));
         assert_ne!(d0.chunks[0], d1.chunks[0]);
