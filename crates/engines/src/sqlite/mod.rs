@@ -1,12 +1,12 @@
 //! SQLite: a consistent snapshot read page by page through `sqlite_dbpage`.
 //!
 //! Every page is read inside one read transaction on the source, through SQLite's own pager
-//! (so a WAL source's committed frames are seen as any reader sees them), hashed as it
-//! streams by (the page index's XXH3-128 per page, image.json's sha256 per chunk) and written
-//! into the copy: a database that another process keeps writing (WAL or rollback journal) is
-//! captured at exactly one committed point, with one pass over the source. For a delta
-//! re-bake only the pages whose hash differs from the previous image's index are written (a
-//! sparse copy that holds what the patch needs), and a chunk whose pages all kept their
+//! (so a WAL source's committed frames are seen as any reader sees them), and written into
+//! the copy: a database that another process keeps writing (WAL or rollback journal) is
+//! captured at exactly one committed point, with one pass over the source. A delta re-bake
+//! hashes the pages as they stream by (the page index's XXH3-128 per page, image.json's
+//! sha256 per chunk) and writes only those whose hash differs from the previous image's
+//! index (a sparse copy that holds what the patch needs); a chunk whose pages all kept their
 //! hashes keeps its previous sha256. The copy's header says rollback journal, so the image
 //! never needs -wal/-shm files. `PRAGMA quick_check` refuses a corrupt source; it runs on a
 //! second connection at the same committed point (WAL: the snapshot handed over with
