@@ -86,7 +86,8 @@ pub struct StoredFile {
     pub chunks: Vec<String>,
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Lower-case hex, as image.json writes digests.
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

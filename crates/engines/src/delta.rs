@@ -13,7 +13,7 @@ use std::path::Path;
 
 use sha2::{Digest as _, Sha256};
 
-use crate::datafiles::{CHUNK_SIZE, FileDigest};
+use crate::datafiles::{CHUNK_SIZE, FileDigest, hex};
 
 /// Where an image's page index files live (absolute in the image).
 pub const PAGE_INDEX_DIR: &str = "etc/bakedb/pages";
@@ -366,11 +366,7 @@ pub fn restore_headers(path: &Path, page_size: u32, restores: &Restores) -> io::
 /// 32-byte SHA-256 digests of its chunks (image.json's list; one chunk for a small file).
 pub fn composed_digest(digest: &FileDigest) -> [u8; 32] {
     let mut hasher = Sha256::new();
-    let chunks: Vec<&String> = match &digest.sha256 {
-        Some(d) => vec![d],
-        None => digest.chunks.iter().collect(),
-    };
-    for c in chunks {
+    for c in digest.chunk_digests() {
         let raw: Vec<u8> = (0..c.len() / 2)
             .map(|i| u8::from_str_radix(&c[2 * i..2 * i + 2], 16).unwrap_or(0))
             .collect();
@@ -448,10 +444,6 @@ pub struct PatchDigest {
     pub size: u64,
     pub sha256: Option<String>,
     pub chunks: Vec<String>,
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Writes through, hashing what it wrote chunk by chunk (CHUNK_SIZE bytes each).

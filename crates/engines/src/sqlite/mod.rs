@@ -29,7 +29,7 @@ mod engine;
 
 pub use engine::Sqlite;
 
-use crate::datafiles::{CHUNK_SIZE, FileDigest};
+use crate::datafiles::{CHUNK_SIZE, FileDigest, hex};
 use crate::delta::{FilePages, page_hash};
 use crate::image_json::Profile;
 use crate::{DataFile, Error, Known, Result, Snapshot};
@@ -507,10 +507,7 @@ impl Chunker<'_> {
         if self.hash {
             let digest = match self.known_chunks.get(self.index) {
                 Some(d) if self.fresh.is_empty() && known_len == Some(len) => (*d).to_owned(),
-                _ => Sha256::digest(&self.buf)
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect(),
+                _ => hex(&Sha256::digest(&self.buf)),
             };
             self.chunks.push(digest);
         }
