@@ -461,7 +461,7 @@ impl Bakedb<'_> {
         let done = self.timer.run(&mut cmd, false)?;
         let fresh_base = done.stderr.lines().find_map(|l| {
             let why = l[l.find("a fresh base, not a patch: ")? + 27..].trim();
-            // Without the phase's time at the end: "… (more than half) (0.18 s)".
+            // Without the phase's time at the end: "… (the image would hold twice its data) (0.18 s)".
             let why = match why.rsplit_once(" (") {
                 Some((why, time)) if time.ends_with(" s)") => why,
                 _ => why,

@@ -104,7 +104,7 @@ pub struct BuildArgs {
     #[arg(
         long,
         value_name = "REF",
-        long_help = "The previous bakedb image of this database (oci:DIR:TAG, oci-archive:FILE:TAG, docker-archive:FILE:NAME:TAG or docker://HOST/REPO:TAG; only its image.json layer is read). The new image keeps all its layers, shared by digest, and adds one patch layer with only what changed (new files whole, changed files as their changed pages, deleted files as whiteouts) and a new image.json layer; what changed is found from REF's page index, without reading its data. After --max-patches patch generations, or when the patches outgrow half of the data they patch, the build writes a fresh base instead and says so. See docs/patch-format.md."
+        long_help = "The previous bakedb image of this database (oci:DIR:TAG, oci-archive:FILE:TAG, docker-archive:FILE:NAME:TAG or docker://HOST/REPO:TAG; only its image.json layer is read). The new image keeps all its layers, shared by digest, and adds one patch layer with only what changed (new files whole, changed files as their changed pages, deleted files as whiteouts) and a new image.json layer; what changed is found from REF's page index, without reading its data. After --max-patches patch generations, or when the image would hold twice its data (base and patches against the data they compose to), the build writes a fresh base instead and says so. See docs/patch-format.md."
     )]
     from: Option<String>,
     /// With --from: patch generations on one base before a fresh base is written.

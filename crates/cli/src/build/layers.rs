@@ -28,8 +28,13 @@ use crate::progress::{Progress, human_bytes};
 
 /// A patch that is more than this share of its file's pages ships the file whole instead.
 const MAX_PATCH_SHARE: f64 = 0.5;
-/// Patches on one base, together, may be this share of the base's data before a fresh base.
-const MAX_CHAIN_SHARE: f64 = 0.5;
+/// A fresh base once the image would hold this many times its data (base and patches
+/// against the data they compose to). A replica that has the chain pulls only the newest
+/// patch; one that starts afresh pulls base and patches, so up to that point a patch is
+/// cheaper to push, store and pull than a fresh base (a 1 % random update of pgbench changes
+/// half of the cluster's pages: one such patch, then a fresh base). It also cuts a chain
+/// whose patch ships the data whole (a VACUUMed SQLite file), leaving its base dead weight.
+const MAX_CHAIN_WEIGHT: f64 = 2.0;
 
 /// Every layer of the image, and what image.json says of them.
 pub struct Layers {
@@ -576,6 +581,7 @@ fn fresh_base_reason(
     data: &Data,
     previous: &Previous,
     patch_raw: u64,
+    data_raw: u64,
 ) -> Result<Option<String>> {
     if super::previous::same_base(previous, plan.base.as_ref().map(|(_, i)| i)).is_err() {
         return Ok(Some(
@@ -598,10 +604,16 @@ fn fresh_base_reason(
             )));
         }
     }
-    Ok(fresh_base_by_size(plan, previous, patch_raw))
+    Ok(fresh_base_by_size(plan, previous, patch_raw, data_raw))
 }
 
-fn fresh_base_by_size(plan: &Plan, previous: &Previous, patch_raw: u64) -> Option<String> {
+/// `data_raw`: the bytes of the new data files; before the snapshot, REF's base's.
+fn fresh_base_by_size(
+    plan: &Plan,
+    previous: &Previous,
+    patch_raw: u64,
+    data_raw: u64,
+) -> Option<String> {
     let (patches, raw, base_raw) = previous.patches_since_base();
     if patches >= plan.max_patches {
         return Some(format!(
@@ -609,14 +621,21 @@ fn fresh_base_by_size(plan: &Plan, previous: &Previous, patch_raw: u64) -> Optio
             plan.max_patches
         ));
     }
-    if (raw + patch_raw) as f64 > MAX_CHAIN_SHARE * base_raw as f64 {
+    if too_heavy(base_raw, raw + patch_raw, data_raw) {
         return Some(format!(
-            "its patches would be {} against a base of {} (more than half)",
+            "its patches would be {} on a base of {}, for {} of data (the image would hold twice its data)",
             human_bytes(raw + patch_raw),
-            human_bytes(base_raw)
+            human_bytes(base_raw),
+            human_bytes(data_raw)
         ));
     }
     None
+}
+
+/// Whether a base of `base_raw` bytes with patches of `chain_raw` is too heavy for data of
+/// `data_raw` bytes.
+fn too_heavy(base_raw: u64, chain_raw: u64, data_raw: u64) -> bool {
+    (base_raw + chain_raw) as f64 >= MAX_CHAIN_WEIGHT * data_raw as f64
 }
 
 /// Whether a re-bake may turn out a patch generation, as far as is known before the snapshot:
@@ -624,7 +643,7 @@ fn fresh_base_by_size(plan: &Plan, previous: &Previous, patch_raw: u64) -> Optio
 pub fn may_patch(plan: &Plan) -> bool {
     plan.previous.as_ref().is_some_and(|previous| {
         super::previous::same_base(previous, plan.base.as_ref().map(|(_, i)| i)).is_ok()
-            && fresh_base_by_size(plan, previous, 0).is_none()
+            && fresh_base_by_size(plan, previous, 0, previous.patches_since_base().2).is_none()
     })
 }
 
@@ -665,7 +684,8 @@ pub fn write(
         // a pgbench table's rows at random) would otherwise write hundreds of MiB of patches
         // only to throw them away for a fresh base.
         let patch_raw = patch_raw_bytes(&all, &changes);
-        match fresh_base_reason(plan, data, previous, patch_raw)? {
+        let data_raw = all.iter().map(|h| h.pages.length).sum();
+        match fresh_base_reason(plan, data, previous, patch_raw, data_raw)? {
             Some(reason) if data.snapshot.partial => {
                 progress.done(&format!(
                     "generation {generation}: a fresh base is due ({reason}): taking a whole snapshot"
@@ -843,6 +863,21 @@ mod tests {
             host_path: PathBuf::from(path),
             mode: 0o600,
         }
+    }
+
+    #[test]
+    fn a_chain_is_cut_when_the_image_would_hold_twice_its_data() {
+        let gib: u64 = 1 << 30;
+        let half = 565 << 20;
+        // A pgbench cluster with half of its pages changed: one patch, not two.
+        assert!(!too_heavy(gib, half, gib));
+        assert!(too_heavy(gib, 2 * half, gib));
+        // The one file changed in most pages and shipped whole: its base is dead weight,
+        // even when the file shrank (a VACUUM).
+        assert!(too_heavy(gib, gib, gib));
+        assert!(too_heavy(gib, gib / 2, gib * 3 / 4));
+        // Pages appended: the data grew by what the patches hold, nothing is dead.
+        assert!(!too_heavy(gib, 4 * gib, 5 * gib));
     }
 
     /// The size that decides between a patch and a fresh base is the size the patch layer
