@@ -802,8 +802,9 @@ fn a_patch_larger_than_a_chunk_is_verified_chunk_by_chunk() {
 }
 
 /// A re-bake reads only the changed pages of a live SQLite source; when nearly every page
-/// changed the file must ship whole, so the build takes a whole snapshot after all and writes
-/// a fresh base whose database is the source's, byte for byte.
+/// changed, the file would ship whole on a base as big as it, so the build takes a whole
+/// snapshot after all (streamed into the layer) and writes a fresh base whose database is
+/// the source's, byte for byte.
 #[test]
 fn a_rebake_that_changed_most_pages_takes_a_whole_snapshot_for_a_fresh_base() {
     let dir = test_dir();
@@ -820,9 +821,12 @@ fn a_rebake_that_changed_most_pages_takes_a_whole_snapshot_for_a_fresh_base() {
     ]));
     let err = stderr(&out);
     assert!(
-        err.contains("ships whole: taking a whole snapshot") && err.contains("a fresh base"),
+        err.contains("generation 1: a fresh base, not a patch: its patches would be")
+            && err.contains("twice its data"),
         "{err}"
     );
+    // Two snapshots: the changed pages, then the whole file.
+    assert_eq!(err.matches("snapshot of app.db").count(), 2, "{err}");
     let ij = inspect(d, "oci:l:g1")["image_json"].clone();
     assert_eq!(
         ij["chain"].as_array().unwrap().last().unwrap()["kind"],
@@ -835,6 +839,47 @@ fn a_rebake_that_changed_most_pages_takes_a_whole_snapshot_for_a_fresh_base() {
             .unwrap()
             .iter()
             .all(|f| f["patches"].is_null()),
+        "{ij}"
+    );
+    run_ok(bakedb(d).args(["verify", "oci:l:g1"]));
+    let baked = image_file(&d.join("l"), "g1", &format!("{DATA_DIR}/app.db")).unwrap();
+    assert!(baked == std::fs::read(d.join("app.db")).unwrap());
+}
+
+/// A file that changed in most of its pages ships whole in the patch layer when the data grew
+/// enough that base and patch stay under twice the data: the partial snapshot (changed pages
+/// only) cannot give the whole file, so the build takes a whole one, and the composed image
+/// is the source byte for byte.
+#[test]
+fn a_file_that_changed_most_pages_and_grew_ships_whole_in_a_patch() {
+    let dir = test_dir();
+    let d = dir.path();
+    util::make_big_db(&d.join("app.db"), 8);
+    run_ok(bakedb(d).args(util::sqlite_build("app.db", "oci:l:g0")));
+    rusqlite::Connection::open(d.join("app.db"))
+        .unwrap()
+        .execute_batch(
+            "UPDATE b SET data = randomblob(1048576);
+             INSERT INTO b(data) SELECT randomblob(1048576) FROM b;
+             INSERT INTO b(data) SELECT randomblob(1048576) FROM b;",
+        )
+        .unwrap();
+    let out = run_ok(bakedb(d).args([
+        "build", "--engine", "sqlite", "--source", "app.db", "--from", "oci:l:g0", "--output",
+        "oci:l:g1",
+    ]));
+    let err = stderr(&out);
+    assert!(
+        err.contains(
+            "app.db changed in more than half of its pages and ships whole: taking a whole snapshot"
+        ) && err.contains("generation 1: patch layer")
+            && err.contains("1 whole, 0 patched"),
+        "{err}"
+    );
+    let ij = inspect(d, "oci:l:g1")["image_json"].clone();
+    assert_eq!(
+        ij["chain"].as_array().unwrap().last().unwrap()["kind"],
+        "patch",
         "{ij}"
     );
     run_ok(bakedb(d).args(["verify", "oci:l:g1"]));

@@ -136,10 +136,34 @@ pub struct Snapshot {
     pub provenance: serde_json::Value,
     /// Files the engine hashed while it read them, by `rel_path`: the digests and pages
     /// `datafiles::digest_and_pages` would give for the whole file.
-    pub hashed: BTreeMap<String, (datafiles::FileDigest, delta::FilePages)>,
+    pub hashed: Hashes,
     /// The files in `hashed` hold only the pages that differ from the previous image's index
     /// (`Plan::snapshot_changes`): enough for a patch, not for shipping them whole.
     pub partial: bool,
+}
+
+/// A snapshot being read from the source (`Plan::snapshot_stream`). It holds the source's
+/// committed point from the start; its files' bytes come from `files`' readers in the order
+/// of `snapshot.files`, and each reader's end is the engine's last word: it ends with an
+/// error, not at its size, when the snapshot fails (a check that finds corruption), so a
+/// layer written from it is never committed. Dropped unread, it ends the snapshot.
+pub struct Streaming {
+    /// The snapshot as known at its start: its files have no copy (`host_path` is empty).
+    pub snapshot: Snapshot,
+    pub files: Vec<StreamedFile>,
+    /// Waits for the end of the snapshot, once the readers are done with: its verdict, and
+    /// what goes in `Snapshot::hashed` (every file hashed on the way).
+    pub finish: Box<dyn FnOnce() -> Result<Hashes> + Send>,
+}
+
+/// Files hashed while they were read, by `rel_path` (`Snapshot::hashed`).
+pub type Hashes = BTreeMap<String, (datafiles::FileDigest, delta::FilePages)>;
+
+/// One file of a `Streaming` snapshot.
+pub struct StreamedFile {
+    pub rel_path: String,
+    pub size: u64,
+    pub reader: Box<dyn std::io::Read + Send>,
 }
 
 /// What a delta re-bake knows of the previous image (`--from`) without reading its data: its
@@ -285,6 +309,17 @@ pub trait Plan {
         _known: &Known<'_>,
         _progress: &mut dyn FnMut(&str),
     ) -> Result<Option<Snapshot>> {
+        Ok(None)
+    }
+
+    /// For a full build: a snapshot whose files go from the source straight into the data
+    /// layer as they are read, with no private copy (`Streaming`). None: this plan has no
+    /// such snapshot (the caller takes one with `snapshot`).
+    fn snapshot_stream(
+        &mut self,
+        _taken_at: &str,
+        _progress: &mut dyn FnMut(&str),
+    ) -> Result<Option<Streaming>> {
         Ok(None)
     }
 

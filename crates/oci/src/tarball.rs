@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
 
@@ -24,7 +25,43 @@ pub enum EntryKind {
     },
     Bytes(Vec<u8>),
     Symlink(String),
+    /// Bytes another thread produces while the layer is written (a snapshot read from a live
+    /// source straight into its layer): exactly `size` of them, then the end of the stream,
+    /// which is the producer's last word: an error there (a failed check) fails the layer,
+    /// so it is never committed.
+    Stream {
+        stream: Stream,
+        size: u64,
+    },
 }
+
+/// A reader taken once, by the tar writer.
+#[derive(Clone)]
+pub struct Stream(Arc<Mutex<Option<Box<dyn Read + Send>>>>);
+
+impl Stream {
+    pub fn new(reader: Box<dyn Read + Send>) -> Self {
+        Stream(Arc::new(Mutex::new(Some(reader))))
+    }
+
+    fn take(&self) -> Option<Box<dyn Read + Send>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Stream")
+    }
+}
+
+impl PartialEq for Stream {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Stream {}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TarEntry {
@@ -71,9 +108,20 @@ impl TarEntry {
         })
     }
 
+    /// A file whose bytes come from `stream` (`EntryKind::Stream`).
+    pub fn stream(path: &str, stream: Stream, size: u64, mode: u32, uid: u32, gid: u32) -> Self {
+        TarEntry {
+            path: path.to_owned(),
+            kind: EntryKind::Stream { stream, size },
+            mode,
+            uid,
+            gid,
+        }
+    }
+
     fn size(&self) -> u64 {
         match &self.kind {
-            EntryKind::File { size, .. } => *size,
+            EntryKind::File { size, .. } | EntryKind::Stream { size, .. } => *size,
             EntryKind::Bytes(b) => b.len() as u64,
             EntryKind::Dir | EntryKind::Symlink(_) => 0,
         }
@@ -203,7 +251,9 @@ pub fn write_tar<W: Write>(entries: &[TarEntry], mtime: u64, out: &mut W) -> Res
         }
         header.set_entry_type(match entry.kind {
             EntryKind::Dir => tar::EntryType::Directory,
-            EntryKind::File { .. } | EntryKind::Bytes(_) => tar::EntryType::Regular,
+            EntryKind::File { .. } | EntryKind::Bytes(_) | EntryKind::Stream { .. } => {
+                tar::EntryType::Regular
+            }
             EntryKind::Symlink(_) => tar::EntryType::Symlink,
         });
         header.set_mode(entry.mode & 0o7777);
@@ -237,6 +287,9 @@ pub fn write_tar<W: Write>(entries: &[TarEntry], mtime: u64, out: &mut W) -> Res
                     left -= n as u64;
                 }
             }
+            EntryKind::Stream { stream, size } => {
+                copy_stream(stream, *size, &entry.path, &mut buf, out)?;
+            }
             EntryKind::Bytes(data) => out.write_all(data).map_err(io_err(&entry.path))?,
             EntryKind::Dir | EntryKind::Symlink(_) => {}
         }
@@ -251,6 +304,58 @@ pub fn write_tar<W: Write>(entries: &[TarEntry], mtime: u64, out: &mut W) -> Res
 }
 
 /// One PAX record, `"<len> <key>=<value>\n"`, where len counts the whole record.
+/// `size` bytes of `stream` into `out`, and then its end: the stream must end there, and
+/// without an error.
+fn copy_stream<W: Write>(
+    stream: &Stream,
+    size: u64,
+    path: &str,
+    buf: &mut [u8],
+    out: &mut W,
+) -> Result<()> {
+    let shown = PathBuf::from(path.to_owned());
+    let failed = |reason: String| Error::Io {
+        op: "reading the stream of",
+        path: shown.clone(),
+        source: io::Error::new(io::ErrorKind::InvalidData, reason),
+    };
+    let mut reader = stream
+        .take()
+        .ok_or_else(|| failed("it was read already".into()))?;
+    let mut left = size;
+    loop {
+        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        // At `size` one more read, of one byte: it returns at the producer's end.
+        let want = want.max(1);
+        let n = match reader.read(&mut buf[..want]) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                return Err(Error::Io {
+                    op: "reading the stream of",
+                    path: shown,
+                    source: e,
+                });
+            }
+        };
+        if left == 0 {
+            return match n {
+                0 => Ok(()),
+                _ => Err(failed(format!("it holds more than {size} bytes"))),
+            };
+        }
+        if n == 0 {
+            return Err(failed(format!(
+                "it ended after {} of {size} bytes",
+                size - left
+            )));
+        }
+        out.write_all(&buf[..n])
+            .map_err(Error::io("writing tar entry", shown.clone()))?;
+        left -= n as u64;
+    }
+}
+
 fn pax_record(key: &str, value: &str) -> Vec<u8> {
     let body = format!(" {key}={value}\n");
     let mut len = body.len() + 1;
@@ -363,6 +468,63 @@ mod tests {
                 TarEntry::dir("a/b", 0o755, 0, 0)
             ])
             .is_err()
+        );
+    }
+
+    /// A reader that gives its bytes, then ends as told.
+    struct Produced {
+        bytes: io::Cursor<Vec<u8>>,
+        end: Option<io::Error>,
+    }
+
+    impl Read for Produced {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            match self.bytes.read(buf)? {
+                0 => self.end.take().map_or(Ok(0), Err),
+                n => Ok(n),
+            }
+        }
+    }
+
+    fn streamed(bytes: Vec<u8>, end: Option<io::Error>, size: u64) -> Result<Vec<u8>> {
+        let stream = Stream::new(Box::new(Produced {
+            bytes: io::Cursor::new(bytes),
+            end,
+        }));
+        let entries = canonicalize(vec![TarEntry::stream("db", stream, size, 0o644, 1, 1)])?;
+        let mut out = Vec::new();
+        write_tar(&entries, 0, &mut out)?;
+        Ok(out)
+    }
+
+    #[test]
+    fn a_stream_is_archived_only_when_it_ends_cleanly_at_its_size() {
+        let bytes: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
+        let tar = streamed(bytes.clone(), None, 5000).unwrap();
+        let mut archive = tar::Archive::new(&tar[..]);
+        let mut entry = archive.entries().unwrap().next().unwrap().unwrap();
+        let mut read = Vec::new();
+        entry.read_to_end(&mut read).unwrap();
+        assert_eq!(read, bytes);
+        // The producer's last word is an error (a failed check): no archive.
+        let failed = streamed(
+            bytes.clone(),
+            Some(io::Error::other("quick_check failed")),
+            5000,
+        );
+        assert!(
+            matches!(&failed, Err(Error::Io { source, .. }) if source.to_string() == "quick_check failed"),
+            "{failed:?}"
+        );
+        let short = streamed(bytes[..4000].to_vec(), None, 5000);
+        assert!(
+            matches!(&short, Err(Error::Io { source, .. }) if source.to_string().contains("ended after 4000 of 5000")),
+            "{short:?}"
+        );
+        let long = streamed(bytes, None, 4000);
+        assert!(
+            matches!(&long, Err(Error::Io { source, .. }) if source.to_string().contains("more than 4000")),
+            "{long:?}"
         );
     }
 

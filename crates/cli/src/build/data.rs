@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
-use bakedb_engines::{ImageSpec, Known, Snapshot};
+use bakedb_engines::{Hashes, ImageSpec, Known, Snapshot, StreamedFile};
 
 use super::plan::Plan;
 use crate::exit::{Code, StageExt, engine_error};
@@ -63,6 +63,28 @@ pub struct Data {
     pub spec: ImageSpec,
     /// Private to this build: the snapshot (when taken live) and the patch files.
     pub scratch: ScratchDir,
+    /// A snapshot still being read from the source, for the data layer to take its files
+    /// from (`Take::Stream`); then `snapshot` has no copy of them.
+    pub stream: Option<Stream>,
+}
+
+/// The files of a snapshot being read, and its end (`bakedb_engines::Streaming`).
+pub struct Stream {
+    pub files: Vec<StreamedFile>,
+    pub finish: Box<dyn FnOnce() -> bakedb_engines::Result<Hashes> + Send>,
+}
+
+/// Which snapshot a build takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Take {
+    /// A re-bake that may be a patch: the engine may keep only the pages that differ from
+    /// the previous image (`Plan::snapshot_changes`).
+    Changes,
+    /// Whole files, copied (a patch that ships files whole needs them on disk).
+    Whole,
+    /// A full build (a first one, or a fresh base): the files may go from the source
+    /// straight into the data layer (`Plan::snapshot_stream`).
+    Stream,
 }
 
 /// Print what a snapshot lost or left out: loudly, --quiet or not (it is also in image.json).
@@ -72,16 +94,15 @@ pub fn warn_notes(notes: &[String]) {
     }
 }
 
-/// `changes_only`: a re-bake that may be a patch generation, for which the engine may keep
-/// only the pages that differ from the previous image (`Plan::snapshot_changes`).
-pub fn take(plan: &mut Plan, progress: &mut Progress, changes_only: bool) -> Result<Data> {
+pub fn take(plan: &mut Plan, progress: &mut Progress, how: Take) -> Result<Data> {
     let scratch =
         ScratchDir::new().stage(Code::Output, || "creating a scratch directory".into())?;
     let step = plan.engine_plan.snapshot_step();
     let taken_at = plan.time.snapshot_time();
     let mut phase = |p: &str| progress.phase(p, 0);
-    let partial = match plan.previous.as_ref().filter(|_| changes_only) {
-        Some(previous) => plan
+    let mut stream = None;
+    let taken = match (how, plan.previous.as_ref()) {
+        (Take::Changes, Some(previous)) => plan
             .engine_plan
             .snapshot_changes(
                 &scratch.0,
@@ -93,9 +114,20 @@ pub fn take(plan: &mut Plan, progress: &mut Progress, changes_only: bool) -> Res
                 &mut phase,
             )
             .map_err(|e| engine_error(e, &step))?,
-        None => None,
+        (Take::Stream, _) => plan
+            .engine_plan
+            .snapshot_stream(&taken_at, &mut phase)
+            .map_err(|e| engine_error(e, &step))?
+            .map(|streaming| {
+                stream = Some(Stream {
+                    files: streaming.files,
+                    finish: streaming.finish,
+                });
+                streaming.snapshot
+            }),
+        _ => None,
     };
-    let snapshot = match partial {
+    let snapshot = match taken {
         Some(snapshot) => snapshot,
         None => plan
             .engine_plan
@@ -116,5 +148,6 @@ pub fn take(plan: &mut Plan, progress: &mut Progress, changes_only: bool) -> Res
         snapshot,
         spec,
         scratch,
+        stream,
     })
 }

@@ -13,17 +13,17 @@ use bakedb_engines::delta::{
     self, Change, FilePages, IndexEntry, PAGE_INDEX_DIR, PATCH_DIR, PageIndex,
 };
 use bakedb_engines::image_json::{ChainLink, ImageJson, IndexFile, Owner, SCHEMA};
-use bakedb_engines::{DATA_DIR, IMAGE_JSON, PatchMode};
+use bakedb_engines::{DATA_DIR, IMAGE_JSON, PatchMode, StreamedFile};
 use bakedb_oci::Digest;
 use bakedb_oci::image::NewLayer;
 use bakedb_oci::layer::LayerInfo;
-use bakedb_oci::tarball::TarEntry;
+use bakedb_oci::tarball::{Stream, TarEntry};
 
 use super::bundled::{self, BundledLayer};
-use super::data::Data;
+use super::data::{Data, Take};
 use super::plan::{Plan, threads};
 use super::previous::Previous;
-use crate::exit::{Code, StageExt};
+use crate::exit::{Code, StageExt, engine_error};
 use crate::progress::{Progress, human_bytes};
 
 /// A patch that is more than this share of its file's pages ships the file whole instead.
@@ -56,12 +56,12 @@ struct Hashed {
     mode: u32,
 }
 
-fn hash_all(data: &Data, threads: usize) -> Result<Vec<Hashed>> {
-    data.snapshot
+fn hash_all(snapshot: &bakedb_engines::Snapshot, threads: usize) -> Result<Vec<Hashed>> {
+    snapshot
         .files
         .iter()
         .map(|f| {
-            let (digest, pages) = match data.snapshot.hashed.get(&f.rel_path) {
+            let (digest, pages) = match snapshot.hashed.get(&f.rel_path) {
                 Some(hashed) => hashed.clone(),
                 None => datafiles::digest_and_pages(f, threads)?,
             };
@@ -142,21 +142,18 @@ fn ancestors(path: &str) -> impl Iterator<Item = &str> {
 }
 
 /// The full data layer. When the files are already hashed (a re-bake that turned into a
-/// fresh base), it is written alone; otherwise the hashing runs beside it, as both read the
-/// same files, leaving the layer writer's thread a core of its own.
+/// fresh base), it is written alone; when they stream from the source, the engine hashes
+/// them on the way; otherwise the hashing runs beside the layer, as both read the same
+/// files, leaving the layer writer's thread a core of its own.
 fn data_layer(
     plan: &Plan,
-    data: &Data,
+    data: &mut Data,
     hashed: Option<Vec<Hashed>>,
     progress: &mut Progress,
 ) -> Result<(NewLayer, Vec<Hashed>)> {
+    let stream = data.stream.take();
     let snapshot = &data.snapshot;
     let (uid, gid) = plan.owner;
-    let data_total: u64 = snapshot
-        .files
-        .iter()
-        .map(|f| std::fs::metadata(&f.host_path).map_or(0, |m| m.len()))
-        .sum();
     let mut entries = vec![TarEntry::dir(DATA_DIR, 0o755, uid, gid)];
     for d in &snapshot.dirs {
         entries.push(TarEntry::dir(
@@ -166,29 +163,72 @@ fn data_layer(
             gid,
         ));
     }
+    let mut data_total = 0;
+    let (files, finish) = match stream {
+        Some(stream) => (Some(stream.files), Some(stream.finish)),
+        None => (None, None),
+    };
+    let mut streams: BTreeMap<String, StreamedFile> = files
+        .into_iter()
+        .flatten()
+        .map(|f| (f.rel_path.clone(), f))
+        .collect();
     for f in &snapshot.files {
-        entries.push(
-            TarEntry::file(
-                &format!("{DATA_DIR}/{}", f.rel_path),
-                f.host_path.clone(),
-                f.mode,
-                uid,
-                gid,
-            )
-            .stage(Code::Source, || {
-                format!("reading snapshot file {}", f.host_path.display())
-            })?,
-        );
+        let path = format!("{DATA_DIR}/{}", f.rel_path);
+        let entry = match streams.remove(&f.rel_path) {
+            Some(streamed) => {
+                data_total += streamed.size;
+                TarEntry::stream(
+                    &path,
+                    Stream::new(streamed.reader),
+                    streamed.size,
+                    f.mode,
+                    uid,
+                    gid,
+                )
+            }
+            None => {
+                data_total += std::fs::metadata(&f.host_path).map_or(0, |m| m.len());
+                TarEntry::file(&path, f.host_path.clone(), f.mode, uid, gid)
+                    .stage(Code::Source, || {
+                        format!("reading snapshot file {}", f.host_path.display())
+                    })?
+            }
+        };
+        entries.push(entry);
     }
     progress.phase("data layer", data_total);
     let threads = threads();
-    let (layer, hashed) = match hashed {
-        Some(hashed) => (
+    let (layer, hashed) = match (hashed, finish) {
+        (_, Some(finish)) => {
+            let layer = plan.output.write_layer(entries, &mut |n| progress.inc(n));
+            // The engine's verdict first: a layer that failed because the snapshot did (a
+            // corrupt source) is the source's fault, not the output's.
+            let hashes =
+                finish().map_err(|e| engine_error(e, &plan.engine_plan.snapshot_step()))?;
+            let hashed = snapshot
+                .files
+                .iter()
+                .map(|f| {
+                    let (digest, pages) = hashes.get(&f.rel_path).cloned().ok_or_else(|| {
+                        anyhow!("the snapshot streamed {} without hashing it", f.rel_path)
+                    })?;
+                    Ok(Hashed {
+                        digest,
+                        pages,
+                        host_path: f.host_path.clone(),
+                        mode: f.mode,
+                    })
+                })
+                .collect::<Result<Vec<_>>>();
+            (layer, hashed)
+        }
+        (Some(hashed), None) => (
             plan.output.write_layer(entries, &mut |n| progress.inc(n)),
             Ok(hashed),
         ),
-        None => std::thread::scope(|scope| {
-            let hashing = scope.spawn(|| hash_all(data, (threads - 1).max(1)));
+        (None, None) => std::thread::scope(|scope| {
+            let hashing = scope.spawn(|| hash_all(snapshot, (threads - 1).max(1)));
             let layer = plan.output.write_layer(entries, &mut |n| progress.inc(n));
             (layer, hashing.join().expect("hashing thread panicked"))
         }),
@@ -206,7 +246,10 @@ fn data_layer(
     ));
     let new = NewLayer {
         layer,
-        created_by: format!("bakedb build: {} data under /{DATA_DIR}", snapshot.engine),
+        created_by: format!(
+            "bakedb build: {} data under /{DATA_DIR}",
+            data.snapshot.engine
+        ),
     };
     Ok((new, hashed))
 }
@@ -638,47 +681,65 @@ fn too_heavy(base_raw: u64, chain_raw: u64, data_raw: u64) -> bool {
     (base_raw + chain_raw) as f64 >= MAX_CHAIN_WEIGHT * data_raw as f64
 }
 
-/// Whether a re-bake may turn out a patch generation, as far as is known before the snapshot:
-/// then the engine may keep only the changed pages (`Plan::snapshot_changes`).
-pub fn may_patch(plan: &Plan) -> bool {
-    plan.previous.as_ref().is_some_and(|previous| {
-        super::previous::same_base(previous, plan.base.as_ref().map(|(_, i)| i)).is_ok()
-            && fresh_base_by_size(plan, previous, 0, previous.patches_since_base().2).is_none()
-    })
+/// The snapshot a build takes first, and whether it is for a fresh base already: a first
+/// build, or a re-bake whose fresh base is due whatever changed (said here), streams its
+/// data; any other re-bake may be a patch and keeps only the changed pages.
+pub fn first_take(plan: &Plan, progress: &mut Progress) -> (Take, bool) {
+    let Some(previous) = &plan.previous else {
+        return (Take::Stream, false);
+    };
+    let reason = match super::previous::same_base(previous, plan.base.as_ref().map(|(_, i)| i)) {
+        Err(_) => Some("the base image is not the one REF was built on".to_owned()),
+        Ok(()) => fresh_base_by_size(plan, previous, 0, previous.data_raw()),
+    };
+    match reason {
+        Some(reason) => {
+            say_fresh_base(previous, &reason, progress);
+            (Take::Stream, true)
+        }
+        None => (Take::Changes, false),
+    }
 }
 
-/// The image's layers; None when `data` is a partial snapshot (only the changed pages) and
-/// the image needs whole files after all (a fresh base is due, or a file changed so much it
-/// ships whole): then the caller takes a whole snapshot and calls again.
+fn say_fresh_base(previous: &Previous, reason: &str, progress: &mut Progress) {
+    progress.done(&format!(
+        "generation {}: a fresh base, not a patch: {reason}",
+        previous.image_json.generation + 1
+    ));
+}
+
+/// What `write` made of a snapshot.
+pub enum Outcome {
+    Layers(Layers),
+    /// The snapshot cannot make the image: a partial one (only the changed pages) when the
+    /// image needs whole files after all (a fresh base is due, or a file changed so much it
+    /// ships whole). The caller takes this one and calls again.
+    Retake(Take),
+}
+
+/// The image's layers. `fresh_base`: a re-bake already known to be a fresh base (the
+/// reason was said), whose data is not compared with REF's.
 pub fn write(
     plan: &Plan,
-    data: &Data,
+    data: &mut Data,
     scratch: &Path,
+    fresh_base: bool,
     progress: &mut Progress,
-) -> Result<Option<Layers>> {
+) -> Result<Outcome> {
     let mut hashed = None;
     let mut generation = 0;
     if let Some(previous) = &plan.previous {
         generation = previous.image_json.generation + 1;
+    }
+    if let Some(previous) = plan.previous.as_ref().filter(|_| !fresh_base) {
         progress.phase("page hashes", 0);
-        let mut all = hash_all(data, threads())?;
+        let mut all = hash_all(&data.snapshot, threads())?;
         let new: PageIndex = all
             .iter()
             .map(|h| (h.digest.path.clone(), h.pages.clone()))
             .collect();
         let (mut changes, deleted, restores) =
             delta::changes(&previous.index, &new, MAX_PATCH_SHARE);
-        let partial =
-            |path: &String| data.snapshot.partial && data.snapshot.hashed.contains_key(path);
-        if let Some((path, _)) = changes
-            .iter()
-            .find(|(path, change)| partial(path) && matches!(change, Change::Whole))
-        {
-            progress.done(&format!(
-                "generation {generation}: {path} changed in more than half of its pages and ships whole: taking a whole snapshot"
-            ));
-            return Ok(None);
-        }
         restore_headers(data, &mut all, &mut changes, &restores)?;
         // Weighed before any patch file is written: a change spread over most pages (1 % of
         // a pgbench table's rows at random) would otherwise write hundreds of MiB of patches
@@ -686,19 +747,26 @@ pub fn write(
         let patch_raw = patch_raw_bytes(&all, &changes);
         let data_raw = all.iter().map(|h| h.pages.length).sum();
         match fresh_base_reason(plan, data, previous, patch_raw, data_raw)? {
-            Some(reason) if data.snapshot.partial => {
-                progress.done(&format!(
-                    "generation {generation}: a fresh base is due ({reason}): taking a whole snapshot"
-                ));
-                return Ok(None);
-            }
             Some(reason) => {
-                progress.done(&format!(
-                    "generation {generation}: a fresh base, not a patch: {reason}"
-                ));
+                say_fresh_base(previous, &reason, progress);
+                if data.snapshot.partial {
+                    return Ok(Outcome::Retake(Take::Stream));
+                }
                 hashed = Some(all);
             }
             None => {
+                let partial = |path: &String| {
+                    data.snapshot.partial && data.snapshot.hashed.contains_key(path)
+                };
+                if let Some((path, _)) = changes
+                    .iter()
+                    .find(|(path, change)| partial(path) && matches!(change, Change::Whole))
+                {
+                    progress.done(&format!(
+                        "generation {generation}: {path} changed in more than half of its pages and ships whole: taking a whole snapshot"
+                    ));
+                    return Ok(Outcome::Retake(Take::Whole));
+                }
                 let delta = Delta {
                     previous,
                     hashed: &all,
@@ -708,12 +776,20 @@ pub fn write(
                 };
                 let patch = patch_layer(plan, data, &delta, scratch)?;
                 debug_assert_eq!(patch.link.raw_bytes, patch_raw, "the patch weighed");
-                return write_patch_generation(plan, data, previous, patch, progress).map(Some);
+                return write_patch_generation(plan, data, previous, patch, progress)
+                    .map(Outcome::Layers);
             }
         }
     }
 
-    // A full build: base, bakedb's own, all the data, image.json with the full index.
+    // A full build: base, bakedb's own, all the data, image.json with the full index. A
+    // streamed snapshot holds the source's read transaction until its data layer is
+    // written: that goes first.
+    let streamed = if data.stream.is_some() {
+        Some(data_layer(plan, data, hashed.take(), progress)?)
+    } else {
+        None
+    };
     let mut all = base_layers(plan, progress)?;
     let mut new = Vec::new();
     let own = (!plan.no_init)
@@ -723,7 +799,10 @@ pub fn write(
     for layer in own {
         new.push(bundled_layer(plan, layer, progress)?);
     }
-    let (data_new, hashed) = data_layer(plan, data, hashed, progress)?;
+    let (data_new, hashed) = match streamed {
+        Some(written) => written,
+        None => data_layer(plan, data, hashed, progress)?,
+    };
     let index: BTreeMap<String, IndexEntry> = hashed
         .iter()
         .map(|h| (h.digest.path.clone(), IndexEntry::All(h.pages.clone())))
@@ -750,7 +829,7 @@ pub fn write(
     let (meta, data_digest) = meta_layer(plan, data, ij, Some(&index))?;
     new.push(meta);
     all.extend(new.iter().map(|n| n.layer.clone()));
-    Ok(Some(Layers {
+    Ok(Outcome::Layers(Layers {
         all,
         new,
         data_digest,

@@ -17,7 +17,7 @@ mod previous;
 
 use std::io::Write;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde_json::json;
 
 pub use data::{ScratchDir, warn_notes};
@@ -36,16 +36,23 @@ pub struct Built {
 /// Run every phase of a build.
 pub fn build(args: &BuildArgs, progress: &mut Progress) -> Result<Built> {
     let mut plan = plan::plan(args)?;
-    let may_patch = layers::may_patch(&plan);
-    let mut data = data::take(&mut plan, progress, may_patch)?;
-    let layers = match layers::write(&plan, &data, &data.scratch.0.join("patches"), progress)? {
-        Some(layers) => layers,
-        None => {
-            // The changed pages alone cannot make a fresh base: the whole source, at a later
+    let (how, mut fresh_base) = layers::first_take(&plan, progress);
+    let mut data = data::take(&mut plan, progress, how)?;
+    let mut retakes = 0;
+    let layers = loop {
+        let patches = data.scratch.0.join("patches");
+        match layers::write(&plan, &mut data, &patches, fresh_base, progress)? {
+            layers::Outcome::Layers(layers) => break layers,
+            // The changed pages alone cannot make the image: the whole source, at a later
             // point of it and as consistent.
-            data = data::take(&mut plan, progress, false)?;
-            layers::write(&plan, &data, &data.scratch.0.join("patches"), progress)?
-                .context("a whole snapshot still could not make the image's layers")?
+            layers::Outcome::Retake(how) if retakes == 0 => {
+                retakes += 1;
+                fresh_base = how == data::Take::Stream;
+                data = data::take(&mut plan, progress, how)?;
+            }
+            layers::Outcome::Retake(_) => {
+                anyhow::bail!("a whole snapshot still could not make the image's layers")
+            }
         }
     };
     let data_digest = layers.data_digest;

@@ -37,6 +37,11 @@ impl Previous {
         }
     }
 
+    /// The bytes of REF's data files, composed.
+    pub fn data_raw(&self) -> u64 {
+        self.index.values().map(|pages| pages.length).sum()
+    }
+
     /// Patch generations on REF's base, and their uncompressed bytes.
     pub fn patches_since_base(&self) -> (u64, u64, u64) {
         let chain = &self.image_json.chain;

@@ -130,6 +130,18 @@ impl Plan for SqlitePlan {
         .map(Some)
     }
 
+    fn snapshot_stream(
+        &mut self,
+        taken_at: &str,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Option<crate::Streaming>> {
+        if self.snapshot_dir {
+            return Ok(None);
+        }
+        progress("snapshot");
+        super::snapshot_stream(&self.source, taken_at, self.busy_timeout).map(Some)
+    }
+
     fn describe(&self, _snapshot: &Snapshot) -> Option<String> {
         (!self.snapshot_dir).then(|| {
             format!(

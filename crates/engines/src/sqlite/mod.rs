@@ -26,8 +26,10 @@ use serde_json::json;
 use sha2::{Digest as _, Sha256};
 
 mod engine;
+mod stream;
 
 pub use engine::Sqlite;
+pub use stream::snapshot_stream;
 
 use crate::datafiles::{CHUNK_SIZE, FileDigest, hex};
 use crate::delta::{FilePages, page_hash};
@@ -154,6 +156,126 @@ fn explain(source: &Path, busy_timeout: Duration, e: &rusqlite::Error) -> Option
     Some(source_err(source, reason))
 }
 
+/// An error of SQLite while doing `what` on `source`, in words a user can act on when there
+/// are such words.
+fn sql_err(
+    source: &Path,
+    busy_timeout: Duration,
+    what: &str,
+) -> impl FnOnce(rusqlite::Error) -> Error + use<> {
+    let what = what.to_owned();
+    let path = source.to_owned();
+    move |e: rusqlite::Error| {
+        explain(&path, busy_timeout, &e).unwrap_or(Error::Sqlite {
+            path: path.clone(),
+            what,
+            source: e,
+        })
+    }
+}
+
+/// The source in one read transaction: one committed point of it, what it is there, and a
+/// second connection at the same point for the check when it can have one.
+struct Reading {
+    src: Connection,
+    checker: Option<Connection>,
+    source: PathBuf,
+    busy_timeout: Duration,
+    page_size: i64,
+    page_count: i64,
+    provenance: serde_json::Value,
+}
+
+impl Reading {
+    fn begin(source: &Path, busy_timeout: Duration, taken_at: &str) -> Result<Reading> {
+        let sql = |what: &str| sql_err(source, busy_timeout, what);
+        let src = open_read_only(source).map_err(sql("opening"))?;
+        // The busy handler also runs while the read transaction waits for its lock.
+        src.busy_timeout(busy_timeout)
+            .map_err(sql("setting the busy timeout"))?;
+        src.execute_batch("BEGIN")
+            .map_err(sql("starting a read transaction"))?;
+        // The first read takes the transaction's lock (or WAL snapshot): every page after it
+        // is of this one committed point. It fails early, with SQLite's own words, on a file
+        // SQLite cannot read (e.g. encrypted).
+        let (page_size, page_count, schema_version, user_version): (i64, i64, i64, i64) = src
+            .query_row("SELECT (SELECT page_size FROM pragma_page_size), (SELECT page_count FROM pragma_page_count), (SELECT schema_version FROM pragma_schema_version), (SELECT user_version FROM pragma_user_version)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .map_err(sql("reading the schema (is it encrypted or corrupt?)"))?;
+        let journal: String = src
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .map_err(sql("reading the journal mode"))?;
+        // `PRAGMA quick_check` of the same committed point runs on the other core while the
+        // pages stream, on a second connection; when it cannot have that point, after them.
+        let checker = checker_at(&src, source, journal.eq_ignore_ascii_case("wal"));
+        Ok(Reading {
+            src,
+            checker,
+            source: source.to_owned(),
+            busy_timeout,
+            page_size,
+            page_count,
+            provenance: json!({
+                "source": source.to_string_lossy(),
+                "taken_at": taken_at,
+                "method": "sqlite_dbpage",
+                "position": {"page_size": page_size, "page_count": page_count, "schema_version": schema_version, "user_version": user_version},
+            }),
+        })
+    }
+
+    /// The page size, as a size of buffers: one that divides a chunk.
+    fn page_bytes(&self) -> Result<usize> {
+        usize::try_from(self.page_size)
+            .ok()
+            .filter(|p| *p >= 512 && (CHUNK_SIZE as usize).is_multiple_of(*p))
+            .ok_or_else(|| {
+                source_err(
+                    &self.source,
+                    format!("has a page size of {}", self.page_size),
+                )
+            })
+    }
+
+    /// Every page of the transaction into `sink`, with the check beside them; ends the
+    /// transaction. The sink has every page before the check's verdict is known: it must not
+    /// let the last of them be seen as a complete copy until this returns.
+    fn read_all(self, sink: &mut dyn PageSink) -> Result<()> {
+        let Reading {
+            src,
+            checker,
+            source,
+            busy_timeout,
+            page_size,
+            page_count,
+            ..
+        } = self;
+        let source = source.as_path();
+        let sql = |what: &str| sql_err(source, busy_timeout, what);
+        std::thread::scope(|scope| -> Result<()> {
+            let checking = checker.map(|c| scope.spawn(move || check(&c, source)));
+            let read = stream_pages(&src, page_size, source, busy_timeout, sink)?;
+            if read != page_count {
+                return Err(source_err(
+                    source,
+                    format!(
+                        "sqlite_dbpage gave {read} pages where the read transaction has {page_count}"
+                    ),
+                ));
+            }
+            if checking.is_none() {
+                check(&src, source)?;
+            }
+            // The checker holds its own lock or snapshot: writers wait on it alone now.
+            src.execute_batch("COMMIT")
+                .map_err(sql("ending the read transaction"))?;
+            if let Some(checking) = checking {
+                checking.join().expect("the check thread panicked")?;
+            }
+            Ok(())
+        })
+    }
+}
+
 /// Copy `source` consistently into `out_dir`; `taken_at` is recorded as the snapshot time.
 /// `durable` fsyncs the copy: wanted for a snapshot directory that outlives the command, a
 /// waste of a full disk write for the scratch copy a build reads once and deletes.
@@ -169,17 +291,6 @@ pub fn snapshot(
     known: Option<&Known<'_>>,
 ) -> Result<Snapshot> {
     check_source(source)?;
-    let sql = |what: &str| {
-        let what = what.to_owned();
-        let path = source.to_owned();
-        move |e: rusqlite::Error| {
-            explain(&path, busy_timeout, &e).unwrap_or(Error::Sqlite {
-                path: path.clone(),
-                what,
-                source: e,
-            })
-        }
-    };
     let name = image_file_name(source);
     fs::create_dir_all(out_dir).map_err(|e| Error::Io {
         op: "creating",
@@ -190,50 +301,27 @@ pub fn snapshot(
     let tmp = out_dir.join(format!(".{name}.partial"));
     let _ = fs::remove_file(&tmp);
     let result = (|| {
-        let src = open_read_only(source).map_err(sql("opening"))?;
-        // The busy handler also runs while the read transaction waits for its lock.
-        src.busy_timeout(busy_timeout)
-            .map_err(sql("setting the busy timeout"))?;
-        src.execute_batch("BEGIN")
-            .map_err(sql("starting a read transaction"))?;
-        // The first read takes the transaction's lock (or WAL snapshot): every page after it
-        // is of this one committed point. It fails early, with SQLite's own words, on a file
-        // SQLite cannot read (e.g. encrypted).
-        let (page_size, schema_version, user_version): (i64, i64, i64) = src
-            .query_row("SELECT (SELECT page_size FROM pragma_page_size), (SELECT schema_version FROM pragma_schema_version), (SELECT user_version FROM pragma_user_version)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .map_err(sql("reading the schema (is it encrypted or corrupt?)"))?;
-        let journal: String = src
-            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
-            .map_err(sql("reading the journal mode"))?;
+        let reading = Reading::begin(source, busy_timeout, taken_at)?;
+        let page_size = reading.page_size;
         let known_file = known
             .and_then(|k| k.file(&name))
             .filter(|(pages, _)| i64::from(pages.page_size) == page_size && pages.header_len == 0);
-        // `PRAGMA quick_check` of the same committed point runs on the other core while the
-        // pages stream, on a second connection; when it cannot have that point, after them.
-        let checker = checker_at(&src, source, journal.eq_ignore_ascii_case("wal"));
-        let streamed = std::thread::scope(|scope| -> Result<Streamed> {
-            let checking = checker.map(|c| scope.spawn(move || check(&c, source)));
-            let streamed = stream_pages(
-                &src,
-                page_size,
-                &tmp,
-                source,
-                &sql,
-                known.is_some(),
-                known_file,
-            )?;
-            if checking.is_none() {
-                check(&src, source)?;
-            }
-            // The checker holds its own lock or snapshot: writers wait on it alone now.
-            src.execute_batch("COMMIT")
-                .map_err(sql("ending the read transaction"))?;
-            if let Some(checking) = checking {
-                checking.join().expect("the check thread panicked")?;
-            }
-            Ok(streamed)
+        let file = File::create(&tmp).map_err(|e| Error::Io {
+            op: "creating",
+            path: tmp.clone(),
+            source: e,
         })?;
-        drop(src);
+        let mut chunker = Chunker::new(
+            &file,
+            &tmp,
+            reading.page_bytes()?,
+            known.is_some(),
+            known_file,
+        );
+        let provenance = reading.provenance.clone();
+        reading.read_all(&mut chunker)?;
+        let streamed = chunker.end()?;
+        drop(file);
         if durable {
             File::open(&tmp)
                 .and_then(|f| f.sync_all())
@@ -248,17 +336,7 @@ pub fn snapshot(
             path: dest.clone(),
             source: e,
         })?;
-        let page_count = streamed.page_count;
-        Ok((
-            json!({
-                "source": source.to_string_lossy(),
-                "taken_at": taken_at,
-                "method": "sqlite_dbpage",
-                "position": {"page_size": page_size, "page_count": page_count, "schema_version": schema_version, "user_version": user_version},
-            }),
-            streamed,
-            known_file.is_some(),
-        ))
+        Ok((provenance, streamed, known_file.is_some()))
     })();
     let (provenance, streamed, partial) = match result {
         Ok(p) => p,
@@ -267,7 +345,7 @@ pub fn snapshot(
             return Err(e);
         }
     };
-    let mode = 0o644;
+    let mode = FILE_MODE;
     let hashed = streamed
         .pages
         .map(|pages| {
@@ -291,6 +369,9 @@ pub fn snapshot(
         partial,
     })
 }
+
+/// The baked file's mode.
+const FILE_MODE: u32 = 0o644;
 
 /// The source, read-only: bakedb never writes it. No mmap: a file another program truncates
 /// in place would kill the process with SIGBUS instead of failing the read, and mapped
@@ -349,51 +430,23 @@ fn checker_at(src: &Connection, source: &Path, wal: bool) -> Option<Connection> 
     }
 }
 
-/// What streaming the pages gave: how many, and when they were hashed, the new file's pages
-/// and its chunks' sha256 (hex).
-struct Streamed {
-    page_count: usize,
-    pages: Option<FilePages>,
-    chunks: Vec<String>,
+/// Where the pages of a read transaction go, in order (0-based page numbers). Page 1's
+/// read and write versions are already set to 1 (rollback journal), as
+/// `PRAGMA journal_mode = DELETE` would set them, so the file is a database of its own
+/// without -wal/-shm files.
+trait PageSink {
+    fn page(&mut self, index: usize, page: &[u8]) -> Result<()>;
 }
 
-/// Every page of the source's read transaction, in order, written into `dest` at its offset.
-/// With `hash` (a re-bake) they are hashed as they go by (XXH3-128 per page for the page
-/// index, sha256 per CHUNK_SIZE chunk for image.json), and when `known` (the previous
-/// image's pages and digest of this file) is given, the pages whose hash is the one `known`
-/// has are not written: then `dest` is sparse and holds only
-/// what a patch needs, and a chunk whose pages all kept their hashes (and its length) keeps
-/// its previous sha256 instead of being hashed again. Page 1's read and write versions are
-/// set to 1 (rollback journal), as `PRAGMA journal_mode = DELETE` would set them, so the file
-/// is a database of its own without -wal/-shm files. A full build does not hash here: the
-/// build hashes the copy on another core while it compresses it, which costs less than
-/// hashing on the way in, ahead of the compression.
-fn stream_pages<F, E>(
+/// Every page of the source's read transaction, in order, into `sink`; how many there were.
+fn stream_pages(
     src: &Connection,
     page_size: i64,
-    dest: &Path,
     source: &Path,
-    sql: &F,
-    hash: bool,
-    known: Option<(&FilePages, &FileDigest)>,
-) -> Result<Streamed>
-where
-    F: Fn(&str) -> E,
-    E: FnOnce(rusqlite::Error) -> Error,
-{
-    let io = |op: &'static str| {
-        let path = dest.to_owned();
-        move |e: std::io::Error| Error::Io {
-            op,
-            path,
-            source: e,
-        }
-    };
-    let ps = usize::try_from(page_size)
-        .ok()
-        .filter(|p| *p >= 512 && (CHUNK_SIZE as usize).is_multiple_of(*p))
-        .ok_or_else(|| source_err(source, format!("has a page size of {page_size}")))?;
-    let file = File::create(dest).map_err(io("creating"))?;
+    busy_timeout: Duration,
+    sink: &mut dyn PageSink,
+) -> Result<i64> {
+    let sql = |what: &str| sql_err(source, busy_timeout, what);
     let mut stmt = src
         .prepare("SELECT pgno, data FROM sqlite_dbpage")
         .map_err(|e| {
@@ -409,26 +462,15 @@ where
             }
         })?;
     let mut rows = stmt.query([]).map_err(sql("reading the pages"))?;
-    let mut chunk = Chunker {
-        file: &file,
-        hash,
-        page_size: ps,
-        known,
-        known_chunks: known.map(|(_, d)| d.chunk_digests()).unwrap_or_default(),
-        buf: Vec::with_capacity(CHUNK_SIZE as usize),
-        fresh: Vec::new(),
-        index: 0,
-        chunks: Vec::new(),
-    };
-    let mut hashes = Vec::new();
     let mut expected: i64 = 1;
+    let mut first = Vec::new();
     while let Some(row) = rows.next().map_err(sql("reading the pages"))? {
         let pgno: i64 = row.get(0).map_err(sql("reading the pages"))?;
         let data = row
             .get_ref(1)
             .and_then(|v| v.as_blob().map_err(Into::into))
             .map_err(sql("reading the pages"))?;
-        if pgno != expected || data.len() != ps {
+        if pgno != expected || i64::try_from(data.len()) != Ok(page_size) {
             return Err(source_err(
                 source,
                 format!(
@@ -437,55 +479,41 @@ where
                 ),
             ));
         }
-        let at = chunk.buf.len();
-        chunk.buf.extend_from_slice(data);
+        let index = (expected - 1) as usize;
         if pgno == 1 {
-            chunk.buf[18] = 1;
-            chunk.buf[19] = 1;
-        }
-        let page = (expected - 1) as usize;
-        if hash {
-            let h = page_hash(&chunk.buf[at..]);
-            if known.and_then(|(k, _)| k.hashes.get(page)) != Some(&h) {
-                chunk.fresh.push(page);
-            }
-            hashes.push(h);
+            first.extend_from_slice(data);
+            first[18] = 1;
+            first[19] = 1;
+            sink.page(index, &first)?;
         } else {
-            chunk.fresh.push(page);
-        }
-        if chunk.buf.len() == CHUNK_SIZE as usize {
-            chunk.flush().map_err(io("writing"))?;
+            sink.page(index, data)?;
         }
         expected += 1;
     }
-    let page_count = (expected - 1) as usize;
-    if !chunk.buf.is_empty() || page_count == 0 {
-        chunk.flush().map_err(io("writing"))?;
-    }
-    let length = page_count as u64 * ps as u64;
-    // Pages at the end that kept their hashes were not written: the file still has its length.
-    file.set_len(length).map_err(io("writing"))?;
-    Ok(Streamed {
-        page_count,
-        pages: hash.then(|| FilePages {
-            page_size: ps as u32,
-            header_len: 0,
-            length,
-            hashes,
-            headers: Vec::new(),
-        }),
-        chunks: chunk.chunks,
-    })
+    Ok(expected - 1)
+}
+
+/// What a copy of the pages gave: when they were hashed, the new file's pages and its
+/// chunks' sha256 (hex).
+struct Streamed {
+    pages: Option<FilePages>,
+    chunks: Vec<String>,
 }
 
 /// The largest write into the copy.
 const WRITE_BYTES: usize = 1 << 20;
 
-/// One CHUNK_SIZE piece of the new file at a time: its sha256 (or the previous one, when none
-/// of its pages changed), and its fresh pages written at their offsets.
+/// The pages written into a copy at their offsets, one CHUNK_SIZE piece at a time. With
+/// `hash` (a re-bake) they are hashed as they go by (XXH3-128 per page for the page index,
+/// sha256 per chunk for image.json), and when `known` (the previous image's pages and
+/// digest of this file) is given, the pages whose hash is the one `known` has are not
+/// written: then the copy is sparse and holds only what a patch needs, and a chunk whose
+/// pages all kept their hashes (and its length) keeps its previous sha256 instead of being
+/// hashed again.
 struct Chunker<'a> {
     file: &'a File,
-    /// Whether to give each chunk its sha256.
+    path: &'a Path,
+    /// Whether to hash the pages and give each chunk its sha256.
     hash: bool,
     page_size: usize,
     known: Option<(&'a FilePages, &'a FileDigest)>,
@@ -494,10 +522,64 @@ struct Chunker<'a> {
     /// Page numbers (0-based, in the file) of this chunk's pages that `known` lacks.
     fresh: Vec<usize>,
     index: usize,
+    pages: usize,
+    hashes: Vec<u128>,
     chunks: Vec<String>,
 }
 
-impl Chunker<'_> {
+impl<'a> Chunker<'a> {
+    fn new(
+        file: &'a File,
+        path: &'a Path,
+        page_size: usize,
+        hash: bool,
+        known: Option<(&'a FilePages, &'a FileDigest)>,
+    ) -> Self {
+        Chunker {
+            file,
+            path,
+            hash,
+            page_size,
+            known,
+            known_chunks: known.map(|(_, d)| d.chunk_digests()).unwrap_or_default(),
+            buf: Vec::with_capacity(CHUNK_SIZE as usize),
+            fresh: Vec::new(),
+            index: 0,
+            pages: 0,
+            hashes: Vec::new(),
+            chunks: Vec::new(),
+        }
+    }
+
+    fn io(&self, op: &'static str) -> impl FnOnce(std::io::Error) -> Error + use<> {
+        let path = self.path.to_owned();
+        move |e| Error::Io {
+            op,
+            path,
+            source: e,
+        }
+    }
+
+    /// The last chunk, and the file's length (pages at the end that kept their hashes were
+    /// not written).
+    fn end(mut self) -> Result<Streamed> {
+        if !self.buf.is_empty() || self.pages == 0 {
+            self.flush().map_err(self.io("writing"))?;
+        }
+        let length = (self.pages * self.page_size) as u64;
+        self.file.set_len(length).map_err(self.io("writing"))?;
+        Ok(Streamed {
+            pages: self.hash.then(|| FilePages {
+                page_size: self.page_size as u32,
+                header_len: 0,
+                length,
+                hashes: self.hashes,
+                headers: Vec::new(),
+            }),
+            chunks: self.chunks,
+        })
+    }
+
     fn flush(&mut self) -> std::io::Result<()> {
         let start = self.index as u64 * CHUNK_SIZE;
         let len = self.buf.len() as u64;
@@ -534,6 +616,26 @@ impl Chunker<'_> {
         self.buf.clear();
         self.fresh.clear();
         self.index += 1;
+        Ok(())
+    }
+}
+
+impl PageSink for Chunker<'_> {
+    fn page(&mut self, index: usize, page: &[u8]) -> Result<()> {
+        self.buf.extend_from_slice(page);
+        if self.hash {
+            let h = page_hash(page);
+            if self.known.and_then(|(k, _)| k.hashes.get(index)) != Some(&h) {
+                self.fresh.push(index);
+            }
+            self.hashes.push(h);
+        } else {
+            self.fresh.push(index);
+        }
+        self.pages += 1;
+        if self.buf.len() == CHUNK_SIZE as usize {
+            self.flush().map_err(self.io("writing"))?;
+        }
         Ok(())
     }
 }
@@ -976,6 +1078,75 @@ mod tests {
             "{msg}"
         );
         assert!(!dir.path().join("out/bad.db").exists());
+    }
+
+    /// All of a streamed snapshot's bytes, and its end.
+    fn read_stream(streaming: &mut crate::Streaming) -> std::io::Result<Vec<u8>> {
+        let mut bytes = Vec::new();
+        streaming.files[0].reader.read_to_end(&mut bytes)?;
+        Ok(bytes)
+    }
+
+    /// A streamed snapshot is the copy a snapshot writes, byte for byte, with the hashes
+    /// `digest_and_pages` gives that copy: over more than one chunk, from a WAL source whose
+    /// newest pages are in the WAL.
+    #[test]
+    fn a_streamed_snapshot_is_the_copy_with_its_hashes() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("app.db");
+        let c = Connection::open(&src).unwrap();
+        c.execute_batch(
+            "PRAGMA journal_mode=WAL; PRAGMA wal_autocheckpoint=0; CREATE TABLE b(id INTEGER PRIMARY KEY, x BLOB);
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 20)
+             INSERT INTO b(x) SELECT randomblob(1048576) FROM n;
+             UPDATE b SET x = randomblob(1000) WHERE id = 3;",
+        )
+        .unwrap();
+        let mut streaming = snapshot_stream(&src, "t", DEFAULT_BUSY_TIMEOUT).unwrap();
+        let streamed = read_stream(&mut streaming).unwrap();
+        assert_eq!(streaming.files[0].size, streamed.len() as u64);
+        assert!(streamed.len() as u64 > CHUNK_SIZE, "{}", streamed.len());
+        let crate::Streaming {
+            snapshot, finish, ..
+        } = streaming;
+        let hashed = finish().unwrap();
+        let copy = snap(&src, &dir.path().join("out"), false).unwrap();
+        let file = &copy.files[0];
+        assert_eq!(fs::read(&file.host_path).unwrap(), streamed);
+        assert_eq!(
+            hashed[&file.rel_path],
+            crate::datafiles::digest_and_pages(file, 1).unwrap()
+        );
+        assert_eq!(snapshot.files[0].rel_path, file.rel_path);
+        assert_eq!(snapshot.provenance["position"], copy.provenance["position"]);
+    }
+
+    /// A corrupt source's stream ends with the check's error, never at its size, and so does
+    /// the snapshot; a stream nobody reads to its end ends the snapshot too.
+    #[test]
+    fn a_streamed_snapshot_of_a_corrupt_source_never_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("bad.db");
+        make_indexed_db(&src);
+        let mut bytes = std::fs::read(&src).unwrap();
+        let mid = bytes.len() / 2;
+        for b in &mut bytes[mid..mid + 8192] {
+            *b = 0xA5;
+        }
+        std::fs::write(&src, &bytes).unwrap();
+        let mut streaming = snapshot_stream(&src, "t", DEFAULT_BUSY_TIMEOUT).unwrap();
+        let read = read_stream(&mut streaming).unwrap_err();
+        assert!(read.to_string().contains("corrupt"), "{read}");
+        let e = (streaming.finish)().unwrap_err();
+        assert!(e.to_string().contains("corrupt"), "{e}");
+
+        let good = dir.path().join("good.db");
+        make_indexed_db(&good);
+        let streaming = snapshot_stream(&good, "t", DEFAULT_BUSY_TIMEOUT).unwrap();
+        let crate::Streaming { files, finish, .. } = streaming;
+        drop(files);
+        let e = finish().unwrap_err();
+        assert!(e.to_string().contains("streaming the pages"), "{e}");
     }
 
     /// A database in rollback-journal mode (the default), as most applications leave it.
