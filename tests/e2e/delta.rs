@@ -801,6 +801,35 @@ fn a_patch_larger_than_a_chunk_is_verified_chunk_by_chunk() {
     );
 }
 
+/// An 8 MiB SQLite source baked as g0, changed by `sql`, re-baked from g0 as g1: the
+/// re-bake's output.
+fn rebake_big_db(d: &Path, sql: &str) -> std::process::Output {
+    util::make_big_db(&d.join("app.db"), 8);
+    run_ok(bakedb(d).args(util::sqlite_build("app.db", "oci:l:g0")));
+    rusqlite::Connection::open(d.join("app.db"))
+        .unwrap()
+        .execute_batch(sql)
+        .unwrap();
+    run_ok(bakedb(d).args([
+        "build", "--engine", "sqlite", "--source", "app.db", "--from", "oci:l:g0", "--output",
+        "oci:l:g1",
+    ]))
+}
+
+/// g1 verifies, its last chain link is of `kind`, and its database is the source's, byte
+/// for byte.
+fn assert_g1_is_the_source(d: &Path, kind: &str) {
+    let ij = inspect(d, "oci:l:g1")["image_json"].clone();
+    assert_eq!(
+        ij["chain"].as_array().unwrap().last().unwrap()["kind"],
+        kind,
+        "{ij}"
+    );
+    run_ok(bakedb(d).args(["verify", "oci:l:g1"]));
+    let baked = image_file(&d.join("l"), "g1", &format!("{DATA_DIR}/app.db")).unwrap();
+    assert!(baked == std::fs::read(d.join("app.db")).unwrap());
+}
+
 /// A re-bake reads only the changed pages of a live SQLite source; when nearly every page
 /// changed, the file would ship whole on a base as big as it, so the build takes a whole
 /// snapshot after all (streamed into the layer) and writes a fresh base whose database is
@@ -809,16 +838,7 @@ fn a_patch_larger_than_a_chunk_is_verified_chunk_by_chunk() {
 fn a_rebake_that_changed_most_pages_takes_a_whole_snapshot_for_a_fresh_base() {
     let dir = test_dir();
     let d = dir.path();
-    util::make_big_db(&d.join("app.db"), 8);
-    run_ok(bakedb(d).args(util::sqlite_build("app.db", "oci:l:g0")));
-    rusqlite::Connection::open(d.join("app.db"))
-        .unwrap()
-        .execute_batch("UPDATE b SET data = randomblob(1048576)")
-        .unwrap();
-    let out = run_ok(bakedb(d).args([
-        "build", "--engine", "sqlite", "--source", "app.db", "--from", "oci:l:g0", "--output",
-        "oci:l:g1",
-    ]));
+    let out = rebake_big_db(d, "UPDATE b SET data = randomblob(1048576)");
     let err = stderr(&out);
     assert!(
         err.contains("generation 1: a fresh base, not a patch: its patches would be")
@@ -828,11 +848,6 @@ fn a_rebake_that_changed_most_pages_takes_a_whole_snapshot_for_a_fresh_base() {
     // Two snapshots: the changed pages, then the whole file.
     assert_eq!(err.matches("snapshot of app.db").count(), 2, "{err}");
     let ij = inspect(d, "oci:l:g1")["image_json"].clone();
-    assert_eq!(
-        ij["chain"].as_array().unwrap().last().unwrap()["kind"],
-        "base",
-        "{ij}"
-    );
     assert!(
         ij["files"]
             .as_array()
@@ -841,9 +856,7 @@ fn a_rebake_that_changed_most_pages_takes_a_whole_snapshot_for_a_fresh_base() {
             .all(|f| f["patches"].is_null()),
         "{ij}"
     );
-    run_ok(bakedb(d).args(["verify", "oci:l:g1"]));
-    let baked = image_file(&d.join("l"), "g1", &format!("{DATA_DIR}/app.db")).unwrap();
-    assert!(baked == std::fs::read(d.join("app.db")).unwrap());
+    assert_g1_is_the_source(d, "base");
 }
 
 /// A file that changed in most of its pages ships whole in the patch layer when the data grew
@@ -854,20 +867,12 @@ fn a_rebake_that_changed_most_pages_takes_a_whole_snapshot_for_a_fresh_base() {
 fn a_file_that_changed_most_pages_and_grew_ships_whole_in_a_patch() {
     let dir = test_dir();
     let d = dir.path();
-    util::make_big_db(&d.join("app.db"), 8);
-    run_ok(bakedb(d).args(util::sqlite_build("app.db", "oci:l:g0")));
-    rusqlite::Connection::open(d.join("app.db"))
-        .unwrap()
-        .execute_batch(
-            "UPDATE b SET data = randomblob(1048576);
-             INSERT INTO b(data) SELECT randomblob(1048576) FROM b;
-             INSERT INTO b(data) SELECT randomblob(1048576) FROM b;",
-        )
-        .unwrap();
-    let out = run_ok(bakedb(d).args([
-        "build", "--engine", "sqlite", "--source", "app.db", "--from", "oci:l:g0", "--output",
-        "oci:l:g1",
-    ]));
+    let out = rebake_big_db(
+        d,
+        "UPDATE b SET data = randomblob(1048576);
+         INSERT INTO b(data) SELECT randomblob(1048576) FROM b;
+         INSERT INTO b(data) SELECT randomblob(1048576) FROM b;",
+    );
     let err = stderr(&out);
     assert!(
         err.contains(
@@ -876,13 +881,5 @@ fn a_file_that_changed_most_pages_and_grew_ships_whole_in_a_patch() {
             && err.contains("1 whole, 0 patched"),
         "{err}"
     );
-    let ij = inspect(d, "oci:l:g1")["image_json"].clone();
-    assert_eq!(
-        ij["chain"].as_array().unwrap().last().unwrap()["kind"],
-        "patch",
-        "{ij}"
-    );
-    run_ok(bakedb(d).args(["verify", "oci:l:g1"]));
-    let baked = image_file(&d.join("l"), "g1", &format!("{DATA_DIR}/app.db")).unwrap();
-    assert!(baked == std::fs::read(d.join("app.db")).unwrap());
+    assert_g1_is_the_source(d, "patch");
 }

@@ -1056,18 +1056,22 @@ mod tests {
         assert!(e.contains("not a SQLite database"), "{e}");
     }
 
-    #[test]
-    fn refuses_corrupt_database() {
-        let dir = tempfile::tempdir().unwrap();
-        let src = dir.path().join("bad.db");
-        make_indexed_db(&src);
-        // Scribble over the middle of the file, leaving the header intact.
-        let mut bytes = std::fs::read(&src).unwrap();
+    /// An indexed database scribbled over in the middle, its header intact.
+    fn make_corrupt_db(path: &Path) {
+        make_indexed_db(path);
+        let mut bytes = std::fs::read(path).unwrap();
         let mid = bytes.len() / 2;
         for b in &mut bytes[mid..mid + 8192] {
             *b = 0xA5;
         }
-        std::fs::write(&src, &bytes).unwrap();
+        std::fs::write(path, &bytes).unwrap();
+    }
+
+    #[test]
+    fn refuses_corrupt_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("bad.db");
+        make_corrupt_db(&src);
         let e = snap(&src, &dir.path().join("out"), true).unwrap_err();
         let msg = format!(
             "{e}: {:?}",
@@ -1127,13 +1131,7 @@ mod tests {
     fn a_streamed_snapshot_of_a_corrupt_source_never_ends() {
         let dir = tempfile::tempdir().unwrap();
         let src = dir.path().join("bad.db");
-        make_indexed_db(&src);
-        let mut bytes = std::fs::read(&src).unwrap();
-        let mid = bytes.len() / 2;
-        for b in &mut bytes[mid..mid + 8192] {
-            *b = 0xA5;
-        }
-        std::fs::write(&src, &bytes).unwrap();
+        make_corrupt_db(&src);
         let mut streaming = snapshot_stream(&src, "t", DEFAULT_BUSY_TIMEOUT).unwrap();
         let read = read_stream(&mut streaming).unwrap_err();
         assert!(read.to_string().contains("corrupt"), "{read}");
