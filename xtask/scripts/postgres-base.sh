@@ -48,26 +48,14 @@ applets="sh cat ls id sleep echo test"
 pg_uid=999
 pg_gid=999
 
-die() {
-    echo "postgres-base.sh: $*" >&2
-    exit 1
-}
+# Shared with mariadb-base.sh: the steps of a base image made from Debian packages.
+me=postgres-base.sh
+# shellcheck source=base-lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/base-lib.sh"
 
-# Idempotent: `cargo xtask fixtures` calls this every time.
-# (No `umoci ls | grep -q`: grep quits at the first match, umoci may then die of SIGPIPE
-# while printing the next tag, and pipefail turns that into "no such tag".)
-if [ -f "$out/index.json" ]; then
-    tags=$(umoci ls --layout "$out")
-    if grep -qx "$tag" <<<"$tags"; then
-        exit 0
-    fi
-    die "$out is an OCI layout without tag $tag; not touching it"
-fi
+exit_if_built
 
 # --- what to package -----------------------------------------------------------------------
-installed() {
-    [ "$(dpkg-query -W -f '${db:Status-Abbrev}' "$1" 2>/dev/null)" = "ii " ]
-}
 if [ -z "${PG_MAJOR:-}" ]; then
     # postgresql-15, not postgresql-15-foo or the unversioned postgresql metapackage.
     PG_MAJOR=$(dpkg-query -W -f '${db:Status-Abbrev}|${Package}\n' 'postgresql-[0-9]*' 2>/dev/null |
@@ -81,21 +69,9 @@ for pkg in "$server_pkg" "$client_pkg"; do
     installed "$pkg" || die "Debian package $pkg is not installed"
 done
 pg_version=$(dpkg-query -W -f '${Version}' "$server_pkg")
-[ -x "$busybox" ] || die "$busybox not found (apt-get install busybox-static)"
-# The unprivileged path needs setfattr; say so now rather than after a minute of copying.
-if [ "$(id -u)" -ne 0 ] && ! command -v setfattr >/dev/null; then
-    die "building as non-root needs setfattr (apt-get install attr), or run as root"
-fi
+check_builder
 
-# Build next to OUTDIR and rename at the end, so an interrupted run never leaves an
-# OUTDIR/index.json that would make the next run skip the build.
-parent=$(dirname "$out")
-mkdir -p "$parent"
-work=$(mktemp -d "$parent/.postgres-base.XXXXXX")
-trap 'rm -rf "$work"' EXIT
-layout="$work/layout"
-bundle="$work/bundle"
-list="$work/files"
+start_work
 
 # Paths are collected in $list (absolute, no symlinked directory on the way) and copied in
 # one tar pipe at the end, which keeps symlinks as symlinks and modes as they are.
@@ -120,63 +96,7 @@ grep -qx "/usr/lib/postgresql/$major/bin/postgres" "$list" ||
 locale_bin=$(command -v locale) || die "locale(1) not found (Debian package libc-bin)"
 realpath -e "$locale_bin" >>"$list"
 
-# Add path $1 and, if it is a symlink, what it points to, until a real file: the loader finds
-# libraries by SONAME (libssl.so.3), which Debian ships as a link to the real file; the ELF
-# interpreter /lib64/ld-linux-x86-64.so.2 is /usr/lib64/... -> /lib/x86_64-linux-gnu/....
-# Directories are canonicalised (/lib -> /usr/lib on merged /usr): the image gets the
-# top-level links themselves further down, as Debian has them.
-add_with_links() {
-    local p=$1 dir
-    while :; do
-        dir=$(realpath -e "$(dirname "$p")")
-        p="$dir/$(basename "$p")"
-        echo "$p" >>"$list"
-        [ -L "$p" ] || break
-        case $(readlink "$p") in
-        /*) p=$(readlink "$p") ;;
-        *) p="$dir/$(readlink "$p")" ;;
-        esac
-    done
-    [ -e "$p" ] || die "dangling link at $p"
-}
-
-is_elf() {
-    [ "$(head -c 4 "$1" | od -An -tx1 | tr -d ' \n')" = 7f454c46 ]
-}
-
-# Every library any ELF file in bin and lib loads: the programs, and the modules the server
-# dlopen()s (llvmjit.so brings libLLVM, the PL and contrib modules libxml2, libxslt, ...).
-# ldd lists the whole closure, the interpreter included; libraries the programs dlopen()
-# themselves are not in it (see the hand-picked ones below).
-deps="$work/deps"
-: >"$deps"
-while read -r f; do
-    if [ ! -f "$f" ] || [ -L "$f" ] || ! is_elf "$f"; then
-        continue
-    fi
-    # A static ELF here would make ldd fail: fail with it, none is expected.
-    ldd_out=$(ldd "$f") || die "ldd $f failed: $ldd_out"
-    if grep -q 'not found' <<<"$ldd_out"; then
-        die "$f needs a library that is not installed:"$'\n'"$ldd_out"
-    fi
-    # "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)" and
-    # "/lib64/ld-linux-x86-64.so.2 (0x...)"; not linux-vdso.so.1, which the kernel provides.
-    awk '$2 == "=>" && $3 ~ /^\// { print $3; next } $1 ~ /^\// { print $1 }' <<<"$ldd_out" >>"$deps"
-done <"$list"
-libc=$(grep -m1 '/libc\.so\.6$' "$deps") || die "no libc.so.6 among the libraries"
-libdir=$(realpath -e "$(dirname "$libc")")
-# dlopen()ed, so invisible to ldd: glibc loads libgcc_s when a thread is cancelled or exits
-# (pthread_exit unwinds through it); today libstdc++ (for ICU) already brings it in.
-# NSS needs nothing: since glibc 2.34 the files and dns modules are part of libc.so.6.
-echo "$libdir/libgcc_s.so.1" >>"$deps"
-sort -u "$deps" | while read -r lib; do
-    add_with_links "$lib"
-    # The image has no /etc/ld.so.cache (ldconfig -r needs root), so the loader only looks
-    # in its built-in directories; a library that ldd found elsewhere through this
-    # machine's ld.so.conf would be missing at run time.
-    [ "$(dirname "$(realpath -e "$lib")")" = "$libdir" ] ||
-        die "$lib is not in $libdir: the loader in the image would not find it"
-done
+add_libraries
 
 # Time zones (--with-system-tzdata: the server reads /usr/share/zoneinfo at run time, initdb
 # matches /etc/localtime against it) and the C.UTF-8 locale (LANG=C.UTF-8 makes it initdb's
@@ -187,53 +107,7 @@ for d in /usr/share/zoneinfo /usr/lib/locale/C.utf8; do
 done
 
 # --- the root file system ----------------------------------------------------------------------
-umoci init --layout "$layout"
-umoci new --image "$layout:$tag"
-if [ "$(id -u)" -eq 0 ]; then
-    rootless=()
-    # Real ownership: without --rootless umoci records uid and gid from stat().
-    own() { chown "$1:$2" "$3"; }
-else
-    # --rootless maps the caller's uid to 0; other owners come from this xattr, a protobuf
-    # message (rootlesscontainers.com): field 1 uid and field 2 gid, varint-encoded.
-    rootless=(--rootless)
-    varint() {
-        local n=$1 hex=
-        while [ "$n" -ge 128 ]; do
-            hex+=$(printf '%02x' $(((n & 127) | 128)))
-            n=$((n >> 7))
-        done
-        printf '%s%02x' "$hex" "$n"
-    }
-    own() { setfattr -n user.rootlesscontainers -v "0x08$(varint "$1")10$(varint "$2")" "$3"; }
-fi
-umoci unpack "${rootless[@]}" --image "$layout:$tag" "$bundle"
-rootfs="$bundle/rootfs"
-
-# --no-same-owner: files belong to the builder (root, or mapped to root by --rootless), not
-# to whoever owns them on this machine. GNU tar copies no xattrs unless told to.
-sed 's|^/||' "$list" | sort -u |
-    tar -C / --no-recursion --verbatim-files-from -T - -cf - |
-    tar -C "$rootfs" --no-same-owner -xpf -
-
-# Merged /usr as on Debian 12: /bin, /sbin, /lib, /lib64 are links into /usr, so the ELF
-# interpreter path /lib64/ld-linux-x86-64.so.2 and /bin/sh resolve. Only the links this
-# machine has (no /lib64 on arm64).
-for d in bin sbin lib lib64; do
-    if [ -L "/$d" ]; then
-        target=$(readlink "/$d")
-        install -d -m 0755 "$rootfs/${target#/}"
-        ln -s "$target" "$rootfs/$d"
-    fi
-done
-
-# busybox in /usr/bin as on Debian (busybox-static installs /bin/busybox, i.e. /usr/bin);
-# the official image has a shell, and initdb needs one.
-install -d -m 0755 "$rootfs/usr/bin"
-install -m 0755 "$busybox" "$rootfs/usr/bin/busybox"
-for applet in $applets; do
-    ln -s busybox "$rootfs/usr/bin/$applet"
-done
+make_rootfs
 
 install -d -m 0755 "$rootfs/etc"
 # Users and groups of the official image (Debian's postgres package there makes them with
