@@ -87,6 +87,28 @@ pub struct StoredFile {
 }
 
 /// Lower-case hex, as image.json writes digests.
+/// fsync every file and directory under `path`, `path` included: a snapshot directory that
+/// outlives the command.
+pub(crate) fn sync_tree(path: &Path) -> Result<()> {
+    let io = |op: &'static str, at: &Path| {
+        let at = at.to_owned();
+        move |source| Error::Io {
+            op,
+            path: at,
+            source,
+        }
+    };
+    let meta = std::fs::symlink_metadata(path).map_err(io("reading", path))?;
+    if meta.is_dir() {
+        for e in std::fs::read_dir(path).map_err(io("reading", path))? {
+            sync_tree(&e.map_err(io("reading", path))?.path())?;
+        }
+    }
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(io("syncing", path))
+}
+
 pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

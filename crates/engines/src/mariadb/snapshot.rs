@@ -764,7 +764,7 @@ pub fn snapshot(req: &Request, progress: &mut dyn FnMut(&str)) -> Result<Snapsho
         // aria_chk must not have left a log or control file in the copy.
         keep_only_data(&partial)?;
         if req.durable {
-            sync_tree(&partial)?;
+            crate::datafiles::sync_tree(&partial)?;
         }
         let datadir = out_dir.join(DATADIR);
         fs::rename(&partial, &datadir).map_err(io("renaming", &partial))?;
@@ -812,18 +812,6 @@ pub fn snapshot(req: &Request, progress: &mut dyn FnMut(&str)) -> Result<Snapsho
         let _ = fs::remove_dir_all(&partial);
     }
     result
-}
-
-fn sync_tree(path: &Path) -> Result<()> {
-    let meta = fs::symlink_metadata(path).map_err(io("reading", path))?;
-    if meta.is_dir() {
-        for e in fs::read_dir(path).map_err(io("reading", path))? {
-            sync_tree(&e.map_err(io("reading", path))?.path())?;
-        }
-    }
-    fs::File::open(path)
-        .and_then(|f| f.sync_all())
-        .map_err(io("syncing", path))
 }
 
 #[cfg(test)]

@@ -567,7 +567,7 @@ pub fn snapshot(req: &Request, progress: &mut dyn FnMut(&str)) -> Result<Snapsho
         trim(&partial, &redo_file)?;
         keep_only_data(&partial, false)?;
         if durable {
-            sync_tree(&partial)?;
+            crate::datafiles::sync_tree(&partial)?;
         }
         let final_dir = out_dir.join(PGDATA);
         remove_path(&final_dir)?;
@@ -688,18 +688,6 @@ fn wal_file_after(lsn: &str) -> Option<String> {
         segment >> 12,
         segment & 0xfff
     ))
-}
-
-fn sync_tree(path: &Path) -> Result<()> {
-    let meta = fs::symlink_metadata(path).map_err(io("reading", path))?;
-    if meta.is_dir() {
-        for e in fs::read_dir(path).map_err(io("reading", path))? {
-            sync_tree(&e.map_err(io("reading", path))?.path())?;
-        }
-    }
-    fs::File::open(path)
-        .and_then(|f| f.sync_all())
-        .map_err(io("syncing", path))
 }
 
 #[cfg(test)]
