@@ -203,20 +203,47 @@ fn from_a_registry_image_pushes_only_the_patch() {
     assert_eq!(v1["layers"].as_array().unwrap().len(), 4);
 }
 
+/// A registry of its own with alice's basic auth over TLS (the test's CA), a source of 200
+/// rows, and where its image goes.
+struct Alice {
+    reg: Registry,
+    dir: tempfile::TempDir,
+    host: String,
+    image: String,
+    certs: std::path::PathBuf,
+}
+
+impl Alice {
+    fn start() -> Option<Alice> {
+        let reg = Registry::start(RegistryOptions {
+            user: Some(("alice".into(), "s3cret".into())),
+            tls: true,
+            ..RegistryOptions::default()
+        })?;
+        let host = reg.host();
+        Some(Alice {
+            dir: dir_with_db(200),
+            image: format!("docker://{host}/app:v1"),
+            certs: reg.cert_dir(),
+            host,
+            reg,
+        })
+    }
+}
+
 #[test]
 fn tls_and_basic_auth_registry() {
-    let Some(reg) = Registry::start(RegistryOptions {
-        user: Some(("alice".into(), "s3cret".into())),
-        tls: true,
-        ..RegistryOptions::default()
-    }) else {
+    let Some(Alice {
+        reg,
+        dir,
+        host,
+        image,
+        certs,
+    }) = Alice::start()
+    else {
         return;
     };
-    let dir = dir_with_db(200);
     let d = dir.path();
-    let host = reg.host();
-    let image = format!("docker://{host}/app:v1");
-    let certs = reg.cert_dir();
     let certs = certs.to_str().unwrap();
 
     // The test's CA is not trusted: said so, with the flag that trusts it.
@@ -813,18 +840,18 @@ fn fake_credential_helper(dir: &Path, name: &str, host: &str, user: &str, passwo
 
 #[test]
 fn credential_helpers_named_in_the_auth_file() {
-    let Some(reg) = Registry::start(RegistryOptions {
-        user: Some(("alice".into(), "s3cret".into())),
-        tls: true,
-        ..RegistryOptions::default()
-    }) else {
+    let Some(Alice {
+        // Kept: the registry stops when it drops.
+        reg: _reg,
+        dir,
+        host,
+        image,
+        certs,
+    }) = Alice::start()
+    else {
         return;
     };
-    let dir = dir_with_db(200);
     let d = dir.path();
-    let host = reg.host();
-    let image = format!("docker://{host}/app:v1");
-    let certs = reg.cert_dir();
     let helpers = d.join("helpers");
     std::fs::create_dir(&helpers).unwrap();
     fake_credential_helper(&helpers, "good", &host, "alice", Some("s3cret"));
