@@ -19,6 +19,7 @@ use bakedb_testkit::mariadb::{
     APP_PASSWORD, APP_USER, ED_PASSWORD, ED_USER, MariaServer, MariaWriteLoad, SEED_CHECKS,
     maria_tools, tcp_client,
 };
+use bakedb_testkit::pg::RunAs;
 use bakedb_testkit::ports::free_port;
 
 use crate::require;
@@ -502,6 +503,40 @@ fn mariadb_docker_replica_of_a_live_server_under_write_load() {
     assert!(!logs.contains("Starting MariaDB"), "{logs}");
 }
 
+/// bakedb as restricted CI runs it: not root. As root, the test runs bakedb as the source
+/// server's own user (who may read its data directory, as mariadb-backup must), in a
+/// directory of that user's; otherwise as this process.
+struct Unprivileged {
+    setpriv: Option<(std::path::PathBuf, (u32, u32))>,
+    dir: std::path::PathBuf,
+}
+
+impl Unprivileged {
+    fn new(d: &Path) -> Option<Unprivileged> {
+        let dir = d.join("builder");
+        std::fs::create_dir_all(dir.join("tmp")).unwrap();
+        let setpriv = match bakedb_testkit::mariadb::run_as()? {
+            RunAs::Me => None,
+            RunAs::User { uid, gid } => {
+                for p in [&dir, &dir.join("tmp")] {
+                    std::os::unix::fs::chown(p, Some(uid), Some(gid)).unwrap();
+                }
+                Some((crate::util::tool("setpriv")?, (uid, gid)))
+            }
+        };
+        Some(Unprivileged { setpriv, dir })
+    }
+
+    fn bakedb(&self) -> Command {
+        match &self.setpriv {
+            Some((setpriv, ids)) => {
+                crate::util::bakedb_as(setpriv, *ids, &self.dir, &self.dir.join("tmp"))
+            }
+            None => bakedb(&self.dir),
+        }
+    }
+}
+
 #[test]
 fn mariadb_podman_replica_from_a_snapshot_directory() {
     let Some(tools) = maria_tools() else { return };
@@ -514,28 +549,37 @@ fn mariadb_podman_replica_from_a_snapshot_directory() {
     let Some((live, load)) = live_source(&d.join("source")) else {
         return;
     };
+    let Some(builder) = Unprivileged::new(d) else {
+        return;
+    };
     run_ok(
-        bakedb(d)
+        builder
+            .bakedb()
             .args([
                 "snapshot", "--engine", "mariadb", "--out", "snap", "--source",
             ])
             .arg(live.server.url()),
     );
     load.stop();
+    let snap = builder.dir.join("snap");
     let meta: Value =
-        serde_json::from_slice(&std::fs::read(d.join("snap/snapshot.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(snap.join("snapshot.json")).unwrap()).unwrap();
     assert_eq!(meta["engine"], "mariadb");
     assert!(meta["provenance"]["position"]["gtid"].is_string(), "{meta}");
-    // Built twice from the snapshot: the same image, byte for byte.
-    let build = |out: &str| -> Value {
-        let o = run_ok(bakedb(d).args([
-            "build", "--engine", "mariadb", "--source", "snap", "--base", &base, "--json",
-            "--output", out,
-        ]));
+    // Built twice from the snapshot: the same image, byte for byte, whoever builds it (the
+    // unprivileged builder, root).
+    let build = |mut cmd: Command, out: &str| -> Value {
+        let o = run_ok(
+            cmd.args(["build", "--engine", "mariadb", "--source"])
+                .arg(&snap)
+                .args(["--base", &base, "--json", "--output", out]),
+        );
         serde_json::from_slice(&o.stdout).unwrap()
     };
-    let one = build("oci:img:v1");
-    let two = build("oci:img2:v1");
+    let unprivileged = build(builder.bakedb(), "oci:img:v1");
+    let one = build(bakedb(d), "oci:img:v1");
+    assert_eq!(unprivileged["manifest_digest"], one["manifest_digest"]);
+    let two = build(bakedb(d), "oci:img2:v1");
     assert_eq!(one["manifest_digest"], two["manifest_digest"]);
     let image_json = image_json_of(d, "oci:img:v1");
     let image_json = if image_json["image_json"].is_object() {

@@ -220,8 +220,16 @@ pub fn copy_dir(from: &Path, to: &Path) {
 /// `bakedb` run as the unprivileged uid/gid 65534 through `setpriv`, with HOME and TMPDIR in
 /// `scratch` (which must be writable by 65534), otherwise as `bakedb(dir)`.
 pub fn bakedb_as_nobody(setpriv: &Path, dir: &Path, scratch: &Path) -> Command {
+    bakedb_as(setpriv, (65534, 65534), dir, scratch)
+}
+
+/// `bakedb` run as `uid`/`gid` (no supplementary groups) through `setpriv`, with HOME and
+/// TMPDIR in `scratch` (which must be writable by that user), otherwise as `bakedb(dir)`.
+pub fn bakedb_as(setpriv: &Path, (uid, gid): (u32, u32), dir: &Path, scratch: &Path) -> Command {
     let mut cmd = Command::new(setpriv);
-    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+    cmd.arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={gid}"))
+        .args(["--clear-groups", "--"])
         .arg(bakedb_bin())
         .current_dir(dir)
         .env("SOURCE_DATE_EPOCH", "1700000000")

@@ -2,8 +2,8 @@
 # machine's Debian packages with umoci. The caller sets `me` (its name, for messages), `out`,
 # `tag`, `busybox` and `applets` before it calls these, in this order: exit_if_built,
 # check_builder, start_work (which sets work, layout, bundle, list), its own paths into
-# $list, add_libraries, make_rootfs (which sets rootfs and own), then its own /etc, users and
-# config.
+# $list, add_libraries, make_rootfs (which sets rootfs and own), its own /etc, users and
+# config, and publish_layout.
 
 die() {
     echo "$me: $*" >&2
@@ -159,4 +159,11 @@ make_rootfs() {
     for applet in $applets; do
         ln -s busybox "$rootfs/usr/bin/$applet"
     done
+}
+
+# The layout into place, readable by every user (umoci writes index.json 0600): a build as
+# another user than the one that made the fixture reads it as a base image.
+publish_layout() {
+    chmod -R a+rX "$layout"
+    mv -T "$layout" "$out"
 }

@@ -189,4 +189,4 @@ umoci tag --image "$layout:$tag" "$major"
 # Each umoci step above wrote a new config and manifest; drop the unreferenced ones.
 umoci gc --layout "$layout"
 
-mv -T "$layout" "$out"
+publish_layout
