@@ -941,52 +941,40 @@ mod tests {
         assert!(e.contains("does not list"), "{e}");
     }
 
+    /// Invert one byte of `path` at `offset`.
+    fn flip(path: &Path, offset: u64) {
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
+        let mut byte = [0u8];
+        f.read_exact_at(&mut byte, offset).unwrap();
+        f.write_at(&[!byte[0]], offset).unwrap();
+    }
+
     #[test]
     fn each_kind_of_tampering_is_named() {
         type Tamper<'a> = &'a dyn Fn(&Path);
         let cases: &[(&str, Tamper, &str)] = &[
             (
                 "flip",
-                &|d| {
-                    let f = fs::OpenOptions::new()
-                        .write(true)
-                        .open(d.join("sub/big.db"))
-                        .unwrap();
-                    f.write_at(b"\xff", 2500).unwrap();
-                },
+                &|d| flip(&d.join("sub/big.db"), 2500),
                 "sub/big.db: bytes 2000..3000 (chunk 3 of 5) have sha256",
             ),
             (
                 "flipfirst",
-                &|d| {
-                    let f = fs::OpenOptions::new()
-                        .write(true)
-                        .open(d.join("sub/big.db"))
-                        .unwrap();
-                    f.write_at(b"\xff", 0).unwrap();
-                },
+                &|d| flip(&d.join("sub/big.db"), 0),
                 "sub/big.db: bytes 0..1000 (chunk 1 of 5) have sha256",
             ),
             (
                 "fliplast",
-                &|d| {
-                    let f = fs::OpenOptions::new()
-                        .write(true)
-                        .open(d.join("sub/big.db"))
-                        .unwrap();
-                    f.write_at(b"\xff", 4499).unwrap();
-                },
+                &|d| flip(&d.join("sub/big.db"), 4499),
                 "sub/big.db: bytes 4000..4500 (chunk 5 of 5) have sha256",
             ),
             (
                 "flipsmall",
-                &|d| {
-                    let f = fs::OpenOptions::new()
-                        .write(true)
-                        .open(d.join("small.db"))
-                        .unwrap();
-                    f.write_at(b"\xff", 0).unwrap();
-                },
+                &|d| flip(&d.join("small.db"), 0),
                 "small.db: sha256 is",
             ),
             (
