@@ -619,10 +619,11 @@ fn runc_refuses_every_kind_of_tampering_and_the_command_never_runs() {
     assert_no_failures(failures);
 }
 
-/// A file larger than a chunk is verified chunk by chunk: a byte flipped in the middle
-/// chunk is found there and named by its range.
+/// A file larger than a chunk is verified chunk by chunk, by several workers that read
+/// ahead of what they hash: a byte flipped in the first, the middle or the last (short)
+/// chunk is found there and named by its range, and the command never runs.
 #[test]
-fn runc_refuses_a_flipped_byte_in_one_chunk_of_a_large_file() {
+fn runc_refuses_a_flipped_byte_in_any_chunk_of_a_large_file() {
     let Some((runc, umoci)) = runc_and_umoci_as_root() else {
         return;
     };
@@ -638,8 +639,13 @@ fn runc_refuses_a_flipped_byte_in_one_chunk_of_a_large_file() {
     )
     .unwrap();
     let chunk_size = image_json["chunk_size"].as_u64().unwrap();
+    let size = image_json["files"][0]["size"].as_u64().unwrap();
     let chunks = image_json["files"][0]["chunks"].as_array().unwrap().clone();
     assert_eq!(chunks.len(), 3, "{image_json}");
+    assert!(
+        size > 2 * chunk_size && size < 3 * chunk_size,
+        "{image_json}"
+    );
 
     let out = runc.run(&pristine, &probe());
     let mut failures: Vec<String> =
@@ -648,30 +654,32 @@ fn runc_refuses_a_flipped_byte_in_one_chunk_of_a_large_file() {
             .into_iter()
             .collect();
 
-    let tampered = d.join("tampered");
-    copy_bundle(&pristine, &tampered);
-    let data = inside(&tampered.join("rootfs"), DATA_FILE);
-    let offset = chunk_size + chunk_size / 2;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&data)
-        .unwrap();
-    let mut byte = [0u8];
-    file.read_exact_at(&mut byte, offset).unwrap();
-    file.write_all_at(&[byte[0] ^ 0xff], offset).unwrap();
-    let mut chunk = vec![0u8; chunk_size as usize];
-    file.read_exact_at(&mut chunk, chunk_size).unwrap();
-    drop(file);
-    let expected = format!(
-        "{DATA_FILE}: bytes {chunk_size}..{} (chunk 2 of 3) have sha256 {}, image.json says {}: the contents were altered",
-        2 * chunk_size,
-        sha256_hex(&chunk),
-        chunks[1].as_str().unwrap()
-    );
-    let out = runc.run(&tampered, &probe());
-    if let Some(f) = check_refused(&out, &expected) {
-        failures.push(format!("a byte flipped in chunk 2: {f}"));
+    // The first byte of the file, the middle of chunk 2, the last byte of the file.
+    for (n, offset) in [(1, 0), (2, chunk_size + chunk_size / 2), (3, size - 1)] {
+        let tampered = d.join(format!("tampered-{n}"));
+        copy_bundle(&pristine, &tampered);
+        let data = inside(&tampered.join("rootfs"), DATA_FILE);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&data)
+            .unwrap();
+        let mut byte = [0u8];
+        file.read_exact_at(&mut byte, offset).unwrap();
+        file.write_all_at(&[byte[0] ^ 0xff], offset).unwrap();
+        let (start, end) = ((n - 1) * chunk_size, (n * chunk_size).min(size));
+        let mut chunk = vec![0u8; (end - start) as usize];
+        file.read_exact_at(&mut chunk, start).unwrap();
+        drop(file);
+        let expected = format!(
+            "{DATA_FILE}: bytes {start}..{end} (chunk {n} of 3) have sha256 {}, image.json says {}: the contents were altered",
+            sha256_hex(&chunk),
+            chunks[n as usize - 1].as_str().unwrap()
+        );
+        let out = runc.run(&tampered, &probe());
+        if let Some(f) = check_refused(&out, &expected) {
+            failures.push(format!("a byte flipped in chunk {n}: {f}"));
+        }
     }
     assert_no_failures(failures);
 }

@@ -20,9 +20,11 @@
 //!   against a volume with the same tuning.
 //!
 //! Measured: build time and data layer size against `docker build` of the same data
-//! directory; `docker run` to the first answer, warm, and cold for the baked image and the
-//! restore (`sync; echo 3 > /proc/sys/vm/drop_caches` right before the run, as root; the
-//! table says when it could not be dropped); `sysbench oltp_point_select` and
+//! directory; `docker run` to the first answer of every case once, and `--runs` times more
+//! for the baked image and the restore, warm and cold (`sync; echo 3 >
+//! /proc/sys/vm/drop_caches` right before the run, as root; the table says when it could not
+//! be dropped), each start after the cores went quiet, the two taking turns so that a busy
+//! spell of the machine does not land on one of them only; `sysbench oltp_point_select` and
 //! `oltp_read_only` transactions per second; the bytes in the baked container's writable
 //! layer after the workload. Written between markers in docs/benchmarks.md.
 
@@ -38,7 +40,8 @@ use bakedb_testkit::dirs::unique_name;
 use bakedb_testkit::mariadb::{MariaServer, maria_tools, run_as};
 use bakedb_testkit::ports::free_port;
 
-use crate::bench::timing::{cold_cache, first_answer};
+use crate::bench::report::fmt_range;
+use crate::bench::timing::{cold_cache, first_answer, median, range, wait_until_quiet};
 use crate::bench::tools::{
     build_layers, commit_measured, docker_bin, docker_load, docker_version, fresh_dir,
     release_bakedb, target_dir,
@@ -59,6 +62,8 @@ pub struct MariadbOptions {
     pub size_mib: u64,
     pub duration_s: u64,
     pub threads: usize,
+    /// Timed starts of the baked image and of the restore, warm and cold each.
+    pub runs: usize,
 }
 
 impl MariadbOptions {
@@ -67,10 +72,11 @@ impl MariadbOptions {
             size_mib: 1024,
             duration_s: 30,
             threads: 8,
+            runs: 3,
         };
         bench::flags::parse(
             "bench mariadb",
-            "--size-mib N, --duration-s N, --threads N",
+            "--size-mib N, --duration-s N, --threads N, --runs N",
             flags,
             |name, value| {
                 match name {
@@ -79,6 +85,9 @@ impl MariadbOptions {
                         options.duration_s = value.positive("seconds of each sysbench run")?
                     }
                     "--threads" => options.threads = value.count("sysbench threads")?,
+                    "--runs" => {
+                        options.runs = value.count("timed starts of each case, warm and cold")?
+                    }
                     _ => return Ok(false),
                 }
                 Ok(true)
@@ -89,8 +98,8 @@ impl MariadbOptions {
 
     fn command(&self) -> String {
         format!(
-            "cargo xtask bench mariadb --size-mib {} --duration-s {} --threads {}",
-            self.size_mib, self.duration_s, self.threads
+            "cargo xtask bench mariadb --size-mib {} --duration-s {} --threads {} --runs {}",
+            self.size_mib, self.duration_s, self.threads, self.runs
         )
     }
 
@@ -129,6 +138,16 @@ fn mariadb_client(port: u16, sql: &str) -> Command {
         .args(["--batch", "--skip-column-names", "-e", sql])
         .stdin(Stdio::null());
     cmd
+}
+
+/// Add one start's seconds to `all`, or keep why a start could not be timed as it should
+/// (the page cache could not be dropped): the case's cell then says so.
+fn push(all: &mut Result<Vec<f64>, String>, one: Result<f64, String>) {
+    match (all.as_mut(), one) {
+        (Ok(secs), Ok(s)) => secs.push(s),
+        (Ok(_), Err(why)) => *all = Err(why),
+        (Err(_), _) => {}
+    }
 }
 
 /// sysbench `workload` for `duration_s` against 127.0.0.1:`port`: transactions per second.
@@ -467,31 +486,38 @@ pub fn mariadb(options: &MariadbOptions) -> Result<()> {
     )?;
     drop(restore);
 
-    // Cold page cache: the same two starts right after the cache is dropped.
-    let (cold_baked, cold_restore) = match cold_cache() {
-        Err(why) => (Err(why.clone()), Err(why)),
-        Ok(()) => {
-            eprintln!("xtask: baked, cold page cache");
-            let port = free_port();
-            let (container, secs) = start(
-                &docker,
-                &[
-                    baked.name.clone(),
-                    "mariadbd".into(),
-                    format!("--port={port}"),
-                ],
-                port,
-            )?;
-            drop(container);
-            eprintln!("xtask: restore at start, cold page cache");
-            fresh_empty()?;
-            cold_cache().map_err(|e| anyhow!(e))?;
-            let port = free_port();
-            let (container, restore_secs) = start(&docker, &restore_args(port), port)?;
-            drop(container);
-            (Ok(secs), Ok(restore_secs))
-        }
+    // First answers, `runs` times each, warm and then cold: the baked image and the restore
+    // take turns, each start after the cores went quiet (a compiler of someone else's would
+    // otherwise be timed with it); a cold start right after the page cache was dropped.
+    let baked_args = |port: u16| -> Vec<String> {
+        vec![
+            baked.name.clone(),
+            "mariadbd".into(),
+            format!("--port={port}"),
+        ]
     };
+    let timed = |args: &dyn Fn(u16) -> Vec<String>, cold: bool| -> Result<Result<f64, String>> {
+        wait_until_quiet();
+        if cold && let Err(why) = cold_cache() {
+            return Ok(Err(why));
+        }
+        let port = free_port();
+        let (container, secs) = start(&docker, &args(port), port)?;
+        drop(container);
+        Ok(Ok(secs))
+    };
+    let mut first_answers = Vec::new();
+    for cold in [false, true] {
+        let state = if cold { "cold" } else { "warm" };
+        let (mut baked_secs, mut restore_secs) = (Ok(Vec::new()), Ok(Vec::new()));
+        for run in 1..=options.runs {
+            eprintln!("xtask: first answers, {state} page cache, run {run}");
+            push(&mut baked_secs, timed(&baked_args, cold)?);
+            fresh_empty()?;
+            push(&mut restore_secs, timed(&restore_args, cold)?);
+        }
+        first_answers.push((state, baked_secs, restore_secs));
+    }
 
     // The volume, untuned and setting by setting.
     for (label, extra) in VOLUME_CASES {
@@ -535,27 +561,37 @@ pub fn mariadb(options: &MariadbOptions) -> Result<()> {
     for row in &rows_md {
         let _ = writeln!(md, "{row}");
     }
-    let cell = |r: &Result<f64, String>| match r {
-        Ok(secs) => fmt(Some(*secs), 2),
-        Err(why) => why.clone(),
-    };
-    let ratio = match (&cold_restore, &cold_baked) {
-        (Ok(r), Ok(b)) if *b > 0.0 => format!("{:.1}×", r / b),
-        _ => "—".into(),
-    };
     let _ = writeln!(
         md,
-        "\n| cold page cache (`sync; echo 3 > /proc/sys/vm/drop_caches` right before `docker run`) | docker run to first answer (s) |\n|---|---|\n| baked (verified, read-only profile) | {} |\n| restore at start | {} |\n| restore / baked | {ratio} |",
-        cell(&cold_baked),
-        cell(&cold_restore)
+        "\n`docker run` to the first answer, {} starts each, the baked image and the restore taking turns, each after the cores went quiet; cold: `sync; echo 3 > /proc/sys/vm/drop_caches` right before `docker run`.\n\n| page cache | baked (verified, read-only profile): median s (range) | restore at start: median s (range) | restore / baked, medians |\n|---|---|---|---|",
+        options.runs
     );
+    for (state, baked_secs, restore_secs) in &first_answers {
+        let cell = |r: &Result<Vec<f64>, String>| match r {
+            Ok(secs) => format!(
+                "{} ({})",
+                fmt(median(secs.iter().copied()), 2),
+                fmt_range(range(secs.iter().copied()), 2)
+            ),
+            Err(why) => why.clone(),
+        };
+        let of =
+            |r: &Result<Vec<f64>, String>| r.as_ref().ok().and_then(|s| median(s.iter().copied()));
+        let _ = writeln!(
+            md,
+            "| {state} | {} | {} | {} |",
+            cell(baked_secs),
+            cell(restore_secs),
+            bench::report::times(bench::timing::ratio(of(restore_secs), of(baked_secs)), 1)
+        );
+    }
     let _ = writeln!(
         md,
         "\nAfter the workload and a stop, the baked container's writable layer held {copied_total} bytes in all and {copied_data} bytes under /var/lib/bakedb: nothing was copied up (what it holds is the runtime files in /tmp: the profile's my.cnf, Aria's fresh control file and log, the DDL log).\n"
     );
     let _ = writeln!(
         md,
-        "MariaDB's skip_external_locking is on by default, so the paper's \"disabling locking\" is already every MariaDB server's setting: its row is the untuned volume again. The restore at start excludes mariadb-install-db (made beforehand), which the official image runs at start too. One run each, on a machine shared with other work: two runs of this bench at 256 MiB made here gave the baked image 44,337 and 28,104 oltp_point_select TPS, so the TPS rows say nothing finer than that the tuned, layered image serves in the same range as a volume; the first answers and the copy-up bytes are the results that stand."
+        "MariaDB's skip_external_locking is on by default, so the paper's \"disabling locking\" is already every MariaDB server's setting: its row is the untuned volume again. The restore at start excludes mariadb-install-db (made beforehand), which the official image runs at start too. The serving table is one run per row, on a machine shared with other work: two runs of this bench at 256 MiB made here gave the baked image 44,337 and 28,104 oltp_point_select TPS, so the TPS rows say nothing finer than that the tuned, layered image serves in the same range as a volume; the repeated first answers and the copy-up bytes are the results that stand."
     );
     bench::report::publish(&root, "mariadb", md, &scratch)
 }

@@ -55,9 +55,10 @@ commands:
                  updates (random ids, one id range): commit to digest pullable and to a fresh
                  docker replica answering, p50/p99; bytes pushed against the changed pages;
                  watch's peak RSS; docker build + push of the same change as the peer
-  bench mariadb [--size-mib N] [--duration-s N] [--threads N]
+  bench mariadb [--size-mib N] [--duration-s N] [--threads N] [--runs N]
                  a baked MariaDB image (sysbench data) against a restore at start and a volume,
-                 untuned and with each read-only setting alone: `docker run` to the first answer,
+                 untuned and with each read-only setting alone: `docker run` to the first answer
+                 (baked and restore: --runs starts each, warm and cold, medians),
                  sysbench oltp_point_select and oltp_read_only TPS, bytes in the writable layer,
                  build time and size against docker build; write it to docs/benchmarks.md
   ci             fmt, clippy, cargo deny, fixtures, cargo test, fuzz (15 s a target): what

@@ -3,7 +3,8 @@
 //! Order matters: image.json's own sha256 against BAKEDB_DATA_DIGEST first (nothing in it is
 //! trusted before that), then the shape of the data directory with lstat only (missing,
 //! added, symlinked or special files, sizes, modes: cheap, and a clear message), and last the
-//! contents, hashed on every core in chunk-sized pieces with large sequential reads.
+//! contents, hashed on every core in chunk-sized pieces with large sequential reads, the
+//! next chunk already requested from the disk while one is hashed.
 //!
 //! A patched file (docs/patch-format.md) has two forms: as its layer stores it (`base`) and
 //! composed (the entry's own size and digests). A `Pass` says which one a verification
@@ -24,8 +25,16 @@ use crate::profile::VERIFIED_STAMP;
 use crate::regular::{self, kind};
 
 /// Bytes per read: large enough for the disk to stream, small enough to stay in cache while
-/// it is hashed.
+/// it is hashed (with 16 MiB reads, hashing 1.2 GB took 1.1 s of CPU instead of 0.7 s).
 const READ_SIZE: usize = 1 << 20;
+
+/// Bytes a worker asks the kernel to read ahead of the piece it hashes (POSIX_FADV_WILLNEED),
+/// so that about one 16 MiB chunk per worker is on its way from the disk while the worker
+/// hashes. Measured on a cold page cache (1.2 GB of MariaDB data, 2 cores, 5 interleaved
+/// runs): the kernel's own read-ahead alone (POSIX_FADV_SEQUENTIAL, 8 MiB read_ahead_kb)
+/// gave a median of 2.0 s and 1.0 s of kernel time, with this 1.2 s and 0.3 s. A warm cache
+/// finds the pages present and the hint costs nothing measurable.
+const PREFETCH: u64 = 16 << 20;
 
 /// Why the data could not be verified: it differs from the promise (exit 3), or this user
 /// may not read it (a setup problem, exit 1: nothing says the data was altered).
@@ -497,6 +506,8 @@ pub fn check_dir(
         let mut buf = vec![0u8; READ_SIZE];
         let mut own: Option<(usize, (File, PathBuf))> = None;
         let mut target: Option<(File, PathBuf)> = None;
+        // How far into the open file the kernel was asked to read ahead.
+        let mut requested = 0;
         for index in range {
             if stop.load(Ordering::Relaxed) {
                 return;
@@ -516,7 +527,10 @@ pub fn check_dir(
                     Ok(handle)
                 });
                 match opened {
-                    Ok(handle) => own = Some((piece.file, handle)),
+                    Ok(handle) => {
+                        own = Some((piece.file, handle));
+                        requested = piece.offset;
+                    }
                     Err(problem) => {
                         fail(&stop, &failure, index, problem);
                         return;
@@ -524,6 +538,10 @@ pub fn check_dir(
                 }
             }
             let handle = &own.as_ref().expect("opened above").1;
+            if let Some((from, to)) = prefetch_range(piece, sizes[piece.file], requested) {
+                prefetch(&handle.0, from, to);
+                requested = to;
+            }
             if let Err(problem) = hash_piece(piece, handle, target.as_ref(), &sizes, &mut buf) {
                 fail(&stop, &failure, index, problem);
                 return;
@@ -586,6 +604,38 @@ fn split_by_bytes(pieces: &[Piece], threads: usize) -> Vec<usize> {
     }
     bounds.resize(threads + 1, pieces.len());
     bounds
+}
+
+/// The bytes of a file of `size` to ask the kernel for before hashing `piece`, when
+/// `requested` bytes of it were asked for already: the rest of the piece and PREFETCH beyond
+/// it, within the file. None when all of that was asked for.
+fn prefetch_range(piece: &Piece, size: u64, requested: u64) -> Option<(u64, u64)> {
+    let from = requested.max(piece.offset);
+    let to = (piece.offset + piece.len)
+        .saturating_add(PREFETCH)
+        .min(size);
+    (from < to).then_some((from, to))
+}
+
+/// Ask the kernel to start reading `from..to` of `file` into the page cache, without waiting
+/// for it. A hint: its failure changes nothing but speed, so it is not reported.
+fn prefetch(file: &File, from: u64, to: u64) {
+    let (Ok(offset), Ok(len)) = (
+        libc::off_t::try_from(from),
+        libc::off_t::try_from(to - from),
+    ) else {
+        return;
+    };
+    // SAFETY: a valid open descriptor; POSIX_FADV_WILLNEED only starts reads into the page
+    // cache, it changes neither the file nor the descriptor's offset.
+    unsafe {
+        libc::posix_fadvise(
+            std::os::fd::AsRawFd::as_raw_fd(file),
+            offset,
+            len,
+            libc::POSIX_FADV_WILLNEED,
+        )
+    };
 }
 
 /// Keep process-directed signals away from a hashing thread. std's scope returns when the
@@ -814,6 +864,56 @@ mod tests {
         assert_eq!(split_by_bytes(&[piece(0)], 1), vec![0, 1]);
     }
 
+    /// The hints a worker gives while it hashes a run of pieces of one file: each asks for
+    /// bytes not asked for yet, the first covers its own piece, every piece is asked for
+    /// before it is read, and nothing past the end of the file is.
+    #[test]
+    fn prefetch_runs_ahead_of_each_piece_and_stays_in_the_file() {
+        let chunk = 16 << 20;
+        let size = 5 * chunk - 123;
+        let piece = |n: u64| Piece {
+            file: 0,
+            offset: n * chunk,
+            len: chunk.min(size - n * chunk),
+            expected: [0; 32],
+            chunk: n as usize + 1,
+            of: 5,
+            form: Form::Plain,
+        };
+        // A run that starts in the middle of the file (its first pieces went to another
+        // worker).
+        let mut requested = 2 * chunk;
+        let mut hints = Vec::new();
+        for n in 2..5 {
+            let p = piece(n);
+            if let Some((from, to)) = prefetch_range(&p, size, requested) {
+                assert_eq!(from, requested.max(p.offset), "piece {n}");
+                assert!(to >= p.offset + p.len && to <= size, "piece {n}: {to}");
+                requested = to;
+                hints.push((from, to));
+            }
+            assert!(
+                requested >= p.offset + p.len,
+                "piece {n} read before it was asked for"
+            );
+        }
+        assert_eq!(
+            hints,
+            [
+                (2 * chunk, 3 * chunk + PREFETCH),
+                (3 * chunk + PREFETCH, size)
+            ],
+            "the last piece finds the end of the file asked for already"
+        );
+        // A whole small file in one piece: the file, no more.
+        let whole = Piece {
+            len: 700,
+            offset: 0,
+            ..piece(0)
+        };
+        assert_eq!(prefetch_range(&whole, 700, 0), Some((0, 700)));
+    }
+
     #[test]
     fn listed_empty_dirs_must_exist_and_the_stamp_is_ignored_only_for_first_start() {
         let (fx, mut desc) = fixture("dirs");
@@ -841,30 +941,40 @@ mod tests {
         assert!(e.contains("does not list"), "{e}");
     }
 
+    /// Invert one byte of `path` at `offset`.
+    fn flip(path: &Path, offset: u64) {
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
+        let mut byte = [0u8];
+        f.read_exact_at(&mut byte, offset).unwrap();
+        f.write_at(&[!byte[0]], offset).unwrap();
+    }
+
     #[test]
     fn each_kind_of_tampering_is_named() {
         type Tamper<'a> = &'a dyn Fn(&Path);
         let cases: &[(&str, Tamper, &str)] = &[
             (
                 "flip",
-                &|d| {
-                    let f = fs::OpenOptions::new()
-                        .write(true)
-                        .open(d.join("sub/big.db"))
-                        .unwrap();
-                    f.write_at(b"\xff", 2500).unwrap();
-                },
+                &|d| flip(&d.join("sub/big.db"), 2500),
                 "sub/big.db: bytes 2000..3000 (chunk 3 of 5) have sha256",
             ),
             (
+                "flipfirst",
+                &|d| flip(&d.join("sub/big.db"), 0),
+                "sub/big.db: bytes 0..1000 (chunk 1 of 5) have sha256",
+            ),
+            (
+                "fliplast",
+                &|d| flip(&d.join("sub/big.db"), 4499),
+                "sub/big.db: bytes 4000..4500 (chunk 5 of 5) have sha256",
+            ),
+            (
                 "flipsmall",
-                &|d| {
-                    let f = fs::OpenOptions::new()
-                        .write(true)
-                        .open(d.join("small.db"))
-                        .unwrap();
-                    f.write_at(b"\xff", 0).unwrap();
-                },
+                &|d| flip(&d.join("small.db"), 0),
                 "small.db: sha256 is",
             ),
             (
