@@ -482,28 +482,9 @@ fn a_restart_while_the_registry_is_down_waits_for_it_and_goes_on_with_a_patch() 
 /// is 10 s): a deadline for the wait, so a hang fails the test instead of stalling it.
 const STOP_DEADLINE: Duration = Duration::from_secs(5);
 
-#[test]
-fn sigterm_while_the_registry_drops_every_connection_at_start_stops_within_seconds() {
-    use std::net::TcpListener;
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicU64, Ordering};
-    let dir = test_dir();
-    let d = dir.path();
-    master_db(d);
-    // An address that accepts and at once closes every connection: as unreachable to the
-    // client as a closed port, but it counts the client's tries.
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let down = listener.local_addr().unwrap();
-    let tries = Arc::new(AtomicU64::new(0));
-    let counted = Arc::clone(&tries);
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            counted.fetch_add(1, Ordering::SeqCst);
-            drop(conn);
-        }
-    });
-    let live = format!("docker://{down}/watch/app:live");
-    let mut watch = spawn_watch(
+/// `bakedb watch` of `app.db` in `d` to `output` (a plain-HTTP registry), logging to "watch".
+fn spawn_sqlite_watch(d: &Path, output: &str) -> Child {
+    spawn_watch(
         d,
         &[
             "--engine",
@@ -511,11 +492,35 @@ fn sigterm_while_the_registry_drops_every_connection_at_start_stops_within_secon
             "--source",
             "app.db",
             "--output",
-            &live,
+            output,
             "--tls-verify=false",
         ],
         "watch",
+    )
+}
+
+/// SIGTERM `watch`, which must exit 0 within STOP_DEADLINE: its log.
+fn stopped_within_the_deadline(d: &Path, mut watch: Child) -> String {
+    assert!(
+        stop(&mut watch, SIGTERM, STOP_DEADLINE),
+        "bakedb watch was still running {} s after SIGTERM:\n{}",
+        STOP_DEADLINE.as_secs(),
+        log_of(d, "watch")
     );
+    let log = log_of(d, "watch");
+    assert_eq!(watch.wait().unwrap().code(), Some(0), "{log}");
+    log
+}
+
+#[test]
+fn sigterm_while_the_registry_drops_every_connection_at_start_stops_within_seconds() {
+    use bakedb_testkit::proxy::ClosingListener;
+    let dir = test_dir();
+    let d = dir.path();
+    master_db(d);
+    // As unreachable to the client as a closed port, but the client's tries are counted.
+    let down = ClosingListener::start();
+    let mut watch = spawn_sqlite_watch(d, &format!("docker://{}/watch/app:live", down.host()));
     wait_for_log(
         d,
         &mut watch,
@@ -525,18 +530,11 @@ fn sigterm_while_the_registry_drops_every_connection_at_start_stops_within_secon
     );
     // Past watch's own wait (which always ended at a signal): the registry client is in its
     // retries of the next read of the tag, which used to run out their backoff (~15 s).
-    let seen = tries.load(Ordering::SeqCst);
+    let seen = down.accepted();
     wait_until("the client's retries", Duration::from_secs(60), || {
-        tries.load(Ordering::SeqCst) >= seen + 2
+        down.accepted() >= seen + 2
     });
-    assert!(
-        stop(&mut watch, SIGTERM, STOP_DEADLINE),
-        "bakedb watch was still running {} s after SIGTERM:\n{}",
-        STOP_DEADLINE.as_secs(),
-        log_of(d, "watch")
-    );
-    let log = log_of(d, "watch");
-    assert_eq!(watch.wait().unwrap().code(), Some(0), "{log}");
+    let log = stopped_within_the_deadline(d, watch);
     assert!(log.contains("tag failed, not retried: stopping"), "{log}");
     assert!(
         log.contains("stopped before the watched tag could be read"),
@@ -559,34 +557,14 @@ fn sigterm_while_a_push_is_retrying_abandons_the_generation_within_seconds() {
         registry.addr(),
         vec![Fault::unavailable("PUT", "/v2/*/blobs/uploads/*", u64::MAX)],
     );
-    let live = format!("docker://{}/watch/app:live", proxy.host());
-    let mut watch = spawn_watch(
-        d,
-        &[
-            "--engine",
-            "sqlite",
-            "--source",
-            "app.db",
-            "--output",
-            &live,
-            "--tls-verify=false",
-        ],
-        "watch",
-    );
+    let mut watch = spawn_sqlite_watch(d, &format!("docker://{}/watch/app:live", proxy.host()));
     wait_until("a retried upload", Duration::from_secs(120), || {
         if let Ok(Some(status)) = watch.try_wait() {
             panic!("bakedb watch exited with {status}: {}", log_of(d, "watch"));
         }
         proxy.answered(0) >= 2
     });
-    assert!(
-        stop(&mut watch, SIGTERM, STOP_DEADLINE),
-        "bakedb watch was still running {} s after SIGTERM:\n{}",
-        STOP_DEADLINE.as_secs(),
-        log_of(d, "watch")
-    );
-    let log = log_of(d, "watch");
-    assert_eq!(watch.wait().unwrap().code(), Some(0), "{log}");
+    let log = stopped_within_the_deadline(d, watch);
     assert!(log.contains("build failed, not retried: stopping"), "{log}");
     assert!(!log.contains("generation 1"), "{log}");
     // Neither the watched tag nor the generation's own names an image.

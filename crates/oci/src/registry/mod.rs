@@ -1571,25 +1571,17 @@ mod tests {
     /// not tried after HTTPS: one connection, where six per scheme would take ~15 s.
     #[test]
     fn a_raised_stop_flag_ends_the_retries() {
-        use std::net::TcpListener;
-        use std::sync::atomic::AtomicU64;
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let host = listener.local_addr().unwrap().to_string();
-        let tries = Arc::new(AtomicU64::new(0));
-        let counted = Arc::clone(&tries);
-        // Accepts and closes at once: a registry that drops every connection.
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                counted.fetch_add(1, Ordering::SeqCst);
-                drop(conn);
-            }
-        });
+        let listener = bakedb_testkit::proxy::ClosingListener::start();
         let registries = Registries::new(RegistryOptions {
             tls_verify: false,
             stop: Some(Arc::new(AtomicBool::new(true))),
             ..RegistryOptions::default()
         });
-        let err = registries.client(&host).unwrap().base().unwrap_err();
+        let err = registries
+            .client(&listener.host())
+            .unwrap()
+            .base()
+            .unwrap_err();
         assert!(
             matches!(
                 &err,
@@ -1601,6 +1593,6 @@ mod tests {
             ),
             "{err}"
         );
-        assert_eq!(tries.load(Ordering::SeqCst), 1);
+        assert_eq!(listener.accepted(), 1);
     }
 }
