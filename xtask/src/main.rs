@@ -53,13 +53,12 @@ commands:
   bench freshness [--engines sqlite,postgres] [--size-mib N] [--generations N]
               [--pg-size-mib N] [--pg-generations N] [--peer-generations N] [--smoke]
                  `bakedb watch` pushing to a local registry while a SQLite master commits 1 %
-                 updates (random ids, one id range): commit to digest pullable and to a fresh
+                 updates (random ids, one id range), and a pgbench master 1 % of its accounts
+                 (each generation's kind, patch or fresh base, reported; pg_basebackup in the
+                 peer); each engine's part written to docs/benchmarks.md on its own, --smoke:
+                 small sizes, nothing written. Each: commit to digest pullable and to a fresh
                  docker replica answering, p50/p99; bytes pushed against the changed pages;
-                 watch's peak RSS; docker build + push of the same change as the peer.
-                 PostgreSQL: the same for a pgbench master updating 1 % of its accounts, each
-                 generation's kind (patch or fresh base) reported, pg_basebackup + docker
-                 build + push as the peer. Each engine's part is written to
-                 docs/benchmarks.md on its own; --smoke runs small sizes and writes nothing
+                 watch's peak RSS; docker build + push of the same change as the peer
   bench mariadb [--size-mib N] [--duration-s N] [--threads N]
                  a baked MariaDB image (sysbench data) against a restore at start and a volume,
                  untuned and with each read-only setting alone: `docker run` to the first answer,
