@@ -417,7 +417,7 @@ fn a_restart_while_the_registry_is_down_waits_for_it_and_goes_on_with_a_patch() 
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut stopped = spawn_watch(d, &args, "stopped");
     wait_for_log(d, &mut stopped, "stopped", retrying, 1);
-    assert!(stop(&mut stopped, SIGTERM, Duration::from_secs(60)));
+    assert!(stop(&mut stopped, SIGTERM, STOP_DEADLINE));
     let log = log_of(d, "stopped");
     assert_eq!(stopped.wait().unwrap().code(), Some(0), "{log}");
     assert!(
@@ -475,6 +475,107 @@ fn a_restart_while_the_registry_is_down_waits_for_it_and_goes_on_with_a_patch() 
         &after["layers"].as_array().unwrap()[..before_layers.len()],
         &before_layers[..],
         "the tag's layers are kept"
+    );
+}
+
+/// How long a SIGTERM'd watch may take to exit while a registry fails (docker stop's grace
+/// is 10 s): a deadline for the wait, so a hang fails the test instead of stalling it.
+const STOP_DEADLINE: Duration = Duration::from_secs(5);
+
+/// `bakedb watch` of `app.db` in `d` to `output` (a plain-HTTP registry), logging to "watch".
+fn spawn_sqlite_watch(d: &Path, output: &str) -> Child {
+    spawn_watch(
+        d,
+        &[
+            "--engine",
+            "sqlite",
+            "--source",
+            "app.db",
+            "--output",
+            output,
+            "--tls-verify=false",
+        ],
+        "watch",
+    )
+}
+
+/// SIGTERM `watch`, which must exit 0 within STOP_DEADLINE: its log.
+fn stopped_within_the_deadline(d: &Path, mut watch: Child) -> String {
+    assert!(
+        stop(&mut watch, SIGTERM, STOP_DEADLINE),
+        "bakedb watch was still running {} s after SIGTERM:\n{}",
+        STOP_DEADLINE.as_secs(),
+        log_of(d, "watch")
+    );
+    let log = log_of(d, "watch");
+    assert_eq!(watch.wait().unwrap().code(), Some(0), "{log}");
+    log
+}
+
+#[test]
+fn sigterm_while_the_registry_drops_every_connection_at_start_stops_within_seconds() {
+    use bakedb_testkit::proxy::ClosingListener;
+    let dir = test_dir();
+    let d = dir.path();
+    master_db(d);
+    // As unreachable to the client as a closed port, but the client's tries are counted.
+    let down = ClosingListener::start();
+    let mut watch = spawn_sqlite_watch(d, &format!("docker://{}/watch/app:live", down.host()));
+    wait_for_log(
+        d,
+        &mut watch,
+        "watch",
+        "bakedb watch: tag failed, retrying in",
+        1,
+    );
+    // Past watch's own wait (which always ended at a signal): the registry client is in its
+    // retries of the next read of the tag, which used to run out their backoff (~15 s).
+    let seen = down.accepted();
+    wait_until("the client's retries", Duration::from_secs(60), || {
+        down.accepted() >= seen + 2
+    });
+    let log = stopped_within_the_deadline(d, watch);
+    assert!(log.contains("tag failed, not retried: stopping"), "{log}");
+    assert!(
+        log.contains("stopped before the watched tag could be read"),
+        "{log}"
+    );
+}
+
+#[test]
+fn sigterm_while_a_push_is_retrying_abandons_the_generation_within_seconds() {
+    use bakedb_testkit::proxy::{Fault, FaultProxy};
+    use bakedb_testkit::registry::{Registry, RegistryOptions};
+    let Some(registry) = Registry::start(RegistryOptions::default()) else {
+        return;
+    };
+    let dir = test_dir();
+    let d = dir.path();
+    master_db(d);
+    // Every blob upload's closing PUT fails: the client restarts the upload with backoff.
+    let proxy = FaultProxy::start(
+        registry.addr(),
+        vec![Fault::unavailable("PUT", "/v2/*/blobs/uploads/*", u64::MAX)],
+    );
+    let mut watch = spawn_sqlite_watch(d, &format!("docker://{}/watch/app:live", proxy.host()));
+    wait_until("a retried upload", Duration::from_secs(120), || {
+        if let Ok(Some(status)) = watch.try_wait() {
+            panic!("bakedb watch exited with {status}: {}", log_of(d, "watch"));
+        }
+        proxy.answered(0) >= 2
+    });
+    let log = stopped_within_the_deadline(d, watch);
+    assert!(log.contains("build failed, not retried: stopping"), "{log}");
+    assert!(!log.contains("generation 1"), "{log}");
+    // Neither the watched tag nor the generation's own names an image.
+    let tags = crate::http::get(registry.addr(), "/v2/watch/app/tags/list");
+    assert!(
+        tags.status == 404
+            || tags.text().contains("\"tags\":null")
+            || tags.text().contains("\"tags\":[]"),
+        "{} {}",
+        tags.status,
+        tags.text()
     );
 }
 

@@ -51,7 +51,7 @@ use crate::bench_sqlite::{
 };
 use crate::project_root;
 
-mod postgres;
+pub(crate) mod postgres;
 
 /// The table's name in the generated database and its page size.
 const TABLE: &str = "events";
@@ -76,13 +76,23 @@ pub enum Engine {
 }
 
 impl Engine {
-    const ALL: [Engine; 2] = [Engine::Sqlite, Engine::Postgres];
+    pub(crate) const ALL: [Engine; 2] = [Engine::Sqlite, Engine::Postgres];
 
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Engine::Sqlite => "sqlite",
             Engine::Postgres => "postgres",
         }
+    }
+
+    /// The value of `--engines`: the engines it names, in the order of ALL.
+    pub(crate) fn chosen(value: &mut bench::flags::Value) -> Result<Vec<Engine>> {
+        let names = Engine::ALL.map(Engine::name);
+        let chosen = value.names("the engines to measure", &names)?;
+        Ok(Engine::ALL
+            .into_iter()
+            .filter(|e| chosen.contains(&e.name()))
+            .collect())
     }
 }
 
@@ -121,14 +131,7 @@ impl DeltaOptions {
             flags,
             |name, value| {
                 match name {
-                    "--engines" => {
-                        let names = Engine::ALL.map(Engine::name);
-                        let chosen = value.names("the engines to measure", &names)?;
-                        options.engines = Engine::ALL
-                            .into_iter()
-                            .filter(|e| chosen.contains(&e.name()))
-                            .collect();
-                    }
+                    "--engines" => options.engines = Engine::chosen(value)?,
                     "--size-mib" => options.size_mib = value.positive("database size in MiB")?,
                     "--generations" => {
                         options.generations = value.count("patch generations per scenario")?

@@ -14,7 +14,15 @@
 //! The peer is what a team without bakedb does for the same change: `docker build` (FROM
 //! scratch, COPY the database) and `docker push` to the same registry.
 //!
-//! PostgreSQL is not measured here yet.
+//! PostgreSQL (bench_freshness/postgres.rs): the same loop on a live pgbench master of
+//! `--pg-size-mib`, a writer updating 1 % of pgbench_accounts per commit, replicas under
+//! docker asked for a changed account, and `pg_basebackup` + `docker build` + `docker push`
+//! as the peer.
+//!
+//! `--engines sqlite,postgres` (the default) chooses the parts; each is written into
+//! docs/benchmarks.md between markers of its own inside the freshness section, as soon as it
+//! is measured. `--smoke` runs small sizes and few generations (a couple of minutes per part)
+//! to try the code, and prints its report without writing docs/benchmarks.md.
 
 use std::fmt::Write as _;
 use std::fs::{self, File};
@@ -34,8 +42,10 @@ use crate::bench::layers::dir_bytes;
 use crate::bench::timing::percentile;
 use crate::bench::tools::{commit_measured, docker_bin, fresh_dir, release_bakedb, target_dir};
 use crate::bench::{self, fmt, mb, median, run_quiet, times};
-use crate::bench_delta::{Scenario, copy_master, ideal, page_hashes};
+use crate::bench_delta::{Engine, Scenario, copy_master, ideal, page_hashes};
 use crate::project_root;
+
+mod postgres;
 
 /// Issue 16's targets.
 const TARGET_RANDOM_S: f64 = 5.0;
@@ -48,43 +58,93 @@ const TABLE: &str = "events";
 const PATIENCE: Duration = Duration::from_secs(300);
 
 pub struct FreshnessOptions {
+    pub engines: Vec<Engine>,
+    /// The SQLite master's size and its commits (generations) per scenario.
     pub size_mib: u64,
-    /// Commits (generations) per scenario.
     pub generations: usize,
-    /// Generations of the docker build + push peer.
+    /// The PostgreSQL master's (pgbench) size and its commits per scenario.
+    pub pg_size_mib: u64,
+    pub pg_generations: usize,
+    /// Generations of each part's docker build + push peer.
     pub peer_generations: usize,
+    /// Small sizes to try the code: the report is printed, docs/benchmarks.md left alone.
+    pub smoke: bool,
 }
 
 impl FreshnessOptions {
     pub fn parse(flags: &[&str]) -> Result<Self> {
         let mut options = FreshnessOptions {
+            engines: Engine::ALL.to_vec(),
             size_mib: 1024,
             generations: 10,
+            pg_size_mib: 1024,
+            pg_generations: 10,
             peer_generations: 3,
+            smoke: false,
         };
+        let mut given = Vec::new();
         bench::flags::parse(
             "bench freshness",
-            "--size-mib N, --generations N, --peer-generations N",
+            "--engines sqlite,postgres, --size-mib N, --generations N, --pg-size-mib N, --pg-generations N, --peer-generations N, --smoke",
             flags,
             |name, value| {
                 match name {
+                    "--engines" => options.engines = Engine::chosen(value)?,
                     "--size-mib" => options.size_mib = value.positive("database size in MiB")?,
                     "--generations" => options.generations = value.count("commits per scenario")?,
+                    "--pg-size-mib" => {
+                        options.pg_size_mib = value.positive("pgbench database size in MiB")?
+                    }
+                    "--pg-generations" => {
+                        options.pg_generations = value.count("PostgreSQL commits per scenario")?
+                    }
                     "--peer-generations" => {
                         options.peer_generations = value.count("docker build + push rounds")?
                     }
+                    "--smoke" if value.is_switch() => options.smoke = true,
                     _ => return Ok(false),
                 }
+                given.push(name.to_owned());
                 Ok(true)
             },
         )?;
+        if options.smoke {
+            // What was not given explicitly shrinks: 64 MiB, two commits, one peer round.
+            let unless_given = |flag: &str| !given.iter().any(|g| g == flag);
+            for (flag, size) in [
+                ("--size-mib", &mut options.size_mib),
+                ("--pg-size-mib", &mut options.pg_size_mib),
+            ] {
+                if unless_given(flag) {
+                    *size = 64;
+                }
+            }
+            for (flag, count, small) in [
+                ("--generations", &mut options.generations, 2),
+                ("--pg-generations", &mut options.pg_generations, 2),
+                ("--peer-generations", &mut options.peer_generations, 1),
+            ] {
+                if unless_given(flag) {
+                    *count = small;
+                }
+            }
+        }
         Ok(options)
     }
 
-    fn command(&self) -> String {
+    /// The command that measures the SQLite part alone.
+    fn sqlite_command(&self) -> String {
         format!(
-            "cargo xtask bench freshness --size-mib {} --generations {} --peer-generations {}",
+            "cargo xtask bench freshness --engines sqlite --size-mib {} --generations {} --peer-generations {}",
             self.size_mib, self.generations, self.peer_generations
+        )
+    }
+
+    /// The command that measures the PostgreSQL part alone.
+    fn postgres_command(&self) -> String {
+        format!(
+            "cargo xtask bench freshness --engines postgres --pg-size-mib {} --pg-generations {} --peer-generations {}",
+            self.pg_size_mib, self.pg_generations, self.peer_generations
         )
     }
 }
@@ -122,8 +182,59 @@ pub fn freshness(options: &FreshnessOptions) -> Result<()> {
             .map(|v| v.trim().to_owned())
             .ok()
             .filter(|v| !v.is_empty());
+    let shared = Shared {
+        bench_dir: &bench_dir,
+        scratch: &scratch,
+        bakedb: &bakedb,
+        commit: &commit,
+        docker: &docker,
+        docker_version: docker_ok,
+    };
+    // Each part is written as soon as it is measured: a later part that fails leaves it.
+    for engine in &options.engines {
+        let md = match engine {
+            Engine::Sqlite => sqlite_part(options, &shared)?,
+            Engine::Postgres => postgres::part(options, &shared)?,
+        };
+        if options.smoke {
+            println!("{md}");
+            eprintln!(
+                "xtask: a smoke run: docs/benchmarks.md is left as it was (run without --smoke to write it)"
+            );
+        } else {
+            bench::report::publish_part(&root, "freshness", engine.name(), &md)?;
+        }
+    }
+    let _ = fs::remove_dir_all(&scratch);
+    Ok(())
+}
 
-    let generated = bench_database(&bench_dir, options.size_mib)?;
+/// What every part of the bench shares.
+struct Shared<'a> {
+    /// target/bench, where the generated SQLite database is kept between runs.
+    bench_dir: &'a Path,
+    scratch: &'a Path,
+    /// A private copy of the release build.
+    bakedb: &'a Path,
+    commit: &'a str,
+    docker: &'a Path,
+    /// dockerd's version; None when there is no Docker daemon (no replicas, no peer).
+    docker_version: Option<String>,
+}
+
+/// "0.42, 0.80, 1.10": the load averages over 1, 5 and 15 minutes, to say how busy the
+/// machine was around a part.
+fn load_average() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(", "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// The SQLite part: its markdown.
+fn sqlite_part(options: &FreshnessOptions, shared: &Shared<'_>) -> Result<String> {
+    let (bench_dir, scratch, docker) = (shared.bench_dir, shared.scratch, shared.docker);
+    let docker_ok = shared.docker_version.clone();
+    let generated = bench_database(bench_dir, options.size_mib)?;
     let master_dir = scratch.join("master");
     fresh_dir(&master_dir)?;
     let master = master_dir.join("app.db");
@@ -134,7 +245,13 @@ pub fn freshness(options: &FreshnessOptions) -> Result<()> {
     let repo = format!("{host}/bench/freshness");
     let live = format!("docker://{repo}:live");
 
-    let mut watch = Watch::start(&bakedb, &master, &live, &scratch)?;
+    let engine_args: Vec<std::ffi::OsString> = vec![
+        "--engine".into(),
+        "sqlite".into(),
+        "--source".into(),
+        master.clone().into(),
+    ];
+    let mut watch = Watch::start(shared.bakedb, &engine_args, &live, scratch)?;
     eprintln!("xtask: waiting for the first generation (the whole database)");
     let first_bytes_before = dir_bytes(&registry.storage());
     let mut digest = wait_for_tag(registry.addr(), "bench/freshness", None, &mut watch)?;
@@ -165,7 +282,7 @@ pub fn freshness(options: &FreshnessOptions) -> Result<()> {
             let to_digest_s = committed.elapsed().as_secs_f64();
             let to_replica_s = match &docker_ok {
                 Some(_) => Some(replica_answers(
-                    &docker,
+                    docker,
                     &format!("{repo}@{digest}"),
                     probe_id,
                     &marker,
@@ -179,7 +296,7 @@ pub fn freshness(options: &FreshnessOptions) -> Result<()> {
                 .filter(|&p| pages.get(p) != Some(&after[p]))
                 .collect();
             pages = after;
-            let ideal_bytes = ideal(&master, &changed, &scratch)?;
+            let ideal_bytes = ideal(&master, &changed, scratch)?;
             eprintln!(
                 "xtask: {} {i}/{}: digest pullable {to_digest_s:.2} s after the commit, replica answering {}, {} MB stored ({} pages changed, ideal {} MB)",
                 scenario.name(),
@@ -204,7 +321,7 @@ pub fn freshness(options: &FreshnessOptions) -> Result<()> {
 
     let peer = match &docker_ok {
         Some(_) => Some(peer(
-            &docker,
+            docker,
             &master,
             &format!("{host}/bench/peer"),
             &registry,
@@ -212,14 +329,15 @@ pub fn freshness(options: &FreshnessOptions) -> Result<()> {
             rows,
             changed_rows,
             &mut rng,
-            &scratch,
+            scratch,
         )?),
         None => None,
     };
+    let _ = fs::remove_dir_all(&master_dir);
 
     let report = Report {
         options,
-        commit,
+        commit: shared.commit.to_owned(),
         db_bytes: fs::metadata(&generated)?.len(),
         first_push_bytes,
         runs,
@@ -227,7 +345,7 @@ pub fn freshness(options: &FreshnessOptions) -> Result<()> {
         peer,
         docker: docker_ok,
     };
-    bench::report::publish(&root, "freshness", report.markdown(), &scratch)
+    Ok(report.markdown())
 }
 
 /// Update `changed` rows with `kind = marker` in one transaction: the id of one changed row.
@@ -270,11 +388,18 @@ struct Watch {
 }
 
 impl Watch {
-    fn start(bakedb: &Path, master: &Path, live: &str, scratch: &Path) -> Result<Watch> {
+    /// `bakedb watch ENGINE_ARGS --output LIVE`, its log and its temporary files in `scratch`.
+    fn start(
+        bakedb: &Path,
+        engine_args: &[std::ffi::OsString],
+        live: &str,
+        scratch: &Path,
+    ) -> Result<Watch> {
         let log = scratch.join("watch.log");
+        fs::create_dir_all(scratch.join("tmp"))?;
         let child = Command::new(bakedb)
-            .args(["watch", "--engine", "sqlite", "--source"])
-            .arg(master)
+            .arg("watch")
+            .args(engine_args)
             .args(["--output", live, "--tls-verify=false", "--poll", "50ms"])
             .env("TMPDIR", scratch.join("tmp"))
             .stdin(Stdio::null())
@@ -293,6 +418,34 @@ impl Watch {
             );
         }
         Ok(())
+    }
+
+    /// Wait until the log names generation `n` (its line comes right after the tag moved):
+    /// fails if watch wrote more generations than that, i.e. one the bench's commits did not
+    /// make, which the timing would take for one of them.
+    fn wait_for_generation(&mut self, n: usize) -> Result<()> {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let log = fs::read_to_string(&self.log).unwrap_or_default();
+            let written = log
+                .lines()
+                .filter(|l| l.starts_with("bakedb watch: generation "))
+                .count();
+            if written > n {
+                bail!("bakedb watch wrote {written} generations where the bench made {n}:\n{log}");
+            }
+            if written == n {
+                return Ok(());
+            }
+            self.check_running()?;
+            if Instant::now() > deadline {
+                bail!(
+                    "bakedb watch logged no generation {n} within {} s",
+                    PATIENCE.as_secs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// VmHWM of the running watch.
@@ -461,34 +614,46 @@ fn peer(
         let _ = fs::remove_file(context.join("app.db"));
         fs::hard_link(master, context.join("app.db"))
             .or_else(|_| fs::copy(master, context.join("app.db")).map(|_| ()))?;
-        let before = dir_bytes(&registry.storage());
-        let tag = format!("{repo}:g{g}");
-        run_quiet(
-            Command::new(docker)
-                .args(["build", "--quiet", "--tag", &tag])
-                .arg(&context)
-                .env("DOCKER_BUILDKIT", "0"),
-        )?;
-        run_quiet(Command::new(docker).args(["push", "--quiet", &tag]))?;
-        let secs = started.elapsed().as_secs_f64();
-        let registry_bytes = dir_bytes(&registry.storage()) - before;
-        let _ = Command::new(docker)
-            .args(["rmi", "--force", &tag])
-            .stdout(Stdio::null())
-            .status();
-        eprintln!(
-            "xtask: docker build + push {g}: {secs:.2} s, {} MB stored",
-            mb(registry_bytes)
-        );
+        let sample = build_and_push(docker, &context, &format!("{repo}:g{g}"), registry, started)?;
         // Generation 0 is the first push of the whole database, as bakedb's first generation.
         if g > 0 {
-            samples.push(PeerSample {
-                secs,
-                registry_bytes,
-            });
+            samples.push(sample);
         }
     }
     Ok(samples)
+}
+
+/// The peer's `docker build` (classic builder) of `context` as `tag` and `docker push` to
+/// `registry`, timed from `started`; the local image is removed after.
+fn build_and_push(
+    docker: &Path,
+    context: &Path,
+    tag: &str,
+    registry: &Registry,
+    started: Instant,
+) -> Result<PeerSample> {
+    let before = dir_bytes(&registry.storage());
+    run_quiet(
+        Command::new(docker)
+            .args(["build", "--quiet", "--tag", tag])
+            .arg(context)
+            .env("DOCKER_BUILDKIT", "0"),
+    )?;
+    run_quiet(Command::new(docker).args(["push", "--quiet", tag]))?;
+    let secs = started.elapsed().as_secs_f64();
+    let registry_bytes = dir_bytes(&registry.storage()) - before;
+    let _ = Command::new(docker)
+        .args(["rmi", "--force", tag])
+        .stdout(Stdio::null())
+        .status();
+    eprintln!(
+        "xtask: docker build + push {tag}: {secs:.2} s, {} MB stored",
+        mb(registry_bytes)
+    );
+    Ok(PeerSample {
+        secs,
+        registry_bytes,
+    })
 }
 
 struct Report<'a> {
@@ -504,10 +669,10 @@ struct Report<'a> {
 
 impl Report<'_> {
     fn markdown(&self) -> String {
-        let mut md = bench::report::start("freshness", &self.commit, &self.options.command());
+        let mut md = bench::report::part_start(&self.commit, &self.options.sqlite_command());
         let _ = writeln!(
             md,
-            "A live SQLite master of {} MB (`bench build`'s event log) followed by `bakedb watch --output docker://127.0.0.1:PORT/bench/freshness:live --tls-verify=false --poll 50ms` (gzip, a local docker-registry). One commit at a time updates 1 % of the rows ({} per scenario); each is timed from the end of its commit to the registry's `live` tag naming the new manifest (pullable: the registry takes a manifest only once its blobs are there), and to a fresh replica (`docker pull` of that digest, `docker run` of bakedb-serve with verification) answering a changed row with its new value. The first generation pushed the whole image: {} MB. Docker: {}.\n",
+            "### SQLite\n\nA live SQLite master of {} MB (`bench build`'s event log) followed by `bakedb watch --output docker://127.0.0.1:PORT/bench/freshness:live --tls-verify=false --poll 50ms` (gzip, a local docker-registry). One commit at a time updates 1 % of the rows ({} per scenario); each is timed from the end of its commit to the registry's `live` tag naming the new manifest (pullable: the registry takes a manifest only once its blobs are there), and to a fresh replica (`docker pull` of that digest, `docker run` of bakedb-serve with verification) answering a changed row with its new value. The first generation pushed the whole image: {} MB. Docker: {}.\n",
             mb(self.db_bytes),
             self.options.generations,
             mb(self.first_push_bytes),
@@ -578,20 +743,13 @@ impl Report<'_> {
         );
         let _ = writeln!(
             md,
-            "### Targets\n\n| target | measured | met |\n|---|---|---|"
+            "#### Targets\n\n| target | measured | met |\n|---|---|---|"
         );
         for run in &self.runs {
-            let p50 = median(run.samples.iter().map(|x| x.to_digest_s));
-            let target = match run.scenario {
-                Scenario::Random => TARGET_RANDOM_S,
-                Scenario::Range => TARGET_RANGE_S,
-            };
-            let _ = writeln!(
-                md,
-                "| {}: commit → digest < {target} s (p50) | {} s | {} |",
-                run.scenario.name(),
-                fmt(p50, 2),
-                bench::yes_no(p50.map(|v| v < target))
+            digest_target(
+                &mut md,
+                run.scenario,
+                median(run.samples.iter().map(|x| x.to_digest_s)),
             );
             let ratio = median(
                 run.samples
@@ -606,14 +764,34 @@ impl Report<'_> {
                 bench::yes_no(ratio.map(|v| v <= TARGET_BYTES_VS_IDEAL))
             );
         }
-        let _ = writeln!(
-            md,
-            "| peak RSS < {TARGET_RSS_MIB} MiB | {} MiB | {} |",
-            fmt(self.peak_rss_mib, 1),
-            bench::yes_no(self.peak_rss_mib.map(|v| v < TARGET_RSS_MIB))
-        );
+        rss_target(&mut md, self.peak_rss_mib);
         md
     }
+}
+
+/// The targets table's row for a scenario's commit → digest pullable, p50.
+fn digest_target(md: &mut String, scenario: Scenario, p50: Option<f64>) {
+    let target = match scenario {
+        Scenario::Random => TARGET_RANDOM_S,
+        Scenario::Range => TARGET_RANGE_S,
+    };
+    let _ = writeln!(
+        md,
+        "| {}: commit → digest < {target} s (p50) | {} s | {} |",
+        scenario.name(),
+        fmt(p50, 2),
+        bench::yes_no(p50.map(|v| v < target))
+    );
+}
+
+/// The targets table's row for watch's peak RSS.
+fn rss_target(md: &mut String, peak_rss_mib: Option<f64>) {
+    let _ = writeln!(
+        md,
+        "| peak RSS < {TARGET_RSS_MIB} MiB | {} MiB | {} |",
+        fmt(peak_rss_mib, 1),
+        bench::yes_no(peak_rss_mib.map(|v| v < TARGET_RSS_MIB))
+    );
 }
 
 #[cfg(test)]
@@ -624,11 +802,46 @@ mod tests {
     fn parses_flags() {
         let o = FreshnessOptions::parse(&["--size-mib", "64", "--generations=2"]).unwrap();
         assert_eq!((o.size_mib, o.generations, o.peer_generations), (64, 2, 3));
+        assert_eq!(o.engines, [Engine::Sqlite, Engine::Postgres]);
+        assert!(!o.smoke);
+        let o = FreshnessOptions::parse(&[]).unwrap();
         assert_eq!(
-            FreshnessOptions::parse(&[]).unwrap().command(),
-            "cargo xtask bench freshness --size-mib 1024 --generations 10 --peer-generations 3"
+            o.sqlite_command(),
+            "cargo xtask bench freshness --engines sqlite --size-mib 1024 --generations 10 --peer-generations 3"
         );
+        assert_eq!(
+            o.postgres_command(),
+            "cargo xtask bench freshness --engines postgres --pg-size-mib 1024 --pg-generations 10 --peer-generations 3"
+        );
+        let o = FreshnessOptions::parse(&["--engines", "postgres", "--pg-size-mib=128"]).unwrap();
+        assert_eq!(
+            (o.engines.as_slice(), o.pg_size_mib, o.pg_generations),
+            (&[Engine::Postgres][..], 128, 10)
+        );
+        let o = FreshnessOptions::parse(&["--engines=postgres,sqlite"]).unwrap();
+        assert_eq!(o.engines, [Engine::Sqlite, Engine::Postgres]);
+        assert!(FreshnessOptions::parse(&["--engines", "mysql"]).is_err());
         assert!(FreshnessOptions::parse(&["--fast"]).is_err());
+        assert!(FreshnessOptions::parse(&["--smoke=1"]).is_err());
+    }
+
+    /// --smoke shrinks what was not given, wherever it stands among the flags.
+    #[test]
+    fn smoke_shrinks_what_was_not_given() {
+        let o = FreshnessOptions::parse(&["--pg-generations", "3", "--smoke"]).unwrap();
+        assert!(o.smoke);
+        assert_eq!(
+            (
+                o.size_mib,
+                o.generations,
+                o.pg_size_mib,
+                o.pg_generations,
+                o.peer_generations
+            ),
+            (64, 2, 64, 3, 1)
+        );
+        let o = FreshnessOptions::parse(&["--smoke", "--pg-size-mib", "200"]).unwrap();
+        assert_eq!((o.pg_size_mib, o.size_mib), (200, 64));
     }
 
     /// The report renders from samples (a p99 once panicked on its argument's scale).

@@ -50,9 +50,13 @@ commands:
                  for a pgbench database after 1 % of its accounts changed, and `docker run` to
                  the first answer with the patches composed by bakedb-init against a full
                  build. Each engine's part is written to docs/benchmarks.md on its own
-  bench freshness [--size-mib N] [--generations N] [--peer-generations N]
+  bench freshness [--engines sqlite,postgres] [--size-mib N] [--generations N]
+              [--pg-size-mib N] [--pg-generations N] [--peer-generations N] [--smoke]
                  `bakedb watch` pushing to a local registry while a SQLite master commits 1 %
-                 updates (random ids, one id range): commit to digest pullable and to a fresh
+                 updates (random ids, one id range), and a pgbench master 1 % of its accounts
+                 (each generation's kind, patch or fresh base, reported; pg_basebackup in the
+                 peer); each engine's part written to docs/benchmarks.md on its own, --smoke:
+                 small sizes, nothing written. Each: commit to digest pullable and to a fresh
                  docker replica answering, p50/p99; bytes pushed against the changed pages;
                  watch's peak RSS; docker build + push of the same change as the peer
   bench mariadb [--size-mib N] [--duration-s N] [--threads N] [--runs N]

@@ -2,6 +2,8 @@
 //! skopeo spells them: `--creds`, `--authfile`, `--cert-dir`, `--tls-verify`.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use anyhow::{Result, anyhow};
 use bakedb_oci::reference::ImageRef;
@@ -40,6 +42,9 @@ pub struct RegistryArgs {
         long_help = "Whether to verify the registries' TLS certificates (default true). --tls-verify=false skips the check and, when HTTPS fails, talks plain HTTP, as skopeo does: for test registries only."
     )]
     pub tls_verify: bool,
+    /// Not a flag: `bakedb watch` raises it on SIGTERM so the registry clients stop retrying.
+    #[arg(skip)]
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
 /// Blob uploads larger than this go in PATCH chunks (`BAKEDB_REGISTRY_CHUNK_BYTES`).
@@ -53,6 +58,7 @@ impl RegistryArgs {
             auth_file: self.authfile.clone(),
             cert_dir: self.cert_dir.clone(),
             tls_verify: self.tls_verify,
+            stop: self.stop.clone(),
             ..RegistryOptions::default()
         };
         if let Ok(text) = std::env::var(CHUNK_ENV) {

@@ -10,7 +10,11 @@
 //! of the source, the build or the output are logged, counted and retried with backoff; the
 //! loop never ends on one. SIGTERM or SIGINT lets the generation being baked finish, then
 //! stops (exit 0); a second one abandons it at once (exit 130/143), which the output's atomic
-//! writes make safe: the tag still names the last complete image.
+//! writes make safe: the tag still names the last complete image. The registry clients see
+//! the first signal too: a request that fails is then not retried, so a registry that is down
+//! or failing (at start, or in the middle of a push) abandons the generation at once instead
+//! of after the clients' backoff; the tag is moved only after a complete push, so it still
+//! names the last complete image.
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
@@ -71,9 +75,12 @@ struct Generation {
     unchanged: bool,
 }
 
-pub fn run(args: WatchArgs, quiet: bool) -> Result<()> {
-    let mut plan = WatchPlan::check(&args)?;
+pub fn run(mut args: WatchArgs, quiet: bool) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
+    // Every registry client of the loop (the tag's and each build's) sees the stop: a
+    // registry that is down or failing is then not retried for seconds after SIGTERM.
+    args.build.registry.stop = Some(Arc::clone(&stop));
+    let mut plan = WatchPlan::check(&args)?;
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         // A second signal while the first is being honoured ends the process at once.
         signal_hook::flag::register_conditional_shutdown(signal, 128 + signal, Arc::clone(&stop))
@@ -487,12 +494,18 @@ fn failed(
     backoff: &mut Backoff,
     stop: &AtomicBool,
 ) {
+    metrics.lock().expect("metrics lock").error(stage);
+    if stop.load(Ordering::Relaxed) {
+        log(&format!(
+            "bakedb watch: {stage} failed, not retried: stopping: {err:#}"
+        ));
+        return;
+    }
     let wait = backoff.next();
     log(&format!(
         "bakedb watch: {stage} failed, retrying in {} s: {err:#}",
         wait.as_secs()
     ));
-    metrics.lock().expect("metrics lock").error(stage);
     pause(wait, stop);
 }
 

@@ -8,6 +8,8 @@
 //!   pattern itself, with 429 (Retry-After: 1) or 503 as an overloaded registry or its load
 //!   balancer would, and forwards everything else; it counts both, so a test can tell the
 //!   client retried.
+//! - [`ClosingListener`] (TCP) is no proxy at all: it accepts every connection and closes it
+//!   at once, a registry as unreachable as a closed port whose client's tries can be counted.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -79,6 +81,61 @@ impl DroppingProxy {
     /// How many connections it has cut.
     pub fn cuts(&self) -> u64 {
         self.state.cuts.load(Ordering::SeqCst)
+    }
+}
+
+/// Accepts connections on 127.0.0.1 and closes each at once, counting them.
+pub struct ClosingListener {
+    addr: SocketAddr,
+    accepted: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    accept: Option<JoinHandle<()>>,
+}
+
+impl ClosingListener {
+    pub fn start() -> ClosingListener {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("binding the closing listener");
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (counted, stopped) = (accepted.clone(), stop.clone());
+        let accept = std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stopped.load(Ordering::SeqCst) {
+                    break;
+                }
+                // Counted before the close: a client that saw the close finds it counted.
+                counted.fetch_add(1, Ordering::SeqCst);
+                drop(conn);
+            }
+        });
+        ClosingListener {
+            addr,
+            accepted,
+            stop,
+            accept: Some(accept),
+        }
+    }
+
+    /// HOST:PORT, for a docker:// reference.
+    pub fn host(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// Connections accepted (and closed) so far.
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for ClosingListener {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop so it sees the flag.
+        let _ = TcpStream::connect(self.addr);
+        if let Some(accept) = self.accept.take() {
+            let _ = accept.join();
+        }
     }
 }
 

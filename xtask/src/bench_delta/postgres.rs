@@ -210,7 +210,7 @@ impl ScenarioRun<'_> {
         // The files that have patches on the current base: the ones init composes.
         let mut composed: BTreeSet<PathBuf> = BTreeSet::new();
         for g in 1..=self.options.pg_generations {
-            let changed_rows = update_accounts(
+            let (changed_rows, _) = update_accounts(
                 &source,
                 self.scenario,
                 accounts,
@@ -329,15 +329,16 @@ struct PatchedImage {
 
 /// One transaction that adds `generation` to the balance of 1 % of the `accounts` (distinct
 /// aids drawn uniformly, or one run of consecutive aids), as pgbench's own updates do one
-/// account at a time: the rows it updated.
-fn update_accounts(
+/// account at a time: the rows it updated and the first aid of them (a row a replica can be
+/// asked for).
+pub(crate) fn update_accounts(
     source: &Source,
     scenario: Scenario,
     accounts: u64,
     generation: usize,
     rng: &mut Rng,
     sql: &Path,
-) -> Result<u64> {
+) -> Result<(u64, u64)> {
     let n = ((accounts as f64 * CHANGED_SHARE) as u64).max(1);
     let mut aids = BTreeSet::new();
     match scenario {
@@ -370,7 +371,7 @@ fn update_accounts(
     if out.trim() != format!("UPDATE {n}") {
         bail!("the update of {n} accounts said {:?}", out.trim());
     }
-    Ok(n)
+    Ok((n, *aids.first().expect("at least one account")))
 }
 
 /// One patch generation.

@@ -7,7 +7,9 @@
 //! adds the authorization, answers a 401 once by fetching a token for the scopes the request
 //! needs, and retries idempotent requests with exponential backoff on 429, 5xx and dropped
 //! connections. Blob uploads (`push`) resume or restart on their own terms; blob reads
-//! (`BlobReader`) resume with a Range request and check the digest at the end.
+//! (`BlobReader`) resume with a Range request and check the digest at the end. Every wait
+//! between tries ends early when the caller's stop flag is raised, and no other try follows:
+//! a command asked to stop fails its request at once instead of after minutes of backoff.
 
 pub mod auth;
 mod push;
@@ -16,6 +18,7 @@ pub mod tls;
 use std::collections::HashMap;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -55,6 +58,9 @@ pub struct RegistryOptions {
     pub attempts: u32,
     /// The first wait between tries; it doubles each time, up to 8 s.
     pub backoff: Duration,
+    /// Raised by the caller (e.g. on SIGTERM) to stop retrying: a wait between tries ends
+    /// early and the request fails with the failure it had. A request under way is not cut.
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
 impl Default for RegistryOptions {
@@ -67,6 +73,7 @@ impl Default for RegistryOptions {
             chunk_size: 64 << 20,
             attempts: 6,
             backoff: Duration::from_millis(250),
+            stop: None,
         }
     }
 }
@@ -431,19 +438,24 @@ impl Client {
         let mut answered = false;
         for scheme in schemes {
             let base = format!("{scheme}://{}", self.api_host);
+            if !failures.is_empty() && self.stopped() {
+                // Plain HTTP would be one more connection that may hang until its timeout.
+                failures.push(format!("{base}/v2/ not tried: stopping"));
+                break;
+            }
             let mut attempt = 0;
             let answer = loop {
                 attempt += 1;
                 match self.agent.get(format!("{base}/v2/")).call() {
-                    Ok(resp) if is_retryable(resp.status()) && attempt < self.options.attempts => {
-                        self.wait(attempt, &resp);
-                    }
+                    Ok(resp)
+                        if is_retryable(resp.status())
+                            && attempt < self.options.attempts
+                            && self.wait(attempt, &resp) => {}
                     Ok(resp) => break Ok(resp),
                     Err(e) => match classify(e) {
-                        Failure::Transport(t) if attempt < self.options.attempts => {
-                            let _ = t;
-                            std::thread::sleep(self.backoff(attempt));
-                        }
+                        Failure::Transport(_)
+                            if attempt < self.options.attempts
+                                && self.pause(self.backoff(attempt)) => {}
                         f => break Err(f),
                     },
                 }
@@ -523,9 +535,41 @@ impl Client {
         (self.options.backoff * factor).min(Duration::from_secs(8))
     }
 
-    /// Wait before another try: the registry's Retry-After, else backoff.
-    fn wait(&self, attempt: u32, resp: &Response<ureq::Body>) {
-        std::thread::sleep(retry_after(resp).unwrap_or_else(|| self.backoff(attempt)));
+    /// Wait before another try: the registry's Retry-After, else backoff. False when the
+    /// caller asked to stop: then there is no other try.
+    fn wait(&self, attempt: u32, resp: &Response<ureq::Body>) -> bool {
+        self.pause(retry_after(resp).unwrap_or_else(|| self.backoff(attempt)))
+    }
+
+    /// Whether the caller's stop flag is raised.
+    fn stopped(&self) -> bool {
+        self.options
+            .stop
+            .as_ref()
+            .is_some_and(|s| s.load(Ordering::Relaxed))
+    }
+
+    /// Sleep `total` before another try, in short steps that look at the stop flag (a
+    /// signal handler raises it, so there is nothing to block on). False when a stop was
+    /// asked for, before or meanwhile: then the caller gives up with the failure it has.
+    /// The retry loops call it (and `wait`) last in a match guard, so the retry arm is only
+    /// taken once the wait ran its course and a stop falls through to the failure arms.
+    pub(crate) fn pause(&self, total: Duration) -> bool {
+        let Some(stop) = &self.options.stop else {
+            std::thread::sleep(total);
+            return true;
+        };
+        let until = Instant::now() + total;
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                return false;
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return true;
+            }
+            std::thread::sleep(left.min(Duration::from_millis(20)));
+        }
     }
 
     fn credentials(&self, repository: &str) -> Result<Option<Credentials>> {
@@ -634,13 +678,14 @@ impl Client {
                 req = req.header("Authorization", c.basic_header());
             }
             match req.call() {
-                Ok(r) if is_retryable(r.status()) && attempt < self.options.attempts => {
-                    self.wait(attempt, &r)
-                }
+                Ok(r)
+                    if is_retryable(r.status())
+                        && attempt < self.options.attempts
+                        && self.wait(attempt, &r) => {}
                 Ok(r) => break r,
                 Err(e) => match classify(e) {
-                    Failure::Transport(_) if attempt < self.options.attempts => {
-                        std::thread::sleep(self.backoff(attempt))
+                    Failure::Transport(_)
+                        if attempt < self.options.attempts && self.pause(self.backoff(attempt)) => {
                     }
                     Failure::Transport(t) | Failure::Tls { text: t, .. } | Failure::Other(t) => {
                         return Err(self.err(
@@ -802,9 +847,11 @@ impl Client {
                         ),
                     ));
                 }
-                Ok(resp) if req.idempotent && more && is_retryable(resp.status()) => {
-                    self.wait(attempt, &resp);
-                }
+                Ok(resp)
+                    if req.idempotent
+                        && more
+                        && is_retryable(resp.status())
+                        && self.wait(attempt, &resp) => {}
                 Ok(resp) if req.idempotent && attempt > 1 && is_retryable(resp.status()) => {
                     let status = resp.status();
                     let body = read_limited(resp, 64 << 10).unwrap_or_default();
@@ -820,9 +867,8 @@ impl Client {
                 }
                 Ok(resp) => return Ok(resp),
                 Err(e) => match classify(e) {
-                    Failure::Transport(_) if req.idempotent && more => {
-                        std::thread::sleep(self.backoff(attempt));
-                    }
+                    Failure::Transport(_)
+                        if req.idempotent && more && self.pause(self.backoff(attempt)) => {}
                     Failure::Transport(t) => {
                         return Err(self.err(
                             &req.location,
@@ -1439,10 +1485,11 @@ impl Read for BlobReader {
                     return Ok(n);
                 }
                 Err(e) if self.resumes + 1 < self.client.options.attempts => {
-                    let _ = e;
                     self.resumes += 1;
                     self.body = None;
-                    std::thread::sleep(self.client.backoff(self.resumes));
+                    if !self.client.pause(self.client.backoff(self.resumes)) {
+                        return Err(e);
+                    }
                 }
                 Err(e) => return Err(e),
             }
@@ -1518,5 +1565,34 @@ mod tests {
         );
         assert_eq!(registry_message(b"plain text\n"), "plain text");
         assert_eq!(percent_encode("a/b c"), "a%2Fb%20c");
+    }
+
+    /// With the stop flag raised a failed connection is not tried again, and plain HTTP is
+    /// not tried after HTTPS: one connection, where six per scheme would take ~15 s.
+    #[test]
+    fn a_raised_stop_flag_ends_the_retries() {
+        let listener = bakedb_testkit::proxy::ClosingListener::start();
+        let registries = Registries::new(RegistryOptions {
+            tls_verify: false,
+            stop: Some(Arc::new(AtomicBool::new(true))),
+            ..RegistryOptions::default()
+        });
+        let err = registries
+            .client(&listener.host())
+            .unwrap()
+            .base()
+            .unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                Error::Registry {
+                    failure: RegistryFailure::Unreachable,
+                    reason,
+                    ..
+                } if reason.contains("not tried: stopping")
+            ),
+            "{err}"
+        );
+        assert_eq!(listener.accepted(), 1);
     }
 }

@@ -88,14 +88,18 @@ impl Client {
     ) -> Result<()> {
         let mut last = None;
         let mut wait = None;
+        let mut sessions = 0;
         for session in 1..=self.options.attempts {
             if session > 1 {
-                std::thread::sleep(wait.unwrap_or_else(|| self.backoff(session - 1)));
+                if !self.pause(wait.unwrap_or_else(|| self.backoff(session - 1))) {
+                    break;
+                }
                 // The cut request may have been completed after all.
                 if self.has_blob(repository, digest)?.is_some() {
                     return Ok(());
                 }
             }
+            sessions = session;
             match self.upload_session(repository, digest, size, data, progress)? {
                 Attempt::Done => return Ok(()),
                 Attempt::Restart(e, after) => {
@@ -113,10 +117,7 @@ impl Client {
             } => Error::Registry {
                 location,
                 what,
-                reason: format!(
-                    "{reason} ({} upload sessions, retried with backoff)",
-                    self.options.attempts
-                ),
+                reason: format!("{reason} ({sessions} upload sessions, retried with backoff)"),
                 failure,
             },
             other => other,
@@ -249,10 +250,11 @@ impl Client {
                 Err(e) => return Err(e),
             };
             resumes += 1;
-            if resumes >= self.options.attempts {
+            if resumes >= self.options.attempts
+                || !self.pause(after.unwrap_or_else(|| self.backoff(resumes)))
+            {
                 return Err(failed);
             }
-            std::thread::sleep(after.unwrap_or_else(|| self.backoff(resumes)));
             match self.upload_status(repository, &upload)? {
                 Some((next, have)) if have <= size => {
                     upload = next;
