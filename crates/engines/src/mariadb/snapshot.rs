@@ -707,6 +707,16 @@ fn zerofill(
     Ok(repaired)
 }
 
+/// The errors in ANALYZE TABLE's result (Table, Op, Msg_type, Msg_text), one per line.
+fn analyze_errors(report: &[Vec<String>]) -> Option<String> {
+    let errors: Vec<String> = report
+        .iter()
+        .filter(|r| r.get(2).is_some_and(|t| t.eq_ignore_ascii_case("error")))
+        .map(|r| format!("{}: {}", r[0], r.get(3).map_or("", String::as_str)))
+        .collect();
+    (!errors.is_empty()).then(|| errors.join("\n"))
+}
+
 /// The row count in `aria_chk --description --verbose` output ("Data records:   53 ...").
 fn data_records(text: &str) -> Option<u64> {
     text.lines()
@@ -798,6 +808,13 @@ pub fn snapshot(req: &Request, progress: &mut dyn FnMut(&str)) -> Result<Snapsho
             chown_tree(&partial, uid, gid)?;
         }
 
+        // Zero-filled before the scratch server as well: the copy's Aria tables carry the
+        // source's LSNs, which the scratch server's fresh Aria log takes for another system's,
+        // and it would repair them as it opens them (aria_recover_options), unasked.
+        progress("aria_chk --zerofill");
+        let mut repaired = zerofill(req.tools, &partial, &run_dir, user)?;
+        keep_only_data(&partial)?;
+
         progress("scratch server: ANALYZE TABLE");
         let scratch = Scratch::start(req.tools, &partial, &run_dir, &layout, user)?;
         let tables = scratch.query(
@@ -809,16 +826,29 @@ pub fn snapshot(req: &Request, progress: &mut dyn FnMut(&str)) -> Result<Snapsho
                 .iter()
                 .map(|r| format!("{}.{}", ident(&r[0]), ident(&r[1])))
                 .collect();
-            scratch.query(
+            let report = scratch.query(
                 &format!("ANALYZE TABLE {}", list.join(", ")),
                 "analyzing the copy's tables",
             )?;
+            // The statement succeeds even when a table cannot be opened (marked as crashed,
+            // say): its error is a row of the result, and such a table is not baked.
+            if let Some(why) = analyze_errors(&report) {
+                return Err(err(
+                    "analyzing the copy's tables",
+                    format!(
+                        "{why}\nthe copy is the source's as mariadb-backup took it: check and repair the table on the source (CHECK TABLE, REPAIR TABLE, or mariadb-check --auto-repair), then bake again"
+                    ),
+                ));
+            }
         }
         progress("scratch server: slow shutdown");
         scratch.slow_shutdown()?;
         keep_only_data(&partial)?;
+        // ANALYZE wrote the scratch server's LSNs into the Aria tables it updated.
         progress("aria_chk --zerofill");
-        let repaired = zerofill(req.tools, &partial, &run_dir, user)?;
+        repaired.extend(zerofill(req.tools, &partial, &run_dir, user)?);
+        repaired.sort();
+        repaired.dedup();
         // aria_chk must not have left a log or control file in the copy.
         keep_only_data(&partial)?;
         if req.durable {
@@ -882,6 +912,37 @@ mod tests {
         assert_eq!(data_records(described), Some(53));
         assert_eq!(data_records("Data records:\n"), None);
         assert_eq!(data_records("aria_chk: error: 176"), None);
+    }
+
+    #[test]
+    fn analyze_errors_name_the_table() {
+        let row = |t: &str, kind: &str, text: &str| {
+            [t, "analyze", kind, text].map(str::to_owned).to_vec()
+        };
+        let fine = [
+            row("app.items", "status", "OK"),
+            row(
+                "app.log",
+                "note",
+                "The storage engine for the table doesn't support analyze",
+            ),
+        ];
+        assert_eq!(analyze_errors(&fine), None);
+        let crashed = [
+            row("app.items", "status", "OK"),
+            row(
+                "app.hits",
+                "Error",
+                "Table './app/hits' is marked as crashed and should be repaired",
+            ),
+            row("app.hits", "error", "Corrupt"),
+        ];
+        assert_eq!(
+            analyze_errors(&crashed).as_deref(),
+            Some(
+                "app.hits: Table './app/hits' is marked as crashed and should be repaired\napp.hits: Corrupt"
+            )
+        );
     }
 
     #[test]
