@@ -32,6 +32,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use bakedb_testkit::containers::DockerImage;
 use bakedb_testkit::ports::free_port;
 use bakedb_testkit::process;
 use bakedb_testkit::registry::{Registry, RegistryOptions};
@@ -264,6 +265,8 @@ fn sqlite_part(options: &FreshnessOptions, shared: &Shared<'_>) -> Result<String
     let mut rng = Rng(SEED ^ 0xf4e5);
     let mut pages = page_hashes(&master)?;
     let mut runs = Vec::new();
+    // The replica node keeps the image it ran last, as a node of a rolling update does.
+    let mut pulled: Option<DockerImage> = None;
     let mut generation = 0;
     for scenario in Scenario::ALL {
         let mut samples = Vec::new();
@@ -281,13 +284,17 @@ fn sqlite_part(options: &FreshnessOptions, shared: &Shared<'_>) -> Result<String
             )?;
             let to_digest_s = committed.elapsed().as_secs_f64();
             let to_replica_s = match &docker_ok {
-                Some(_) => Some(replica_answers(
-                    docker,
-                    &format!("{repo}@{digest}"),
-                    probe_id,
-                    &marker,
-                    committed,
-                )?),
+                Some(_) => {
+                    let image = format!("{repo}@{digest}");
+                    let secs = replica_answers(docker, &image, probe_id, &marker, committed)?;
+                    let now = DockerImage {
+                        docker: docker.to_owned(),
+                        name: image,
+                    };
+                    // Dropping the one before removes its name; layers the new one shares stay.
+                    drop(pulled.replace(now));
+                    Some(secs)
+                }
                 None => None,
             };
             let registry_bytes = dir_bytes(&registry.storage()) - bytes_before;
