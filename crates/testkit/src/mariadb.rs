@@ -183,6 +183,9 @@ impl MariaServer {
                 "--skip-test-db",
                 "--skip-name-resolve",
             ])
+            // Its own temporary tables beside its data: a bootstrap in the shared /tmp
+            // failed once to delete its own #sql-temptable file while other tests ran.
+            .arg(format!("--tmpdir={}", run.display()))
             .current_dir(&dir)
             .stdin(Stdio::null());
         if let RunAs::User { .. } = run_as {
@@ -211,6 +214,7 @@ impl MariaServer {
                 .arg(format!("--port={port}"))
                 .arg(format!("--log-error={}", log.display()))
                 .arg(format!("--pid-file={}/run/mariadbd.pid", dir.display()))
+                .arg(format!("--tmpdir={}/run", dir.display()))
                 .args([
                     "--bind-address=127.0.0.1",
                     "--log-bin=binlog",

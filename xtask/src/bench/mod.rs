@@ -10,6 +10,7 @@ pub mod flags;
 pub mod layers;
 pub mod pg;
 pub mod report;
+pub mod steps;
 pub mod timing;
 pub mod tools;
 

@@ -302,7 +302,10 @@ impl Plan for MariadbPlan {
             // mariadbd shuts down cleanly on SIGTERM (the official image's default).
             stop_signal: Some("SIGTERM".into()),
             healthcheck,
-            profile: profile(&carried),
+            profile: profile(
+                &carried,
+                snapshot.provenance["series"].as_str().unwrap_or_default(),
+            ),
             bundled: Vec::new(),
             // mariadbd reads its files itself: init composes them.
             patch_mode: PatchMode::Apply,
