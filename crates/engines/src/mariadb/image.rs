@@ -185,8 +185,9 @@ impl Base {
 ///   writes nothing, so O_DIRECT's reasons (no double buffering of writes, their durability)
 ///   do not apply, and a buffer pool miss is served by the page cache, which holds the image
 ///   layer's files once for every container of the image on the node and survives a
-///   restart. Measured (docs/benchmarks.md, mariadb): 1.28× the oltp_point_select and 1.18×
-///   the oltp_read_only TPS of the same image with O_DIRECT, on data ten times the buffer pool;
+///   restart. Measured (docs/benchmarks.md, mariadb): 1.23× the oltp_point_select and 1.22×
+///   the oltp_read_only TPS of the same image with O_DIRECT (17,635 against 14,316; 945
+///   against 774), on data ten times the buffer pool;
 /// - the InnoDB layout the copy was made with (`carried`: page size, system tablespace,
 ///   undo tablespaces, redo log size) and the source's settings that change query results.
 ///
